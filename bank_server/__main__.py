@@ -1,0 +1,5 @@
+import sys
+
+from bank_server.cli import main
+
+sys.exit(main())

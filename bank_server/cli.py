@@ -1,0 +1,55 @@
+"""Argument parsing for `instdisc bank serve` (also `python -m bank_server`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from bank_server.errors import BankError
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--shard-id", type=int, required=True)
+    parser.add_argument("--num-shards", type=int, required=True)
+    parser.add_argument("--rows", type=int, required=True, help="total rows N over all shards")
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
+    parser.add_argument("--port", type=int, default=50051, help="0 picks a free port")
+    parser.add_argument("--snapshot-dir", help="restore the newest snapshot from here; snapshot here on SIGTERM")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--token-file", help="require 'authorization: Bearer <token>' with this file's token")
+    parser.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key)")
+    parser.add_argument("--tls-key", help="PEM private key")
+    parser.add_argument("--max-message-mb", type=float, default=16.0)
+    parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get at SIGTERM")
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from bank_server.server import ServerConfig, serve
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("error: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
+    token = Path(args.token_file).read_text().strip() if args.token_file else None
+    if args.token_file and not token:
+        print(f"error: --token-file {args.token_file} is empty", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServerConfig(
+        shard_id=args.shard_id, num_shards=args.num_shards, rows=args.rows, dim=args.dim, dtype=args.dtype,
+        host=args.host, port=args.port, snapshot_dir=args.snapshot_dir, seed=args.seed, token=token,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, max_message_bytes=int(args.max_message_mb * (1 << 20)))
+    try:
+        return serve(config, grace=args.grace)
+    except BankError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bank_server", description="Serve one memory-bank shard.")
+    add_serve_arguments(parser)
+    return run_serve(parser.parse_args(argv))

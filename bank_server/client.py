@@ -1,0 +1,396 @@
+"""`BankClient`: the whole sharded bank behind one object, in global indices.
+
+It routes index g to shard ``g % S`` (local row ``g // S``), fans the per-shard
+requests out in parallel (gRPC futures, no threads), reassembles answers in the
+caller's order, splits requests whose messages would be large, and retries
+UNAVAILABLE with exponential backoff inside the call's deadline. Updates carry
+``(client_id, sequence)`` so a retried update is applied once.
+
+numpy arrays or torch tensors go in; the same kind comes out (torch on the input's
+device).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import grpc
+import numpy as np
+
+from bank_server import tensors
+from bank_server.merge import merge_partition_sums, merge_topk
+from bank_server.server import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
+from protos import bank_pb2, bank_pb2_grpc
+
+_FIRST_BACKOFF_S = 0.05
+_MAX_BACKOFF_S = 1.0
+
+
+class BankRpcError(RuntimeError):
+    """A shard answered with an error status (after retries, for UNAVAILABLE)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, address: str):
+        super().__init__(f"{address}: {code.name}: {details}")
+        self.code, self.details, self.address = code, details, address
+
+
+class LayoutError(ValueError):
+    """The addresses do not form one complete bank."""
+
+
+@dataclass
+class StepResult:
+    rows: Any              # (len(lookup_indices), D) positives, caller's order
+    negative_indices: Any  # (negatives,) global indices, uniform over all N rows
+    negative_rows: Any     # (negatives, D)
+    updates_applied: int   # shards that applied the update (retries count once)
+
+
+def _to_numpy(x):
+    """(numpy view of x, a torch tensor to imitate on the way out or None)."""
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        t = x.detach()
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        return t.cpu().numpy(), x
+    return np.asarray(x), None
+
+
+def _like(array: np.ndarray, reference):
+    if reference is None:
+        return array
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(array)).to(reference.device)
+
+
+class BankClient:
+    def __init__(self, addresses: Sequence[str] | str, token: str | None = None, timeout: float = 30.0,
+                 tls_ca: str | bytes | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 chunk_bytes: int = 4 << 20, client_id: str | None = None):
+        if isinstance(addresses, str):
+            addresses = [a for a in addresses.split(",") if a]
+        if not addresses:
+            raise LayoutError("no bank addresses given")
+        self.timeout = timeout
+        self.chunk_bytes = chunk_bytes
+        self.client_id = client_id or uuid.uuid4().hex
+        self._sequence = itertools.count(1)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        options = grpc_options(max_message_bytes)
+        if tls_ca is not None:
+            ca = tls_ca if isinstance(tls_ca, bytes) else open(tls_ca, "rb").read()
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca)
+            channels = [grpc.secure_channel(a, credentials, options=options) for a in addresses]
+        else:
+            channels = [grpc.insecure_channel(a, options=options) for a in addresses]
+        self._channels = channels
+        self._addresses = list(addresses)
+        self._stubs = [bank_pb2_grpc.MemoryBankStub(c) for c in channels]
+        try:
+            infos = self._fan_out("Describe", [(i, bank_pb2.DescribeRequest()) for i in range(len(channels))])
+            self._check_layout(infos)
+        except BaseException:
+            self.close()
+            raise
+        # From here on, position s in the lists is shard s.
+        order = sorted(range(len(infos)), key=lambda i: infos[i].shard_id)
+        self._stubs = [self._stubs[i] for i in order]
+        self._addresses = [self._addresses[i] for i in order]
+        self.num_shards = infos[0].num_shards
+        self.rows = infos[0].total_rows
+        self.dim = infos[0].dim
+        self.dtype = np.dtype(tensors.NUMPY_DTYPES[infos[0].dtype]).name
+        self.shard_rows = np.array([infos[i].rows_held for i in order], dtype=np.int64)
+        self._row_bytes = self.dim * np.dtype(self.dtype).itemsize
+
+    @property
+    def addresses(self) -> list[str]:
+        """Addresses in shard order."""
+        return list(self._addresses)
+
+    def _check_layout(self, infos) -> None:
+        where = [f"{a} (shard {d.shard_id} of {d.num_shards}, N={d.total_rows}, D={d.dim}, "
+                 f"{bank_pb2.DType.Name(d.dtype)})" for a, d in zip(self._addresses, infos)]
+        for field in ("num_shards", "total_rows", "dim", "dtype"):
+            if len({getattr(d, field) for d in infos}) > 1:
+                raise LayoutError(f"shards disagree on {field}: " + "; ".join(where))
+        s = infos[0].num_shards
+        if len(infos) != s:
+            raise LayoutError(f"the bank has {s} shard(s) but {len(infos)} address(es) were given: " + "; ".join(where))
+        ids = sorted(d.shard_id for d in infos)
+        if ids != list(range(s)):
+            missing = sorted(set(range(s)) - set(ids))
+            dupes = sorted({i for i in ids if ids.count(i) > 1})
+            raise LayoutError(f"shard ids must be 0..{s - 1} once each; missing {missing}, repeated {dupes}: "
+                              + "; ".join(where))
+
+    # -- transport --------------------------------------------------------------
+
+    def _fan_out(self, method: str, calls: list[tuple[int, Any]]) -> list:
+        """Issue every (shard, request) at once; answers in the same order.
+
+        UNAVAILABLE is retried with backoff until the deadline; anything else raises.
+        """
+        deadline = time.monotonic() + self.timeout
+        answers: list = [None] * len(calls)
+        pending = list(range(len(calls)))
+        backoff = _FIRST_BACKOFF_S
+        while pending:
+            remaining = deadline - time.monotonic()
+            inflight = [(i, getattr(self._stubs[calls[i][0]], method).future(
+                calls[i][1], timeout=max(remaining, 0.001), metadata=self._metadata)) for i in pending]
+            retry, failure = [], None
+            for i, future in inflight:
+                try:
+                    answers[i] = future.result()
+                except grpc.RpcError as error:
+                    if error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() + backoff < deadline:
+                        retry.append(i)
+                    elif failure is None:
+                        failure = BankRpcError(error.code(), error.details() or "", self._addresses[calls[i][0]])
+            if failure is not None:
+                raise failure
+            pending = retry
+            if pending:
+                time.sleep(backoff)
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
+        return answers
+
+    def _route(self, indices: np.ndarray) -> list[np.ndarray]:
+        """Positions in `indices` that each shard owns (out-of-range ones are left to
+        the shards to reject, so the error names the field)."""
+        shard = np.mod(indices, self.num_shards)
+        order = np.argsort(shard, kind="stable")
+        bounds = np.searchsorted(shard[order], np.arange(self.num_shards + 1))
+        return [order[bounds[s]:bounds[s + 1]] for s in range(self.num_shards)]
+
+    def _chunks(self, positions: np.ndarray, bytes_per_item: int) -> list[np.ndarray]:
+        per = max(1, self.chunk_bytes // max(bytes_per_item, 1))
+        return [positions[i:i + per] for i in range(0, len(positions), per)] or []
+
+    def _indices(self, indices) -> tuple[np.ndarray, Any]:
+        array, like = _to_numpy(indices)
+        array = np.asarray(array).reshape(-1)
+        if array.dtype.kind not in "iu":
+            raise TypeError(f"indices must be integers, got {array.dtype}")
+        return array.astype(np.int64, copy=False), like
+
+    def _split_negatives(self, k: int, rng: np.random.Generator) -> np.ndarray:
+        """Shares of k uniform draws per shard, multinomial in shard size, so their union
+        is exactly k i.i.d. uniform draws over all N rows."""
+        if not 0 <= k <= self.rows:
+            raise ValueError(f"k must be in [1, {self.rows}] (the bank's rows), got {k}")
+        return rng.multinomial(k, self.shard_rows / self.rows)
+
+    # -- the bank ---------------------------------------------------------------
+
+    def describe(self) -> list[dict]:
+        answers = self._fan_out("Describe", [(s, bank_pb2.DescribeRequest()) for s in range(self.num_shards)])
+        return [{"address": a, "shard_id": d.shard_id, "num_shards": d.num_shards, "total_rows": d.total_rows,
+                 "dim": d.dim, "dtype": np.dtype(tensors.NUMPY_DTYPES[d.dtype]).name, "rows_held": d.rows_held,
+                 "updates_applied": d.updates_applied, "rows_updated": d.rows_updated,
+                 "last_snapshot_tag": d.last_snapshot_tag}
+                for a, d in zip(self._addresses, answers)]
+
+    def lookup(self, indices):
+        """Rows (n, D) of global `indices`, in their order."""
+        idx, like = self._indices(indices)
+        calls, places = [], []
+        for s, positions in enumerate(self._route(idx)):
+            for chunk in self._chunks(positions, self._row_bytes):
+                calls.append((s, bank_pb2.LookupRequest(indices=tensors.encode(idx[chunk]))))
+                places.append(chunk)
+        rows = np.empty((len(idx), self.dim), dtype=self.dtype)
+        for chunk, answer in zip(places, self._fan_out("Lookup", calls)):
+            rows[chunk] = tensors.decode(answer.rows, "rows")
+        return _like(rows, like)
+
+    def sample(self, k: int, seed: int | None = None):
+        """k rows drawn uniformly with replacement over all N rows: (indices, rows)."""
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        rng = np.random.default_rng(seed)
+        calls = []
+        per = max(1, self.chunk_bytes // (self._row_bytes + 8))
+        for s, share in enumerate(self._split_negatives(k, rng)):
+            for begin in range(0, share, per):
+                request = bank_pb2.SampleRequest(k=min(per, share - begin))
+                if seed is not None:
+                    request.seed = int(rng.integers(2**63))
+                calls.append((s, request))
+        answers = self._fan_out("Sample", calls)
+        indices = np.concatenate([tensors.decode(a.indices, "indices") for a in answers])
+        rows = np.concatenate([tensors.decode(a.rows, "rows") for a in answers])
+        order = rng.permutation(k)
+        return indices[order], rows[order]
+
+    def _update_requests(self, idx: np.ndarray, features: np.ndarray, momentum: float):
+        """(shard, UpdateRequest) pairs, each with its own sequence number."""
+        if features.shape != (len(idx), self.dim):
+            raise ValueError(f"features must have shape ({len(idx)}, {self.dim}), got {list(features.shape)}")
+        calls = []
+        for s, positions in enumerate(self._route(idx)):
+            for chunk in self._chunks(positions, self.dim * features.dtype.itemsize + 8):
+                calls.append((s, bank_pb2.UpdateRequest(
+                    indices=tensors.encode(idx[chunk]), features=tensors.encode(features[chunk]),
+                    momentum=momentum, client_id=self.client_id, sequence=next(self._sequence))))
+        return calls
+
+    def _features(self, features) -> np.ndarray:
+        array, _ = _to_numpy(features)
+        if array.dtype not in (np.float16, np.float32):
+            array = array.astype(np.float32)
+        return array
+
+    def update(self, indices, features, momentum: float = 0.5) -> int:
+        """``v_i <- normalize(m v_i + (1 - m) f_i)``; returns how many requests were
+        applied (a retried one that already landed counts zero)."""
+        idx, _ = self._indices(indices)
+        answers = self._fan_out("Update", self._update_requests(idx, self._features(features), momentum))
+        return sum(a.applied for a in answers)
+
+    def step(self, update_indices=None, update_features=None, momentum: float = 0.5,
+             lookup_indices=None, negatives: int = 0, seed: int | None = None) -> StepResult:
+        """One round trip per shard: apply an update, then read `lookup_indices` and
+        `negatives` uniform rows. Parts too large for one message follow in a second
+        wave of plain Update/Lookup/Sample calls."""
+        like = None
+        rng = np.random.default_rng(seed)
+        fused: dict[int, bank_pb2.StepRequest] = {}
+        extra: list[tuple[str, int, Any, Any]] = []  # (method, shard, request, lookup positions)
+
+        def request(s):
+            return fused.setdefault(s, bank_pb2.StepRequest())
+
+        if update_indices is not None and len(update_indices):
+            idx, _ = self._indices(update_indices)
+            for s, req in self._update_requests(idx, self._features(update_features), momentum):
+                if s in fused and fused[s].HasField("update"):
+                    extra.append(("Update", s, req, None))
+                else:
+                    request(s).update.CopyFrom(req)
+        lookup_places: dict[int, np.ndarray] = {}
+        n_lookup = 0
+        if lookup_indices is not None:
+            idx, like = self._indices(lookup_indices)
+            n_lookup = len(idx)
+            for s, positions in enumerate(self._route(idx)):
+                chunks = self._chunks(positions, self._row_bytes)
+                for i, chunk in enumerate(chunks):
+                    if i == 0:
+                        request(s).lookup_indices.CopyFrom(tensors.encode(idx[chunk]))
+                        lookup_places[s] = chunk
+                    else:
+                        extra.append(("Lookup", s, bank_pb2.LookupRequest(indices=tensors.encode(idx[chunk])), chunk))
+        if negatives:
+            per = max(1, self.chunk_bytes // (self._row_bytes + 8))
+            for s, share in enumerate(self._split_negatives(negatives, rng)):
+                for begin in range(0, share, per):
+                    k = min(per, share - begin)
+                    seed_s = None if seed is None else int(rng.integers(2**63))
+                    if begin == 0:
+                        request(s).sample_k = k
+                        if seed_s is not None:
+                            request(s).sample_seed = seed_s
+                    else:
+                        sample = bank_pb2.SampleRequest(k=k)
+                        if seed_s is not None:
+                            sample.seed = seed_s
+                        extra.append(("Sample", s, sample, None))
+
+        shards = sorted(fused)
+        answers = self._fan_out("Step", [(s, fused[s]) for s in shards])
+        rows = np.empty((n_lookup, self.dim), dtype=self.dtype)
+        neg_idx, neg_rows, applied = [], [], 0
+        for s, answer in zip(shards, answers):
+            applied += answer.update_applied
+            if s in lookup_places:
+                rows[lookup_places[s]] = tensors.decode(answer.rows, "rows")
+            if answer.HasField("sample_indices"):
+                neg_idx.append(tensors.decode(answer.sample_indices, "sample_indices"))
+                neg_rows.append(tensors.decode(answer.sample_rows, "sample_rows"))
+        for method in ("Update", "Lookup", "Sample"):  # the second wave, after the fused updates
+            batch = [(s, req, places) for m, s, req, places in extra if m == method]
+            if not batch:
+                continue
+            for (s, req, places), answer in zip(batch, self._fan_out(method, [(s, r) for s, r, _ in batch])):
+                if method == "Update":
+                    applied += answer.applied
+                elif method == "Lookup":
+                    rows[places] = tensors.decode(answer.rows, "rows")
+                else:
+                    neg_idx.append(tensors.decode(answer.indices, "indices"))
+                    neg_rows.append(tensors.decode(answer.rows, "rows"))
+        if negatives:
+            order = rng.permutation(negatives)
+            neg_i = np.concatenate(neg_idx)[order]
+            neg_r = np.concatenate(neg_rows)[order]
+        else:
+            neg_i = np.empty(0, dtype=np.int64)
+            neg_r = np.empty((0, self.dim), dtype=self.dtype)
+        return StepResult(_like(rows, like), _like(neg_i, like), _like(neg_r, like), applied)
+
+    def partition_sums(self, queries, temperature: float):
+        """``(log Z, E_p[v])`` per query over all N rows, with ``Z = sum_j exp(v_j . q / tau)``
+        and ``E_p[v] = sum_j softmax_j v_j`` (so ``d log Z / d q = E_p[v] / tau``)."""
+        q, like = _to_numpy(queries)
+        positions = np.arange(len(q))
+        chunks = self._chunks(positions, (self.dim + 2) * 4)
+        calls = [(s, bank_pb2.PartitionSumRequest(queries=tensors.encode(q[c]), temperature=temperature))
+                 for c in chunks for s in range(self.num_shards)]
+        answers = iter(self._fan_out("PartitionSum", calls))
+        log_z = np.empty(len(q), dtype=np.float64)
+        expected = np.empty((len(q), self.dim), dtype=np.float32)
+        for c in chunks:
+            parts = [next(answers) for _ in range(self.num_shards)]
+            log_z[c], expected[c] = merge_partition_sums(
+                [tensors.decode(p.max_logit, "max_logit") for p in parts],
+                [tensors.decode(p.sum_exp, "sum_exp") for p in parts],
+                [tensors.decode(p.weighted_sum, "weighted_sum") for p in parts])
+        return _like(log_z, like), _like(expected, like)
+
+    def topk(self, queries, k: int):
+        """The k most cosine-similar bank rows per query: (similarities (B, k)
+        descending, global indices (B, k))."""
+        if not 1 <= k <= self.rows:
+            raise ValueError(f"k must be in [1, {self.rows}] (the bank's rows), got {k}")
+        q, like = _to_numpy(queries)
+        shard_k = [int(min(k, n)) for n in self.shard_rows]
+        chunks = self._chunks(np.arange(len(q)), max(shard_k) * 12)
+        calls = [(s, bank_pb2.TopKRequest(queries=tensors.encode(q[c]), k=shard_k[s]))
+                 for c in chunks for s in range(self.num_shards)]
+        answers = iter(self._fan_out("TopK", calls))
+        sims = np.empty((len(q), k), dtype=np.float32)
+        idx = np.empty((len(q), k), dtype=np.int64)
+        for c in chunks:
+            parts = [next(answers) for _ in range(self.num_shards)]
+            sims[c], idx[c] = merge_topk([tensors.decode(p.similarities, "similarities") for p in parts],
+                                         [tensors.decode(p.indices, "indices") for p in parts], k)
+        return _like(sims, like), _like(idx, like)
+
+    def snapshot(self, tag: str) -> list[dict]:
+        """Every shard writes snapshot `tag`; one dict per shard (path, bytes, seconds)."""
+        answers = self._fan_out("Snapshot", [(s, bank_pb2.SnapshotRequest(tag=tag)) for s in range(self.num_shards)])
+        return [{"path": a.path, "bytes": a.bytes, "seconds": a.seconds} for a in answers]
+
+    def restore(self, tag: str = "") -> list[dict]:
+        """Every shard reloads snapshot `tag` (default: its newest)."""
+        answers = self._fan_out("Restore", [(s, bank_pb2.RestoreRequest(tag=tag)) for s in range(self.num_shards)])
+        return [{"tag": a.tag, "path": a.path} for a in answers]
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,152 @@
+"""The gRPC face of a shard: decode, validate the wire format, call the shard, encode.
+
+Semantic validation (ranges, shards, finiteness) lives in :class:`Shard`; this
+module checks only what the wire can get wrong (dtype, shape vs byte length) and
+the message-size limit of the answer, then maps domain errors to status codes.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import grpc
+import numpy as np
+
+from bank_server import tensors
+from bank_server.errors import BankError, InvalidArgument, ResourceExhausted, Unavailable, status_code
+from bank_server.shard import Shard
+from protos import bank_pb2, bank_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+FLOATS = (bank_pb2.FLOAT32, bank_pb2.FLOAT16)
+INDICES = (bank_pb2.INT64,)
+# Room for the protobuf framing around the arrays of an answer.
+_ENVELOPE_BYTES = 4096
+
+
+def _rpc(method):
+    """Run an RPC body, turning domain errors into a status with their message."""
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except BankError as error:
+            context.abort(status_code(error), str(error))
+
+    return wrapper
+
+
+class MemoryBankServicer(bank_pb2_grpc.MemoryBankServicer):
+    def __init__(self, max_message_bytes: int, snapshot_dir: str | None = None):
+        self.max_message_bytes = max_message_bytes
+        self.snapshot_dir = snapshot_dir
+        self.shard: Shard | None = None  # None until created or restored
+
+    def _ready(self) -> Shard:
+        if self.shard is None:
+            raise Unavailable("shard is loading its snapshot; retry shortly")
+        return self.shard
+
+    def _check_answer_size(self, nbytes: int, field: str) -> None:
+        if nbytes + _ENVELOPE_BYTES > self.max_message_bytes:
+            raise ResourceExhausted(
+                f"{field}: the answer would be {nbytes} bytes, over the max message size "
+                f"{self.max_message_bytes}; ask for fewer (BankClient splits large requests)")
+
+    def _row_bytes(self, shard: Shard) -> int:
+        return shard.layout.dim * np.dtype(shard.layout.dtype).itemsize
+
+    def _decode_update(self, update: bank_pb2.UpdateRequest):
+        indices = tensors.decode(update.indices, "update.indices", dtypes=INDICES, ndim=1)
+        features = tensors.decode(update.features, "update.features", dtypes=FLOATS, ndim=2)
+        return indices, features, float(update.momentum), update.client_id, int(update.sequence)
+
+    @_rpc
+    def Describe(self, request, context):
+        shard = self._ready()
+        info = shard.describe()
+        return bank_pb2.DescribeResponse(
+            shard_id=info["shard_id"], num_shards=info["num_shards"], total_rows=info["total_rows"],
+            dim=info["dim"], dtype=tensors.DTYPE_NAMES[info["dtype"]], rows_held=info["rows_held"],
+            updates_applied=info["updates_applied"], rows_updated=info["rows_updated"],
+            last_snapshot_tag=info["last_snapshot_tag"], max_message_bytes=self.max_message_bytes)
+
+    @_rpc
+    def Lookup(self, request, context):
+        shard = self._ready()
+        indices = tensors.decode(request.indices, "indices", dtypes=INDICES, ndim=1)
+        self._check_answer_size(len(indices) * self._row_bytes(shard), "indices")
+        return bank_pb2.LookupResponse(rows=tensors.encode(shard.lookup(indices)))
+
+    @_rpc
+    def Sample(self, request, context):
+        shard = self._ready()
+        self._check_answer_size(request.k * (self._row_bytes(shard) + 8), "k")
+        seed = request.seed if request.HasField("seed") else None
+        indices, rows = shard.sample(request.k, seed)
+        return bank_pb2.SampleResponse(indices=tensors.encode(indices), rows=tensors.encode(rows))
+
+    @_rpc
+    def Update(self, request, context):
+        shard = self._ready()
+        applied = shard.momentum_update(*self._decode_update(request))
+        return bank_pb2.UpdateResponse(applied=applied, updates_applied=shard.updates_applied)
+
+    @_rpc
+    def Step(self, request, context):
+        shard = self._ready()
+        update = self._decode_update(request.update) if request.HasField("update") else None
+        lookup = tensors.decode_optional(request.lookup_indices, "lookup_indices", dtypes=INDICES, ndim=1)
+        if request.sample_k < 0:
+            raise InvalidArgument(f"sample_k must be >= 0, got {request.sample_k}")
+        row_bytes = self._row_bytes(shard)
+        n_lookup = 0 if lookup is None else len(lookup)
+        self._check_answer_size(n_lookup * row_bytes + request.sample_k * (row_bytes + 8), "sample_k")
+        seed = request.sample_seed if request.HasField("sample_seed") else None
+        applied, rows, sample_indices, sample_rows = shard.step(update, lookup, request.sample_k, seed)
+        response = bank_pb2.StepResponse(update_applied=applied)
+        if rows is not None:
+            response.rows.CopyFrom(tensors.encode(rows))
+        if sample_indices is not None:
+            response.sample_indices.CopyFrom(tensors.encode(sample_indices))
+            response.sample_rows.CopyFrom(tensors.encode(sample_rows))
+        return response
+
+    @_rpc
+    def PartitionSum(self, request, context):
+        shard = self._ready()
+        queries = tensors.decode(request.queries, "queries", dtypes=FLOATS, ndim=2)
+        self._check_answer_size(len(queries) * (shard.layout.dim + 2) * 4, "queries")
+        m, s, w = shard.partition_sums(queries, request.temperature)
+        return bank_pb2.PartitionSumResponse(
+            max_logit=tensors.encode(m), sum_exp=tensors.encode(s), weighted_sum=tensors.encode(w))
+
+    @_rpc
+    def TopK(self, request, context):
+        shard = self._ready()
+        queries = tensors.decode(request.queries, "queries", dtypes=FLOATS, ndim=2)
+        self._check_answer_size(len(queries) * max(request.k, 0) * 12, "k")
+        sims, indices = shard.topk(queries, request.k)
+        return bank_pb2.TopKResponse(similarities=tensors.encode(sims), indices=tensors.encode(indices))
+
+    def _snapshot_dir(self) -> str:
+        if not self.snapshot_dir:
+            raise InvalidArgument("this server has no --snapshot-dir; start it with one to snapshot")
+        return self.snapshot_dir
+
+    @_rpc
+    def Snapshot(self, request, context):
+        shard = self._ready()
+        path, nbytes, seconds = shard.snapshot(self._snapshot_dir(), request.tag)
+        log.info("snapshot %s: %d bytes in %.2fs", path, nbytes, seconds)
+        return bank_pb2.SnapshotResponse(path=str(path), bytes=nbytes, seconds=seconds)
+
+    @_rpc
+    def Restore(self, request, context):
+        shard = self._ready()
+        restored = Shard.restore(shard.layout, self._snapshot_dir(), request.tag or None, seed=shard.seed)
+        shard.replace_with(restored)
+        return bank_pb2.RestoreResponse(tag=restored.last_snapshot_tag, path=str(restored.restored_from))
