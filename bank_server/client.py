@@ -109,6 +109,9 @@ class BankClient:
         self.dtype = np.dtype(tensors.NUMPY_DTYPES[infos[0].dtype]).name
         self.shard_rows = np.array([infos[i].rows_held for i in order], dtype=np.int64)
         self._row_bytes = self.dim * np.dtype(self.dtype).itemsize
+        # Stay well inside the smallest limit either end enforces.
+        limit = min([max_message_bytes] + [d.max_message_bytes for d in infos if d.max_message_bytes])
+        self.chunk_bytes = min(chunk_bytes, limit // 2)
 
     @property
     def addresses(self) -> list[str]:
@@ -281,10 +284,13 @@ class BankClient:
         if lookup_indices is not None:
             idx, like = self._indices(lookup_indices)
             n_lookup = len(idx)
+            # Reads must see every row the update wrote: once the update spills into
+            # the second wave, the reads go there too, after it.
+            fuse = not any(method == "Update" for method, *_ in extra)
             for s, positions in enumerate(self._route(idx)):
                 chunks = self._chunks(positions, self._row_bytes)
                 for i, chunk in enumerate(chunks):
-                    if i == 0:
+                    if i == 0 and fuse:
                         request(s).lookup_indices.CopyFrom(tensors.encode(idx[chunk]))
                         lookup_places[s] = chunk
                     else:

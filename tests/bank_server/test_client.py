@@ -1,0 +1,137 @@
+"""Every RPC through BankClient and real servers on loopback, against a numpy reference."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from bank_server.client import BankClient, LayoutError
+from tests.conftest import reference_bank
+
+N, D = 97, 16
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.fixture(params=[1, 2, 3], ids=lambda s: f"S{s}")
+def bank(request, make_bank):
+    bank = make_bank(request.param, N, D, "float32", seed=4)
+    client = bank.client()
+    yield client, reference_bank(request.param, N, D, "float32", seed=4)
+    client.close()
+
+
+def test_describe_reports_layout(bank):
+    client, _ = bank
+    infos = client.describe()
+    assert [i["shard_id"] for i in infos] == list(range(client.num_shards))
+    assert sum(i["rows_held"] for i in infos) == N
+    assert {(i["total_rows"], i["dim"], i["dtype"]) for i in infos} == {(N, D, "float32")}
+
+
+def test_lookup_returns_rows_in_request_order(bank):
+    client, ref = bank
+    idx = np.array([5, 96, 0, 5, 33, 2, 1])
+    np.testing.assert_array_equal(client.lookup(idx), ref[idx])
+    assert client.lookup(np.array([], dtype=np.int64)).shape == (0, D)
+
+
+def test_torch_in_torch_out(bank):
+    client, ref = bank
+    out = client.lookup(torch.tensor([3, 1]))
+    assert isinstance(out, torch.Tensor)
+    np.testing.assert_array_equal(out.numpy(), ref[[3, 1]])
+    log_z, expected = client.partition_sums(torch.from_numpy(unit(ref[:2])), 0.1)
+    assert isinstance(log_z, torch.Tensor) and expected.shape == (2, D)
+
+
+def test_update_matches_formula_and_is_applied_once(bank):
+    client, ref = bank
+    idx = np.array([7, 3, 90, 11])
+    f = unit(np.random.default_rng(0).standard_normal((4, D)).astype(np.float32))
+    client.update(idx, f, momentum=0.5)
+    expected = unit(0.5 * ref[idx] + 0.5 * f)
+    np.testing.assert_allclose(client.lookup(idx), expected, atol=1e-6)
+
+
+def test_step_updates_then_reads_and_samples(bank):
+    client, ref = bank
+    f = unit(np.ones((2, D), np.float32))
+    result = client.step(update_indices=[4, 8], update_features=f, momentum=0.0,
+                         lookup_indices=[8, 9, 4], negatives=50, seed=1)
+    np.testing.assert_allclose(result.rows, np.stack([f[1], ref[9], f[0]]), atol=1e-6)
+    assert result.negative_indices.shape == (50,) and result.negative_rows.shape == (50, D)
+    current = client.lookup(result.negative_indices)
+    np.testing.assert_array_equal(result.negative_rows, current)
+    again = client.step(lookup_indices=[9], negatives=50, seed=1)
+    np.testing.assert_array_equal(again.negative_indices, result.negative_indices)
+
+
+def test_sample_is_uniform_over_all_rows(bank):
+    client, _ = bank
+    draws = [client.sample(N, seed=seed) for seed in range(300)]
+    idx = np.concatenate([d[0] for d in draws])
+    assert idx.min() >= 0 and idx.max() < N
+    counts = np.bincount(idx, minlength=N)
+    assert stats.chisquare(counts).pvalue > 1e-4
+    np.testing.assert_array_equal(draws[0][1], client.lookup(draws[0][0]))
+    unseeded = np.concatenate([client.sample(N)[0] for _ in range(300)])
+    assert stats.chisquare(np.bincount(unseeded, minlength=N)).pvalue > 1e-4
+    np.testing.assert_array_equal(client.sample(20, seed=3)[0], client.sample(20, seed=3)[0])
+
+
+def test_partition_sums_match_direct_logsumexp(bank):
+    client, ref = bank
+    q = unit(np.random.default_rng(2).standard_normal((6, D)).astype(np.float32))
+    log_z, expected = client.partition_sums(q, 0.07)
+    logits = q.astype(np.float64) @ ref.T.astype(np.float64) / 0.07
+    ref_log_z = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+    p = np.exp(logits - ref_log_z[:, None])
+    np.testing.assert_allclose(log_z, ref_log_z, rtol=1e-5)
+    np.testing.assert_allclose(expected, p @ ref, atol=1e-5)
+
+
+def test_topk_matches_sorted_cosine(bank):
+    client, ref = bank
+    q = np.random.default_rng(3).standard_normal((5, D)).astype(np.float32)
+    sims, idx = client.topk(q, 40)
+    cos = unit(q) @ ref.T
+    order = np.argsort(-cos, axis=1)[:, :40]
+    np.testing.assert_array_equal(idx, order)
+    np.testing.assert_allclose(sims, np.take_along_axis(cos, order, 1), rtol=1e-5)
+    assert client.topk(q, N)[1].shape == (5, N)
+
+
+def test_small_messages_give_the_same_answers(make_bank):
+    bank = make_bank(2, N, D, "float32", seed=4)
+    ref = reference_bank(2, N, D, "float32", seed=4)
+    whole, split = bank.client(), bank.client(chunk_bytes=200)
+    idx = np.arange(N)[::-1].copy()
+    np.testing.assert_array_equal(split.lookup(idx), ref[idx])
+    q = unit(ref[:9])
+    np.testing.assert_allclose(split.partition_sums(q, 0.1)[0], whole.partition_sums(q, 0.1)[0], rtol=1e-6)
+    np.testing.assert_array_equal(split.topk(q, 30)[1], whole.topk(q, 30)[1])
+    a = split.sample(90, seed=5)
+    assert a[0].shape == (90,) and a[1].shape == (90, D)
+    np.testing.assert_array_equal(a[1], ref[a[0]])
+    f = unit(np.ones((N, D), np.float32))
+    result = split.step(update_indices=idx, update_features=f, momentum=0.0, lookup_indices=idx, negatives=90)
+    np.testing.assert_allclose(result.rows, f, atol=1e-6)
+    assert result.negative_rows.shape == (90, D)
+    assert result.updates_applied > 2  # it took several messages
+
+
+def test_client_refuses_an_incomplete_or_mixed_layout(make_bank):
+    two = make_bank(2, N, D, "float32")
+    other = make_bank(2, N + 1, D, "float32")
+    with pytest.raises(LayoutError, match="2 shard"):
+        BankClient(two.addresses[:1])
+    with pytest.raises(LayoutError, match="total_rows"):
+        BankClient([two.addresses[0], other.addresses[1]])
+    with pytest.raises(LayoutError, match=r"missing \[1\], repeated \[0\]"):
+        BankClient([two.addresses[0], two.addresses[0]])
+    reversed_order = BankClient(two.addresses[::-1])
+    assert reversed_order.addresses == two.addresses
+    reversed_order.close()

@@ -1,0 +1,109 @@
+"""Shared fixtures: real bank servers on loopback port 0, in this process or as
+separate processes, and a plain numpy reference of the whole bank."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from bank_server.client import BankClient
+from bank_server.server import BankServer, ServerConfig
+from bank_server.shard import Layout, initial_rows
+
+
+def reference_bank(num_shards: int, rows: int, dim: int, dtype: str = "float32", seed: int = 0) -> np.ndarray:
+    """The whole bank (N, D) as the shards initialise it, assembled by global index."""
+    bank = np.empty((rows, dim), dtype=dtype)
+    for s in range(num_shards):
+        bank[s::num_shards] = initial_rows(Layout(s, num_shards, rows, dim, dtype), seed)
+    return bank
+
+
+class Bank:
+    """In-process shard servers (real gRPC on loopback) and a client over them."""
+
+    def __init__(self, num_shards, rows, dim, dtype="float32", seed=0, **config):
+        self.servers = [
+            BankServer(ServerConfig(shard_id=s, num_shards=num_shards, rows=rows, dim=dim, dtype=dtype,
+                                    port=0, seed=seed, **config)).start()
+            for s in range(num_shards)]
+        for server in self.servers:
+            server.load()
+        self.addresses = [s.address for s in self.servers]
+
+    def client(self, **kwargs) -> BankClient:
+        return BankClient(self.addresses, **kwargs)
+
+    def stop(self):
+        for server in self.servers:
+            server.stop(grace=0, final_snapshot=False)
+
+
+@pytest.fixture
+def make_bank():
+    banks = []
+
+    def make(*args, **kwargs) -> Bank:
+        banks.append(Bank(*args, **kwargs))
+        return banks[-1]
+
+    yield make
+    for bank in banks:
+        bank.stop()
+
+
+class ServerProcess:
+    """`python -m bank_server ...` as a child process; knows its address."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "bank_server", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        self.address = None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            found = re.search(r"listening on (\S+)", line)
+            if found:
+                self.address = found.group(1)
+                break
+        if self.address is None:
+            raise RuntimeError(f"server exited {self.proc.wait()}: {self.proc.stderr.read()}")
+
+    def wait_serving(self, timeout=60.0):
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if "SERVING" in line:
+                return
+        raise RuntimeError(f"server exited before serving: {self.proc.stderr.read()}")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def spawn_server():
+    procs = []
+
+    def spawn(*args: str) -> ServerProcess:
+        procs.append(ServerProcess(*args))
+        return procs[-1]
+
+    yield spawn
+    for p in procs:
+        p.stop()
+
+
+def wait_until(predicate, timeout=30.0, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return False
