@@ -146,13 +146,17 @@ class BankClient:
         pending = list(range(len(calls)))
         backoff = _FIRST_BACKOFF_S
         while pending:
-            remaining = deadline - time.monotonic()
-            inflight = [(i, getattr(self._stubs[calls[i][0]], method).future(
-                calls[i][1], timeout=max(remaining, 0.001), metadata=self._metadata)) for i in pending]
+            timeout = max(deadline - time.monotonic(), 0.001)
+            if len(pending) == 1:  # a blocking call spares the future's bookkeeping
+                shard, request = calls[pending[0]]
+                inflight = [(pending[0], getattr(self._stubs[shard], method), request)]
+            else:
+                inflight = [(i, getattr(self._stubs[calls[i][0]], method).future(
+                    calls[i][1], timeout=timeout, metadata=self._metadata).result, None) for i in pending]
             retry, failure = [], None
-            for i, future in inflight:
+            for i, call, request in inflight:
                 try:
-                    answers[i] = future.result()
+                    answers[i] = call() if request is None else call(request, timeout=timeout, metadata=self._metadata)
                 except grpc.RpcError as error:
                     if error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() + backoff < deadline:
                         retry.append(i)
@@ -229,21 +233,33 @@ class BankClient:
                     request.seed = int(rng.integers(2**63))
                 calls.append((s, request))
         answers = self._fan_out("Sample", calls)
-        indices = np.concatenate([tensors.decode(a.indices, "indices") for a in answers])
-        rows = np.concatenate([tensors.decode(a.rows, "rows") for a in answers])
-        order = rng.permutation(k)
-        return indices[order], rows[order]
+        return self._shuffled([tensors.decode(a.indices, "indices") for a in answers],
+                              [tensors.decode(a.rows, "rows") for a in answers], rng)
 
-    def _update_requests(self, idx: np.ndarray, features: np.ndarray, momentum: float):
-        """(shard, UpdateRequest) pairs, each with its own sequence number."""
+    @staticmethod
+    def _shuffled(indices: list[np.ndarray], rows: list[np.ndarray], rng: np.random.Generator):
+        """Join per-shard draws into one i.i.d. sequence: shuffled, so that any prefix
+        is uniform too. A single part already is."""
+        if len(indices) == 1:
+            return indices[0], rows[0]
+        order = rng.permutation(sum(len(i) for i in indices))
+        return np.concatenate(indices)[order], np.take(np.concatenate(rows), order, axis=0)
+
+    def _update_requests(self, idx: np.ndarray, features: np.ndarray, momentum: float, into=None):
+        """(shard, UpdateRequest) pairs, each with its own sequence number. `into(s)`
+        may supply the message to fill for a shard's first chunk."""
         if features.shape != (len(idx), self.dim):
             raise ValueError(f"features must have shape ({len(idx)}, {self.dim}), got {list(features.shape)}")
         calls = []
         for s, positions in enumerate(self._route(idx)):
-            for chunk in self._chunks(positions, self.dim * features.dtype.itemsize + 8):
-                calls.append((s, bank_pb2.UpdateRequest(
-                    indices=tensors.encode(idx[chunk]), features=tensors.encode(features[chunk]),
-                    momentum=momentum, client_id=self.client_id, sequence=next(self._sequence))))
+            for i, chunk in enumerate(self._chunks(positions, self.dim * features.dtype.itemsize + 8)):
+                request = into(s) if into is not None and i == 0 else bank_pb2.UpdateRequest()
+                tensors.encode(idx[chunk], out=request.indices)
+                tensors.encode(features[chunk], out=request.features)
+                request.momentum = momentum
+                request.client_id = self.client_id
+                request.sequence = next(self._sequence)
+                calls.append((s, request))
         return calls
 
     def _features(self, features) -> np.ndarray:
@@ -274,11 +290,9 @@ class BankClient:
 
         if update_indices is not None and len(update_indices):
             idx, _ = self._indices(update_indices)
-            for s, req in self._update_requests(idx, self._features(update_features), momentum):
-                if s in fused and fused[s].HasField("update"):
-                    extra.append(("Update", s, req, None))
-                else:
-                    request(s).update.CopyFrom(req)
+            calls = self._update_requests(idx, self._features(update_features), momentum,
+                                          into=lambda s: request(s).update)
+            extra += [("Update", s, req, None) for s, req in calls if req is not fused[s].update]
         lookup_places: dict[int, np.ndarray] = {}
         n_lookup = 0
         if lookup_indices is not None:
@@ -291,7 +305,7 @@ class BankClient:
                 chunks = self._chunks(positions, self._row_bytes)
                 for i, chunk in enumerate(chunks):
                     if i == 0 and fuse:
-                        request(s).lookup_indices.CopyFrom(tensors.encode(idx[chunk]))
+                        tensors.encode(idx[chunk], out=request(s).lookup_indices)
                         lookup_places[s] = chunk
                     else:
                         extra.append(("Lookup", s, bank_pb2.LookupRequest(indices=tensors.encode(idx[chunk])), chunk))
@@ -335,9 +349,7 @@ class BankClient:
                     neg_idx.append(tensors.decode(answer.indices, "indices"))
                     neg_rows.append(tensors.decode(answer.rows, "rows"))
         if negatives:
-            order = rng.permutation(negatives)
-            neg_i = np.concatenate(neg_idx)[order]
-            neg_r = np.concatenate(neg_rows)[order]
+            neg_i, neg_r = self._shuffled(neg_idx, neg_rows, rng)
         else:
             neg_i = np.empty(0, dtype=np.int64)
             neg_r = np.empty((0, self.dim), dtype=self.dtype)

@@ -109,10 +109,10 @@ class MemoryBankServicer(bank_pb2_grpc.MemoryBankServicer):
         applied, rows, sample_indices, sample_rows = shard.step(update, lookup, request.sample_k, seed)
         response = bank_pb2.StepResponse(update_applied=applied)
         if rows is not None:
-            response.rows.CopyFrom(tensors.encode(rows))
+            tensors.encode(rows, out=response.rows)
         if sample_indices is not None:
-            response.sample_indices.CopyFrom(tensors.encode(sample_indices))
-            response.sample_rows.CopyFrom(tensors.encode(sample_rows))
+            tensors.encode(sample_indices, out=response.sample_indices)
+            tensors.encode(sample_rows, out=response.sample_rows)
         return response
 
     @_rpc

