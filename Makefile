@@ -20,6 +20,10 @@ venv: $(VENV)/.installed
 test: venv
 	$(PY) -m pytest
 
+# Train the default config (Fashion-MNIST, 2 bank shards, 2 CPU workers) and print kNN accuracy.
+demo: venv
+	$(VENV)/bin/instdisc train --config fashion-mnist --output-dir runs/demo --name demo
+
 # Regenerate the committed gRPC code after editing protos/bank.proto.
 protos: venv
 	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protos/bank.proto

@@ -262,11 +262,16 @@ class BankClient:
                 calls.append((s, request))
         return calls
 
-    def _features(self, features) -> np.ndarray:
-        array, _ = _to_numpy(features)
+    @staticmethod
+    def _floats(values) -> tuple[np.ndarray, object]:
+        """float16 stays; every other dtype travels as float32."""
+        array, like = _to_numpy(values)
         if array.dtype not in (np.float16, np.float32):
             array = array.astype(np.float32)
-        return array
+        return array, like
+
+    def _features(self, features) -> np.ndarray:
+        return self._floats(features)[0]
 
     def update(self, indices, features, momentum: float = 0.5) -> int:
         """``v_i <- normalize(m v_i + (1 - m) f_i)``; returns how many requests were
@@ -358,7 +363,7 @@ class BankClient:
     def partition_sums(self, queries, temperature: float):
         """``(log Z, E_p[v])`` per query over all N rows, with ``Z = sum_j exp(v_j . q / tau)``
         and ``E_p[v] = sum_j softmax_j v_j`` (so ``d log Z / d q = E_p[v] / tau``)."""
-        q, like = _to_numpy(queries)
+        q, like = self._floats(queries)
         positions = np.arange(len(q))
         chunks = self._chunks(positions, (self.dim + 2) * 4)
         calls = [(s, bank_pb2.PartitionSumRequest(queries=tensors.encode(q[c]), temperature=temperature))
@@ -379,7 +384,7 @@ class BankClient:
         descending, global indices (B, k))."""
         if not 1 <= k <= self.rows:
             raise ValueError(f"k must be in [1, {self.rows}] (the bank's rows), got {k}")
-        q, like = _to_numpy(queries)
+        q, like = self._floats(queries)
         shard_k = [int(min(k, n)) for n in self.shard_rows]
         chunks = self._chunks(np.arange(len(q)), max(shard_k) * 12)
         calls = [(s, bank_pb2.TopKRequest(queries=tensors.encode(q[c]), k=shard_k[s]))

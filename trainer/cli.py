@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -16,6 +17,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_arguments(bank.add_parser("serve", help="serve one shard over gRPC"))
 
+    train = commands.add_parser("train", help="train InstDisc on Ray with the sharded bank")
+    train.add_argument("--config", default="fashion-mnist",
+                       help="a YAML file, or a shipped config: fashion-mnist (default), cifar10, imagenet")
+    train.add_argument("--output-dir", default="runs/latest", help="outputs, checkpoints and bank snapshots")
+    train.add_argument("--name", default="instdisc", help="run name; rerunning a name in the same --output-dir resumes it")
+    train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=10 loss.kind=nce")
+
+    export = commands.add_parser("export", help="write the trained encoder (head dropped) for plain torch")
+    export.add_argument("checkpoint", help="a checkpoint folder (e.g. runs/demo/checkpoint)")
+    export.add_argument("output", help="file to write, e.g. encoder.pt")
+    export.add_argument("--image-size", type=int, default=None, help="example input side (default 32)")
+
     bench = commands.add_parser("bench", help="benchmarks that print numbers").add_subparsers(
         dest="bench_command", required=True)
     from bank_server.bench import add_bench_arguments
@@ -24,12 +37,49 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_config_path(name: str) -> Path:
+    path = Path(name)
+    if path.exists():
+        return path
+    shipped = Path(__file__).parent / "configs" / f"{name}.yaml"
+    if shipped.exists():
+        return shipped
+    choices = ", ".join(p.stem for p in sorted((Path(__file__).parent / "configs").glob("*.yaml")))
+    raise SystemExit(f"error: --config {name}: no such file, and not a shipped config ({choices})")
+
+
+def run_train(args) -> int:
+    from trainer.config import ConfigError, load_config
+
+    try:
+        config = load_config(resolve_config_path(args.config), args.overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from trainer.data import DatasetMissing
+    from trainer.launch import launch
+
+    try:
+        launch(config, args.output_dir, run_name=args.name)
+    except (ConfigError, DatasetMissing) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bank":
         from bank_server.cli import run_serve
 
         return run_serve(args)
+    if args.command == "train":
+        return run_train(args)
+    if args.command == "export":
+        from trainer.export import export_encoder
+
+        print(export_encoder(args.checkpoint, args.output, args.image_size))
+        return 0
     if args.command == "bench" and args.bench_command == "bank":
         from bank_server.bench import run_bench
 

@@ -1,0 +1,245 @@
+"""Typed configuration: one dataclass per concern, defaults < YAML file < key=value.
+
+Unknown keys and values of the wrong type are errors that name the key. The
+resolved config is printed at start and stored with every checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion-mnist"
+    root: str | None = None      # None: Debian's files / the download cache
+    subset: int = 0              # train on the first `subset` of a seeded permutation; 0 = all
+    test_subset: int = 0         # evaluate on this many test images; 0 = all
+    image_size: int = 32         # imagefolder / parquet images are resized to this
+    download: bool = True
+    loader_workers: int = 0      # DataLoader processes (decoded datasets want some)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "small"          # small | resnet18 | resnet50
+    width: int = 32              # channels of the first `small` layer
+    cifar_stem: bool = True      # 3x3 stride-1 stem, no max-pool (ResNets on small images)
+    dim: int = 128
+
+
+@dataclass
+class AugmentSection:
+    crop_min: float = 0.2        # random resized crop scale (crop_min, 1)
+    jitter: float = 0.4
+    grayscale_p: float = 0.2
+    flip_p: float = 0.5
+
+
+@dataclass
+class LossConfig:
+    kind: str = "nce"            # nce | softmax
+    negatives: int = 4096        # K, for nce
+    temperature: float = 0.07
+    z_mode: str = "ema"          # nce: fixed (lemniscate, first batch) | ema
+    z_momentum: float = 0.99
+
+
+@dataclass
+class BankConfig:
+    shards: int = 2
+    dtype: str = "float16"
+    momentum: float = 0.5        # v <- normalize(m v + (1 - m) f)
+    addresses: list[str] = field(default_factory=list)  # empty: start shards as Ray actors
+    token_file: str | None = None
+    tls_ca: str | None = None
+    warm_start: bool = True      # fill the bank with one encoder pass before training
+    seed: int = 0
+    timeout: float = 60.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.03
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "step"       # step (x0.1 at milestones) | cosine
+    milestones: list[int] = field(default_factory=lambda: [120, 160])
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    seed: int = 0
+    log_every: int = 50          # steps between progress lines
+    max_failures: int = 1
+    overlap: bool = True         # prefetch the next step's bank rows during this step's compute
+
+
+@dataclass
+class EvalConfig:
+    every: int = 1               # epochs between kNN evaluations (the last epoch always)
+    k: int = 200
+    sigma: float = 0.07
+    refresh_bank: bool = True    # recompute the bank from un-augmented images before kNN
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentSection = field(default_factory=AugmentSection)
+    loss: LossConfig = field(default_factory=LossConfig)
+    bank: BankConfig = field(default_factory=BankConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Config":
+        config = cls()
+        _merge(config, values, "")
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        checks = [
+            (self.loss.kind in ("nce", "softmax"), "loss.kind must be 'nce' or 'softmax'"),
+            (self.loss.negatives >= 1, "loss.negatives must be >= 1"),
+            (self.loss.temperature > 0, "loss.temperature must be > 0"),
+            (self.loss.z_mode in ("fixed", "ema"), "loss.z_mode must be 'fixed' or 'ema'"),
+            (0 <= self.loss.z_momentum < 1, "loss.z_momentum must be in [0, 1)"),
+            (0 <= self.bank.momentum < 1, "bank.momentum must be in [0, 1)"),
+            (self.bank.dtype in ("float16", "float32"), "bank.dtype must be float16 or float32"),
+            (self.bank.shards >= 1, "bank.shards must be >= 1"),
+            (self.train.schedule in ("step", "cosine"), "train.schedule must be 'step' or 'cosine'"),
+            (self.train.epochs >= 1, "train.epochs must be >= 1"),
+            (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
+            (self.train.workers >= 1, "train.workers must be >= 1"),
+            (self.eval.k >= 1, "eval.k must be >= 1"),
+            (0 < self.augment.crop_min <= 1, "augment.crop_min must be in (0, 1]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
+def _check_type(value, annotation, key: str):
+    """`value` converted to `annotation`, or ConfigError naming `key`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, key)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0]
+    if origin is list:
+        (item,) = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return [_check_type(v, item, key) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+            if number is not None and number.is_integer():
+                return int(number)
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} must be a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key} must be a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {annotation}")
+
+
+def _merge(target, values: dict, prefix: str) -> None:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {values!r}")
+    hints = typing.get_type_hints(type(target))
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(f"{prefix}{k}" for k in hints)
+            raise ConfigError(f"unknown config key {name!r} (known: {known})")
+        if dataclasses.is_dataclass(hints[key]):
+            _merge(getattr(target, key), value, f"{name}.")
+        else:
+            setattr(target, key, _check_type(value, hints[key], name))
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """['train.lr=0.1', 'bank.addresses=a:1,b:2'] -> nested dict (values still strings)."""
+    out: dict = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} is not key=value")
+        key, value = pair.split("=", 1)
+        *parents, leaf = key.strip().split(".")
+        node = out
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value) if value.strip() else value
+    return out
+
+
+def _deep_update(base: dict, update: dict) -> dict:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _deep_update(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    values: dict = {}
+    if path:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections")
+        values = loaded
+    return Config.from_dict(_deep_update(values, parse_overrides(list(overrides))))

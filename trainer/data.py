@@ -1,0 +1,195 @@
+"""Datasets that yield ``(image uint8 (C, H, W), index, label)``.
+
+Small datasets live in memory as one uint8 tensor; ImageFolder and Parquet images
+are decoded on demand and resized to ``image_size``. Every dataset also fetches
+whole batches (``__getitems__``), so a DataLoader with ``collate_fn=batch_as_is``
+hands over stacked tensors without per-image collation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+NAMES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "imagefolder", "parquet")
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+DEFAULT_ROOT = Path(os.environ.get("INSTDISC_DATA", Path.home() / ".cache" / "instdisc" / "data"))
+
+
+class DatasetMissing(FileNotFoundError):
+    """The files are not there; the message says where we looked and how to get them."""
+
+
+class InMemoryImages(Dataset):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: int):
+        self.images, self.labels, self.num_classes = images.contiguous(), labels.long(), classes
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], i, int(self.labels[i])
+
+    def __getitems__(self, indices):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[idx], idx, self.labels[idx]
+
+    def subset(self, indices) -> "InMemoryImages":
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return InMemoryImages(self.images[idx], self.labels[idx], self.num_classes)
+
+
+def _to_chw_uint8(image, size: int) -> torch.Tensor:
+    """PIL image -> uint8 (3, size, size): shorter side resized to `size`, centre crop."""
+    from torchvision.transforms.v2 import functional as TF
+
+    image = image.convert("RGB")
+    t = TF.pil_to_tensor(image)
+    t = TF.resize(t, [size], antialias=True)
+    return TF.center_crop(t, [size, size])
+
+
+class DecodedImages(Dataset):
+    """Images decoded per access from `load(i) -> PIL image`."""
+
+    def __init__(self, loader, labels, classes: int, size: int):
+        self._load, self.labels, self.num_classes, self.size = loader, torch.as_tensor(labels).long(), classes, size
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return _to_chw_uint8(self._load(int(i)), self.size), int(i), int(self.labels[i])
+
+    def __getitems__(self, indices):
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return torch.stack([_to_chw_uint8(self._load(int(i)), self.size) for i in idx]), idx, self.labels[idx]
+
+    def subset(self, indices) -> "DecodedImages":
+        idx = [int(i) for i in indices]
+        return DecodedImages(lambda j, load=self._load: load(idx[j]), self.labels[idx], self.num_classes, self.size)
+
+
+def batch_as_is(batch):
+    """collate_fn for datasets whose ``__getitems__`` already returns a batch."""
+    return batch
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format), gzipped or not."""
+    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _mnist_like(name: str, root: Path | None, train: bool, download: bool) -> InMemoryImages:
+    prefix = "train" if train else "t10k"
+    candidates = [root] if root else ([DEBIAN_FASHION_MNIST] if name == "fashion-mnist" else []) + [DEFAULT_ROOT / name]
+    for folder in candidates:
+        for suffix in (".gz", ""):
+            images = folder / f"{prefix}-images-idx3-ubyte{suffix}"
+            labels = folder / f"{prefix}-labels-idx1-ubyte{suffix}"
+            if images.exists() and labels.exists():
+                x = torch.from_numpy(_read_idx(images).copy())[:, None]
+                y = torch.from_numpy(_read_idx(labels).astype(np.int64))
+                return InMemoryImages(x, y, 10)
+    target = root or DEFAULT_ROOT / name
+    if download:
+        from torchvision import datasets
+
+        cls = datasets.FashionMNIST if name == "fashion-mnist" else datasets.MNIST
+        try:
+            ds = cls(str(target), train=train, download=True)
+        except Exception as error:
+            raise DatasetMissing(_missing_message(name, candidates, error)) from error
+        return InMemoryImages(ds.data[:, None].clone(), ds.targets.clone(), 10)
+    raise DatasetMissing(_missing_message(name, candidates, None))
+
+
+def _missing_message(name, looked, error) -> str:
+    where = ", ".join(str(p) for p in looked)
+    how = {
+        "fashion-mnist": "`apt-get install dataset-fashion-mnist` (Debian) or set data.download=true with internet",
+    }.get(name, "set data.download=true with internet access, or point data.root at the files")
+    reason = f" (download failed: {error})" if error else ""
+    return f"dataset {name!r}: no files in {where}{reason}. Get them with {how}."
+
+
+def _torchvision(name: str, root: Path | None, train: bool, download: bool) -> InMemoryImages:
+    from torchvision import datasets
+
+    target = root or DEFAULT_ROOT / name
+    try:
+        if name == "stl10":
+            ds = datasets.STL10(str(target), split="train" if train else "test", download=download)
+            return InMemoryImages(torch.from_numpy(ds.data), torch.from_numpy(ds.labels.astype(np.int64)), 10)
+        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+        ds = cls(str(target), train=train, download=download)
+    except RuntimeError as error:  # torchvision: "Dataset not found or corrupted"
+        raise DatasetMissing(_missing_message(name, [target], error if download else None)) from error
+    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2)
+    return InMemoryImages(images, torch.tensor(ds.targets), 10 if name == "cifar10" else 100)
+
+
+def _imagefolder(root: Path, train: bool, size: int) -> DecodedImages:
+    from torchvision.datasets import ImageFolder
+
+    folder = root / ("train" if train else "test")
+    if not folder.is_dir():
+        raise DatasetMissing(f"dataset 'imagefolder': no folder {folder}; data.root must hold train/ and test/, "
+                             "each with one sub-folder of images per class")
+    ds = ImageFolder(str(folder))
+    return DecodedImages(lambda i: ds.loader(ds.samples[i][0]), [t for _, t in ds.samples], len(ds.classes), size)
+
+
+def _parquet(root: Path, train: bool, size: int) -> DecodedImages:
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    path = root / ("train.parquet" if train else "test.parquet")
+    if not path.exists():
+        raise DatasetMissing(f"dataset 'parquet': no file {path}; data.root must hold train.parquet and "
+                             "test.parquet with an encoded-image column 'image' and an integer column 'label'")
+    table = pq.read_table(path)
+    for column in ("image", "label"):
+        if column not in table.column_names:
+            raise ValueError(f"{path} has no column {column!r} (columns: {table.column_names})")
+    images = table.column("image").combine_chunks()
+    if hasattr(images.type, "get_field_index") and images.type.get_field_index("bytes") >= 0:
+        images = images.field("bytes")  # the Hugging Face layout {bytes, path}
+    labels = table.column("label").to_numpy()
+    classes = int(labels.max()) + 1 if len(labels) else 0
+
+    def load(i):
+        return Image.open(io.BytesIO(images[i].as_py()))
+
+    return DecodedImages(load, labels.astype(np.int64), classes, size)
+
+
+def load_dataset(name: str, root: str | None = None, train: bool = True, download: bool = True,
+                 image_size: int = 32):
+    if name not in NAMES:
+        raise ValueError(f"data.name must be one of {NAMES}, got {name!r}")
+    path = Path(root).expanduser() if root else None
+    if name in ("fashion-mnist", "mnist"):
+        return _mnist_like(name, path, train, download)
+    if name in ("cifar10", "cifar100", "stl10"):
+        return _torchvision(name, path, train, download)
+    if path is None:
+        raise ValueError(f"data.root is required for data.name={name!r}")
+    return _imagefolder(path, train, image_size) if name == "imagefolder" else _parquet(path, train, image_size)
+
+
+def seeded_subset(dataset, n: int | None, seed: int):
+    """The first `n` of a seeded permutation (all of it when n is falsy)."""
+    if not n or n >= len(dataset):
+        return dataset
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
+    return dataset.subset(order.sort().values)

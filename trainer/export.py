@@ -1,0 +1,31 @@
+"""`instdisc export`: the trained encoder alone (head dropped) as a torch.export
+program, loadable with plain torch: ``torch.export.load(path).module()``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainer.models import Encoder, ExportedBackbone
+
+
+def load_encoder(checkpoint_dir: str | Path) -> Encoder:
+    from trainer.train import CHECKPOINT_FILE
+
+    state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+    encoder = Encoder(**state["encoder"])
+    encoder.load_state_dict(state["model"])
+    return encoder.eval()
+
+
+def export_encoder(checkpoint_dir: str | Path, path: str | Path, image_size: int | None = None) -> Path:
+    encoder = load_encoder(checkpoint_dir)
+    side = image_size or 32
+    example = torch.rand(2, encoder.in_channels, side, side)
+    program = torch.export.export(ExportedBackbone(encoder).eval(), (example,),
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},))
+    path = Path(path)
+    with open(path, "wb") as fh:  # a file object: torch.export then skips its file-name check
+        torch.export.save(program, fh)
+    return path

@@ -1,0 +1,212 @@
+"""Build and run the TorchTrainer; start (or connect to) the bank; write the outputs.
+
+Works the same under `make demo` (a local Ray), `ray job submit` (RAY_ADDRESS set,
+so `ray.init()` joins the cluster) and a KubeRay RayJob (bank.addresses given).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from trainer.config import Config, ConfigError
+
+log = logging.getLogger("instdisc")
+
+_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def _quiet_ray_workers() -> None:
+    """Runs in every Ray worker process: without the dashboard, Ray Train's
+    placement-group cleaner warns every second or two that it cannot query state."""
+    logging.getLogger(_CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def check_against_dataset(config: Config, train_rows: int, image_side: int) -> None:
+    """Config errors that need the dataset's size, caught before anything starts."""
+    from trainer.models import min_image_size
+
+    if config.loss.kind == "nce" and config.loss.negatives > train_rows:
+        raise ConfigError(f"loss.negatives={config.loss.negatives} exceeds the {train_rows} training images "
+                          "(the bank's rows); lower it")
+    need = min_image_size(config.model.arch, config.model.cifar_stem)
+    if image_side < need:
+        raise ConfigError(f"model.arch={config.model.arch} needs images of at least {need}x{need} pixels, the "
+                          f"dataset gives {image_side}x{image_side}")
+    if config.bank.shards > train_rows:
+        raise ConfigError(f"bank.shards={config.bank.shards} exceeds the {train_rows} training images")
+
+
+def _read_token(config: Config) -> str | None:
+    if config.bank.token_file:
+        return Path(config.bank.token_file).read_text().strip()
+    return os.environ.get("INSTDISC_BANK_TOKEN") or None
+
+
+def _check_bank(addresses: list[str], token: str | None, config: Config, rows: int) -> None:
+    """Fail fast, before any worker starts, on an unreachable or mismatched bank."""
+    from bank_server.client import BankClient, BankRpcError, LayoutError
+
+    try:
+        with BankClient(addresses, token=token, timeout=min(config.bank.timeout, 20.0), tls_ca=config.bank.tls_ca) as client:
+            if (client.rows, client.dim) != (rows, config.model.dim):
+                raise ConfigError(f"the bank at {','.join(addresses)} holds {client.rows} rows x {client.dim} dims; "
+                                  f"this run needs {rows} x {config.model.dim} (training images x model.dim)")
+    except BankRpcError as error:
+        hint = {"UNAVAILABLE": "is the bank running and reachable from here?",
+                "UNAUTHENTICATED": "check bank.token_file / INSTDISC_BANK_TOKEN",
+                "DEADLINE_EXCEEDED": "is the bank running and reachable from here?"}.get(error.code.name, "")
+        raise ConfigError(f"cannot use bank shard {error.address}: {error.code.name}: {error.details} {hint}") from error
+    except LayoutError as error:
+        raise ConfigError(f"bank.addresses do not form one bank: {error}") from error
+
+
+def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc") -> dict:
+    """Train, evaluate and write the outputs; returns the summary."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from bank_server.ray_bank import start_bank
+    from trainer.train import load_datasets, train_func
+
+    output = Path(output_dir).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    sha = git_sha()
+    print(f"instdisc {sha or '(no git)'} -> {output}")
+    print("resolved config:\n" + json.dumps(config.to_dict(), indent=2), flush=True)
+
+    train_set, test_set = load_datasets(config)
+    sample = train_set[0][0]
+    check_against_dataset(config, len(train_set), min(sample.shape[1:]))
+    token = _read_token(config)
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local cluster on loopback; no token prompt
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True,
+                 num_cpus=None if os.environ.get("RAY_ADDRESS") else os.cpu_count(),
+                 runtime_env={"worker_process_setup_hook": _quiet_ray_workers,
+                              "env_vars": {"INSTDISC_GIT_SHA": sha}})
+    _quiet_ray_workers()
+
+    bank = None
+    addresses = list(config.bank.addresses)
+    if addresses:
+        _check_bank(addresses, token, config, len(train_set))
+    else:
+        bank = start_bank(config.bank.shards, len(train_set), config.model.dim, config.bank.dtype,
+                          snapshot_dir=str(output / "bank"), seed=config.bank.seed, token=token,
+                          name=f"{run_name}-bank")
+        addresses = bank.addresses
+        print(f"bank: {config.bank.shards} shard actor(s) at {', '.join(addresses)}", flush=True)
+
+    c = config.train
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"config": config.to_dict(), "addresses": addresses, "token": token},
+        scaling_config=ScalingConfig(num_workers=c.workers, use_gpu=c.use_gpu,
+                                     resources_per_worker=None if c.use_gpu else {"CPU": c.cpus_per_worker}),
+        run_config=RunConfig(name=run_name, storage_path=str(output / "ray"),
+                             failure_config=FailureConfig(max_failures=c.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+    start = time.perf_counter()
+    try:
+        result = trainer.fit()
+    finally:
+        if bank is not None:
+            bank.stop(final_snapshot=True)
+    wall = time.perf_counter() - start
+    outcome = result.return_value
+    return write_outputs(config, output, outcome, result.checkpoint, wall, sha)
+
+
+def write_outputs(config: Config, output: Path, outcome: dict, checkpoint, wall_seconds: float, sha: str) -> dict:
+    from trainer.export import export_encoder
+
+    history = outcome["history"]
+    trained = [h for h in history if h["epoch"] > 0]
+    final = trained[-1]
+    initial = next((h for h in history if h["epoch"] == 0), None)
+    checkpoint_dir = output / "checkpoint"
+    if checkpoint is not None:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        shutil.copytree(checkpoint.path, checkpoint_dir)
+        export_encoder(checkpoint_dir, output / "encoder.pt")
+    summary = {
+        "knn_top1": final["knn_top1"], "knn_top5": final["knn_top5"],
+        "knn_top1_untrained": initial["knn_top1"] if initial else None,
+        "epochs": final["epoch"], "steps": outcome["steps"],
+        "images_per_sec": sum(h["images_per_sec"] for h in trained) / len(trained),
+        "train_seconds": outcome["train_seconds"], "wall_seconds": wall_seconds,
+        "final_loss": final["loss"], "bank_rtt_ms": final["bank_rtt_ms"], "bank_wait_ms": final["bank_wait_ms"],
+        "dataset": config.data.name, "loss": config.loss.kind, "git_sha": sha,
+    }
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
+    fields = ["epoch", "loss", "knn_top1", "knn_top5", "lr", "images_per_sec", "epoch_seconds", "bank_rtt_ms",
+              "bank_wait_ms"]
+    with open(output / "metrics.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+    plot_curves(history, output / "curves.png")
+    print_summary(summary, output)
+    return summary
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(10, 4))
+    trained = [h for h in history if not math.isnan(h["loss"])]
+    ax_loss.plot([h["epoch"] for h in trained], [h["loss"] for h in trained], marker="o")
+    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
+    evaluated = [h for h in history if not math.isnan(h["knn_top1"])]
+    ax_knn.plot([h["epoch"] for h in evaluated], [100 * h["knn_top1"] for h in evaluated], marker="o", label="top-1")
+    ax_knn.plot([h["epoch"] for h in evaluated], [100 * h["knn_top5"] for h in evaluated], marker="s", label="top-5")
+    ax_knn.set(xlabel="epoch (0 = untrained encoder)", ylabel="weighted kNN accuracy (%)", title="kNN accuracy")
+    ax_knn.legend()
+    for ax in (ax_loss, ax_knn):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_summary(summary: dict, output: Path) -> None:
+    rows = [
+        ("kNN top-1", f"{100 * summary['knn_top1']:.2f} %"),
+        ("kNN top-5", f"{100 * summary['knn_top5']:.2f} %"),
+        ("kNN top-1, untrained", "-" if summary["knn_top1_untrained"] is None
+         else f"{100 * summary['knn_top1_untrained']:.2f} %"),
+        ("epochs", str(summary["epochs"])),
+        ("images/s", f"{summary['images_per_sec']:,.0f}"),
+        ("train time", f"{summary['train_seconds']:.0f} s"),
+        ("bank round trip", f"{summary['bank_rtt_ms']:.1f} ms (waited {summary['bank_wait_ms']:.1f} ms)"),
+        ("outputs", str(output)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    line = "+" + "-" * (width + 2) + "+" + "-" * (max(len(v) for _, v in rows) + 2) + "+"
+    print(line)
+    for key, value in rows:
+        print(f"| {key:<{width}} | {value:<{len(line) - width - 7}} |")
+    print(line, flush=True)

@@ -1,0 +1,328 @@
+"""The per-worker training loop: data -> model -> bank -> steps -> eval -> report.
+
+Runs inside Ray Train (`TorchTrainer`) on every worker; `trainer.launch` builds
+the trainer. Each worker holds a BankClient; step t's bank round trip (update of
+step t-1, rows of batch t+1, fresh negatives) overlaps step t's compute.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from bank_server.client import BankClient, BankRpcError
+from trainer import distributed as dist
+from trainer.augment import AugmentConfig, augment
+from trainer.bank_feed import BankFeed
+from trainer.config import Config
+from trainer.data import batch_as_is, load_dataset, seeded_subset
+from trainer.knn import correct_at, weighted_knn_scores
+from trainer.losses import PartitionEstimate, batch_log_z, nce_logits, nce_loss, softmax_loss
+from trainer.models import Encoder
+from trainer.schedule import learning_rate
+
+CHECKPOINT_FILE = "state.pt"
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def load_datasets(config: Config):
+    d = config.data
+    train = load_dataset(d.name, d.root, train=True, download=d.download, image_size=d.image_size)
+    test = load_dataset(d.name, d.root, train=False, download=d.download, image_size=d.image_size)
+    return seeded_subset(train, d.subset, config.train.seed), seeded_subset(test, d.test_subset, config.train.seed + 1)
+
+
+def image_stats(dataset) -> tuple[list[float], list[float]]:
+    """Per-channel mean and std in [0, 1] units (from up to 10k images)."""
+    images = getattr(dataset, "images", None)
+    if images is None:
+        sample = dataset.__getitems__(list(range(min(len(dataset), 512))))[0]
+    else:
+        sample = images[:10000]
+    x = sample.float() / 255
+    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp(min=1e-3).tolist()
+
+
+def build_encoder(config: Config, channels: int, mean, std) -> Encoder:
+    m = config.model
+    return Encoder(m.arch, channels, m.dim, m.width, m.cifar_stem, mean=mean, std=std)
+
+
+def _batches(dataset, indices: list[int], batch_size: int, workers: int):
+    """Fixed-order batches of `indices` (evaluation and warm start)."""
+    chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    if workers:
+        yield from DataLoader(dataset, batch_size=None, sampler=chunks, num_workers=workers,
+                              collate_fn=batch_as_is)
+    else:
+        for chunk in chunks:
+            yield dataset.__getitems__(chunk)
+
+
+@torch.no_grad()
+def embed(model, images: torch.Tensor, device) -> torch.Tensor:
+    return model(images.to(device).float().div_(255)).float()
+
+
+class Worker:
+    """One worker's state; `run()` is the loop."""
+
+    def __init__(self, config: Config, addresses: list[str], token: str | None):
+        import ray.train
+        import ray.train.torch
+
+        self.config = config
+        c = config
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self.device = ray.train.torch.get_device()
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, int(c.train.cpus_per_worker)))
+        torch.manual_seed(c.train.seed + self.rank)
+
+        # 1. data
+        self.train_set, self.test_set = load_datasets(c)
+        self.n = len(self.train_set)
+        sample = self.train_set[0][0]
+        channels, height = sample.shape[0], sample.shape[1]
+        self.sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
+                                          seed=c.train.seed, drop_last=True)
+        self.loader = DataLoader(self.train_set, batch_size=c.train.batch_size, sampler=self.sampler,
+                                 drop_last=True, num_workers=c.data.loader_workers, collate_fn=batch_as_is)
+        if len(self.loader) == 0:
+            raise ValueError(f"train.batch_size={c.train.batch_size} x {self.world} workers exceeds the "
+                             f"{self.n} training images")
+        self.augment = AugmentConfig((c.augment.crop_min, 1.0), jitter=c.augment.jitter,
+                                     grayscale_p=c.augment.grayscale_p, flip_p=c.augment.flip_p)
+
+        # 2. model
+        mean, std = image_stats(self.train_set)
+        encoder = build_encoder(c, channels, mean, std)
+        encoder.check_input(height)
+        if self.device.type == "cuda":
+            encoder = encoder.to(memory_format=torch.channels_last)
+        self.model = ray.train.torch.prepare_model(encoder)
+        self.encoder = self.model.module if hasattr(self.model, "module") else self.model
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=c.train.lr, momentum=c.train.momentum,
+                                         weight_decay=c.train.weight_decay)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
+                         else nullcontext())
+
+        # 3. bank
+        self.client = BankClient(addresses, token=token, timeout=c.bank.timeout, tls_ca=c.bank.tls_ca)
+        if (self.client.rows, self.client.dim) != (self.n, c.model.dim):
+            raise ValueError(f"the bank at {addresses} holds {self.client.rows} rows x {self.client.dim} dims, but "
+                             f"the dataset has {self.n} training images and model.dim={c.model.dim}")
+        negatives = c.loss.negatives if c.loss.kind == "nce" else 0
+        self.feed = BankFeed(self.client, negatives, c.bank.momentum, self.device, overlap=c.train.overlap)
+        self.z = PartitionEstimate(c.loss.z_mode, c.loss.z_momentum)
+        self.epoch, self.step, self.history = 0, 0, []
+
+    # -- state ------------------------------------------------------------------
+
+    def restore(self, checkpoint) -> None:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=self.device, weights_only=False)
+        self.encoder.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+        self.z.log_z = state["log_z"]
+        if self.rank == 0:
+            try:
+                self.client.restore(state["bank_snapshot"])
+            except BankRpcError as error:
+                raise RuntimeError(f"cannot resume: the checkpoint at epoch {self.epoch} needs bank snapshot "
+                                   f"{state['bank_snapshot']!r}, which the bank could not restore ({error})") from error
+        dist.barrier()
+        self._log(f"resumed at epoch {self.epoch}, step {self.step}, bank snapshot {state['bank_snapshot']!r}")
+
+    def _checkpoint_dir(self, bank_tag: str) -> str:
+        folder = tempfile.mkdtemp(prefix="instdisc-ckpt-")
+        torch.save({"model": self.encoder.state_dict(), "optimizer": self.optimizer.state_dict(),
+                    "epoch": self.epoch, "step": self.step, "log_z": self.z.log_z, "history": self.history,
+                    "config": self.config.to_dict(), "bank_snapshot": bank_tag,
+                    "bank_addresses": self.client.addresses, "git_sha": os.environ.get("INSTDISC_GIT_SHA", ""),
+                    "encoder": self.encoder.spec()},
+                   Path(folder) / CHECKPOINT_FILE)
+        return folder
+
+    # -- pieces -----------------------------------------------------------------
+
+    def _log(self, message: str) -> None:
+        if self.rank == 0:
+            print(f"[instdisc] {message}", flush=True)
+
+    def _my_share(self, n: int) -> list[int]:
+        return list(range(self.rank, n, self.world))
+
+    @torch.no_grad()
+    def fill_bank(self, why: str) -> None:
+        """Set every bank row to the current encoder's feature of its un-augmented image
+        (momentum 0). Before training this is the warm start: the first positives and
+        negatives are features of the same network. Before kNN it is lemniscate's
+        `recompute_memory`: neighbours are clean features, not an average of views."""
+        start = time.perf_counter()
+        self.model.eval()
+        for images, idx, _ in _batches(self.train_set, self._my_share(self.n), 1024, self.config.data.loader_workers):
+            self.client.update(idx, embed(self.model, images, self.device).cpu(), momentum=0.0)
+        self.model.train()
+        dist.barrier()
+        self._log(f"bank {why}: {self.n} rows in {time.perf_counter() - start:.1f}s")
+
+    @torch.no_grad()
+    def evaluate(self, refresh: bool = True) -> tuple[float, float]:
+        """Weighted kNN top-1 / top-5 of the test set against the bank rows."""
+        c = self.config.eval
+        if refresh and c.refresh_bank:
+            self.fill_bank("refreshed for kNN")
+        k = min(c.k, self.n)
+        labels = self.train_set.labels
+        num_classes = self.train_set.num_classes
+        self.model.eval()
+        correct1 = correct5 = total = 0
+        for images, _, y in _batches(self.test_set, self._my_share(len(self.test_set)), 500,
+                                     self.config.data.loader_workers):
+            sims, idx = self.client.topk(embed(self.model, images, self.device).cpu(), k)
+            scores = weighted_knn_scores(sims, labels[idx], num_classes, c.sigma)
+            c1, c5 = correct_at(scores, y, (1, min(5, num_classes)))
+            correct1, correct5, total = correct1 + c1, correct5 + c5, total + len(y)
+        self.model.train()
+        correct1, correct5, total = dist.all_reduce_sum([correct1, correct5, total])
+        return correct1 / total, correct5 / total
+
+    def _loss(self, f, positives, negatives):
+        c = self.config.loss
+        if c.kind == "softmax":
+            return softmax_loss(f, positives, c.temperature,
+                                lambda q: self.client.partition_sums(q.cpu(), c.temperature))
+        pos, neg = nce_logits(f, positives, negatives, c.temperature)
+        estimate = float(batch_log_z(pos, neg, self.n))
+        if self.z.log_z is None or self.z.mode == "ema":
+            # Workers agree on one Z: the mean of their estimates, in linear space.
+            estimate = math.log(dist.all_reduce_mean(math.exp(estimate)))
+            self.z.update(estimate)
+        return nce_loss(pos, neg, self.z.log_z, self.n)
+
+    def train_epoch(self) -> dict:
+        c = self.config
+        self.sampler.set_epoch(self.epoch)
+        steps = len(self.loader)
+        batches = iter(self.loader)
+        images, idx, _ = next(batches)
+        self.feed.submit(None, idx)
+        update = None
+        loss_sum = rtt_sum = wait_sum = 0.0
+        start = last_log = time.perf_counter()
+        for b in range(steps):
+            upcoming = next(batches, None)
+            positives, negatives = self.feed.take()
+            wait_sum += self.feed.wait_s
+            rtt_sum += self.feed.round_trip_s
+            # In flight during this step: the previous update and the next batch's rows.
+            self.feed.submit(update, None if upcoming is None else upcoming[1])
+            lr = learning_rate(c.train.lr, self.epoch + b / steps, c.train.epochs, c.train.schedule,
+                               c.train.milestones)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            x = augment(images.to(self.device, non_blocking=True).float().div_(255), self.augment)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with self.autocast:
+                f = self.model(x)
+            f = f.float()
+            loss = self._loss(f, positives, negatives)
+            if not dist.all_reduce_sum([float(torch.isfinite(loss))])[0] == self.world:
+                raise NonFiniteLoss(f"the loss became non-finite at epoch {self.epoch + 1}, step {self.step}; "
+                                    "lower train.lr or raise loss.temperature")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            update = (idx, f.detach())
+            loss_sum += float(loss)
+            self.step += 1
+            now = time.perf_counter()
+            if self.rank == 0 and (b + 1) % c.train.log_every == 0:
+                rate = (b + 1) * c.train.batch_size * self.world / (now - start)
+                remaining = (steps - b - 1) * (now - start) / (b + 1) + \
+                    (c.train.epochs - self.epoch - 1) * steps * (now - start) / (b + 1)
+                self._log(f"epoch {self.epoch + 1}/{c.train.epochs} step {b + 1}/{steps} | {rate:,.0f} img/s | "
+                          f"loss {loss_sum / (b + 1):.4f} | lr {lr:.4f} | bank rtt {1e3 * rtt_sum / (b + 1):.1f} ms "
+                          f"(waited {1e3 * wait_sum / (b + 1):.1f} ms) | ETA {_duration(remaining)}")
+                last_log = now
+            if upcoming is not None:
+                images, idx, _ = upcoming
+        self.feed.take()  # the last prefetch asked for nothing; it carried the update before
+        self.feed.submit(update, None)
+        self.feed.take()
+        seconds = time.perf_counter() - start
+        return {"loss": loss_sum / steps, "epoch_seconds": seconds,
+                "images_per_sec": steps * c.train.batch_size * self.world / seconds,
+                "bank_rtt_ms": 1e3 * rtt_sum / steps, "bank_wait_ms": 1e3 * wait_sum / steps}
+
+    def run(self) -> dict:
+        import ray.train
+        from ray.train import Checkpoint
+
+        c = self.config
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            self.restore(checkpoint)
+        else:
+            if c.bank.warm_start:
+                self.fill_bank("warm start")
+                top1, top5 = self.evaluate(refresh=False)
+                self.history.append({"epoch": 0, "loss": float("nan"), "knn_top1": top1, "knn_top5": top5,
+                                     "images_per_sec": 0.0, "epoch_seconds": 0.0, "bank_rtt_ms": 0.0,
+                                     "bank_wait_ms": 0.0, "lr": c.train.lr})
+                self._log(f"untrained encoder: kNN top-1 {100 * top1:.2f}% top-5 {100 * top5:.2f}%")
+        train_start = time.perf_counter()
+        while self.epoch < c.train.epochs:
+            metrics = self.train_epoch()
+            self.epoch += 1
+            last = self.epoch == c.train.epochs
+            if last or self.epoch % c.eval.every == 0:
+                top1, top5 = self.evaluate()
+            else:
+                top1 = top5 = float("nan")
+            metrics.update(epoch=self.epoch, knn_top1=top1, knn_top5=top5,
+                           lr=learning_rate(c.train.lr, self.epoch, c.train.epochs, c.train.schedule,
+                                            c.train.milestones))
+            self.history.append(metrics)
+            self._log(f"epoch {self.epoch}/{c.train.epochs} done in {metrics['epoch_seconds']:.1f}s | "
+                      f"loss {metrics['loss']:.4f} | {metrics['images_per_sec']:,.0f} img/s | "
+                      f"kNN top-1 {100 * top1:.2f}% top-5 {100 * top5:.2f}%")
+            # The bank snapshot and the model checkpoint describe the same step.
+            dist.barrier()
+            tag = f"epoch-{self.epoch:04d}-step-{self.step}"
+            folder = None
+            if self.rank == 0:
+                self.client.snapshot(tag)
+                folder = self._checkpoint_dir(tag)
+            ray.train.report({k: v for k, v in metrics.items()} | {"bank_snapshot": tag},
+                             checkpoint=Checkpoint.from_directory(folder) if folder else None,
+                             checkpoint_dir_name=f"epoch-{self.epoch:04d}")
+        self.feed.close()
+        self.client.close()
+        return {"history": self.history, "train_seconds": time.perf_counter() - train_start,
+                "steps": self.step}
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def train_func(loop_config: dict) -> dict:
+    """Ray Train's per-worker entry point."""
+    config = Config.from_dict(loop_config["config"])
+    worker = Worker(config, loop_config["addresses"], loop_config.get("token"))
+    return worker.run()
