@@ -67,7 +67,10 @@ def _like(array: np.ndarray, reference):
         return array
     import torch
 
-    return torch.from_numpy(np.ascontiguousarray(array)).to(reference.device)
+    array = np.ascontiguousarray(array)
+    if not array.flags.writeable:  # a view of the wire buffer; torch wants its own memory
+        array = array.copy()
+    return torch.from_numpy(array).to(reference.device)
 
 
 class BankClient:

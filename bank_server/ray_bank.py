@@ -68,8 +68,13 @@ def start_bank(num_shards: int, rows: int, dim: int = 128, dtype: str = "float16
     node_id = ray.get_runtime_context().get_node_id()
     advertised = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::") else host
     actor_class = ray.remote(BankShardActor)
+    # numpy's BLAS would otherwise start a spinning thread per core in every shard; with
+    # shards and train workers sharing a few cores that oversubscription costs ~2x.
+    threads = str(max(1, int(num_cpus)))
     options = dict(max_restarts=-1, max_task_retries=-1, num_cpus=num_cpus,
-                   scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+                   scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False),
+                   runtime_env={"env_vars": {"OMP_NUM_THREADS": threads, "OPENBLAS_NUM_THREADS": threads,
+                                             "MKL_NUM_THREADS": threads}})
     if memory:
         options["memory"] = memory
     if namespace:

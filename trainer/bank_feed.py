@@ -38,7 +38,8 @@ class BankFeed:
         if self._pending is not None:
             raise RuntimeError("take() the previous answer before submitting again")
         update = None if update is None else (update[0].cpu(), update[1].detach().float().cpu())
-        lookup = None if lookup is None else lookup.cpu()
+        # An empty tensor rather than None, so every answer comes back as torch.
+        lookup = torch.empty(0, dtype=torch.long) if lookup is None else lookup.cpu()
         if self._pool is None:
             done: Future = Future()
             done.set_result(self._rpc(update, lookup))
@@ -52,8 +53,8 @@ class BankFeed:
         result, self.round_trip_s = self._pending.result()
         self._pending = None
         self.wait_s = time.perf_counter() - start
-        positives = torch.as_tensor(result.rows).to(self.device, torch.float32, non_blocking=True)
-        negatives = torch.as_tensor(result.negative_rows).to(self.device, torch.float32, non_blocking=True)
+        positives = result.rows.to(self.device, torch.float32, non_blocking=True)
+        negatives = result.negative_rows.to(self.device, torch.float32, non_blocking=True)
         return positives, negatives
 
     def drain(self) -> None:

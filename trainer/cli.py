@@ -8,6 +8,24 @@ import sys
 from pathlib import Path
 
 
+def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, mnist, cifar10, ...")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--arch", default="small")
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=0, help="resize images to this side (0: native)")
+    parser.add_argument("--loss", choices=("nce", "softmax"), default="nce")
+    parser.add_argument("--negatives", type=int, default=4096)
+    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--device", default="auto", help="auto: cuda when available")
+    parser.add_argument("--no-overlap", action="store_true", help="wait for each bank round trip")
+    parser.add_argument("--json", dest="json_path")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instdisc", description="Instance Discrimination with a sharded memory bank.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -34,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     from bank_server.bench import add_bench_arguments
 
     add_bench_arguments(bench.add_parser("bank", help="Step latency vs in-process bank and raw gRPC echo"))
+    add_bench_train_arguments(bench.add_parser("train", help="training images/s: remote bank vs in-process bank"))
     return parser
 
 
@@ -57,13 +76,16 @@ def run_train(args) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     from trainer.data import DatasetMissing
-    from trainer.launch import launch
+    from trainer.launch import TrainingStopped, launch
 
     try:
         launch(config, args.output_dir, run_name=args.name)
-    except (ConfigError, DatasetMissing) as error:
+    except (ConfigError, DatasetMissing, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TrainingStopped as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -80,6 +102,10 @@ def main(argv=None) -> int:
 
         print(export_encoder(args.checkpoint, args.output, args.image_size))
         return 0
+    if args.command == "bench" and args.bench_command == "train":
+        from trainer.bench import run_bench_train
+
+        return run_bench_train(args)
     if args.command == "bench" and args.bench_command == "bank":
         from bank_server.bench import run_bench
 

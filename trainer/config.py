@@ -71,14 +71,14 @@ class BankConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 200
-    batch_size: int = 128
+    batch_size: int = 128        # global: split evenly over train.workers
     lr: float = 0.03
     momentum: float = 0.9
     weight_decay: float = 5e-4
     schedule: str = "step"       # step (x0.1 at milestones) | cosine
     milestones: list[int] = field(default_factory=lambda: [120, 160])
     workers: int = 2
-    use_gpu: bool = False
+    use_gpu: bool | None = None  # None: use GPUs when the Ray cluster has one per worker
     cpus_per_worker: float = 1.0
     seed: int = 0
     log_every: int = 50          # steps between progress lines
@@ -128,6 +128,8 @@ class Config:
             (self.train.epochs >= 1, "train.epochs must be >= 1"),
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
             (self.train.workers >= 1, "train.workers must be >= 1"),
+            (self.train.batch_size % self.train.workers == 0,
+             f"train.batch_size={self.train.batch_size} must be a multiple of train.workers={self.train.workers}"),
             (self.eval.k >= 1, "eval.k must be >= 1"),
             (0 < self.augment.crop_min <= 1, "augment.crop_min must be in (0, 1]"),
         ]

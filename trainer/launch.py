@@ -29,6 +29,12 @@ def _quiet_ray_workers() -> None:
     """Runs in every Ray worker process: without the dashboard, Ray Train's
     placement-group cleaner warns every second or two that it cannot query state."""
     logging.getLogger(_CLEANER_LOGGER).setLevel(logging.ERROR)
+    try:  # this one logs every reported metric at INFO, under a logger named by its file path
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
 
 
 def git_sha() -> str:
@@ -81,7 +87,7 @@ def _check_bank(addresses: list[str], token: str | None, config: Config, rows: i
 def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc") -> dict:
     """Train, evaluate and write the outputs; returns the summary."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from bank_server.ray_bank import start_bank
@@ -98,7 +104,8 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc") -
     check_against_dataset(config, len(train_set), min(sample.shape[1:]))
     token = _read_token(config)
 
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a local cluster on loopback; no token prompt
+    if not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster on loopback
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True,
                  num_cpus=None if os.environ.get("RAY_ADDRESS") else os.cpu_count(),
@@ -118,23 +125,40 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc") -
         print(f"bank: {config.bank.shards} shard actor(s) at {', '.join(addresses)}", flush=True)
 
     c = config.train
+    use_gpu = c.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) >= c.workers
+        print(f"train.use_gpu not set: {'using' if use_gpu else 'no'} GPUs", flush=True)
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"config": config.to_dict(), "addresses": addresses, "token": token},
-        scaling_config=ScalingConfig(num_workers=c.workers, use_gpu=c.use_gpu,
-                                     resources_per_worker=None if c.use_gpu else {"CPU": c.cpus_per_worker}),
+        scaling_config=ScalingConfig(num_workers=c.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": c.cpus_per_worker, "GPU": 1} if use_gpu
+                                     else {"CPU": c.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=str(output / "ray"),
                              failure_config=FailureConfig(max_failures=c.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)))
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             # Ray Train's INFO lines repeat every reported metric; our own
+                             # progress lines say what matters.
+                             logging_config=LoggingConfig(log_level="WARNING")))
     start = time.perf_counter()
     try:
         result = trainer.fit()
+    except Exception as error:  # Ray wraps worker errors (after FailureConfig's retries)
+        raise TrainingStopped(f"training failed: {error}") from error
     finally:
         if bank is not None:
             bank.stop(final_snapshot=True)
     wall = time.perf_counter() - start
     outcome = result.return_value
+    if outcome.get("error"):
+        where = result.checkpoint.path if result.checkpoint else "none was written"
+        raise TrainingStopped(f"{outcome['error']}. Last good checkpoint: {where}")
     return write_outputs(config, output, outcome, result.checkpoint, wall, sha)
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended early on purpose (a non-finite loss); the message says why."""
 
 
 def write_outputs(config: Config, output: Path, outcome: dict, checkpoint, wall_seconds: float, sha: str) -> dict:

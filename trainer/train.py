@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -96,11 +97,11 @@ class Worker:
         channels, height = sample.shape[0], sample.shape[1]
         self.sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
                                           seed=c.train.seed, drop_last=True)
-        self.loader = DataLoader(self.train_set, batch_size=c.train.batch_size, sampler=self.sampler,
+        self.batch = c.train.batch_size // self.world  # train.batch_size is the global batch
+        self.loader = DataLoader(self.train_set, batch_size=self.batch, sampler=self.sampler,
                                  drop_last=True, num_workers=c.data.loader_workers, collate_fn=batch_as_is)
         if len(self.loader) == 0:
-            raise ValueError(f"train.batch_size={c.train.batch_size} x {self.world} workers exceeds the "
-                             f"{self.n} training images")
+            raise ValueError(f"train.batch_size={c.train.batch_size} exceeds the {self.n} training images")
         self.augment = AugmentConfig((c.augment.crop_min, 1.0), jitter=c.augment.jitter,
                                      grayscale_p=c.augment.grayscale_p, flip_p=c.augment.flip_p)
 
@@ -158,8 +159,10 @@ class Worker:
     # -- pieces -----------------------------------------------------------------
 
     def _log(self, message: str) -> None:
+        # Not print(): Ray Train patches it to log *and* echo, so every line came twice.
         if self.rank == 0:
-            print(f"[instdisc] {message}", flush=True)
+            sys.stdout.write(f"[instdisc] {message}\n")
+            sys.stdout.flush()
 
     def _my_share(self, n: int) -> list[int]:
         return list(range(self.rank, n, self.world))
@@ -172,9 +175,12 @@ class Worker:
         `recompute_memory`: neighbours are clean features, not an average of views."""
         start = time.perf_counter()
         self.model.eval()
+        # The bare module, not the DDP wrapper: workers embed different numbers of
+        # batches here, and DDP's forward would wait for the others' buffer broadcast.
+        self.encoder.eval()
         for images, idx, _ in _batches(self.train_set, self._my_share(self.n), 1024, self.config.data.loader_workers):
-            self.client.update(idx, embed(self.model, images, self.device).cpu(), momentum=0.0)
-        self.model.train()
+            self.client.update(idx, embed(self.encoder, images, self.device).cpu(), momentum=0.0)
+        self.encoder.train()
         dist.barrier()
         self._log(f"bank {why}: {self.n} rows in {time.perf_counter() - start:.1f}s")
 
@@ -187,15 +193,15 @@ class Worker:
         k = min(c.k, self.n)
         labels = self.train_set.labels
         num_classes = self.train_set.num_classes
-        self.model.eval()
+        self.encoder.eval()
         correct1 = correct5 = total = 0
         for images, _, y in _batches(self.test_set, self._my_share(len(self.test_set)), 500,
                                      self.config.data.loader_workers):
-            sims, idx = self.client.topk(embed(self.model, images, self.device).cpu(), k)
+            sims, idx = self.client.topk(embed(self.encoder, images, self.device).cpu(), k)
             scores = weighted_knn_scores(sims, labels[idx], num_classes, c.sigma)
             c1, c5 = correct_at(scores, y, (1, min(5, num_classes)))
             correct1, correct5, total = correct1 + c1, correct5 + c5, total + len(y)
-        self.model.train()
+        self.encoder.train()
         correct1, correct5, total = dist.all_reduce_sum([correct1, correct5, total])
         return correct1 / total, correct5 / total
 
@@ -247,11 +253,11 @@ class Worker:
             loss.backward()
             self.optimizer.step()
             update = (idx, f.detach())
-            loss_sum += float(loss)
+            loss_sum += float(loss.detach())
             self.step += 1
             now = time.perf_counter()
             if self.rank == 0 and (b + 1) % c.train.log_every == 0:
-                rate = (b + 1) * c.train.batch_size * self.world / (now - start)
+                rate = (b + 1) * c.train.batch_size / (now - start)
                 remaining = (steps - b - 1) * (now - start) / (b + 1) + \
                     (c.train.epochs - self.epoch - 1) * steps * (now - start) / (b + 1)
                 self._log(f"epoch {self.epoch + 1}/{c.train.epochs} step {b + 1}/{steps} | {rate:,.0f} img/s | "
@@ -265,7 +271,7 @@ class Worker:
         self.feed.take()
         seconds = time.perf_counter() - start
         return {"loss": loss_sum / steps, "epoch_seconds": seconds,
-                "images_per_sec": steps * c.train.batch_size * self.world / seconds,
+                "images_per_sec": steps * c.train.batch_size / seconds,
                 "bank_rtt_ms": 1e3 * rtt_sum / steps, "bank_wait_ms": 1e3 * wait_sum / steps}
 
     def run(self) -> dict:
@@ -286,7 +292,15 @@ class Worker:
                 self._log(f"untrained encoder: kNN top-1 {100 * top1:.2f}% top-5 {100 * top5:.2f}%")
         train_start = time.perf_counter()
         while self.epoch < c.train.epochs:
-            metrics = self.train_epoch()
+            try:
+                metrics = self.train_epoch()
+            except NonFiniteLoss as error:
+                # Every worker sees the same all-reduced flag and stops here; returning
+                # (not raising) keeps Ray from retrying into the same divergence.
+                self.feed.drain()
+                self._log(f"stopped: {error}")
+                return {"history": self.history, "train_seconds": time.perf_counter() - train_start,
+                        "steps": self.step, "error": str(error)}
             self.epoch += 1
             last = self.epoch == c.train.epochs
             if last or self.epoch % c.eval.every == 0:
