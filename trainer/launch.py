@@ -103,6 +103,8 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc") -
     sample = train_set[0][0]
     check_against_dataset(config, len(train_set), min(sample.shape[1:]))
     token = _read_token(config)
+    if config.bank.addresses:
+        _check_bank(list(config.bank.addresses), token, config, len(train_set))
 
     if not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster on loopback
@@ -115,9 +117,7 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc") -
 
     bank = None
     addresses = list(config.bank.addresses)
-    if addresses:
-        _check_bank(addresses, token, config, len(train_set))
-    else:
+    if not addresses:
         bank = start_bank(config.bank.shards, len(train_set), config.model.dim, config.bank.dtype,
                           snapshot_dir=str(output / "bank"), seed=config.bank.seed, token=token,
                           name=f"{run_name}-bank")

@@ -6,12 +6,17 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+from bank_server import snapshot as snapshots
+
+# 20k images for two epochs is about the least in which learning beats the untrained
+# encoder's kNN reliably (measured: 76.9 % -> 78.6 %); each epoch takes ~15 s here.
 SUBSET = [
-    "data.subset=2048", "data.test_subset=1000", "train.batch_size=64", "train.workers=2", "bank.shards=2",
-    "train.log_every=8", "model.width=16", "eval.k=50",
+    "data.subset=20000", "data.test_subset=2000", "train.batch_size=128", "train.workers=2", "bank.shards=2",
+    "train.log_every=50", "augment.crop_min=0.5", "loss.temperature=0.1", "train.lr=0.06",
 ]
 
 
@@ -25,7 +30,7 @@ def train(output, *overrides, name="e2e"):
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("run")
-    logs = train(output, "train.epochs=3", "loss.kind=softmax", "train.lr=0.1")
+    logs = train(output, "train.epochs=2", "loss.kind=softmax")
     return output, logs
 
 
@@ -33,41 +38,65 @@ def test_training_learns_and_writes_every_output(first_run):
     output, logs = first_run
     assert "resolved config" in logs and "img/s" in logs and "bank rtt" in logs and "ETA" in logs
     summary = json.loads((output / "summary.json").read_text())
-    assert summary["epochs"] == 3 and summary["images_per_sec"] > 0 and summary["train_seconds"] > 0
+    assert summary["epochs"] == 2 and summary["images_per_sec"] > 0 and summary["train_seconds"] > 0
     assert summary["knn_top1"] > summary["knn_top1_untrained"], summary
     assert 0 < summary["knn_top1"] <= summary["knn_top5"] <= 1
     rows = list(csv.DictReader(open(output / "metrics.csv")))
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
     losses = [float(r["loss"]) for r in rows[1:]]
     assert losses[-1] < losses[0], losses
     assert (output / "curves.png").stat().st_size > 10_000
     encoder = torch.export.load(str(output / "encoder.pt")).module()
-    assert encoder(torch.rand(5, 1, 28, 28)).shape == (5, 64)  # backbone features, head dropped
+    assert encoder(torch.rand(5, 1, 28, 28)).shape == (5, 128 * 9)  # backbone features, head dropped
     assert (output / "checkpoint" / "state.pt").exists()
 
 
 def test_rerunning_the_same_run_resumes_it(first_run):
     output, _ = first_run
     before = json.loads((output / "summary.json").read_text())
-    logs = train(output, "train.epochs=4", "loss.kind=softmax", "train.lr=0.1")
-    steps_per_epoch = before["steps"] // 3
-    assert f"resumed at epoch 3, step {before['steps']}" in logs
-    assert f"epoch-0003-step-{before['steps']}" in logs
+    tag = f"epoch-0002-step-{before['steps']}"
+    # Leave only the checkpoint's snapshot: the shards start from their seed, so the
+    # rows can only come back through the resume.
+    for shard in (0, 1):
+        folder = output / "bank" / f"shard-{shard:05d}"
+        (folder / "LATEST").unlink()
+        for path in folder.glob("shutdown-*.arrow"):
+            path.unlink()
+    logs = train(output, "train.epochs=2", "loss.kind=softmax")
+    assert f"resumed at epoch 2, step {before['steps']}, bank snapshot '{tag}'" in logs
+    for shard in (0, 1):
+        saved, _, _ = snapshots.read(output / "bank", shard, tag)
+        after_resume, _, _ = snapshots.read(output / "bank", shard)  # the shutdown snapshot of the rerun
+        np.testing.assert_array_equal(after_resume, saved)
+
+    logs = train(output, "train.epochs=3", "loss.kind=softmax")
     after = json.loads((output / "summary.json").read_text())
-    assert after["epochs"] == 4 and after["steps"] == before["steps"] + steps_per_epoch
+    assert after["epochs"] == 3 and after["steps"] == before["steps"] * 3 // 2
     rows = list(csv.DictReader(open(output / "metrics.csv")))
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3, 4]
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
 
 
-def test_nce_learns(tmp_path):
-    train(tmp_path, "train.epochs=2", "loss.kind=nce", "loss.negatives=512", name="nce")
+def test_nce_learns_without_collapse(tmp_path):
+    # NCE needs the full bank (K / N small): on 20k images it dips below the untrained
+    # encoder for several epochs. On all 60k it recovers within two (79.7 % -> 81.1 %).
+    train(tmp_path, "data.subset=0", "train.epochs=2", "loss.kind=nce", "loss.negatives=4096", name="nce")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["knn_top1"] > summary["knn_top1_untrained"], summary
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert float(rows[2]["loss"]) < float(rows[1]["loss"])
+
+
+def test_a_non_finite_loss_stops_with_a_message(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "trainer", "train", "--output-dir", str(tmp_path), *SUBSET,
+                           "data.subset=2048", "train.lr=1e30", "train.epochs=1"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "the loss became non-finite" in done.stderr
 
 
 def test_config_and_data_errors_are_reported(tmp_path):
     cases = [
-        (["loss.negatives=5000"], "loss.negatives=5000 exceeds the 2048 training images"),
+        (["loss.negatives=30000"], "loss.negatives=30000 exceeds the 20000 training images"),
         (["model.arch=resnet18", "model.cifar_stem=false"], "needs images of at least 32x32"),
         (["data.name=parquet", f"data.root={tmp_path}"], "train.parquet"),
         (["train.epoch=1"], "unknown config key 'train.epoch'"),

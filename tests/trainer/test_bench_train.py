@@ -1,0 +1,17 @@
+"""`instdisc bench train` runs both banks on real images and writes its JSON."""
+
+import json
+import subprocess
+import sys
+
+
+def test_bench_train_compares_remote_and_inprocess_banks(tmp_path):
+    out = tmp_path / "train.json"
+    done = subprocess.run([sys.executable, "-m", "trainer", "bench", "train", "--steps", "6", "--warmup", "2",
+                           "--batch", "32", "--negatives", "256", "--width", "8", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "ratio (a)/(b)" in done.stdout
+    result = json.loads(out.read_text())
+    assert result["remote_images_per_sec"] > 0 and result["inprocess_images_per_sec"] > 0
+    assert abs(result["ratio"] - result["remote_images_per_sec"] / result["inprocess_images_per_sec"]) < 1e-9
