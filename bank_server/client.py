@@ -37,6 +37,9 @@ class BankRpcError(RuntimeError):
         super().__init__(f"{address}: {code.name}: {details}")
         self.code, self.details, self.address = code, details, address
 
+    def __reduce__(self):  # Ray pickles errors across processes
+        return type(self), (self.code, self.details, self.address)
+
 
 class LayoutError(ValueError):
     """The addresses do not form one complete bank."""

@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write the trained encoder (head dropped) for plain torch")
     export.add_argument("checkpoint", help="a checkpoint folder (e.g. runs/demo/checkpoint)")
     export.add_argument("output", help="file to write, e.g. encoder.pt")
-    export.add_argument("--image-size", type=int, default=None, help="example input side (default 32)")
+    export.add_argument("--image-size", type=int, default=None, help="input side (default: the training images')")
 
     bench = commands.add_parser("bench", help="benchmarks that print numbers").add_subparsers(
         dest="bench_command", required=True)

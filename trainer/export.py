@@ -10,18 +10,21 @@ import torch
 from trainer.models import Encoder, ExportedBackbone
 
 
-def load_encoder(checkpoint_dir: str | Path) -> Encoder:
+def load_encoder(checkpoint_dir: str | Path) -> tuple[Encoder, int]:
+    """The trained encoder and the image side it was trained on."""
     from trainer.train import CHECKPOINT_FILE
 
     state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     encoder = Encoder(**state["encoder"])
     encoder.load_state_dict(state["model"])
-    return encoder.eval()
+    return encoder.eval(), state["image_size"]
 
 
 def export_encoder(checkpoint_dir: str | Path, path: str | Path, image_size: int | None = None) -> Path:
-    encoder = load_encoder(checkpoint_dir)
-    side = image_size or 32
+    """The program takes (B, C, S, S) images in [0, 1], S the training side unless
+    `image_size` says otherwise; the batch size is free."""
+    encoder, trained_side = load_encoder(checkpoint_dir)
+    side = image_size or trained_side
     example = torch.rand(2, encoder.in_channels, side, side)
     program = torch.export.export(ExportedBackbone(encoder).eval(), (example,),
                                   dynamic_shapes=({0: torch.export.Dim("batch")},))

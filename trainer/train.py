@@ -32,8 +32,9 @@ from trainer.schedule import learning_rate
 CHECKPOINT_FILE = "state.pt"
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class StopTraining(RuntimeError):
+    """A reason to end the run on every worker at once, without Ray's retries (a
+    retry would meet the same problem)."""
 
 
 def load_datasets(config: Config):
@@ -95,6 +96,7 @@ class Worker:
         self.n = len(self.train_set)
         sample = self.train_set[0][0]
         channels, height = sample.shape[0], sample.shape[1]
+        self.image_size = int(height)
         self.sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
                                           seed=c.train.seed, drop_last=True)
         self.batch = c.train.batch_size // self.world  # train.batch_size is the global batch
@@ -137,13 +139,16 @@ class Worker:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         self.z.log_z = state["log_z"]
+        problem = None
         if self.rank == 0:
             try:
                 self.client.restore(state["bank_snapshot"])
             except BankRpcError as error:
-                raise RuntimeError(f"cannot resume: the checkpoint at epoch {self.epoch} needs bank snapshot "
-                                   f"{state['bank_snapshot']!r}, which the bank could not restore ({error})") from error
-        dist.barrier()
+                problem = (f"cannot resume: the checkpoint at epoch {self.epoch} needs bank snapshot "
+                           f"{state['bank_snapshot']!r}, which the bank could not restore ({error})")
+        problem = dist.broadcast_object(problem)  # every worker learns the outcome
+        if problem:
+            raise StopTraining(problem)
         self._log(f"resumed at epoch {self.epoch}, step {self.step}, bank snapshot {state['bank_snapshot']!r}")
 
     def _checkpoint_dir(self, bank_tag: str) -> str:
@@ -152,7 +157,7 @@ class Worker:
                     "epoch": self.epoch, "step": self.step, "log_z": self.z.log_z, "history": self.history,
                     "config": self.config.to_dict(), "bank_snapshot": bank_tag,
                     "bank_addresses": self.client.addresses, "git_sha": os.environ.get("INSTDISC_GIT_SHA", ""),
-                    "encoder": self.encoder.spec()},
+                    "encoder": self.encoder.spec(), "image_size": self.image_size},
                    Path(folder) / CHECKPOINT_FILE)
         return folder
 
@@ -218,6 +223,12 @@ class Worker:
             self.z.update(estimate)
         return nce_loss(pos, neg, self.z.log_z, self.n)
 
+    def _check_finite(self, finite: torch.Tensor, what: str) -> None:
+        """All workers stop together if any one's value is NaN or Inf."""
+        if dist.all_reduce_sum([float(finite)])[0] != self.world:
+            raise StopTraining(f"the {what} became non-finite (so the loss did) at epoch {self.epoch + 1}, "
+                                f"step {self.step}; lower train.lr or raise loss.temperature")
+
     def train_epoch(self) -> dict:
         c = self.config
         self.sampler.set_epoch(self.epoch)
@@ -245,10 +256,10 @@ class Worker:
             with self.autocast:
                 f = self.model(x)
             f = f.float()
+            # Checked before the loss too: non-finite features must not reach the bank.
+            self._check_finite(torch.isfinite(f).all(), "features")
             loss = self._loss(f, positives, negatives)
-            if not dist.all_reduce_sum([float(torch.isfinite(loss))])[0] == self.world:
-                raise NonFiniteLoss(f"the loss became non-finite at epoch {self.epoch + 1}, step {self.step}; "
-                                    "lower train.lr or raise loss.temperature")
+            self._check_finite(torch.isfinite(loss), "loss")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
@@ -275,6 +286,18 @@ class Worker:
                 "bank_rtt_ms": 1e3 * rtt_sum / steps, "bank_wait_ms": 1e3 * wait_sum / steps}
 
     def run(self) -> dict:
+        start = time.perf_counter()
+        try:
+            return self._run()
+        except StopTraining as error:
+            # Every worker raises this at the same point (the condition is all-reduced or
+            # broadcast), so returning here ends the run cleanly.
+            self.feed.drain()
+            self._log(f"stopped: {error}")
+            return {"history": self.history, "train_seconds": time.perf_counter() - start, "steps": self.step,
+                    "error": str(error)}
+
+    def _run(self) -> dict:
         import ray.train
         from ray.train import Checkpoint
 
@@ -292,15 +315,7 @@ class Worker:
                 self._log(f"untrained encoder: kNN top-1 {100 * top1:.2f}% top-5 {100 * top5:.2f}%")
         train_start = time.perf_counter()
         while self.epoch < c.train.epochs:
-            try:
-                metrics = self.train_epoch()
-            except NonFiniteLoss as error:
-                # Every worker sees the same all-reduced flag and stops here; returning
-                # (not raising) keeps Ray from retrying into the same divergence.
-                self.feed.drain()
-                self._log(f"stopped: {error}")
-                return {"history": self.history, "train_seconds": time.perf_counter() - train_start,
-                        "steps": self.step, "error": str(error)}
+            metrics = self.train_epoch()
             self.epoch += 1
             last = self.epoch == c.train.epochs
             if last or self.epoch % c.eval.every == 0:

@@ -46,7 +46,8 @@ def test_training_learns_and_writes_every_output(first_run):
     losses = [float(r["loss"]) for r in rows[1:]]
     assert losses[-1] < losses[0], losses
     assert (output / "curves.png").stat().st_size > 10_000
-    encoder = torch.export.load(str(output / "encoder.pt")).module()
+    with open(output / "encoder.pt", "rb") as fh:
+        encoder = torch.export.load(fh).module()
     assert encoder(torch.rand(5, 1, 28, 28)).shape == (5, 128 * 9)  # backbone features, head dropped
     assert (output / "checkpoint" / "state.pt").exists()
 
@@ -75,6 +76,13 @@ def test_rerunning_the_same_run_resumes_it(first_run):
     rows = list(csv.DictReader(open(output / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
 
+    # A checkpoint whose bank snapshot is gone cannot be resumed: say so, do not start over.
+    for path in (output / "bank").glob(f"shard-*/epoch-0003-*.arrow"):
+        path.unlink()
+    done = subprocess.run([sys.executable, "-m", "trainer", "train", "--output-dir", str(output), "--name", "e2e",
+                           *SUBSET, "train.epochs=4", "loss.kind=softmax"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1 and "needs bank snapshot 'epoch-0003-step-" in done.stderr, done.stderr[-2000:]
+
 
 def test_nce_learns_without_collapse(tmp_path):
     # NCE needs the full bank (K / N small): on 20k images it dips below the untrained
@@ -91,12 +99,12 @@ def test_a_non_finite_loss_stops_with_a_message(tmp_path):
                            "data.subset=2048", "train.lr=1e30", "train.epochs=1"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "the loss became non-finite" in done.stderr
+    assert "became non-finite (so the loss did)" in done.stderr and "Last good checkpoint" in done.stderr
 
 
 def test_config_and_data_errors_are_reported(tmp_path):
     cases = [
-        (["loss.negatives=30000"], "loss.negatives=30000 exceeds the 20000 training images"),
+        (["loss.kind=nce", "loss.negatives=30000"], "loss.negatives=30000 exceeds the 20000 training images"),
         (["model.arch=resnet18", "model.cifar_stem=false"], "needs images of at least 32x32"),
         (["data.name=parquet", f"data.root={tmp_path}"], "train.parquet"),
         (["train.epoch=1"], "unknown config key 'train.epoch'"),
