@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import struct
 import subprocess
@@ -49,7 +50,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _spawn(args: list[str], stack: ExitStack) -> str:
     """Start a server process that prints 'listening on HOST:PORT'; return the address."""
-    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    # One BLAS thread per server, as the Ray actors run: spinning BLAS threads from
+    # several processes on a few cores would measure oversubscription, not the bank.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=env)
 
     def stop():
         proc.terminate()

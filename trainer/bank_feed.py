@@ -23,7 +23,8 @@ class BankFeed:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bank-feed") if overlap else None
         self._pending: Future | None = None
         self.round_trip_s = 0.0  # last RPC's duration
-        self.wait_s = 0.0        # how long the last take() blocked
+        self.wait_s = 0.0        # how long the step was held up for the last answer
+        self._blocked_s = 0.0
 
     def _rpc(self, update, lookup):
         start = time.perf_counter()
@@ -44,6 +45,7 @@ class BankFeed:
             done: Future = Future()
             done.set_result(self._rpc(update, lookup))
             self._pending = done
+            self._blocked_s = done.result()[1]  # the whole round trip held the step up
         else:
             self._pending = self._pool.submit(self._rpc, update, lookup)
 
@@ -52,7 +54,8 @@ class BankFeed:
         start = time.perf_counter()
         result, self.round_trip_s = self._pending.result()
         self._pending = None
-        self.wait_s = time.perf_counter() - start
+        self.wait_s = time.perf_counter() - start + self._blocked_s
+        self._blocked_s = 0.0
         positives = result.rows.to(self.device, torch.float32, non_blocking=True)
         negatives = result.negative_rows.to(self.device, torch.float32, non_blocking=True)
         return positives, negatives
