@@ -19,6 +19,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="bind address (default loopback)")
     parser.add_argument("--port", type=int, default=50051, help="0 picks a free port")
     parser.add_argument("--snapshot-dir", help="restore the newest snapshot from here; snapshot here on SIGTERM")
+    parser.add_argument("--keep-snapshots", type=int, default=0, help="newest snapshots kept per shard (0: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--token-file", help="require 'authorization: Bearer <token>' with this file's token")
     parser.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key)")
@@ -40,7 +41,8 @@ def run_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(
         shard_id=args.shard_id, num_shards=args.num_shards, rows=args.rows, dim=args.dim, dtype=args.dtype,
-        host=args.host, port=args.port, snapshot_dir=args.snapshot_dir, seed=args.seed, token=token,
+        host=args.host, port=args.port, snapshot_dir=args.snapshot_dir, keep_snapshots=args.keep_snapshots,
+        seed=args.seed, token=token,
         tls_cert=args.tls_cert, tls_key=args.tls_key, max_message_bytes=int(args.max_message_mb * (1 << 20)))
     try:
         return serve(config, grace=args.grace)

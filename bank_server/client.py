@@ -254,8 +254,17 @@ class BankClient:
     def _update_requests(self, idx: np.ndarray, features: np.ndarray, momentum: float, into=None):
         """(shard, UpdateRequest) pairs, each with its own sequence number. `into(s)`
         may supply the message to fill for a shard's first chunk."""
+        # Checked whole before anything is sent: the shards validate only their own
+        # parts, so a bad row for one shard must not let the others apply theirs.
         if features.shape != (len(idx), self.dim):
             raise ValueError(f"features must have shape ({len(idx)}, {self.dim}), got {list(features.shape)}")
+        if len(idx) and (idx.min() < 0 or idx.max() >= self.rows):
+            bad = int(np.argmax((idx < 0) | (idx >= self.rows)))
+            raise ValueError(f"indices[{bad}] = {int(idx[bad])} is outside [0, {self.rows})")
+        if len(np.unique(idx)) != len(idx):
+            raise ValueError("indices has duplicates; each row may be updated once per request")
+        if not np.isfinite(features).all():
+            raise ValueError("features contains NaN or Inf")
         calls = []
         for s, positions in enumerate(self._route(idx)):
             for i, chunk in enumerate(self._chunks(positions, self.dim * features.dtype.itemsize + 8)):

@@ -48,6 +48,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     snapshot_dir: str | None = None
+    keep_snapshots: int = 0      # newest snapshots kept per shard; 0 keeps all
     seed: int = 0
     token: str | None = None
     tls_cert: str | None = None
@@ -94,7 +95,7 @@ class BankServer:
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="bank"),
             interceptors=interceptors, options=grpc_options(config.max_message_bytes))
-        self.servicer = MemoryBankServicer(config.max_message_bytes, config.snapshot_dir)
+        self.servicer = MemoryBankServicer(config.max_message_bytes, config.snapshot_dir, config.keep_snapshots)
         bank_pb2_grpc.add_MemoryBankServicer_to_server(self.servicer, self._server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -147,7 +148,7 @@ class BankServer:
         shard = self.servicer.shard
         if final_snapshot and self.config.snapshot_dir and shard is not None:
             tag = f"shutdown-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 1_000_000_000:09d}"
-            path, nbytes, seconds = shard.snapshot(self.config.snapshot_dir, tag)
+            path, nbytes, seconds = shard.snapshot(self.config.snapshot_dir, tag, self.config.keep_snapshots)
             log.info("final snapshot %s: %d bytes in %.2fs", path, nbytes, seconds)
 
     def wait(self) -> None:

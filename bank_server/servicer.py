@@ -40,9 +40,10 @@ def _rpc(method):
 
 
 class MemoryBankServicer(bank_pb2_grpc.MemoryBankServicer):
-    def __init__(self, max_message_bytes: int, snapshot_dir: str | None = None):
+    def __init__(self, max_message_bytes: int, snapshot_dir: str | None = None, keep_snapshots: int = 0):
         self.max_message_bytes = max_message_bytes
         self.snapshot_dir = snapshot_dir
+        self.keep_snapshots = keep_snapshots
         self.shard: Shard | None = None  # None until created or restored
 
     def _ready(self) -> Shard:
@@ -140,7 +141,7 @@ class MemoryBankServicer(bank_pb2_grpc.MemoryBankServicer):
     @_rpc
     def Snapshot(self, request, context):
         shard = self._ready()
-        path, nbytes, seconds = shard.snapshot(self._snapshot_dir(), request.tag)
+        path, nbytes, seconds = shard.snapshot(self._snapshot_dir(), request.tag, self.keep_snapshots)
         log.info("snapshot %s: %d bytes in %.2fs", path, nbytes, seconds)
         return bank_pb2.SnapshotResponse(path=str(path), bytes=nbytes, seconds=seconds)
 

@@ -274,8 +274,9 @@ class Shard:
 
     # -- persistence ------------------------------------------------------------
 
-    def snapshot(self, directory: str | Path, tag: str):
-        """Write this shard to ``<directory>/shard-<id>/<tag>.arrow``: (path, bytes, seconds)."""
+    def snapshot(self, directory: str | Path, tag: str, keep: int = 0):
+        """Write this shard to ``<directory>/shard-<id>/<tag>.arrow``, then keep only the
+        `keep` newest snapshots (0: all): (path, bytes, seconds)."""
         snapshots.check_tag(tag)
         with self._lock:
             metadata = {
@@ -287,6 +288,7 @@ class Shard:
             }
             result = snapshots.write(directory, self.layout.shard_id, tag, self._rows, metadata)
             self.last_snapshot_tag = tag
+        snapshots.prune(directory, self.layout.shard_id, keep)
         return result
 
     @classmethod

@@ -72,6 +72,20 @@ def write(directory: str | os.PathLike, shard_id: int, tag: str, rows: np.ndarra
     return final, final.stat().st_size, time.perf_counter() - start
 
 
+def prune(directory: str | os.PathLike, shard_id: int, keep: int) -> list[Path]:
+    """Delete all but the `keep` newest snapshots of a shard (never the LATEST one);
+    returns what was deleted. keep <= 0 keeps everything."""
+    if keep <= 0:
+        return []
+    folder = shard_dir(directory, shard_id)
+    newest = latest_tag(directory, shard_id)
+    files = sorted(folder.glob("*.arrow"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    doomed = [p for p in files[keep:] if p.stem != newest]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed
+
+
 def latest_tag(directory: str | os.PathLike, shard_id: int) -> str | None:
     pointer = shard_dir(directory, shard_id) / "LATEST"
     return pointer.read_text().strip() if pointer.exists() else None

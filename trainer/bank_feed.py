@@ -67,6 +67,8 @@ class BankFeed:
             self._pending = None
 
     def close(self) -> None:
-        self.drain()
-        if self._pool is not None:
-            self._pool.shutdown()
+        try:
+            self.drain()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown()

@@ -24,11 +24,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _device() -> torch.device:
+    """Where a collective's tensor must live: NCCL only takes CUDA tensors."""
+    if "nccl" in str(dist.get_backend()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce_sum(values: list[float]) -> list[float]:
     """Element-wise sum of a list of numbers over all workers."""
     if not is_distributed():
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=_device())
     dist.all_reduce(t)
     return t.tolist()
 

@@ -22,6 +22,8 @@ from trainer.config import Config, ConfigError
 
 log = logging.getLogger("instdisc")
 
+# Model checkpoints kept; the bank keeps one snapshot more (the shutdown one).
+KEEP_CHECKPOINTS = 2
 _CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
@@ -87,11 +89,9 @@ def _check_bank(addresses: list[str], token: str | None, config: Config, rows: i
 def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc") -> dict:
     """Train, evaluate and write the outputs; returns the summary."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from bank_server.ray_bank import start_bank
-    from trainer.train import load_datasets, train_func
+    from trainer.train import load_datasets
 
     output = Path(output_dir).resolve()
     output.mkdir(parents=True, exist_ok=True)
@@ -118,11 +118,37 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc") -
     bank = None
     addresses = list(config.bank.addresses)
     if not addresses:
+        # Per run name: another run in the same output folder must not restore these rows.
         bank = start_bank(config.bank.shards, len(train_set), config.model.dim, config.bank.dtype,
-                          snapshot_dir=str(output / "bank"), seed=config.bank.seed, token=token,
-                          name=f"{run_name}-bank")
+                          snapshot_dir=str(output / "bank" / run_name), seed=config.bank.seed, token=token,
+                          name=f"{run_name}-bank", keep_snapshots=KEEP_CHECKPOINTS + 1)
         addresses = bank.addresses
         print(f"bank: {config.bank.shards} shard actor(s) at {', '.join(addresses)}", flush=True)
+
+    try:
+        result, wall = _fit(config, output, run_name, addresses, token)
+    finally:
+        if bank is not None:
+            bank.stop(final_snapshot=True)
+    outcome = result.return_value
+    if outcome.get("error"):
+        where = result.checkpoint.path if result.checkpoint else "none was written"
+        if any(h["epoch"] > 0 for h in outcome["history"]) and result.checkpoint is not None:
+            write_outputs(config, output, outcome, result.checkpoint, wall, sha)
+        raise TrainingStopped(f"{outcome['error']}. Last good checkpoint: {where}")
+    return write_outputs(config, output, outcome, result.checkpoint, wall, sha)
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended early on purpose (a non-finite loss); the message says why."""
+
+
+def _fit(config: Config, output: Path, run_name: str, addresses: list[str], token: str | None):
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from trainer.train import train_func
 
     c = config.train
     use_gpu = c.use_gpu
@@ -137,7 +163,7 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc") -
                                      else {"CPU": c.cpus_per_worker}),
         run_config=RunConfig(name=run_name, storage_path=str(output / "ray"),
                              failure_config=FailureConfig(max_failures=c.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                              # Ray Train's INFO lines repeat every reported metric; our own
                              # progress lines say what matters.
                              logging_config=LoggingConfig(log_level="WARNING")))
@@ -146,19 +172,7 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc") -
         result = trainer.fit()
     except Exception as error:  # Ray wraps worker errors (after FailureConfig's retries)
         raise TrainingStopped(f"training failed: {error}") from error
-    finally:
-        if bank is not None:
-            bank.stop(final_snapshot=True)
-    wall = time.perf_counter() - start
-    outcome = result.return_value
-    if outcome.get("error"):
-        where = result.checkpoint.path if result.checkpoint else "none was written"
-        raise TrainingStopped(f"{outcome['error']}. Last good checkpoint: {where}")
-    return write_outputs(config, output, outcome, result.checkpoint, wall, sha)
-
-
-class TrainingStopped(RuntimeError):
-    """Training ended early on purpose (a non-finite loss); the message says why."""
+    return result, time.perf_counter() - start
 
 
 def write_outputs(config: Config, output: Path, outcome: dict, checkpoint, wall_seconds: float, sha: str) -> dict:

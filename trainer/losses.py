@@ -58,7 +58,7 @@ class PartitionEstimate:
         self.mode, self.momentum, self.log_z = mode, momentum, log_z
 
     def update(self, batch_estimate: float) -> float:
-        if self.log_z is None:
+        if self.log_z is None or (self.mode == "ema" and self.momentum == 0):
             self.log_z = float(batch_estimate)
         elif self.mode == "ema":
             m = self.momentum
@@ -73,9 +73,10 @@ class _LogPartition(torch.autograd.Function):
     @staticmethod
     def forward(ctx, f, tau, partition_fn):
         log_z, expected = partition_fn(f.detach())
-        ctx.save_for_backward(expected.to(f.dtype))
+        # The bank answers on the CPU; the loss and gradient live where f does.
+        ctx.save_for_backward(expected.to(f.device, f.dtype))
         ctx.tau = tau
-        return log_z.to(f.dtype)
+        return log_z.to(f.device, f.dtype)
 
     @staticmethod
     def backward(ctx, grad):

@@ -292,10 +292,16 @@ class Worker:
         except StopTraining as error:
             # Every worker raises this at the same point (the condition is all-reduced or
             # broadcast), so returning here ends the run cleanly.
-            self.feed.drain()
+            try:
+                self.feed.drain()
+            except Exception:  # an update carrying the bad values; the stop reason matters more
+                pass
             self._log(f"stopped: {error}")
             return {"history": self.history, "train_seconds": time.perf_counter() - start, "steps": self.step,
                     "error": str(error)}
+        finally:
+            self.feed.close()
+            self.client.close()
 
     def _run(self) -> dict:
         import ray.train
@@ -339,8 +345,6 @@ class Worker:
             ray.train.report({k: v for k, v in metrics.items()} | {"bank_snapshot": tag},
                              checkpoint=Checkpoint.from_directory(folder) if folder else None,
                              checkpoint_dir_name=f"epoch-{self.epoch:04d}")
-        self.feed.close()
-        self.client.close()
         return {"history": self.history, "train_seconds": time.perf_counter() - train_start,
                 "steps": self.step}
 

@@ -129,6 +129,18 @@ def test_client_reports_status_and_address(bank):
     assert info.value.address in client.addresses and "indices[0]" in str(info.value)
 
 
+def test_client_checks_a_whole_update_before_any_shard_applies_it(bank):
+    _, client, _ = bank
+    rows = unit_rows(3)
+    with pytest.raises(ValueError, match=r"indices\[2\] = 20"):
+        client.update([0, 1, 20], rows)
+    with pytest.raises(ValueError, match="duplicates"):
+        client.update([0, 1, 0], rows)
+    rows[2, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        client.update([0, 1, 2], rows)
+
+
 def test_snapshot_needs_a_directory_and_a_clean_tag(bank):
     stub, _, _ = bank
     expect(stub.Snapshot, bank_pb2.SnapshotRequest(tag="x"), INVALID, "--snapshot-dir")

@@ -34,6 +34,14 @@ def test_round_trip_keeps_rows_counters_and_retry_memory(tmp_path, dtype):
     assert not restored.momentum_update([1, 3], f, 0.5, "client", 1)  # the retry is still recognised
 
 
+def test_only_the_newest_snapshots_are_kept(tmp_path):
+    shard = Shard.create(Layout(0, 1, N, D))
+    for tag in ("a", "b", "c", "d"):
+        shard.snapshot(tmp_path, tag, keep=2)
+    assert sorted(p.stem for p in (tmp_path / "shard-00000").glob("*.arrow")) == ["c", "d"]
+    assert Shard.restore(Layout(0, 1, N, D), tmp_path).last_snapshot_tag == "d"
+
+
 def test_restore_refuses_another_layout(tmp_path):
     Shard.create(Layout(0, 2, N, D)).snapshot(tmp_path, "a")
     with pytest.raises(FailedPrecondition, match="total_rows: snapshot 50 vs server 52"):

@@ -59,15 +59,15 @@ def test_rerunning_the_same_run_resumes_it(first_run):
     # Leave only the checkpoint's snapshot: the shards start from their seed, so the
     # rows can only come back through the resume.
     for shard in (0, 1):
-        folder = output / "bank" / f"shard-{shard:05d}"
+        folder = output / "bank" / "e2e" / f"shard-{shard:05d}"
         (folder / "LATEST").unlink()
         for path in folder.glob("shutdown-*.arrow"):
             path.unlink()
     logs = train(output, "train.epochs=2", "loss.kind=softmax")
     assert f"resumed at epoch 2, step {before['steps']}, bank snapshot '{tag}'" in logs
     for shard in (0, 1):
-        saved, _, _ = snapshots.read(output / "bank", shard, tag)
-        after_resume, _, _ = snapshots.read(output / "bank", shard)  # the shutdown snapshot of the rerun
+        saved, _, _ = snapshots.read(output / "bank" / "e2e", shard, tag)
+        after_resume, _, _ = snapshots.read(output / "bank" / "e2e", shard)  # the rerun's shutdown snapshot
         np.testing.assert_array_equal(after_resume, saved)
 
     logs = train(output, "train.epochs=3", "loss.kind=softmax")
@@ -77,7 +77,7 @@ def test_rerunning_the_same_run_resumes_it(first_run):
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
 
     # A checkpoint whose bank snapshot is gone cannot be resumed: say so, do not start over.
-    for path in (output / "bank").glob(f"shard-*/epoch-0003-*.arrow"):
+    for path in (output / "bank" / "e2e").glob("shard-*/epoch-0003-*.arrow"):
         path.unlink()
     done = subprocess.run([sys.executable, "-m", "trainer", "train", "--output-dir", str(output), "--name", "e2e",
                            *SUBSET, "train.epochs=4", "loss.kind=softmax"], capture_output=True, text=True, timeout=600)
@@ -92,6 +92,16 @@ def test_nce_learns_without_collapse(tmp_path):
     assert summary["knn_top1"] > summary["knn_top1_untrained"], summary
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
     assert float(rows[2]["loss"]) < float(rows[1]["loss"])
+
+
+def test_training_against_running_bank_servers(tmp_path, spawn_server):
+    servers = [spawn_server("--shard-id", str(s), "--num-shards", "2", "--rows", "2048", "--port", "0",
+                            "--snapshot-dir", str(tmp_path / "bank")) for s in range(2)]
+    addresses = ",".join(server.address for server in servers)
+    train(tmp_path / "out", "data.subset=2048", "train.epochs=1", "loss.kind=nce", "loss.negatives=256",
+          f"bank.addresses={addresses}", name="external")
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["epochs"] == 1
+    assert list((tmp_path / "bank" / "shard-00001").glob("epoch-0001-*.arrow"))
 
 
 def test_a_non_finite_loss_stops_with_a_message(tmp_path):
