@@ -88,6 +88,7 @@ class BankClient:
         self.chunk_bytes = chunk_bytes
         self.client_id = client_id or uuid.uuid4().hex
         self._sequence = itertools.count(1)
+        self._rng = np.random.default_rng()  # one generator: seeding a new one per call reads OS entropy
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         options = grpc_options(max_message_bytes)
         if tls_ca is not None:
@@ -229,7 +230,7 @@ class BankClient:
         """k rows drawn uniformly with replacement over all N rows: (indices, rows)."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        rng = np.random.default_rng(seed)
+        rng = self._rng if seed is None else np.random.default_rng(seed)
         calls = []
         per = max(1, self.chunk_bytes // (self._row_bytes + 8))
         for s, share in enumerate(self._split_negatives(k, rng)):
@@ -301,7 +302,7 @@ class BankClient:
         `negatives` uniform rows. Parts too large for one message follow in a second
         wave of plain Update/Lookup/Sample calls."""
         like = None
-        rng = np.random.default_rng(seed)
+        rng = self._rng if seed is None else np.random.default_rng(seed)
         fused: dict[int, bank_pb2.StepRequest] = {}
         extra: list[tuple[str, int, Any, Any]] = []  # (method, shard, request, lookup positions)
 

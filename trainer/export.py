@@ -17,7 +17,7 @@ def load_encoder(checkpoint_dir: str | Path) -> tuple[Encoder, int]:
     state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
     encoder = Encoder(**state["encoder"])
     encoder.load_state_dict(state["model"])
-    return encoder.eval(), state["image_size"]
+    return encoder.eval(), state.get("image_size", 32)
 
 
 def export_encoder(checkpoint_dir: str | Path, path: str | Path, image_size: int | None = None) -> Path:
