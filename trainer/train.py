@@ -179,7 +179,6 @@ class Worker:
         negatives are features of the same network. Before kNN it is lemniscate's
         `recompute_memory`: neighbours are clean features, not an average of views."""
         start = time.perf_counter()
-        self.model.eval()
         # The bare module, not the DDP wrapper: workers embed different numbers of
         # batches here, and DDP's forward would wait for the others' buffer broadcast.
         self.encoder.eval()
@@ -238,7 +237,7 @@ class Worker:
         self.feed.submit(None, idx)
         update = None
         loss_sum = rtt_sum = wait_sum = 0.0
-        start = last_log = time.perf_counter()
+        start = time.perf_counter()
         for b in range(steps):
             upcoming = next(batches, None)
             positives, negatives = self.feed.take()
@@ -274,7 +273,6 @@ class Worker:
                 self._log(f"epoch {self.epoch + 1}/{c.train.epochs} step {b + 1}/{steps} | {rate:,.0f} img/s | "
                           f"loss {loss_sum / (b + 1):.4f} | lr {lr:.4f} | bank rtt {1e3 * rtt_sum / (b + 1):.1f} ms "
                           f"(waited {1e3 * wait_sum / (b + 1):.1f} ms) | ETA {_duration(remaining)}")
-                last_log = now
             if upcoming is not None:
                 images, idx, _ = upcoming
         self.feed.take()  # the last prefetch asked for nothing; it carried the update before
