@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from concurrent import futures
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 
 import grpc
 import numpy as np
@@ -158,7 +158,7 @@ def _measure(rows, dim, dtype, shards, negatives, batch, iters, warmup) -> dict:
             shard.step((prev[up], f[up], 0.5, "bench", i), nxt[look], int(shares[s]))
 
     inprocess_s = _timed(inprocess, iters, warmup)
-    del local
+    local.clear()  # free the bank copies before the servers start
 
     with ExitStack() as stack:
         addresses = [_spawn(["-m", "bank_server", "--shard-id", str(s), "--num-shards", str(shards),

@@ -20,7 +20,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from bank_server import snapshot as snapshots
 from bank_server.errors import NotFound
 from bank_server.servicer import MemoryBankServicer
 from bank_server.shard import Layout, Shard

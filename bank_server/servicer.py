@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import logging
 
-import grpc
 import numpy as np
 
 from bank_server import tensors

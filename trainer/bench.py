@@ -18,7 +18,7 @@ from contextlib import ExitStack
 import torch
 import torch.nn.functional as F
 
-from trainer.augment import AugmentConfig, augment
+from trainer.augment import augment
 from trainer.data import load_dataset
 from trainer.losses import PartitionEstimate, batch_log_z, nce_logits, nce_loss, softmax_loss
 from trainer.models import Encoder

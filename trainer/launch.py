@@ -16,7 +16,6 @@ import subprocess
 import time
 from pathlib import Path
 
-import torch
 
 from trainer.config import Config, ConfigError
 
