@@ -249,8 +249,16 @@ class BankClient:
         is uniform too. A single part already is."""
         if len(indices) == 1:
             return indices[0], rows[0]
-        order = rng.permutation(sum(len(i) for i in indices))
-        return np.concatenate(indices)[order], np.take(np.concatenate(rows), order, axis=0)
+        # Scatter each part straight to its shuffled places: one copy of the rows, not two.
+        places = rng.permutation(sum(len(i) for i in indices))
+        out_idx = np.empty(len(places), dtype=np.int64)
+        out_rows = np.empty((len(places), rows[0].shape[1]), dtype=rows[0].dtype)
+        begin = 0
+        for part_idx, part_rows in zip(indices, rows):
+            where = places[begin:begin + len(part_idx)]
+            out_idx[where], out_rows[where] = part_idx, part_rows
+            begin += len(part_idx)
+        return out_idx, out_rows
 
     def _update_requests(self, idx: np.ndarray, features: np.ndarray, momentum: float, into=None):
         """(shard, UpdateRequest) pairs, each with its own sequence number. `into(s)`
