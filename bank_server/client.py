@@ -6,7 +6,8 @@ caller's order, splits requests whose messages would be large, and retries
 UNAVAILABLE with exponential backoff inside the call's deadline. Updates carry
 ``(client_id, sequence)`` so a retried update is applied once.
 
-numpy arrays or torch tensors go in; the same kind comes out (torch on the input's
+Addresses are listed in any order, or given as one template with ``{shard}`` in it
+(a StatefulSet's stable names). numpy arrays or torch tensors go in; the same kind comes out (torch on the input's
 device).
 """
 
@@ -26,6 +27,9 @@ from bank_server.merge import merge_partition_sums, merge_topk
 from bank_server.server import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
 from protos import bank_pb2, bank_pb2_grpc
 
+# One address with this in it names every shard: "bank-{shard}.bank:50051". Shard 0
+# says how many there are, so a deployment sets the shard count in one place.
+SHARD_PLACEHOLDER = "{shard}"
 _FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 1.0
 
@@ -90,18 +94,17 @@ class BankClient:
         self._sequence = itertools.count(1)
         self._rng = np.random.default_rng()  # one generator: seeding a new one per call reads OS entropy
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        options = grpc_options(max_message_bytes)
+        self._options = grpc_options(max_message_bytes)
+        self._credentials = None
         if tls_ca is not None:
             ca = tls_ca if isinstance(tls_ca, bytes) else open(tls_ca, "rb").read()
-            credentials = grpc.ssl_channel_credentials(root_certificates=ca)
-            channels = [grpc.secure_channel(a, credentials, options=options) for a in addresses]
-        else:
-            channels = [grpc.insecure_channel(a, options=options) for a in addresses]
-        self._channels = channels
-        self._addresses = list(addresses)
-        self._stubs = [bank_pb2_grpc.MemoryBankStub(c) for c in channels]
+            self._credentials = grpc.ssl_channel_credentials(root_certificates=ca)
+        self._channels, self._addresses, self._stubs = [], [], []
+        template = addresses[0] if len(addresses) == 1 and SHARD_PLACEHOLDER in addresses[0] else None
         try:
-            infos = self._fan_out("Describe", [(i, bank_pb2.DescribeRequest()) for i in range(len(channels))])
+            infos = self._connect([template.format(shard=0)] if template else list(addresses))
+            if template:  # the bank says how many shards it has
+                infos += self._connect([template.format(shard=s) for s in range(1, infos[0].num_shards)])
             self._check_layout(infos)
         except BaseException:
             self.close()
@@ -119,6 +122,17 @@ class BankClient:
         # Stay well inside the smallest limit either end enforces.
         limit = min([max_message_bytes] + [d.max_message_bytes for d in infos if d.max_message_bytes])
         self.chunk_bytes = min(chunk_bytes, limit // 2)
+
+    def _connect(self, addresses: list[str]) -> list:
+        """Open channels to more shards; returns their Describe answers."""
+        first = len(self._stubs)
+        for address in addresses:
+            channel = (grpc.secure_channel(address, self._credentials, options=self._options) if self._credentials
+                       else grpc.insecure_channel(address, options=self._options))
+            self._channels.append(channel)
+            self._addresses.append(address)
+            self._stubs.append(bank_pb2_grpc.MemoryBankStub(channel))
+        return self._fan_out("Describe", [(i, bank_pb2.DescribeRequest()) for i in range(first, len(self._stubs))])
 
     @property
     def addresses(self) -> list[str]:

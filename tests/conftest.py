@@ -27,10 +27,11 @@ def reference_bank(num_shards: int, rows: int, dim: int, dtype: str = "float32",
 class Bank:
     """In-process shard servers (real gRPC on loopback) and a client over them."""
 
-    def __init__(self, num_shards, rows, dim, dtype="float32", seed=0, **config):
+    def __init__(self, num_shards, rows, dim, dtype="float32", seed=0, port=0, hosts=None, **config):
+        hosts = hosts or ["127.0.0.1"] * num_shards
         self.servers = [
             BankServer(ServerConfig(shard_id=s, num_shards=num_shards, rows=rows, dim=dim, dtype=dtype,
-                                    port=0, seed=seed, **config)).start()
+                                    host=hosts[s], port=port, seed=seed, **config)).start()
             for s in range(num_shards)]
         for server in self.servers:
             server.load()
@@ -107,3 +108,12 @@ def wait_until(predicate, timeout=30.0, interval=0.05):
             return True
         time.sleep(interval)
     return False
+
+
+def free_port() -> int:
+    """A loopback port free now (for programs that cannot be told to pick port 0)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -67,8 +67,9 @@ def _read_token(config: Config) -> str | None:
     return os.environ.get("INSTDISC_BANK_TOKEN") or None
 
 
-def _check_bank(addresses: list[str], token: str | None, config: Config, rows: int) -> None:
-    """Fail fast, before any worker starts, on an unreachable or mismatched bank."""
+def _check_bank(addresses: list[str], token: str | None, config: Config, rows: int) -> list[str]:
+    """Fail fast, before any worker starts, on an unreachable or mismatched bank; returns
+    every shard's address in shard order (a ``{shard}`` template expanded)."""
     from bank_server.client import BankClient, BankRpcError, LayoutError
 
     try:
@@ -76,6 +77,7 @@ def _check_bank(addresses: list[str], token: str | None, config: Config, rows: i
             if (client.rows, client.dim) != (rows, config.model.dim):
                 raise ConfigError(f"the bank at {','.join(addresses)} holds {client.rows} rows x {client.dim} dims; "
                                   f"this run needs {rows} x {config.model.dim} (training images x model.dim)")
+            return client.addresses
     except BankRpcError as error:
         hint = {"UNAVAILABLE": "is the bank running and reachable from here?",
                 "UNAUTHENTICATED": "check bank.token_file / INSTDISC_BANK_TOKEN",
@@ -85,8 +87,13 @@ def _check_bank(addresses: list[str], token: str | None, config: Config, rows: i
         raise ConfigError(f"bank.addresses do not form one bank: {error}") from error
 
 
-def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc") -> dict:
-    """Train, evaluate and write the outputs; returns the summary."""
+def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", storage_path: str | None = None) -> dict:
+    """Train, evaluate and write the outputs; returns the summary.
+
+    ``storage_path`` is Ray Train's storage for checkpoints (default ``<output_dir>/ray``);
+    on a multi-node cluster it must be reachable from every node: a shared mount or a
+    URI such as ``s3://bucket/runs``.
+    """
     import ray
 
     from bank_server.ray_bank import start_bank
@@ -102,8 +109,7 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc") -
     sample = train_set[0][0]
     check_against_dataset(config, len(train_set), min(sample.shape[1:]))
     token = _read_token(config)
-    if config.bank.addresses:
-        _check_bank(list(config.bank.addresses), token, config, len(train_set))
+    addresses = _check_bank(list(config.bank.addresses), token, config, len(train_set)) if config.bank.addresses else []
 
     if not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster on loopback
@@ -115,8 +121,9 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc") -
     _quiet_ray_workers()
 
     bank = None
-    addresses = list(config.bank.addresses)
-    if not addresses:
+    if addresses:
+        print(f"bank: {len(addresses)} shard(s) at {', '.join(addresses)}", flush=True)
+    else:
         # Per run name: another run in the same output folder must not restore these rows.
         bank = start_bank(config.bank.shards, len(train_set), config.model.dim, config.bank.dtype,
                           snapshot_dir=str(output / "bank" / run_name), seed=config.bank.seed, token=token,
@@ -125,7 +132,7 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc") -
         print(f"bank: {config.bank.shards} shard actor(s) at {', '.join(addresses)}", flush=True)
 
     try:
-        result, wall = _fit(config, output, run_name, addresses, token)
+        result, wall = _fit(config, storage_path or str(output / "ray"), run_name, addresses, token)
     finally:
         if bank is not None:
             bank.stop(final_snapshot=True)
@@ -142,7 +149,7 @@ class TrainingStopped(RuntimeError):
     """Training ended early on purpose (a non-finite loss); the message says why."""
 
 
-def _fit(config: Config, output: Path, run_name: str, addresses: list[str], token: str | None):
+def _fit(config: Config, storage_path: str, run_name: str, addresses: list[str], token: str | None):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -160,7 +167,7 @@ def _fit(config: Config, output: Path, run_name: str, addresses: list[str], toke
         scaling_config=ScalingConfig(num_workers=c.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": c.cpus_per_worker, "GPU": 1} if use_gpu
                                      else {"CPU": c.cpus_per_worker}),
-        run_config=RunConfig(name=run_name, storage_path=str(output / "ray"),
+        run_config=RunConfig(name=run_name, storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=c.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
                              # Ray Train's INFO lines repeat every reported metric; our own
@@ -184,7 +191,7 @@ def write_outputs(config: Config, output: Path, outcome: dict, checkpoint, wall_
     checkpoint_dir = output / "checkpoint"
     if checkpoint is not None:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        shutil.copytree(checkpoint.path, checkpoint_dir)
+        checkpoint.to_directory(str(checkpoint_dir))  # also when the storage is remote (s3://...)
         export_encoder(checkpoint_dir, output / "encoder.pt")
     summary = {
         "knn_top1": final["knn_top1"], "knn_top5": final["knn_top5"],

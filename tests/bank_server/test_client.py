@@ -6,7 +6,7 @@ import torch
 from scipy import stats
 
 from bank_server.client import BankClient, LayoutError
-from tests.conftest import reference_bank
+from tests.conftest import free_port, reference_bank
 
 N, D = 97, 16
 
@@ -135,3 +135,12 @@ def test_client_refuses_an_incomplete_or_mixed_layout(make_bank):
     reversed_order = BankClient(two.addresses[::-1])
     assert reversed_order.addresses == two.addresses
     reversed_order.close()
+
+
+def test_one_address_template_names_every_shard(make_bank):
+    # Distinct loopback hosts on one port, as a StatefulSet's pods share a port.
+    port = free_port()
+    bank = make_bank(3, N, D, "float32", port=port, hosts=[f"127.0.0.1{s}" for s in range(3)])
+    with BankClient(f"127.0.0.1{{shard}}:{port}") as client:
+        assert client.addresses == bank.addresses == [f"127.0.0.1{s}:{port}" for s in range(3)]
+        np.testing.assert_array_equal(client.lookup([0, 1, 2, 95]), reference_bank(3, N, D)[[0, 1, 2, 95]])

@@ -7,7 +7,7 @@ import sys
 
 def test_bench_train_compares_remote_and_inprocess_banks(tmp_path):
     out = tmp_path / "train.json"
-    done = subprocess.run([sys.executable, "-m", "trainer", "bench", "train", "--steps", "6", "--warmup", "2",
+    done = subprocess.run([sys.executable, "-m", "trainer.cli", "bench", "train", "--steps", "6", "--warmup", "2",
                            "--batch", "32", "--negatives", "256", "--width", "8", "--json", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -21,7 +21,7 @@ SUBSET = [
 
 
 def train(output, *overrides, name="e2e"):
-    done = subprocess.run([sys.executable, "-m", "trainer", "train", "--output-dir", str(output), "--name", name,
+    done = subprocess.run([sys.executable, "-m", "trainer", "--output-dir", str(output), "--name", name,
                            *SUBSET, *overrides], capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout + done.stderr
@@ -79,7 +79,7 @@ def test_rerunning_the_same_run_resumes_it(first_run):
     # A checkpoint whose bank snapshot is gone cannot be resumed: say so, do not start over.
     for path in (output / "bank" / "e2e").glob("shard-*/epoch-0003-*.arrow"):
         path.unlink()
-    done = subprocess.run([sys.executable, "-m", "trainer", "train", "--output-dir", str(output), "--name", "e2e",
+    done = subprocess.run([sys.executable, "-m", "trainer", "--output-dir", str(output), "--name", "e2e",
                            *SUBSET, "train.epochs=4", "loss.kind=softmax"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 1 and "needs bank snapshot 'epoch-0003-step-" in done.stderr, done.stderr[-2000:]
 
@@ -105,7 +105,7 @@ def test_training_against_running_bank_servers(tmp_path, spawn_server):
 
 
 def test_a_non_finite_loss_stops_with_a_message(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "trainer", "train", "--output-dir", str(tmp_path), *SUBSET,
+    done = subprocess.run([sys.executable, "-m", "trainer", "--output-dir", str(tmp_path), *SUBSET,
                            "data.subset=2048", "train.lr=1e30", "train.epochs=1"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
@@ -121,7 +121,7 @@ def test_config_and_data_errors_are_reported(tmp_path):
         (["bank.addresses=127.0.0.1:1"], "cannot use bank shard 127.0.0.1:1: UNAVAILABLE"),
     ]
     for overrides, message in cases:
-        done = subprocess.run([sys.executable, "-m", "trainer", "train", "--output-dir", str(tmp_path / "x"),
+        done = subprocess.run([sys.executable, "-m", "trainer", "--output-dir", str(tmp_path / "x"),
                                *SUBSET, "bank.timeout=2", *overrides], capture_output=True, text=True, timeout=300)
         assert done.returncode == 2, (overrides, done.stdout[-2000:], done.stderr[-2000:])
         assert message in done.stderr, (overrides, done.stderr[-2000:])
