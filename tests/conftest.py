@@ -3,6 +3,7 @@ separate processes, and a plain numpy reference of the whole bank."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -14,6 +15,10 @@ import pytest
 from bank_server.client import BankClient
 from bank_server.server import BankServer, ServerConfig
 from bank_server.shard import Layout, initial_rows
+
+# Every Ray the tests start (here and in child processes) binds loopback: on Linux Ray
+# otherwise swaps 127.0.0.1 for the machine's network address.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
 def reference_bank(num_shards: int, rows: int, dim: int, dtype: str = "float32", seed: int = 0) -> np.ndarray:

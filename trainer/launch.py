@@ -23,6 +23,7 @@ log = logging.getLogger("instdisc")
 
 # Model checkpoints kept; the bank keeps one snapshot more (the shutdown one).
 KEEP_CHECKPOINTS = 2
+_SUBMITTED_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for an entrypoint
 _CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
 
 
@@ -72,8 +73,10 @@ def _check_bank(addresses: list[str], token: str | None, config: Config, rows: i
     every shard's address in shard order (a ``{shard}`` template expanded)."""
     from bank_server.client import BankClient, BankRpcError, LayoutError
 
+    print(f"bank: connecting to {','.join(addresses)} (retries for up to bank.timeout={config.bank.timeout:g} s "
+          "while it starts)", flush=True)
     try:
-        with BankClient(addresses, token=token, timeout=min(config.bank.timeout, 20.0), tls_ca=config.bank.tls_ca) as client:
+        with BankClient(addresses, token=token, timeout=config.bank.timeout, tls_ca=config.bank.tls_ca) as client:
             if (client.rows, client.dim) != (rows, config.model.dim):
                 raise ConfigError(f"the bank at {','.join(addresses)} holds {client.rows} rows x {client.dim} dims; "
                                   f"this run needs {rows} x {config.model.dim} (training images x model.dim)")
@@ -99,6 +102,9 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
     from bank_server.ray_bank import start_bank
     from trainer.train import load_datasets
 
+    if os.environ.get(_SUBMITTED_JOB) and not Path(output_dir).is_absolute():
+        raise ConfigError(f"--output-dir {output_dir} is relative, and a submitted job runs in a temporary copy of "
+                          "its working dir that Ray deletes; give an absolute path (a shared one on multi-node clusters)")
     output = Path(output_dir).resolve()
     output.mkdir(parents=True, exist_ok=True)
     sha = git_sha()

@@ -48,13 +48,13 @@ def ray_head():
     dashboard = f"http://127.0.0.1:{free_port()}"
     env = {**os.environ,
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}",  # the cluster's python is this venv's
-           # Bind every Ray process to loopback: Ray otherwise swaps 127.0.0.1 for the node's address.
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_AUTH_MODE": "disabled"}
     head = subprocess.Popen(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", "--num-cpus", "2", "--node-ip-address", "127.0.0.1",
          "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", dashboard.rsplit(":", 1)[1],
-         "--include-dashboard", "true", "--temp-dir", temp, "--disable-usage-stats"],
+         "--include-dashboard", "true", "--temp-dir", temp, "--disable-usage-stats",
+         # Not the fixed default (52365): another Ray on this machine may hold it.
+         "--dashboard-agent-listen-port", str(free_port())],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         wait_until(lambda: _accepts_jobs(dashboard) or head.poll() is not None, timeout=120, interval=1)
@@ -119,3 +119,10 @@ def test_a_job_with_an_unreachable_bank_fails_fast_naming_the_address(ray_head, 
     assert str(job_status(dashboard, "instdisc-no-bank")) == "FAILED"
     assert "cannot use bank shard 127.0.0.1:1: UNAVAILABLE" in done.stdout + done.stderr
     assert time.monotonic() - start < 120
+
+
+def test_a_job_with_a_relative_output_dir_is_refused(ray_head):
+    dashboard, env = ray_head
+    done = submit(dashboard, env, "instdisc-relative", "python", "-m", "trainer", "--output-dir", "runs/x")
+    assert done.returncode != 0
+    assert "--output-dir runs/x is relative" in done.stdout + done.stderr
