@@ -125,3 +125,17 @@ def test_config_and_data_errors_are_reported(tmp_path):
                                *SUBSET, "bank.timeout=2", *overrides], capture_output=True, text=True, timeout=300)
         assert done.returncode == 2, (overrides, done.stdout[-2000:], done.stderr[-2000:])
         assert message in done.stderr, (overrides, done.stderr[-2000:])
+
+
+def test_a_token_the_bank_refuses_stops_the_run_naming_the_shard(tmp_path, spawn_server):
+    (tmp_path / "token").write_text("right\n")
+    (tmp_path / "wrong").write_text("wrong\n")
+    server = spawn_server("--shard-id", "0", "--num-shards", "1", "--rows", "2048", "--port", "0",
+                          "--token-file", str(tmp_path / "token"))
+    server.wait_serving()
+    done = subprocess.run([sys.executable, "-m", "trainer", "--output-dir", str(tmp_path / "out"), *SUBSET,
+                           "data.subset=2048", f"bank.addresses={server.address}",
+                           f"bank.token_file={tmp_path / 'wrong'}"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"cannot use bank shard {server.address}: UNAUTHENTICATED" in done.stderr
+    assert "check bank.token_file / INSTDISC_BANK_TOKEN" in done.stderr
