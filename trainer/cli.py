@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a YAML file, or a shipped config: fashion-mnist (default), cifar10, imagenet")
     train.add_argument("--output-dir", default="runs/latest", help="outputs, checkpoints and bank snapshots")
     train.add_argument("--name", default="instdisc", help="run name; rerunning a name in the same --output-dir resumes it")
+    train.add_argument("--storage-path", default=None,
+                       help="Ray Train checkpoint storage (default <output-dir>/ray); on a multi-node cluster a "
+                            "path every node mounts, or a URI such as s3://bucket/runs")
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=10 loss.kind=nce")
 
     export = commands.add_parser("export", help="write the trained encoder (head dropped) for plain torch")
@@ -53,6 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_arguments(bench.add_parser("bank", help="Step latency vs in-process bank and raw gRPC echo"))
     add_bench_train_arguments(bench.add_parser("train", help="training images/s: remote bank vs in-process bank"))
+
+    scale = commands.add_parser("scale", help="scaling sweeps that write results.parquet, results.md and plots")
+    scale_commands = scale.add_subparsers(dest="scale_command", required=True)
+    from bank_server.scale import add_scale_bank_arguments
+    from trainer.scale import add_scale_train_arguments
+
+    add_scale_bank_arguments(scale_commands.add_parser(
+        "bank", help="bank cost vs rows, shards, negatives, dtype and clients on real servers"))
+    add_scale_train_arguments(scale_commands.add_parser(
+        "train", help="kNN accuracy vs negatives (and the exact softmax) and vs bank size"))
     return parser
 
 
@@ -79,7 +92,7 @@ def run_train(args) -> int:
     from trainer.launch import TrainingStopped, launch
 
     try:
-        launch(config, args.output_dir, run_name=args.name)
+        launch(config, args.output_dir, run_name=args.name, storage_path=args.storage_path)
     except (ConfigError, DatasetMissing, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -110,6 +123,14 @@ def main(argv=None) -> int:
         from bank_server.bench import run_bench
 
         return run_bench(args)
+    if args.command == "scale" and args.scale_command == "bank":
+        from bank_server.scale import run_scale_bank
+
+        return run_scale_bank(args)
+    if args.command == "scale" and args.scale_command == "train":
+        from trainer.scale import run_scale_train
+
+        return run_scale_train(args)
     raise AssertionError(args)
 
 
