@@ -7,7 +7,7 @@ import sys
 
 def test_bench_bank_prints_and_writes_numbers(tmp_path):
     out = tmp_path / "bench.json"
-    done = subprocess.run([sys.executable, "-m", "trainer", "bench", "bank", "--rows", "5000", "--negatives", "256",
+    done = subprocess.run([sys.executable, "-m", "trainer.cli", "bench", "bank", "--rows", "5000", "--negatives", "256",
                            "--batch", "32", "--iters", "10", "--warmup", "2", "--shards", "1,2", "--json", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
