@@ -92,7 +92,9 @@ def _read_idx(path: Path) -> np.ndarray:
 def _mnist_like(name: str, root: Path | None, train: bool, download: bool) -> InMemoryImages:
     prefix = "train" if train else "t10k"
     candidates = [root] if root else ([DEBIAN_FASHION_MNIST] if name == "fashion-mnist" else []) + [DEFAULT_ROOT / name]
-    for folder in candidates:
+    # The files themselves, or where torchvision's download put them under that folder.
+    torchvision_layout = "FashionMNIST" if name == "fashion-mnist" else "MNIST"
+    for folder in [f for c in candidates for f in (c, c / torchvision_layout / "raw")]:
         for suffix in (".gz", ""):
             images = folder / f"{prefix}-images-idx3-ubyte{suffix}"
             labels = folder / f"{prefix}-labels-idx1-ubyte{suffix}"

@@ -76,3 +76,17 @@ def test_missing_files_say_where_and_how(tmp_path):
         load_dataset("fashion-mnist", str(tmp_path), download=False)
     with pytest.raises(ValueError, match="data.name must be one of"):
         load_dataset("svhn")
+
+
+def test_files_in_torchvisions_download_layout_are_found_offline(tmp_path):
+    # deploy/Dockerfile bakes datasets in through torchvision: root/FashionMNIST/raw/.
+    import shutil
+
+    from trainer.data import DEBIAN_FASHION_MNIST
+
+    raw = tmp_path / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    for path in DEBIAN_FASHION_MNIST.glob("t10k-*"):
+        shutil.copy(path, raw)
+    test_set = load_dataset("fashion-mnist", str(tmp_path), train=False, download=False)
+    assert len(test_set) == 10_000
