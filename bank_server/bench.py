@@ -112,7 +112,8 @@ def _timed_pair(first, second, iters: int, warmup: int) -> tuple[list[float], li
     return a, b
 
 
-def _timed(fn, iters: int, warmup: int) -> list[float]:
+def timed_calls(fn, iters: int, warmup: int) -> list[float]:
+    """Seconds of each of `iters` calls fn(i), after `warmup` untimed ones."""
     for i in range(warmup):
         fn(i)
     out = []
@@ -157,7 +158,7 @@ def _measure(rows, dim, dtype, shards, negatives, batch, iters, warmup) -> dict:
             up, look = prev % shards == s, nxt % shards == s
             shard.step((prev[up], f[up], 0.5, "bench", i), nxt[look], int(shares[s]))
 
-    inprocess_s = _timed(inprocess, iters, warmup)
+    inprocess_s = timed_calls(inprocess, iters, warmup)
     local.clear()  # free the bank copies before the servers start
 
     with ExitStack() as stack:

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from bank_server import tensors
+from bank_server.bench import timed_calls
 from bank_server.client import BankClient
 from bank_server.report import plot_lines, write_table
 from protos import bank_pb2
@@ -271,17 +272,6 @@ class Batches:
         return self._features[i % len(self._features)]
 
 
-def _timed(fn, iters: int, warmup: int) -> list[float]:
-    for i in range(warmup):
-        fn(i)
-    out = []
-    for i in range(warmup, warmup + iters):
-        start = time.perf_counter()
-        fn(i)
-        out.append(time.perf_counter() - start)
-    return out
-
-
 def _warmup(iters: int) -> int:
     return max(3, iters // 10)
 
@@ -302,7 +292,7 @@ def client_main() -> None:
         print("ready", flush=True)
         sys.stdin.readline()
         start = time.monotonic()
-        latencies = _timed(step, spec["iters"], 0)
+        latencies = timed_calls(step, spec["iters"], 0)
         end = time.monotonic()
     print(json.dumps({"latencies": latencies, "start": start, "end": end}), flush=True)
 
@@ -354,9 +344,9 @@ def measure_calls(client: BankClient, point: Point, batch: int, iters: int) -> d
     work = Batches(point.bank.rows, point.bank.dim, batch, seed=100)
     warmup = _warmup(iters)
     return {
-        "sample_p50_ms": _p50_ms(_timed(lambda i: client.sample(point.negatives), iters, warmup)),
-        "lookup_p50_ms": _p50_ms(_timed(lambda i: client.lookup(work.indices(i)), iters, warmup)),
-        "update_p50_ms": _p50_ms(_timed(lambda i: client.update(work.indices(i), work.features(i), _MOMENTUM),
+        "sample_p50_ms": _p50_ms(timed_calls(lambda i: client.sample(point.negatives), iters, warmup)),
+        "lookup_p50_ms": _p50_ms(timed_calls(lambda i: client.lookup(work.indices(i)), iters, warmup)),
+        "update_p50_ms": _p50_ms(timed_calls(lambda i: client.update(work.indices(i), work.features(i), _MOMENTUM),
                                         iters, warmup)),
     }
 

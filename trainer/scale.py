@@ -85,16 +85,7 @@ class Point:
 
 
 def _negatives(text: str) -> int | str:
-    value = text.strip().lower()
-    if value == SOFTMAX:
-        return SOFTMAX
-    try:
-        k = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither a number of negatives nor 'softmax'") from None
-    if k < 1:
-        raise argparse.ArgumentTypeError(f"negatives must be >= 1, got {k}")
-    return k
+    return SOFTMAX if text.strip().lower() == SOFTMAX else _positive_int(text)
 
 
 def _negatives_list(text: str) -> tuple:
