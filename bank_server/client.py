@@ -7,8 +7,8 @@ UNAVAILABLE with exponential backoff inside the call's deadline. Updates carry
 ``(client_id, sequence)`` so a retried update is applied once.
 
 Addresses are listed in any order, or given as one template with ``{shard}`` in it
-(a StatefulSet's stable names). numpy arrays or torch tensors go in; the same kind comes out (torch on the input's
-device).
+(a StatefulSet's stable names). numpy arrays or torch tensors go in; the same kind
+comes out (torch on the input's device).
 """
 
 from __future__ import annotations
