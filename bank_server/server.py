@@ -29,6 +29,14 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = bank_pb2.DESCRIPTOR.services_by_name["MemoryBank"].full_name
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
+def limit_blas_threads(threads: int) -> None:
+    """Cap numpy's BLAS pool for the rest of this process, whenever numpy was loaded
+    (environment variables only work before it is: not in a Ray actor)."""
+    from threadpoolctl import threadpool_limits
+
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    threadpool_limits(limits=threads, user_api="blas")
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
@@ -54,6 +62,7 @@ class ServerConfig:
     tls_key: str | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     workers: int = 8
+    threads: int = 1             # numpy BLAS threads (`instdisc bank serve --threads` says why 1)
 
     @property
     def layout(self) -> Layout:
@@ -90,6 +99,7 @@ class BankServer:
     def __init__(self, config: ServerConfig):
         config.layout  # validates the layout before binding anything
         self.config = config
+        limit_blas_threads(config.threads)
         interceptors = [_BearerToken(config.token)] if config.token else []
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="bank"),

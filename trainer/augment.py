@@ -1,27 +1,22 @@
 """InstDisc's augmentations, batched on tensors (fast on CPU and GPU alike).
 
-Per image: random resized crop (scale 0.2-1, aspect 3/4-4/3), colour jitter 0.4
-(brightness, contrast, saturation, hue), random grayscale p=0.2, horizontal flip
-p=0.5. The crop is one `affine_grid` + `grid_sample` for the whole batch, so small
+Per image (strengths from `AugmentConfig`; defaults in brackets): random resized
+crop (area scale crop_min-1 [0.2], aspect 3/4-4/3), colour jitter [0.4] (brightness,
+contrast, saturation, hue), random grayscale [p=0.2], horizontal flip [p=0.5]. The crop is one `affine_grid` + `grid_sample` for the whole batch, so small
 images cost no per-image Python.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from trainer.config import AugmentConfig
 
-@dataclass(frozen=True)
-class AugmentConfig:
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    jitter: float = 0.4
-    grayscale_p: float = 0.2
-    flip_p: float = 0.5
+# The crop's aspect ratio range (torchvision's RandomResizedCrop default).
+CROP_RATIO = (3 / 4, 4 / 3)
 
 
 def _uniform(n, low, high, generator, device):
@@ -80,7 +75,7 @@ def color_jitter(x: torch.Tensor, strength: float, generator=None) -> torch.Tens
 def augment(x: torch.Tensor, config: AugmentConfig = AugmentConfig(), generator=None) -> torch.Tensor:
     """x: float images in [0, 1], (B, C, H, W). Returns the augmented batch, same shape."""
     b, device = x.shape[0], x.device
-    x = random_resized_crop(x, config.crop_scale, config.crop_ratio, generator)
+    x = random_resized_crop(x, (config.crop_min, 1.0), CROP_RATIO, generator)
     if config.jitter > 0:
         x = color_jitter(x, config.jitter, generator)
     if config.grayscale_p > 0 and x.shape[1] == 3:

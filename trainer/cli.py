@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 
 def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -69,19 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def resolve_config_path(name: str) -> Path:
-    path = Path(name)
-    if path.exists():
-        return path
-    shipped = Path(__file__).parent / "configs" / f"{name}.yaml"
-    if shipped.exists():
-        return shipped
-    choices = ", ".join(p.stem for p in sorted((Path(__file__).parent / "configs").glob("*.yaml")))
-    raise SystemExit(f"error: --config {name}: no such file, and not a shipped config ({choices})")
-
-
 def run_train(args) -> int:
-    from trainer.config import ConfigError, load_config
+    from trainer.config import ConfigError, load_config, resolve_config_path
 
     try:
         config = load_config(resolve_config_path(args.config), args.overrides)

@@ -39,11 +39,12 @@ class ModelConfig:
 
 
 @dataclass
-class AugmentSection:
-    crop_min: float = 0.2        # random resized crop scale (crop_min, 1)
-    jitter: float = 0.4
-    grayscale_p: float = 0.2
-    flip_p: float = 0.5
+class AugmentConfig:
+    """What `trainer.augment.augment` does to each training image."""
+    crop_min: float = 0.2        # random resized crop, area scale in (crop_min, 1)
+    jitter: float = 0.4          # brightness, contrast, saturation in [1-s, 1+s]; hue up to s/2 of a turn
+    grayscale_p: float = 0.2     # colour images only
+    flip_p: float = 0.5          # horizontal flip
 
 
 @dataclass
@@ -104,7 +105,7 @@ class EvalConfig:
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    augment: AugmentSection = field(default_factory=AugmentSection)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     bank: BankConfig = field(default_factory=BankConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -138,6 +139,9 @@ class Config:
              f"train.batch_size={self.train.batch_size} must be a multiple of train.workers={self.train.workers}"),
             (self.eval.k >= 1, "eval.k must be >= 1"),
             (0 < self.augment.crop_min <= 1, "augment.crop_min must be in (0, 1]"),
+            (0 <= self.augment.jitter < 1, "augment.jitter must be in [0, 1)"),
+            (0 <= self.augment.grayscale_p <= 1, "augment.grayscale_p must be in [0, 1]"),
+            (0 <= self.augment.flip_p <= 1, "augment.flip_p must be in [0, 1]"),
         ]
         for ok, message in checks:
             if not ok:
@@ -243,7 +247,22 @@ def _deep_update(base: dict, update: dict) -> dict:
     return base
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def resolve_config_path(name: str) -> Path:
+    """A YAML file's path, or the shipped config of that name (``fashion-mnist``)."""
+    path = Path(name)
+    if path.exists():
+        return path
+    shipped = SHIPPED_CONFIGS / f"{name}.yaml"
+    if shipped.exists():
+        return shipped
+    choices = ", ".join(p.stem for p in sorted(SHIPPED_CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"--config {name}: no such file, and not a shipped config ({choices})")
+
+
+def load_config: str | Path | None = None, overrides: list[str] = ()) -> Config:
     values: dict = {}
     if path:
         loaded = yaml.safe_load(Path(path).read_text()) or {}

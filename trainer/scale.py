@@ -425,8 +425,7 @@ class Sweep:
 
 def prepare(args) -> Sweep:
     """Everything that can be wrong with the command, found before the first run."""
-    from trainer.cli import resolve_config_path
-    from trainer.config import load_config
+    from trainer.config import load_config, resolve_config_path
 
     grid = resolve_grid(args)
     check_overrides(args.overrides)

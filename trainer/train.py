@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from bank_server.client import BankClient, BankRpcError
 from trainer import distributed as dist
-from trainer.augment import AugmentConfig, augment
+from trainer.augment import augment
 from trainer.bank_feed import BankFeed
 from trainer.config import Config
 from trainer.data import batch_as_is, load_dataset, seeded_subset
@@ -104,8 +104,6 @@ class Worker:
                                  drop_last=True, num_workers=c.data.loader_workers, collate_fn=batch_as_is)
         if len(self.loader) == 0:
             raise ValueError(f"train.batch_size={c.train.batch_size} exceeds the {self.n} training images")
-        self.augment = AugmentConfig((c.augment.crop_min, 1.0), jitter=c.augment.jitter,
-                                     grayscale_p=c.augment.grayscale_p, flip_p=c.augment.flip_p)
 
         # 2. model
         mean, std = image_stats(self.train_set)
@@ -249,7 +247,7 @@ class Worker:
                                c.train.milestones)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            x = augment(images.to(self.device, non_blocking=True).float().div_(255), self.augment)
+            x = augment(images.to(self.device, non_blocking=True).float().div_(255), c.augment)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with self.autocast:

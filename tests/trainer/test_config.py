@@ -1,7 +1,6 @@
 import pytest
 
-from trainer.cli import resolve_config_path
-from trainer.config import Config, ConfigError, load_config
+from trainer.config import Config, ConfigError, load_config, resolve_config_path
 
 
 def test_defaults_file_and_overrides_compose(tmp_path):
@@ -41,5 +40,12 @@ def test_a_section_must_be_a_mapping(tmp_path):
 def test_shipped_configs_load():
     for name in ("fashion-mnist", "cifar10", "imagenet"):
         load_config(resolve_config_path(name))
-    with pytest.raises(SystemExit, match="not a shipped config"):
+    with pytest.raises(ConfigError, match="not a shipped config"):
         resolve_config_path("no-such-config")
+
+
+def test_a_bad_config_path_exits_2_like_every_config_error(capsys):
+    from trainer.cli import main
+
+    assert main(["train", "--config", "no-such-config"]) == 2
+    assert "not a shipped config" in capsys.readouterr().err
