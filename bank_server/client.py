@@ -7,25 +7,33 @@ UNAVAILABLE with exponential backoff inside the call's deadline. Updates carry
 ``(client_id, sequence)`` so a retried update is applied once.
 
 Addresses are listed in any order, or given as one template with ``{shard}`` in it
-(a StatefulSet's stable names). numpy arrays or torch tensors go in; the same kind
-comes out (torch on the input's device).
+(a StatefulSet's stable names). A shard that may move (a Ray actor that restarted on
+another port) is found again through ``resolve(shard, timeout_s) -> address``.
+
+It speaks numpy: array-likes go in (anything ``np.asarray`` takes, CPU torch tensors
+included), numpy arrays come out. Values are checked by :mod:`bank_server.validate`,
+the shard's own checks, so a mistake reads the same wherever it is caught.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import grpc
 import numpy as np
 
-from bank_server import tensors
+from bank_server import tensors, validate
+from bank_server.errors import InvalidArgument
 from bank_server.merge import merge_partition_sums, merge_topk
 from bank_server.server import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
 from protos import bank_pb2, bank_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 # One address with this in it names every shard: "bank-{shard}.bank:50051". Shard 0
 # says how many there are, so a deployment sets the shard count in one place.
@@ -51,45 +59,24 @@ class LayoutError(ValueError):
 
 @dataclass
 class StepResult:
-    rows: Any              # (len(lookup_indices), D) positives, caller's order
-    negative_indices: Any  # (negatives,) global indices, uniform over all N rows
-    negative_rows: Any     # (negatives, D)
-    updates_applied: int   # shards that applied the update (retries count once)
-
-
-def _to_numpy(x):
-    """(numpy view of x, a torch tensor to imitate on the way out or None)."""
-    if type(x).__module__.startswith("torch"):
-        import torch
-
-        t = x.detach()
-        if t.dtype == torch.bfloat16:
-            t = t.float()
-        return t.cpu().numpy(), x
-    return np.asarray(x), None
-
-
-def _like(array: np.ndarray, reference):
-    if reference is None:
-        return array
-    import torch
-
-    array = np.ascontiguousarray(array)
-    if not array.flags.writeable:  # a view of the wire buffer; torch wants its own memory
-        array = array.copy()
-    return torch.from_numpy(array).to(reference.device)
+    rows: np.ndarray              # (len(lookup_indices), D) positives, caller's order
+    negative_indices: np.ndarray  # (negatives,) global indices, uniform over all N rows
+    negative_rows: np.ndarray     # (negatives, D)
+    updates_applied: int          # shards that applied the update (retries count once)
 
 
 class BankClient:
     def __init__(self, addresses: Sequence[str] | str, token: str | None = None, timeout: float = 30.0,
                  tls_ca: str | bytes | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 chunk_bytes: int = 4 << 20, client_id: str | None = None):
+                 chunk_bytes: int = 4 << 20, client_id: str | None = None,
+                 resolve: Callable[[int, float], str] | None = None):
         if isinstance(addresses, str):
             addresses = [a for a in addresses.split(",") if a]
         if not addresses:
             raise LayoutError("no bank addresses given")
         self.timeout = timeout
         self.chunk_bytes = chunk_bytes
+        self._resolve = None  # until the layout is known: positions are shard ids from then on
         self.client_id = client_id or uuid.uuid4().hex
         self._sequence = itertools.count(1)
         self._rng = np.random.default_rng()  # one generator: seeding a new one per call reads OS entropy
@@ -113,6 +100,7 @@ class BankClient:
         order = sorted(range(len(infos)), key=lambda i: infos[i].shard_id)
         self._stubs = [self._stubs[i] for i in order]
         self._addresses = [self._addresses[i] for i in order]
+        self._channels = [self._channels[i] for i in order]
         self.num_shards = infos[0].num_shards
         self.rows = infos[0].total_rows
         self.dim = infos[0].dim
@@ -122,17 +110,39 @@ class BankClient:
         # Stay well inside the smallest limit either end enforces.
         limit = min([max_message_bytes] + [d.max_message_bytes for d in infos if d.max_message_bytes])
         self.chunk_bytes = min(chunk_bytes, limit // 2)
+        self._resolve = resolve
 
     def _connect(self, addresses: list[str]) -> list:
         """Open channels to more shards; returns their Describe answers."""
         first = len(self._stubs)
         for address in addresses:
-            channel = (grpc.secure_channel(address, self._credentials, options=self._options) if self._credentials
-                       else grpc.insecure_channel(address, options=self._options))
+            channel = self._channel(address)
             self._channels.append(channel)
             self._addresses.append(address)
             self._stubs.append(bank_pb2_grpc.MemoryBankStub(channel))
         return self._fan_out("Describe", [(i, bank_pb2.DescribeRequest()) for i in range(first, len(self._stubs))])
+
+    def _channel(self, address: str) -> grpc.Channel:
+        if self._credentials:
+            return grpc.secure_channel(address, self._credentials, options=self._options)
+        return grpc.insecure_channel(address, options=self._options)
+
+    def _find_again(self, shard: int, deadline: float) -> None:
+        """Ask `resolve` where an unreachable shard is now, and reconnect if it moved.
+        A resolver that fails is logged; the retry loop goes on until the deadline."""
+        if self._resolve is None or shard >= len(self._stubs):
+            return
+        try:
+            address = self._resolve(shard, max(deadline - time.monotonic(), 0.001))
+        except Exception as error:  # the resolver's own failure must not hide the shard's
+            log.warning("could not find bank shard %d again (%s); retrying %s", shard, error, self._addresses[shard])
+            return
+        if address != self._addresses[shard]:
+            log.info("bank shard %d moved from %s to %s", shard, self._addresses[shard], address)
+            self._channels[shard].close()
+            self._channels[shard] = self._channel(address)
+            self._stubs[shard] = bank_pb2_grpc.MemoryBankStub(self._channels[shard])
+            self._addresses[shard] = address
 
     @property
     def addresses(self) -> list[str]:
@@ -180,6 +190,7 @@ class BankClient:
                     answers[i] = call() if request is None else call(request, timeout=timeout, metadata=self._metadata)
                 except grpc.RpcError as error:
                     if error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() + backoff < deadline:
+                        self._find_again(calls[i][0], deadline)
                         retry.append(i)
                     elif failure is None:
                         failure = BankRpcError(error.code(), error.details() or "", self._addresses[calls[i][0]])
@@ -203,18 +214,16 @@ class BankClient:
         per = max(1, self.chunk_bytes // max(bytes_per_item, 1))
         return [positions[i:i + per] for i in range(0, len(positions), per)] or []
 
-    def _indices(self, indices) -> tuple[np.ndarray, Any]:
-        array, like = _to_numpy(indices)
-        array = np.asarray(array).reshape(-1)
+    @staticmethod
+    def _indices(indices, field: str = "indices") -> np.ndarray:
+        array = np.asarray(indices).reshape(-1)
         if array.dtype.kind not in "iu":
-            raise TypeError(f"indices must be integers, got {array.dtype}")
-        return array.astype(np.int64, copy=False), like
+            raise InvalidArgument(f"{field} must be integers, got {array.dtype}")
+        return array.astype(np.int64, copy=False)
 
     def _split_negatives(self, k: int, rng: np.random.Generator) -> np.ndarray:
         """Shares of k uniform draws per shard, multinomial in shard size, so their union
         is exactly k i.i.d. uniform draws over all N rows."""
-        if not 0 <= k <= self.rows:
-            raise ValueError(f"k must be in [1, {self.rows}] (the bank's rows), got {k}")
         return rng.multinomial(k, self.shard_rows / self.rows)
 
     # -- the bank ---------------------------------------------------------------
@@ -229,7 +238,7 @@ class BankClient:
 
     def lookup(self, indices):
         """Rows (n, D) of global `indices`, in their order."""
-        idx, like = self._indices(indices)
+        idx = self._indices(indices)
         calls, places = [], []
         for s, positions in enumerate(self._route(idx)):
             for chunk in self._chunks(positions, self._row_bytes):
@@ -238,12 +247,11 @@ class BankClient:
         rows = np.empty((len(idx), self.dim), dtype=self.dtype)
         for chunk, answer in zip(places, self._fan_out("Lookup", calls)):
             rows[chunk] = tensors.decode(answer.rows, "rows")
-        return _like(rows, like)
+        return rows
 
     def sample(self, k: int, seed: int | None = None):
         """k rows drawn uniformly with replacement over all N rows: (indices, rows)."""
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+        validate.count(k, 1, self.rows, "k", "the bank's rows")
         rng = self._rng if seed is None else np.random.default_rng(seed)
         calls = []
         per = max(1, self.chunk_bytes // (self._row_bytes + 8))
@@ -279,15 +287,7 @@ class BankClient:
         may supply the message to fill for a shard's first chunk."""
         # Checked whole before anything is sent: the shards validate only their own
         # parts, so a bad row for one shard must not let the others apply theirs.
-        if features.shape != (len(idx), self.dim):
-            raise ValueError(f"features must have shape ({len(idx)}, {self.dim}), got {list(features.shape)}")
-        if len(idx) and (idx.min() < 0 or idx.max() >= self.rows):
-            bad = int(np.argmax((idx < 0) | (idx >= self.rows)))
-            raise ValueError(f"indices[{bad}] = {int(idx[bad])} is outside [0, {self.rows})")
-        if len(np.unique(idx)) != len(idx):
-            raise ValueError("indices has duplicates; each row may be updated once per request")
-        if not np.isfinite(features).all():
-            raise ValueError("features contains NaN or Inf")
+        validate.update(idx, features, momentum, self.rows, self.dim)
         calls = []
         for s, positions in enumerate(self._route(idx)):
             for i, chunk in enumerate(self._chunks(positions, self.dim * features.dtype.itemsize + 8)):
@@ -301,21 +301,18 @@ class BankClient:
         return calls
 
     @staticmethod
-    def _floats(values) -> tuple[np.ndarray, object]:
+    def _floats(values) -> np.ndarray:
         """float16 stays; every other dtype travels as float32."""
-        array, like = _to_numpy(values)
+        array = np.asarray(values)
         if array.dtype not in (np.float16, np.float32):
             array = array.astype(np.float32)
-        return array, like
-
-    def _features(self, features) -> np.ndarray:
-        return self._floats(features)[0]
+        return array
 
     def update(self, indices, features, momentum: float = 0.5) -> int:
         """``v_i <- normalize(m v_i + (1 - m) f_i)``; returns how many requests were
         applied (a retried one that already landed counts zero)."""
-        idx, _ = self._indices(indices)
-        answers = self._fan_out("Update", self._update_requests(idx, self._features(features), momentum))
+        idx = self._indices(indices, "update.indices")
+        answers = self._fan_out("Update", self._update_requests(idx, self._floats(features), momentum))
         return sum(a.applied for a in answers)
 
     def step(self, update_indices=None, update_features=None, momentum: float = 0.5,
@@ -323,7 +320,7 @@ class BankClient:
         """One round trip per shard: apply an update, then read `lookup_indices` and
         `negatives` uniform rows. Parts too large for one message follow in a second
         wave of plain Update/Lookup/Sample calls."""
-        like = None
+        validate.count(negatives, 0, self.rows, "negatives", "the bank's rows")
         rng = self._rng if seed is None else np.random.default_rng(seed)
         fused: dict[int, bank_pb2.StepRequest] = {}
         extra: list[tuple[str, int, Any, Any]] = []  # (method, shard, request, lookup positions)
@@ -332,14 +329,14 @@ class BankClient:
             return fused.setdefault(s, bank_pb2.StepRequest())
 
         if update_indices is not None and len(update_indices):
-            idx, _ = self._indices(update_indices)
-            calls = self._update_requests(idx, self._features(update_features), momentum,
+            idx = self._indices(update_indices, "update.indices")
+            calls = self._update_requests(idx, self._floats(update_features), momentum,
                                           into=lambda s: request(s).update)
             extra += [("Update", s, req, None) for s, req in calls if req is not fused[s].update]
         lookup_places: dict[int, np.ndarray] = {}
         n_lookup = 0
         if lookup_indices is not None:
-            idx, like = self._indices(lookup_indices)
+            idx = self._indices(lookup_indices, "lookup_indices")
             n_lookup = len(idx)
             # Reads must see every row the update wrote: once the update spills into
             # the second wave, the reads go there too, after it.
@@ -396,12 +393,12 @@ class BankClient:
         else:
             neg_i = np.empty(0, dtype=np.int64)
             neg_r = np.empty((0, self.dim), dtype=self.dtype)
-        return StepResult(_like(rows, like), _like(neg_i, like), _like(neg_r, like), applied)
+        return StepResult(rows, neg_i, neg_r, applied)
 
     def partition_sums(self, queries, temperature: float):
         """``(log Z, E_p[v])`` per query over all N rows, with ``Z = sum_j exp(v_j . q / tau)``
         and ``E_p[v] = sum_j softmax_j v_j`` (so ``d log Z / d q = E_p[v] / tau``)."""
-        q, like = self._floats(queries)
+        q = self._floats(queries)
         positions = np.arange(len(q))
         chunks = self._chunks(positions, (self.dim + 2) * 4)
         calls = [(s, bank_pb2.PartitionSumRequest(queries=tensors.encode(q[c]), temperature=temperature))
@@ -415,14 +412,13 @@ class BankClient:
                 [tensors.decode(p.max_logit, "max_logit") for p in parts],
                 [tensors.decode(p.sum_exp, "sum_exp") for p in parts],
                 [tensors.decode(p.weighted_sum, "weighted_sum") for p in parts])
-        return _like(log_z, like), _like(expected, like)
+        return log_z, expected
 
     def topk(self, queries, k: int):
         """The k most cosine-similar bank rows per query: (similarities (B, k)
         descending, global indices (B, k))."""
-        if not 1 <= k <= self.rows:
-            raise ValueError(f"k must be in [1, {self.rows}] (the bank's rows), got {k}")
-        q, like = self._floats(queries)
+        validate.count(k, 1, self.rows, "k", "the bank's rows")
+        q = self._floats(queries)
         shard_k = [int(min(k, n)) for n in self.shard_rows]
         chunks = self._chunks(np.arange(len(q)), max(shard_k) * 12)
         calls = [(s, bank_pb2.TopKRequest(queries=tensors.encode(q[c]), k=shard_k[s]))
@@ -434,7 +430,7 @@ class BankClient:
             parts = [next(answers) for _ in range(self.num_shards)]
             sims[c], idx[c] = merge_topk([tensors.decode(p.similarities, "similarities") for p in parts],
                                          [tensors.decode(p.indices, "indices") for p in parts], k)
-        return _like(sims, like), _like(idx, like)
+        return sims, idx
 
     def snapshot(self, tag: str) -> list[dict]:
         """Every shard writes snapshot `tag`; one dict per shard (path, bytes, seconds)."""

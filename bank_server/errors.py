@@ -14,7 +14,7 @@ class BankError(Exception):
     """Base of every error the bank raises on purpose."""
 
 
-class InvalidArgument(BankError):
+class InvalidArgument(BankError, ValueError):
     """The request itself is wrong: bad index, shape, dtype, value or k."""
 
 

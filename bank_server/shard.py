@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from bank_server import snapshot as snapshots
+from bank_server import validate
 from bank_server.errors import FailedPrecondition, InvalidArgument
 
 DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
@@ -80,11 +81,6 @@ def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norm, np.float32(1e-12))
 
 
-def _check_finite(x: np.ndarray, field: str) -> None:
-    if not np.isfinite(x).all():
-        raise InvalidArgument(f"{field} contains NaN or Inf")
-
-
 class Shard:
     def __init__(self, layout: Layout, rows: np.ndarray, *, seed: int = 0):
         if rows.shape != (layout.rows_held, layout.dim) or rows.dtype != DTYPES[layout.dtype]:
@@ -110,42 +106,21 @@ class Shard:
 
     def to_local(self, indices: np.ndarray, field: str = "indices") -> np.ndarray:
         """Local rows of global `indices`; InvalidArgument if any is not this shard's."""
-        indices = np.asarray(indices)
-        if indices.ndim != 1 or indices.dtype.kind not in "iu":
-            raise InvalidArgument(f"{field} must be a 1-d integer array, got {indices.dtype} {list(indices.shape)}")
-        n, s, sid = self.layout.total_rows, self.layout.num_shards, self.layout.shard_id
-        bad = (indices < 0) | (indices >= n)
-        if bad.any():
-            raise InvalidArgument(f"{field}[{int(np.argmax(bad))}] = {int(indices[bad][0])} is outside [0, {n})")
+        indices = validate.indices(indices, self.layout.total_rows, field)
+        s, sid = self.layout.num_shards, self.layout.shard_id
         wrong = indices % s != sid
         if wrong.any():
-            g = int(indices[wrong][0])
-            raise InvalidArgument(f"{field}[{int(np.argmax(wrong))}] = {g} belongs to shard {g % s}, not shard {sid}")
+            where = int(np.argmax(wrong))
+            g = int(indices[where])
+            raise InvalidArgument(f"{field}[{where}] = {g} belongs to shard {g % s}, not shard {sid}")
         return indices // s
 
-    def _check_matrix(self, x: np.ndarray, field: str, rows: int | None = None) -> np.ndarray:
-        x = np.asarray(x)
-        if x.ndim != 2 or x.shape[1] != self.layout.dim:
-            raise InvalidArgument(f"{field} must have shape (n, {self.layout.dim}), got {list(x.shape)}")
-        if rows is not None and x.shape[0] != rows:
-            raise InvalidArgument(f"{field} has {x.shape[0]} rows but indices has {rows}")
-        if x.dtype.kind != "f":
-            raise InvalidArgument(f"{field} must be floating point, got {x.dtype}")
-        _check_finite(x, field)
-        return x
-
     def _check_sample_k(self, k: int, field: str = "k") -> None:
-        if not 1 <= k <= self.layout.total_rows:
-            raise InvalidArgument(f"{field} must be in [1, {self.layout.total_rows}] (the bank's rows), got {k}")
+        validate.count(k, 1, self.layout.total_rows, field, "the bank's rows")
 
     def _prepare_update(self, indices, features, momentum):
-        local = self.to_local(indices, "update.indices")
-        if len(np.unique(local)) != len(local):
-            raise InvalidArgument("update.indices has duplicates; each row may be updated once per request")
-        features = self._check_matrix(features, "update.features", rows=len(local))
-        if not (np.isfinite(momentum) and 0.0 <= momentum < 1.0):
-            raise InvalidArgument(f"update.momentum must be in [0, 1), got {momentum}")
-        return local, features
+        indices, features = validate.update(indices, features, momentum, self.layout.total_rows, self.layout.dim)
+        return self.to_local(indices, "update.indices"), features
 
     # -- operations -------------------------------------------------------------
 
@@ -211,7 +186,7 @@ class Shard:
         return applied, rows, *sample
 
     def _queries(self, queries, field="queries") -> np.ndarray:
-        return self._check_matrix(queries, field).astype(np.float32, copy=False)
+        return validate.matrix(queries, self.layout.dim, field).astype(np.float32, copy=False)
 
     def _blocks(self, batch: int):
         block = max(256, _SCAN_ELEMENTS // max(batch, self.layout.dim))
@@ -248,8 +223,7 @@ class Shard:
         """This shard's k most cosine-similar rows per query: (similarities (B, k)
         descending, global indices (B, k))."""
         q = self._queries(queries)
-        if not 1 <= k <= self.layout.rows_held:
-            raise InvalidArgument(f"k must be in [1, {self.layout.rows_held}] (rows on this shard), got {k}")
+        validate.count(k, 1, self.layout.rows_held, "k", "rows on this shard")
         norms = np.linalg.norm(q, axis=1, keepdims=True)
         if (norms == 0).any():
             raise InvalidArgument(f"queries[{int(np.argmax(norms[:, 0] == 0))}] is all zeros")

@@ -1,19 +1,61 @@
-"""The bank side of a training step, one step ahead of the accelerator.
+"""The trainer's side of the bank: the step schedule, and torch in and out.
 
-Step t's fused RPC (DESIGN.md, "One training step") applies step t-1's momentum
-update, reads the bank rows of batch t+1 and draws the next K negatives. With
-``overlap`` it runs on a background thread while step t computes, so the worker
-waits only for whatever part of the round trip outlasts the compute.
+`BankClient` speaks numpy; this module is the one place that turns tensors into
+arrays and answers back into tensors on the training device.
+
+The schedule (docs/design.md, "One training step"). Batch t has indices I_t; the
+step computes features F_t and pushes the update u(t) = (I_t, F_t). While step t
+computes, ONE fused Step RPC per shard is in flight that
+
+    applies u(t-1),  reads the rows v(I_{t+1}),  draws the K negatives of step t+1.
+
+So step t's positives were read after u(t-2) was applied and before u(t-1) (within an
+epoch the batches are disjoint, so that lag never touches a batch's own rows), and the
+update of the last step goes out when the batches run out. With ``overlap=False`` each
+RPC runs to completion before the step continues (the whole round trip is waited for).
 """
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
-from bank_server.client import BankClient
+from bank_server.client import BankClient, StepResult
+
+log = logging.getLogger(__name__)
+
+
+class BankStep(NamedTuple):
+    """What one training step needs from its batch and from the bank."""
+    images: torch.Tensor      # (B, C, H, W) uint8, as the loader gave them
+    indices: torch.Tensor     # (B,) global bank rows of the images
+    labels: torch.Tensor      # (B,) (unused by training; kept with the images)
+    positives: torch.Tensor   # (B, D) float32 bank rows of `indices`, on the device
+    negatives: torch.Tensor   # (K, D) float32 uniform bank rows shared by the batch, on the device
+    waited_s: float           # how long this step was held up for the bank
+    round_trip_s: float       # the RPC's own duration
+
+
+def as_numpy(t: torch.Tensor) -> np.ndarray:
+    """A CPU numpy array of `t` (bfloat16 has no numpy type: it travels as float32)."""
+    t = t.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.float()
+    return t.cpu().numpy()
+
+
+def as_torch(a: np.ndarray, device, dtype=None) -> torch.Tensor:
+    """`a` on `device`; answers may be read-only views of a received buffer, which
+    torch refuses to wrap, so those are copied."""
+    if not a.flags.writeable:
+        a = a.copy()
+    return torch.from_numpy(a).to(device, dtype)
 
 
 class BankFeed:
@@ -22,53 +64,91 @@ class BankFeed:
         self.client, self.negatives, self.momentum, self.device = client, negatives, momentum, device
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bank-feed") if overlap else None
         self._pending: Future | None = None
-        self.round_trip_s = 0.0  # last RPC's duration
-        self.wait_s = 0.0        # how long the step was held up for the last answer
-        self._blocked_s = 0.0
+        self._pushed: tuple[np.ndarray, np.ndarray] | None = None
 
-    def _rpc(self, update, lookup):
+    # -- the schedule ------------------------------------------------------------
+
+    def steps(self, batches: Iterable) -> Iterator[BankStep]:
+        """Yield one `BankStep` per ``(images, indices, labels)`` batch. The caller
+        must `push` each step's features before asking for the next step."""
+        batches = iter(batches)
+        current = next(batches, None)
+        if current is None:
+            return
+        self._submit(None, current[1])
+        while current is not None:
+            upcoming = next(batches, None)
+            answer, round_trip_s, waited_s = self._take()
+            update, self._pushed = self._pushed, None
+            self._submit(update, None if upcoming is None else upcoming[1])  # in flight during this step
+            images, indices, labels = current
+            yield BankStep(images, indices, labels,
+                           as_torch(answer.rows, self.device, torch.float32),
+                           as_torch(answer.negative_rows, self.device, torch.float32), waited_s, round_trip_s)
+            if self._pushed is None:
+                raise RuntimeError("push() this step's features before the next step")
+            current = upcoming
+        self._take()
+        update, self._pushed = self._pushed, None
+        self._submit(update, None)  # the last step's update
+        self._take()
+
+    def push(self, indices: torch.Tensor, features: torch.Tensor) -> None:
+        """This step's features for its rows; they go out with the next step's RPC."""
+        self._pushed = (as_numpy(indices), as_numpy(features.float()))
+
+    def _rpc(self, update, lookup) -> tuple[StepResult, float]:
         start = time.perf_counter()
         idx, features = update if update is not None else (None, None)
         result = self.client.step(update_indices=idx, update_features=features, momentum=self.momentum,
-                                  lookup_indices=lookup, negatives=self.negatives)
+                                  lookup_indices=lookup, negatives=self.negatives if len(lookup) else 0)
         return result, time.perf_counter() - start
 
-    def submit(self, update: tuple[torch.Tensor, torch.Tensor] | None, lookup: torch.Tensor | None) -> None:
-        """Send the update (indices, features) of the step just computed and ask for
-        the rows of the batch after the next one. Runs in the background with overlap."""
-        if self._pending is not None:
-            raise RuntimeError("take() the previous answer before submitting again")
-        update = None if update is None else (update[0].cpu(), update[1].detach().float().cpu())
-        # An empty tensor rather than None, so every answer comes back as torch.
-        lookup = torch.empty(0, dtype=torch.long) if lookup is None else lookup.cpu()
+    def _submit(self, update, lookup: torch.Tensor | None) -> None:
+        lookup = np.empty(0, np.int64) if lookup is None else as_numpy(lookup)
         if self._pool is None:
             done: Future = Future()
             done.set_result(self._rpc(update, lookup))
             self._pending = done
-            self._blocked_s = done.result()[1]  # the whole round trip held the step up
         else:
             self._pending = self._pool.submit(self._rpc, update, lookup)
 
-    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(positive rows, negative rows) from the last submit, as float32 on the device."""
+    def _take(self) -> tuple[StepResult, float, float]:
+        """(answer, its round trip, how long the step waited for it)."""
         start = time.perf_counter()
-        result, self.round_trip_s = self._pending.result()
+        answer, round_trip_s = self._pending.result()
         self._pending = None
-        self.wait_s = time.perf_counter() - start + self._blocked_s
-        self._blocked_s = 0.0
-        positives = result.rows.to(self.device, torch.float32, non_blocking=True)
-        negatives = result.negative_rows.to(self.device, torch.float32, non_blocking=True)
-        return positives, negatives
-
-    def drain(self) -> None:
-        """Wait for anything in flight (its answer is dropped)."""
-        if self._pending is not None:
-            self._pending.result()
-            self._pending = None
+        waited_s = round_trip_s if self._pool is None else time.perf_counter() - start
+        return answer, round_trip_s, waited_s
 
     def close(self) -> None:
+        """Wait for an RPC still in flight (a step that ended early); what it brings or
+        raises is dropped, and the drop is logged."""
         try:
-            self.drain()
+            if self._pending is not None:
+                try:
+                    self._pending.result()
+                except Exception as error:
+                    log.warning("dropped the bank's answer to an unfinished step: %s", error)
+                self._pending = None
+            if self._pushed is not None:
+                log.warning("dropped the update of the last step (%d rows): training stopped before it was sent",
+                            len(self._pushed[0]))
+                self._pushed = None
         finally:
             if self._pool is not None:
                 self._pool.shutdown()
+
+    # -- torch face of the other calls ---------------------------------------------
+
+    def write(self, indices: torch.Tensor, features: torch.Tensor) -> None:
+        """Set rows to `features` outright (momentum 0): a warm start or a refresh."""
+        self.client.update(as_numpy(indices), as_numpy(features.float()), momentum=0.0)
+
+    def topk(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        sims, idx = self.client.topk(as_numpy(queries.float()), k)
+        return torch.from_numpy(sims), torch.from_numpy(idx)
+
+    def partition_sums(self, queries: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        log_z, expected = self.client.partition_sums(as_numpy(queries.float()), temperature)
+        return torch.from_numpy(log_z), torch.from_numpy(expected)

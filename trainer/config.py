@@ -262,7 +262,7 @@ def resolve_config_path(name: str) -> Path:
     raise ConfigError(f"--config {name}: no such file, and not a shipped config ({choices})")
 
 
-def load_config: str | Path | None = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     values: dict = {}
     if path:
         loaded = yaml.safe_load(Path(path).read_text()) or {}

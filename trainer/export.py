@@ -7,17 +7,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.models import Encoder, ExportedBackbone
-
-
-def load_encoder(checkpoint_dir: str | Path) -> tuple[Encoder, int]:
-    """The trained encoder and the image side it was trained on."""
-    from trainer.train import CHECKPOINT_FILE
-
-    state = torch.load(Path(checkpoint_dir) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
-    encoder = Encoder(**state["encoder"])
-    encoder.load_state_dict(state["model"])
-    return encoder.eval(), state.get("image_size", 32)
+from trainer.checkpoint import load_encoder
+from trainer.models import ExportedBackbone
 
 
 def export_encoder(checkpoint_dir: str | Path, path: str | Path, image_size: int | None = None) -> Path:

@@ -90,6 +90,23 @@ def _check_bank(addresses: list[str], token: str | None, config: Config, rows: i
         raise ConfigError(f"bank.addresses do not form one bank: {error}") from error
 
 
+def init_ray(sha: str = "") -> None:
+    """Join the cluster that RAY_ADDRESS names (``ray job submit`` sets it), or else
+    start a private local Ray. Never a cluster nobody asked for: ``ray.init()`` alone
+    would join whatever ``/tmp/ray/ray_current_cluster`` names, even a dead one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster on loopback
+    ray.init(address=address or "local", include_dashboard=False, log_to_driver=True,
+             num_cpus=None if address else os.cpu_count(),
+             runtime_env={"worker_process_setup_hook": _quiet_ray_workers, "env_vars": {"INSTDISC_GIT_SHA": sha}})
+    _quiet_ray_workers()
+
+
 def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", storage_path: str | None = None) -> dict:
     """Train, evaluate and write the outputs; returns the summary.
 
@@ -117,14 +134,7 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
     token = _read_token(config)
     addresses = _check_bank(list(config.bank.addresses), token, config, len(train_set)) if config.bank.addresses else []
 
-    if not os.environ.get("RAY_ADDRESS"):
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster on loopback
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False, log_to_driver=True,
-                 num_cpus=None if os.environ.get("RAY_ADDRESS") else os.cpu_count(),
-                 runtime_env={"worker_process_setup_hook": _quiet_ray_workers,
-                              "env_vars": {"INSTDISC_GIT_SHA": sha}})
-    _quiet_ray_workers()
+    init_ray(sha)
 
     bank = None
     if addresses:
@@ -138,7 +148,8 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
         print(f"bank: {config.bank.shards} shard actor(s) at {', '.join(addresses)}", flush=True)
 
     try:
-        result, wall = _fit(config, storage_path or str(output / "ray"), run_name, addresses, token)
+        result, wall = _fit(config, storage_path or str(output / "ray"), run_name, addresses, token,
+                            bank.names if bank else [])
     finally:
         if bank is not None:
             bank.stop(final_snapshot=True)
@@ -155,7 +166,8 @@ class TrainingStopped(RuntimeError):
     """Training ended early on purpose (a non-finite loss); the message says why."""
 
 
-def _fit(config: Config, storage_path: str, run_name: str, addresses: list[str], token: str | None):
+def _fit(config: Config, storage_path: str, run_name: str, addresses: list[str], token: str | None,
+         bank_actors: list[str]):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -169,7 +181,8 @@ def _fit(config: Config, storage_path: str, run_name: str, addresses: list[str],
         print(f"train.use_gpu not set: {'using' if use_gpu else 'no'} GPUs", flush=True)
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"config": config.to_dict(), "addresses": addresses, "token": token},
+        train_loop_config={"config": config.to_dict(), "addresses": addresses, "token": token,
+                           "bank_actors": bank_actors},
         scaling_config=ScalingConfig(num_workers=c.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": c.cpus_per_worker, "GPU": 1} if use_gpu
                                      else {"CPU": c.cpus_per_worker}),

@@ -1,8 +1,10 @@
 """The per-worker training loop: data -> model -> bank -> steps -> eval -> report.
 
 Runs inside Ray Train (`TorchTrainer`) on every worker; `trainer.launch` builds
-the trainer. Each worker holds a BankClient; step t's bank round trip (update of
-step t-1, rows of batch t+1, fresh negatives) overlaps step t's compute.
+the trainer. Each worker reaches the bank through a `BankFeed`, which owns the
+step schedule (its docstring states it): each step's bank round trip runs while
+the step computes. A step makes one collective, marked "sync point" below; DDP's
+gradient all-reduce inside ``backward()`` is the other.
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from bank_server.client import BankClient, BankRpcError
+from trainer import checkpoint
 from trainer import distributed as dist
 from trainer.augment import augment
 from trainer.bank_feed import BankFeed
@@ -28,8 +30,6 @@ from trainer.knn import correct_at, weighted_knn_scores
 from trainer.losses import PartitionEstimate, batch_log_z, nce_logits, nce_loss, softmax_loss
 from trainer.models import Encoder
 from trainer.schedule import learning_rate
-
-CHECKPOINT_FILE = "state.pt"
 
 
 class StopTraining(RuntimeError):
@@ -79,7 +79,7 @@ def embed(model, images: torch.Tensor, device) -> torch.Tensor:
 class Worker:
     """One worker's state; `run()` is the loop."""
 
-    def __init__(self, config: Config, addresses: list[str], token: str | None):
+    def __init__(self, config: Config, addresses: list[str], token: str | None, bank_actors: list[str] = ()):
         import ray.train
         import ray.train.torch
 
@@ -118,8 +118,14 @@ class Worker:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          else nullcontext())
 
-        # 3. bank
-        self.client = BankClient(addresses, token=token, timeout=c.bank.timeout, tls_ca=c.bank.tls_ca)
+        # 3. bank (shards that are Ray actors are found again by name if they move)
+        resolve = None
+        if bank_actors:
+            from bank_server.ray_bank import resolver
+
+            resolve = resolver(list(bank_actors))
+        self.client = BankClient(addresses, token=token, timeout=c.bank.timeout, tls_ca=c.bank.tls_ca,
+                                 resolve=resolve)
         if (self.client.rows, self.client.dim) != (self.n, c.model.dim):
             raise ValueError(f"the bank at {addresses} holds {self.client.rows} rows x {self.client.dim} dims, but "
                              f"the dataset has {self.n} training images and model.dim={c.model.dim}")
@@ -130,9 +136,9 @@ class Worker:
 
     # -- state ------------------------------------------------------------------
 
-    def restore(self, checkpoint) -> None:
-        with checkpoint.as_directory() as folder:
-            state = torch.load(Path(folder) / CHECKPOINT_FILE, map_location=self.device, weights_only=False)
+    def restore(self, saved) -> None:
+        with saved.as_directory() as folder:
+            state = checkpoint.load(folder, map_location=self.device)
         self.encoder.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
@@ -151,12 +157,12 @@ class Worker:
 
     def _checkpoint_dir(self, bank_tag: str) -> str:
         folder = tempfile.mkdtemp(prefix="instdisc-ckpt-")
-        torch.save({"model": self.encoder.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "epoch": self.epoch, "step": self.step, "log_z": self.z.log_z, "history": self.history,
-                    "config": self.config.to_dict(), "bank_snapshot": bank_tag,
-                    "bank_addresses": self.client.addresses, "git_sha": os.environ.get("INSTDISC_GIT_SHA", ""),
-                    "encoder": self.encoder.spec(), "image_size": self.image_size},
-                   Path(folder) / CHECKPOINT_FILE)
+        checkpoint.save(folder, {
+            "model": self.encoder.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "encoder": self.encoder.spec(), "image_size": self.image_size,
+            "epoch": self.epoch, "step": self.step, "history": self.history, "log_z": self.z.log_z,
+            "bank_snapshot": bank_tag, "bank_addresses": self.client.addresses,
+            "config": self.config.to_dict(), "git_sha": os.environ.get("INSTDISC_GIT_SHA", "")})
         return folder
 
     # -- pieces -----------------------------------------------------------------
@@ -181,7 +187,7 @@ class Worker:
         # batches here, and DDP's forward would wait for the others' buffer broadcast.
         self.encoder.eval()
         for images, idx, _ in _batches(self.train_set, self._my_share(self.n), 1024, self.config.data.loader_workers):
-            self.client.update(idx, embed(self.encoder, images, self.device).cpu(), momentum=0.0)
+            self.feed.write(idx, embed(self.encoder, images, self.device))
         self.encoder.train()
         dist.barrier()
         self._log(f"bank {why}: {self.n} rows in {time.perf_counter() - start:.1f}s")
@@ -199,7 +205,7 @@ class Worker:
         correct1 = correct5 = total = 0
         for images, _, y in _batches(self.test_set, self._my_share(len(self.test_set)), 500,
                                      self.config.data.loader_workers):
-            sims, idx = self.client.topk(embed(self.encoder, images, self.device).cpu(), k)
+            sims, idx = self.feed.topk(embed(self.encoder, images, self.device), k)
             scores = weighted_knn_scores(sims, labels[idx], num_classes, c.sigma)
             c1, c5 = correct_at(scores, y, (1, min(5, num_classes)))
             correct1, correct5, total = correct1 + c1, correct5 + c5, total + len(y)
@@ -207,79 +213,65 @@ class Worker:
         correct1, correct5, total = dist.all_reduce_sum([correct1, correct5, total])
         return correct1 / total, correct5 / total
 
-    def _loss(self, f, positives, negatives):
+    def _loss(self, f, positives, nce_logits_, log_z_batch: float):
         c = self.config.loss
         if c.kind == "softmax":
-            return softmax_loss(f, positives, c.temperature,
-                                lambda q: self.client.partition_sums(q.cpu(), c.temperature))
-        pos, neg = nce_logits(f, positives, negatives, c.temperature)
-        estimate = float(batch_log_z(pos, neg, self.n))
+            return softmax_loss(f, positives, c.temperature, lambda q: self.feed.partition_sums(q, c.temperature))
         if self.z.log_z is None or self.z.mode == "ema":
-            # Workers agree on one Z: the mean of their estimates, in linear space.
-            estimate = math.log(dist.all_reduce_mean(math.exp(estimate)))
-            self.z.update(estimate)
-        return nce_loss(pos, neg, self.z.log_z, self.n)
-
-    def _check_finite(self, finite: torch.Tensor, what: str) -> None:
-        """All workers stop together if any one's value is NaN or Inf."""
-        if dist.all_reduce_sum([float(finite)])[0] != self.world:
-            raise StopTraining(f"the {what} became non-finite (so the loss did) at epoch {self.epoch + 1}, "
-                                f"step {self.step}; lower train.lr or raise loss.temperature")
+            self.z.update(log_z_batch)
+        return nce_loss(*nce_logits_, self.z.log_z, self.n)
 
     def train_epoch(self) -> dict:
         c = self.config
         self.sampler.set_epoch(self.epoch)
         steps = len(self.loader)
-        batches = iter(self.loader)
-        images, idx, _ = next(batches)
-        self.feed.submit(None, idx)
-        update = None
+        nce = c.loss.kind == "nce"
         loss_sum = rtt_sum = wait_sum = 0.0
         start = time.perf_counter()
-        for b in range(steps):
-            upcoming = next(batches, None)
-            positives, negatives = self.feed.take()
-            wait_sum += self.feed.wait_s
-            rtt_sum += self.feed.round_trip_s
-            # In flight during this step: the previous update and the next batch's rows.
-            self.feed.submit(update, None if upcoming is None else upcoming[1])
+        for b, step in enumerate(self.feed.steps(self.loader)):
             lr = learning_rate(c.train.lr, self.epoch + b / steps, c.train.epochs, c.train.schedule,
                                c.train.milestones)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            x = augment(images.to(self.device, non_blocking=True).float().div_(255), c.augment)
+            x = augment(step.images.to(self.device, non_blocking=True).float().div_(255), c.augment)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             with self.autocast:
-                f = self.model(x)
-            f = f.float()
-            # Checked before the loss too: non-finite features must not reach the bank.
-            self._check_finite(torch.isfinite(f).all(), "features")
-            loss = self._loss(f, positives, negatives)
-            self._check_finite(torch.isfinite(loss), "loss")
+                f = self.model(x).float()
+            logits = nce_logits(f, step.positives, step.negatives, c.loss.temperature) if nce else None
+            z_batch = math.exp(float(batch_log_z(*logits, self.n))) if nce else 0.0
+            # Sync point, the step's one collective: whether any worker's features are
+            # non-finite (they must not reach the bank), and NCE's Z, agreed as the mean
+            # of the workers' estimates in linear space. With finite features and bank
+            # rows the loss is finite (logits lie in [-1/tau, 1/tau]).
+            finite_workers, z_sum = dist.all_reduce_sum([float(torch.isfinite(f).all()), z_batch])
+            if finite_workers != self.world:
+                raise StopTraining(f"the features became non-finite at epoch {self.epoch + 1}, step {self.step}; "
+                                   "lower train.lr or raise loss.temperature")
+            loss = self._loss(f, step.positives, logits, math.log(z_sum / self.world) if nce else 0.0)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            update = (idx, f.detach())
-            loss_sum += float(loss.detach())
+            self.feed.push(step.indices, f)
             self.step += 1
-            now = time.perf_counter()
+            loss_sum += float(loss.detach())
+            rtt_sum += step.round_trip_s
+            wait_sum += step.waited_s
             if self.rank == 0 and (b + 1) % c.train.log_every == 0:
-                rate = (b + 1) * c.train.batch_size / (now - start)
-                remaining = (steps - b - 1) * (now - start) / (b + 1) + \
-                    (c.train.epochs - self.epoch - 1) * steps * (now - start) / (b + 1)
-                self._log(f"epoch {self.epoch + 1}/{c.train.epochs} step {b + 1}/{steps} | {rate:,.0f} img/s | "
-                          f"loss {loss_sum / (b + 1):.4f} | lr {lr:.4f} | bank rtt {1e3 * rtt_sum / (b + 1):.1f} ms "
-                          f"(waited {1e3 * wait_sum / (b + 1):.1f} ms) | ETA {_duration(remaining)}")
-            if upcoming is not None:
-                images, idx, _ = upcoming
-        self.feed.take()  # the last prefetch asked for nothing; it carried the update before
-        self.feed.submit(update, None)
-        self.feed.take()
+                self._log_progress(b + 1, steps, time.perf_counter() - start, loss_sum, lr, rtt_sum, wait_sum)
         seconds = time.perf_counter() - start
         return {"loss": loss_sum / steps, "epoch_seconds": seconds,
                 "images_per_sec": steps * c.train.batch_size / seconds,
                 "bank_rtt_ms": 1e3 * rtt_sum / steps, "bank_wait_ms": 1e3 * wait_sum / steps}
+
+    def _log_progress(self, done: int, steps: int, elapsed: float, loss_sum: float, lr: float, rtt_sum: float,
+                      wait_sum: float) -> None:
+        c = self.config.train
+        per_step = elapsed / done
+        remaining = (steps - done + (c.epochs - self.epoch - 1) * steps) * per_step
+        self._log(f"epoch {self.epoch + 1}/{c.epochs} step {done}/{steps} | {c.batch_size / per_step:,.0f} img/s | "
+                  f"loss {loss_sum / done:.4f} | lr {lr:.4f} | bank rtt {1e3 * rtt_sum / done:.1f} ms "
+                  f"(waited {1e3 * wait_sum / done:.1f} ms) | ETA {_duration(remaining)}")
 
     def run(self) -> dict:
         start = time.perf_counter()
@@ -288,10 +280,6 @@ class Worker:
         except StopTraining as error:
             # Every worker raises this at the same point (the condition is all-reduced or
             # broadcast), so returning here ends the run cleanly.
-            try:
-                self.feed.drain()
-            except Exception:  # an update carrying the bad values; the stop reason matters more
-                pass
             self._log(f"stopped: {error}")
             return {"history": self.history, "train_seconds": time.perf_counter() - start, "steps": self.step,
                     "error": str(error)}
@@ -304,9 +292,9 @@ class Worker:
         from ray.train import Checkpoint
 
         c = self.config
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is not None:
-            self.restore(checkpoint)
+        saved = ray.train.get_checkpoint()
+        if saved is not None:
+            self.restore(saved)
         else:
             if c.bank.warm_start:
                 self.fill_bank("warm start")
@@ -330,7 +318,7 @@ class Worker:
             self.history.append(metrics)
             self._log(f"epoch {self.epoch}/{c.train.epochs} done in {metrics['epoch_seconds']:.1f}s | "
                       f"loss {metrics['loss']:.4f} | {metrics['images_per_sec']:,.0f} img/s | "
-                      f"kNN top-1 {100 * top1:.2f}% top-5 {100 * top5:.2f}%")
+                      f"kNN top-1 {_percent(top1)} top-5 {_percent(top5)}")
             # The bank snapshot and the model checkpoint describe the same step.
             dist.barrier()
             tag = f"epoch-{self.epoch:04d}-step-{self.step}"
@@ -345,6 +333,11 @@ class Worker:
                 "steps": self.step}
 
 
+def _percent(fraction: float) -> str:
+    """'-' for an epoch that was not evaluated."""
+    return "-" if math.isnan(fraction) else f"{100 * fraction:.2f}%"
+
+
 def _duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 60}m{seconds % 60:02d}s"
@@ -353,5 +346,5 @@ def _duration(seconds: float) -> str:
 def train_func(loop_config: dict) -> dict:
     """Ray Train's per-worker entry point."""
     config = Config.from_dict(loop_config["config"])
-    worker = Worker(config, loop_config["addresses"], loop_config.get("token"))
+    worker = Worker(config, loop_config["addresses"], loop_config.get("token"), loop_config.get("bank_actors", ()))
     return worker.run()

@@ -38,13 +38,14 @@ def test_lookup_returns_rows_in_request_order(bank):
     assert client.lookup(np.array([], dtype=np.int64)).shape == (0, D)
 
 
-def test_torch_in_torch_out(bank):
+def test_array_likes_in_numpy_out(bank):
+    # The client speaks numpy; CPU tensors go in through np.asarray (trainer.bank_feed adapts torch).
     client, ref = bank
     out = client.lookup(torch.tensor([3, 1]))
-    assert isinstance(out, torch.Tensor)
-    np.testing.assert_array_equal(out.numpy(), ref[[3, 1]])
+    assert isinstance(out, np.ndarray)
+    np.testing.assert_array_equal(out, ref[[3, 1]])
     log_z, expected = client.partition_sums(torch.from_numpy(unit(ref[:2])), 0.1)
-    assert isinstance(log_z, torch.Tensor) and expected.shape == (2, D)
+    assert isinstance(log_z, np.ndarray) and expected.shape == (2, D)
 
 
 def test_update_matches_formula_and_is_applied_once(bank):

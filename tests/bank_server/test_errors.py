@@ -6,6 +6,7 @@ import pytest
 
 from bank_server import tensors
 from bank_server.client import BankRpcError
+from bank_server.errors import InvalidArgument
 from protos import bank_pb2, bank_pb2_grpc
 
 N, D = 20, 8
@@ -132,13 +133,33 @@ def test_client_reports_status_and_address(bank):
 def test_client_checks_a_whole_update_before_any_shard_applies_it(bank):
     _, client, _ = bank
     rows = unit_rows(3)
-    with pytest.raises(ValueError, match=r"indices\[2\] = 20"):
+    with pytest.raises(InvalidArgument, match=r"indices\[2\] = 20"):
         client.update([0, 1, 20], rows)
-    with pytest.raises(ValueError, match="duplicates"):
+    with pytest.raises(InvalidArgument, match="duplicates"):
         client.update([0, 1, 0], rows)
     rows[2, 0] = np.nan
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(InvalidArgument, match="NaN"):
         client.update([0, 1, 2], rows)
+    assert [d["updates_applied"] for d in client.describe()] == [0] * client.num_shards
+
+
+@pytest.mark.parametrize("indices, features, momentum", [
+    ([0, 1, 20], unit_rows(3), 0.5),                    # out of range
+    ([2, 4, 2], unit_rows(3), 0.5),                     # duplicate
+    ([0, 2], np.full((2, D), np.nan, np.float32), 0.5),  # not finite
+    ([0, 2], unit_rows(2)[:, :3], 0.5),                  # wrong dim
+    ([0, 2], unit_rows(2), 1.0),                         # momentum
+])
+def test_client_and_shard_reject_an_update_with_the_same_message(bank, indices, features, momentum):
+    """One set of validators: what the client refuses before sending reads exactly as
+    what the shard (here a one-shard Update sent raw) refuses."""
+    stub, client, _ = bank
+    with pytest.raises(InvalidArgument) as on_client:
+        client.update(indices, features, momentum)
+    with pytest.raises(grpc.RpcError) as on_shard:  # the stub reaches shard 0 alone
+        stub.Update(update(indices, features, momentum))
+    assert on_shard.value.code() == INVALID
+    assert on_shard.value.details() == str(on_client.value)
 
 
 def test_snapshot_needs_a_directory_and_a_clean_tag(bank):

@@ -1,10 +1,14 @@
-"""The bank as Ray actors on a real local Ray (num_cpus=2)."""
+"""The bank as Ray actors on a real local Ray (num_cpus=2), one Ray for the module."""
+
+import os
+import signal
+import socket
 
 import numpy as np
 import pytest
 import ray
 
-from bank_server.ray_bank import start_bank
+from bank_server.ray_bank import NAMESPACE, start_bank
 from tests.conftest import wait_until
 
 
@@ -15,23 +19,56 @@ def local_ray():
     ray.shutdown()
 
 
+def _kill_shard(handle, shard: int) -> int:
+    """SIGKILL the shard's actor process (one this test started); Ray restarts it."""
+    pid = ray.get(handle.actors[shard].pid.remote())
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
 def test_actor_shards_serve_and_restore_after_a_crash(local_ray, tmp_path):
     handle = start_bank(2, 100, 8, "float32", snapshot_dir=str(tmp_path), name="test-bank")
     try:
-        assert ray.get_actor("test-bank-1") is not None
+        assert ray.get_actor("test-bank-1", namespace=NAMESPACE) is not None
         client = handle.client(timeout=60)
         f = np.full((10, 8), 8 ** -0.5, np.float32)
         client.update(np.arange(10), f, 0.0)
         saved = client.lookup(np.arange(100)).copy()
         client.snapshot("checkpoint")
         client.update(np.arange(10), -f, 0.0)  # after the snapshot: lost in the crash
-        ray.kill(handle.actors[0], no_restart=False)
-        # The kill lands asynchronously; calls meanwhile retry UNAVAILABLE until the
-        # restarted actor has restored its snapshot.
+        _kill_shard(handle, 0)
+        # Calls meanwhile retry UNAVAILABLE, asking the named actor where it serves,
+        # until the restarted actor has restored its snapshot.
         assert wait_until(lambda: np.array_equal(client.lookup(np.arange(0, 100, 2)), saved[0::2]), timeout=60)
         after = client.lookup(np.arange(100))
         np.testing.assert_allclose(after[1:10:2], -f[1::2], atol=1e-6)  # shard 1 never crashed
         assert client.describe()[0]["last_snapshot_tag"] == "checkpoint"
         client.close()
     finally:
+        handle.stop()
+
+
+def test_a_restarted_shard_whose_old_port_is_taken_serves_elsewhere_and_is_found(local_ray, tmp_path):
+    handle = start_bank(2, 64, 4, "float32", snapshot_dir=str(tmp_path), name="moving-bank")
+    squatter = None
+    try:
+        client = handle.client(timeout=60)
+        old_address = client.addresses[1]
+        client.snapshot("before")
+        before = client.lookup(np.arange(64)).copy()
+        pid = _kill_shard(handle, 1)
+        assert wait_until(lambda: not os.path.exists(f"/proc/{pid}"), timeout=30)
+        # Someone else takes the port the dead shard had, before Ray restarts it.
+        host, port = old_address.rsplit(":", 1)
+        squatter = socket.socket()
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind((host, int(port)))
+        squatter.listen()
+        np.testing.assert_array_equal(client.lookup(np.arange(64)), before)
+        assert client.addresses[1] != old_address
+        assert client.addresses[1] == ray.get(handle.actors[1].address.remote())
+        client.close()
+    finally:
+        if squatter is not None:
+            squatter.close()
         handle.stop()

@@ -1,13 +1,16 @@
 """deploy/ without a cluster: render the kustomization, validate every object against its
-schema, check that the pieces agree, and run the bank container's command line locally."""
+schema, check that the pieces agree (the Dockerfile's two images included), and run the
+bank container's command line locally, without the train extra as in the bank image."""
 
 import math
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import grpc
@@ -28,6 +31,10 @@ RAYJOB_CRD = Path(__file__).parent / "kuberay" / "ray.io_rayjobs.yaml"
 KUBERNETES_VERSION = "1.37"
 MIB = 1 << 20
 UNITS = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
+# The train extra's distributions and the modules they provide: none is in the bank image.
+TRAIN_MODULES = {"ray": "ray", "torch": "torch", "torchvision": "torchvision", "pyyaml": "yaml",
+                 "matplotlib": "matplotlib", "tqdm": "tqdm"}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +87,29 @@ def resolved_args(objects, ordinal: int) -> list[str]:
         else:
             env[var["name"]] = var["value"]
     return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in bank_container(objects)["args"]]
+
+
+def requirement_name(requirement: str) -> str:
+    return re.match(r"[A-Za-z0-9_.-]+", requirement).group(0).lower()
+
+
+def dockerfile_stages() -> dict[str, str]:
+    """deploy/Dockerfile's instructions by stage name, comments dropped, continuations joined."""
+    text = re.sub(r"^\s*#.*\n", "", (DEPLOY / "Dockerfile").read_text(), flags=re.M).replace("\\\n", " ")
+    stages = re.split(r"^(?=FROM )", text, flags=re.M)[1:]
+    return {re.match(r"FROM \S+ AS (\w+)\n", s).group(1): s for s in stages}
+
+
+def pip_installs(stage: str) -> list[list[str]]:
+    """What each `pip install` in a stage installs, options left out."""
+    return [[a for a in shlex.split(command) if not a.startswith("-")]
+            for command in re.findall(r"pip install ([^&;|\n]*)", stage)]
+
+
+def image_builds() -> dict[str, str]:
+    """The build commands deploy/Dockerfile documents: target -> image name:tag."""
+    return dict(re.findall(r"docker build -f deploy/Dockerfile --target (\w+) -t REGISTRY/(\S+) \.",
+                           (DEPLOY / "Dockerfile").read_text()))
 
 
 def pod_templates(rayjob) -> list[dict]:
@@ -169,6 +199,15 @@ def test_bank_resources_are_sized_from_rows_dim_and_dtype(objects):
     assert quantity(layout["storage"]) >= (keep + 1) * shard_bytes
 
 
+def test_the_bank_caps_its_blas_threads_by_flag_and_within_its_cpu(objects):
+    container = bank_container(objects)
+    cpu = container["resources"]["requests"]["cpu"]
+    cores = int(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+    assert 1 <= int(flags(container["args"])["threads"]) <= math.ceil(cores)
+    # One setting: the flag. An env var would be a second one, and threadpoolctl overrides it.
+    assert [v["name"] for v in container["env"] if v["name"].endswith("_NUM_THREADS")] == []
+
+
 def test_ports_names_and_selectors_agree(objects):
     statefulset = find(objects, "StatefulSet", "instdisc-bank")
     service = find(objects, "Service", "instdisc-bank")
@@ -222,9 +261,10 @@ def test_the_token_and_the_files_reach_the_pods_that_read_them(objects):
 def test_the_rayjob_matches_the_image_and_the_training_config(objects):
     rayjob = find(objects, "RayJob")
     cluster = rayjob["spec"]["rayClusterSpec"]
-    base = re.search(r"^FROM rayproject/ray:(\d+\.\d+\.\d+)-py311", (DEPLOY / "Dockerfile").read_text(), re.M)
+    train_stage = dockerfile_stages()["train"]
+    base = re.match(r"FROM rayproject/ray:(\d+\.\d+\.\d+)-py311", train_stage)
     assert base and cluster["rayVersion"] == base.group(1)
-    torch_pins = re.search(r"pip install --no-cache-dir (torch==\S+ torchvision==\S+)", (DEPLOY / "Dockerfile").read_text())
+    torch_pins = re.search(r"pip install --no-cache-dir (torch==\S+ torchvision==\S+)", train_stage)
     assert torch_pins and f"TORCH_SPEC ?= {torch_pins.group(1)}" in (REPO / "Makefile").read_text()
     assert rayjob["spec"]["shutdownAfterJobFinishes"] is True
     config = load_config(DEPLOY / "train.yaml", [])
@@ -233,10 +273,42 @@ def test_the_rayjob_matches_the_image_and_the_training_config(objects):
     for group in workers:
         limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
         assert int(limits["nvidia.com/gpu"]) == 1
-    images = {c["image"] for o in objects if o["kind"] in ("StatefulSet", "RayJob")
-              for t in ([o["spec"]["template"]] if o["kind"] == "StatefulSet" else pod_templates(o))
-              for c in t["spec"]["containers"]}
-    assert len(images) == 1, images  # one image for bank pods and Ray pods
+
+
+def test_bank_pods_and_ray_pods_run_the_images_the_dockerfile_builds(objects):
+    builds, version = image_builds(), PROJECT["project"]["version"]
+    assert set(builds) == {"bank", "train"} and set(builds) <= set(dockerfile_stages())
+    readme = (DEPLOY / "README.md").read_text()
+    for target, image in builds.items():
+        assert image.rsplit(":", 1)[1] == version, (target, image)
+        assert re.search(rf"--target {target} -t \S*/{re.escape(image)}\W", readme), (target, image)
+    bank_image = bank_container(objects)["image"]
+    registry = bank_image.rsplit("/", 1)[0]
+    assert bank_image == f"{registry}/{builds['bank']}"
+    ray_images = {c["image"] for t in pod_templates(find(objects, "RayJob")) for c in t["spec"]["containers"]}
+    assert ray_images == {f"{registry}/{builds['train']}"}
+    # The bank pods run as the bank image's user, not as the training image's ray user.
+    pod = find(objects, "StatefulSet", "instdisc-bank")["spec"]["template"]["spec"]["securityContext"]
+    assert re.search(r"^USER (\d+):(\d+)$", dockerfile_stages()["bank"], re.M).groups() == (
+        str(pod["runAsUser"]), str(pod["runAsGroup"]))
+    entrypoint = re.search(r"^ENTRYPOINT (.*)$", dockerfile_stages()["bank"], re.M).group(1)
+    assert yaml.safe_load(entrypoint) == bank_container(objects)["command"]
+
+
+def test_the_bank_image_installs_the_bank_alone_and_the_train_image_the_train_extra():
+    stages = dockerfile_stages()
+    train_extra = {requirement_name(r) for r in PROJECT["project"]["optional-dependencies"]["train"]}
+    assert train_extra == set(TRAIN_MODULES)
+    assert not train_extra & {requirement_name(r) for r in PROJECT["project"]["dependencies"]}
+    assert re.match(r"FROM python:3\.11-slim AS bank\n", stages["bank"])
+    assert pip_installs(stages["bank"]) == [["."]]
+    assert [".[train]"] in pip_installs(stages["train"])
+    # setuptools builds neither image unless every package pyproject.toml lists is there.
+    copied = {source for line in re.findall(r"^COPY (.+)$", stages["source"], re.M) for source in line.split()[:-1]}
+    packages = {p.split(".")[0] for p in PROJECT["tool"]["setuptools"]["packages"]}
+    assert packages | {"pyproject.toml", "README.md"} <= copied
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    assert ignore[ignore.index("*") + 1:] and copied <= {line[1:] for line in ignore if line.startswith("!")}
 
 
 # -- the bank container, run here ---------------------------------------------------
@@ -255,8 +327,18 @@ def local_command(objects, ordinal: int, host: str, port: int, root: Path) -> li
     return args
 
 
-def test_the_bank_container_serves_the_layout_the_manifests_declare(objects, tmp_path, spawn_server):
+def hide_the_train_extra(root: Path, monkeypatch) -> None:
+    """Child processes fail to import the train extra's modules, as in the bank image."""
+    root.mkdir()
+    for module in TRAIN_MODULES.values():
+        (root / f"{module}.py").write_text(
+            f"raise ModuleNotFoundError('the bank image has no {module}', name={module!r})\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+
+
+def test_the_bank_container_serves_the_layout_the_manifests_declare(objects, tmp_path, spawn_server, monkeypatch):
     layout, port = bank_layout(objects), free_port()
+    hide_the_train_extra(tmp_path / "no-train-extra", monkeypatch)
     (tmp_path / "bank-token").mkdir()
     (tmp_path / "bank-token" / "token").write_text("s3cret\n")
     shards = int(layout["shards"])

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import reference_bank
+from trainer.bank_feed import BankFeed
 from trainer.losses import PartitionEstimate, batch_log_z, nce_logits, nce_loss, softmax_loss
 
 N, D, B, TAU = 300, 16, 8, 0.07
@@ -30,8 +31,9 @@ def test_softmax_loss_and_gradient_match_the_full_bank(remote):
     client, bank = remote
     idx = torch.arange(0, 2 * B, 2)
     f = features().requires_grad_()
-    positives = client.lookup(idx).double()
-    loss = softmax_loss(f, positives, TAU, lambda q: tuple(t.double() for t in client.partition_sums(q, TAU)))
+    positives = torch.from_numpy(client.lookup(idx)).double()
+    feed = BankFeed(client, 0, 0.5, torch.device("cpu"), overlap=False)
+    loss = softmax_loss(f, positives, TAU, lambda q: tuple(t.double() for t in feed.partition_sums(q, TAU)))
     loss.backward()
 
     f_ref = features().requires_grad_()
@@ -47,7 +49,7 @@ def test_nce_loss_and_gradient_match_the_paper_formula(remote):
     idx = torch.arange(B)
     f = features(1).requires_grad_()
     negative_idx, negatives = client.sample(64, seed=3)
-    positives = client.lookup(idx).double()
+    positives = torch.from_numpy(client.lookup(idx)).double()
     pos, neg = nce_logits(f, positives, torch.from_numpy(negatives).double(), TAU)
     log_z = float(batch_log_z(pos, neg, N))
     loss = nce_loss(pos, neg, log_z, N)

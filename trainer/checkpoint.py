@@ -1,0 +1,49 @@
+"""The training checkpoint's format: one ``state.pt`` in a checkpoint folder.
+
+Written by the training loop at the end of every epoch (Ray Train keeps the folders)
+and read back by resume and by ``instdisc export``. The file is a dict:
+
+- ``model``, ``optimizer``: state dicts of the bare encoder and of SGD;
+- ``encoder``: `Encoder.spec()`, enough to rebuild the module without the config;
+- ``image_size``: the side of the training images (export's default input);
+- ``epoch``, ``step``, ``history``, ``log_z``: where training stands;
+- ``bank_snapshot``: the tag of the bank snapshot taken at the same step, which
+  resume restores; ``bank_addresses`` where that bank served;
+- ``config``, ``git_sha``: what produced it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+FILE = "state.pt"
+_REQUIRED = ("model", "optimizer", "encoder", "epoch", "step", "history", "log_z", "bank_snapshot")
+
+
+def save(folder: str | Path, state: dict) -> Path:
+    missing = [key for key in _REQUIRED if key not in state]
+    if missing:
+        raise ValueError(f"a checkpoint needs {', '.join(missing)}")
+    path = Path(folder) / FILE
+    torch.save(state, path)
+    return path
+
+
+def load(folder: str | Path, map_location="cpu") -> dict:
+    path = Path(folder) / FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{folder} is not a checkpoint folder: no {FILE} in it")
+    # Our own file, with the config and history as plain Python objects.
+    return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def load_encoder(folder: str | Path):
+    """(the trained encoder in eval mode, the image side it was trained on)."""
+    from trainer.models import Encoder
+
+    state = load(folder)
+    encoder = Encoder(**state["encoder"])
+    encoder.load_state_dict(state["model"])
+    return encoder.eval(), state.get("image_size", 32)
