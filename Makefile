@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 # The torch pair that installs from this machine's disk (x86_64, Python 3.11).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv test demo bench bench-gpu protos clean
+.PHONY: venv data test demo bench bench-gpu protos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,11 +17,18 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-test: venv
+# Fashion-MNIST for the demo and the tests: already there, else apt-get install (root or
+# passwordless sudo), else torchvision's download, else Debian's .deb unpacked without root.
+# DEBIAN_DATA=/elsewhere rehearses the fetch branches on a machine that has Debian's package.
+DEBIAN_DATA ?=
+data: venv
+	$(PY) -m trainer.fetch_data $(if $(DEBIAN_DATA),--debian-dir '$(DEBIAN_DATA)')
+
+test: venv data
 	$(PY) -m pytest
 
 # Train the default config (Fashion-MNIST, 2 bank shards, 2 CPU workers) and print kNN accuracy.
-demo: venv
+demo: venv data
 	$(VENV)/bin/instdisc train --config fashion-mnist --output-dir runs/demo --name demo
 
 # Regenerate the committed gRPC code after editing protos/bank.proto.

@@ -37,8 +37,8 @@ def test_reflection_lists_the_bank_service(make_bank):
     assert "instdisc.bank.v1.MemoryBank" in names and "grpc.health.v1.Health" in names
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_tls_with_a_self_signed_certificate(make_bank, tmp_path):
+    assert shutil.which("openssl"), "openssl is a test dependency: apt-get install openssl (.ci/run does)"
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
                     "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",

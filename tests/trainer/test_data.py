@@ -1,6 +1,12 @@
-"""Datasets on real images: Fashion-MNIST files, and Parquet / ImageFolder written here."""
+"""Datasets: the real Fashion-MNIST files, and every on-disk layout with images generated here.
 
+Only the first test needs Fashion-MNIST (`make data` puts it in place); the format tests
+write their own small images, so they run on any machine.
+"""
+
+import gzip
 import io
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -9,12 +15,59 @@ import pytest
 import torch
 from PIL import Image
 
+from trainer import fetch_data
 from trainer.data import DatasetMissing, load_dataset, seeded_subset
 
+SIZE = 16  # image_size the decoded layouts are loaded at
+# (height, width): one already at SIZE (its PNG pixels must come back unchanged), one wide, one tall.
+SHAPES = [(SIZE, SIZE), (20, 33), (41, 17)]
+MODES = ["L", "RGB"]
+FORMATS = ["PNG", "JPEG"]
+CLASSES = 3
 
-def fashion_images(n):
-    ds = load_dataset("fashion-mnist", train=False, download=False)
-    return ds.images[:n, 0].numpy(), ds.labels[:n].numpy()
+
+class Sample:
+    def __init__(self, pixels: np.ndarray, fmt: str, label: int):
+        self.pixels, self.format, self.label = pixels, fmt, label
+
+    def encoded(self) -> bytes:
+        buffer = io.BytesIO()
+        Image.fromarray(self.pixels).save(buffer, format=self.format)
+        return buffer.getvalue()
+
+    def exact(self) -> torch.Tensor | None:
+        """What the loader must return pixel for pixel: known only for a lossless image already at SIZE."""
+        if self.format != "PNG" or self.pixels.shape[:2] != (SIZE, SIZE):
+            return None
+        t = torch.from_numpy(self.pixels)
+        return t.expand(3, SIZE, SIZE) if t.ndim == 2 else t.permute(2, 0, 1)
+
+
+@pytest.fixture
+def samples() -> list[Sample]:
+    """12 random images: every shape x mode x format (lcm of 3, 2, 2), labels cycling 0..CLASSES-1."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(12):
+        h, w = SHAPES[i % 3]
+        shape = (h, w) if MODES[i % 2] == "L" else (h, w, 3)
+        out.append(Sample(rng.integers(0, 256, shape, dtype=np.uint8), FORMATS[(i // 2) % 2], i % CLASSES))
+    return out
+
+
+def check_decoded(ds, expected: list[Sample]):
+    """Every item (one by one and as a batch) is uint8 (3, SIZE, SIZE) with the right label (and pixels)."""
+    assert len(ds) == len(expected) and ds.num_classes == CLASSES
+    for i, sample in enumerate(expected):
+        image, index, label = ds[i]
+        assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.uint8
+        assert index == i and label == sample.label
+        if sample.exact() is not None:
+            assert torch.equal(image, sample.exact()), i
+    images, idx, labels = ds.__getitems__([2, 0, 1])
+    assert images.shape == (3, 3, SIZE, SIZE) and images.dtype == torch.uint8
+    assert idx.tolist() == [2, 0, 1] and labels.tolist() == [expected[j].label for j in (2, 0, 1)]
+    assert torch.equal(images[1], ds[0][0])
 
 
 def test_fashion_mnist_yields_image_index_label():
@@ -28,43 +81,85 @@ def test_fashion_mnist_yields_image_index_label():
     assert len(sub) == 100 and torch.equal(sub.images, seeded_subset(ds, 100, seed=0).images)
 
 
-def png_bytes(array):
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+def write_parquet(path: Path, samples: list[Sample], hugging_face: bool = False):
+    # The Hugging Face layout stores each image as a struct {bytes, path}.
+    images = [{"bytes": s.encoded(), "path": None} if hugging_face else s.encoded() for s in samples]
+    pq.write_table(pa.table({"image": images, "label": np.array([s.label for s in samples], np.int64)}), path)
 
 
-def test_parquet_tables(tmp_path):
-    images, labels = fashion_images(20)
-    for split in ("train", "test"):
-        table = pa.table({"image": [png_bytes(a) for a in images], "label": labels.astype(np.int64)})
-        pq.write_table(table, tmp_path / f"{split}.parquet")
-    ds = load_dataset("parquet", str(tmp_path), train=True, image_size=16)
-    assert len(ds) == 20 and ds.num_classes == int(labels.max()) + 1
-    image, index, label = ds[3]
-    assert image.shape == (3, 16, 16) and image.dtype == torch.uint8 and label == labels[3]
-    batch = ds.__getitems__([0, 1, 2])
-    assert batch[0].shape == (3, 3, 16, 16)
+@pytest.mark.parametrize("hugging_face", [False, True], ids=["bytes", "hugging-face-struct"])
+def test_parquet_tables(tmp_path, samples, hugging_face):
+    write_parquet(tmp_path / "train.parquet", samples, hugging_face)
+    write_parquet(tmp_path / "test.parquet", samples[:CLASSES + 1], hugging_face)
+    check_decoded(load_dataset("parquet", str(tmp_path), train=True, image_size=SIZE), samples)
+    check_decoded(load_dataset("parquet", str(tmp_path), train=False, image_size=SIZE), samples[:CLASSES + 1])
 
 
-def test_parquet_in_the_hugging_face_layout(tmp_path):
-    images, labels = fashion_images(6)
-    struct = [{"bytes": png_bytes(a), "path": None} for a in images]
-    pq.write_table(pa.table({"image": struct, "label": labels.astype(np.int64)}), tmp_path / "train.parquet")
-    ds = load_dataset("parquet", str(tmp_path), train=True, image_size=28)
-    assert ds[0][0].shape == (3, 28, 28)
+def test_a_subset_of_decoded_images_maps_to_the_chosen_rows(tmp_path, samples):
+    write_parquet(tmp_path / "train.parquet", samples)
+    ds = load_dataset("parquet", str(tmp_path), image_size=SIZE)
+    sub = seeded_subset(ds, 5, seed=1)
+    order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(1))[:5].sort().values
+    assert len(sub) == 5 and sub.num_classes == CLASSES
+    for j, i in enumerate(order.tolist()):
+        assert torch.equal(sub[j][0], ds[i][0]) and sub[j][2] == samples[i].label
 
 
-def test_imagefolder(tmp_path):
-    images, labels = fashion_images(12)
-    for split in ("train", "test"):
-        for i, (a, y) in enumerate(zip(images, labels)):
-            folder = tmp_path / split / f"class_{y}"
+def test_imagefolder(tmp_path, samples):
+    # ImageFolder numbers classes by sorted folder name and lists files sorted within each class.
+    names = ["ant", "bee", "cat"]
+    for split, part in (("train", samples), ("test", samples[:CLASSES])):
+        for i, s in enumerate(part):
+            folder = tmp_path / split / names[s.label]
             folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(a).save(folder / f"{i}.png")
-    ds = load_dataset("imagefolder", str(tmp_path), train=True, image_size=20)
-    assert len(ds) == 12 and ds.num_classes == len(set(labels))
-    assert ds[0][0].shape == (3, 20, 20)
+            (folder / f"{i:02d}.{s.format.lower()}").write_bytes(s.encoded())
+    by_class = sorted(range(len(samples)), key=lambda i: (samples[i].label, i))
+    check_decoded(load_dataset("imagefolder", str(tmp_path), train=True, image_size=SIZE),
+                  [samples[i] for i in by_class])
+    check_decoded(load_dataset("imagefolder", str(tmp_path), train=False, image_size=SIZE), samples[:CLASSES])
+
+
+def write_idx(path: Path, array: np.ndarray):
+    """The IDX format: bytes 0, 0, 0x08 (uint8), ndim, each dimension as big-endian uint32, then the data."""
+    raw = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    raw += np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    path.write_bytes(gzip.compress(raw) if path.suffix == ".gz" else raw)
+
+
+@pytest.fixture
+def write_mnist_like():
+    """write(folder, gz) -> {train: (images, labels)}: tiny random IDX files named as MNIST names them."""
+    def write(folder: Path, gz: bool) -> dict:
+        rng = np.random.default_rng(0)
+        folder.mkdir(parents=True, exist_ok=True)
+        splits = {}
+        for train, prefix, n in ((True, "train", 7), (False, "t10k", 5)):
+            images = rng.integers(0, 256, (n, 9, 11), dtype=np.uint8)  # not 28x28: nothing assumes it
+            labels = rng.integers(0, 10, n, dtype=np.uint8)
+            suffix = ".gz" if gz else ""
+            write_idx(folder / f"{prefix}-images-idx3-ubyte{suffix}", images)
+            write_idx(folder / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
+            splits[train] = images, labels
+        return splits
+
+    return write
+
+
+@pytest.mark.parametrize("gz", [True, False], ids=["gzipped", "plain"])
+@pytest.mark.parametrize("layout", ["flat", "torchvision"])
+@pytest.mark.parametrize("name", ["fashion-mnist", "mnist"])
+def test_idx_files_flat_or_in_torchvisions_download_layout_load_offline(tmp_path, write_mnist_like, name,
+                                                                         layout, gz):
+    # flat: Debian's package; torchvision: root/FashionMNIST/raw/, as deploy/Dockerfile bakes them in.
+    folder = "FashionMNIST" if name == "fashion-mnist" else "MNIST"
+    splits = write_mnist_like(tmp_path if layout == "flat" else tmp_path / folder / "raw", gz)
+    for train, (images, labels) in splits.items():
+        ds = load_dataset(name, str(tmp_path), train=train, download=False)
+        assert len(ds) == len(labels) and ds.num_classes == 10
+        assert ds.images.dtype == torch.uint8 and ds.images.shape == (len(labels), 1, 9, 11)
+        assert torch.equal(ds.images[:, 0], torch.from_numpy(images)) and ds.labels.tolist() == labels.tolist()
+        image, index, label = ds[3]
+        assert torch.equal(image[0], torch.from_numpy(images[3])) and index == 3 and label == labels[3]
 
 
 def test_missing_files_say_where_and_how(tmp_path):
@@ -78,15 +173,63 @@ def test_missing_files_say_where_and_how(tmp_path):
         load_dataset("svhn")
 
 
-def test_files_in_torchvisions_download_layout_are_found_offline(tmp_path):
-    # deploy/Dockerfile bakes datasets in through torchvision: root/FashionMNIST/raw/.
-    import shutil
+# `make data` (trainer/fetch_data.py): its fetch steps are replaced here, the real ones need
+# root or a network; Makefile comments say how to rehearse those.
 
-    from trainer.data import DEBIAN_FASHION_MNIST
+@pytest.fixture
+def steps(monkeypatch):
+    """Each fetch step returns what `outcomes` says for it (a reason, or a callable run instead)."""
+    outcomes, calls = {}, []
 
-    raw = tmp_path / "FashionMNIST" / "raw"
-    raw.mkdir(parents=True)
-    for path in DEBIAN_FASHION_MNIST.glob("t10k-*"):
-        shutil.copy(path, raw)
-    test_set = load_dataset("fashion-mnist", str(tmp_path), train=False, download=False)
-    assert len(test_set) == 10_000
+    def step(name):
+        def run(*args):
+            calls.append(name)
+            outcome = outcomes[name]
+            return outcome(*args) if callable(outcome) else outcome
+        return run
+
+    for name in ("apt_install", "torchvision_download", "unpack_deb"):
+        monkeypatch.setattr(fetch_data, name, step(name))
+    return outcomes, calls
+
+
+def test_fetch_data_does_nothing_when_the_files_are_there(tmp_path, write_mnist_like, steps, capsys):
+    write_mnist_like(tmp_path / "debian", gz=True)
+    assert fetch_data.fetch(tmp_path / "debian", tmp_path / "cache") == 0
+    assert steps[1] == [] and f"found in {tmp_path / 'debian'}" in capsys.readouterr().out
+    write_mnist_like(tmp_path / "cache" / "FashionMNIST" / "raw", gz=False)
+    assert fetch_data.fetch(tmp_path / "nowhere", tmp_path / "cache") == 0
+    assert steps[1] == [] and f"found in {tmp_path / 'cache'}" in capsys.readouterr().out
+
+
+def test_fetch_data_stops_at_the_first_step_that_puts_the_files_in_place(tmp_path, write_mnist_like, steps,
+                                                                           capsys):
+    outcomes, calls = steps
+
+    def download(cache):
+        write_mnist_like(cache, gz=True)
+
+    outcomes.update(apt_install="needs root", torchvision_download=download)
+    assert fetch_data.fetch(tmp_path / "debian", tmp_path / "cache") == 0
+    assert calls == ["apt_install", "torchvision_download"]
+    assert "needs root" in capsys.readouterr().out
+
+
+def test_fetch_data_fails_with_one_message_naming_every_step(tmp_path, steps, capsys):
+    outcomes, calls = steps
+    # A step that reports success but leaves no files counts as failed too.
+    outcomes.update(apt_install=None, torchvision_download="no network", unpack_deb="no apt lists")
+    assert fetch_data.fetch(tmp_path / "debian", tmp_path / "cache") == 1
+    assert calls == ["apt_install", "torchvision_download", "unpack_deb"]
+    message = capsys.readouterr().err
+    assert f"finished, but the files are not in {tmp_path / 'debian'}" in message
+    assert "no network" in message and "no apt lists" in message
+    assert "apt-get install dataset-fashion-mnist" in message and str(tmp_path / "cache") in message
+
+
+def test_unreadable_files_stop_fetch_data_with_what_to_delete(tmp_path, steps):
+    (tmp_path / "debian").mkdir()
+    for name in fetch_data.FILES:
+        (tmp_path / "debian" / name).write_bytes(gzip.compress(b"\0\0\x08\x03truncated")[:20])
+    with pytest.raises(SystemExit, match=f"files in {tmp_path / 'debian'} are unreadable"):
+        fetch_data.fetch(tmp_path / "debian", tmp_path / "cache")
