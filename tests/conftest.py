@@ -4,10 +4,8 @@ separate processes, and a plain numpy reference of the whole bank."""
 from __future__ import annotations
 
 import os
-import re
-import subprocess
-import sys
 import time
+from contextlib import ExitStack
 
 import numpy as np
 import pytest
@@ -15,6 +13,7 @@ import pytest
 from bank_server.client import BankClient
 from bank_server.server import BankServer, ServerConfig
 from bank_server.shard import Layout, initial_rows
+from benchmarks.processes import ServerProcess
 
 # Every Ray the tests start (here and in child processes) binds loopback: on Linux Ray
 # otherwise swaps 127.0.0.1 for the machine's network address.
@@ -63,47 +62,15 @@ def make_bank():
         bank.stop()
 
 
-class ServerProcess:
-    """`python -m bank_server ...` as a child process; knows its address."""
-
-    def __init__(self, *args: str):
-        self.proc = subprocess.Popen([sys.executable, "-m", "bank_server", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self.address = None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            found = re.search(r"listening on (\S+)", line)
-            if found:
-                self.address = found.group(1)
-                break
-        if self.address is None:
-            raise RuntimeError(f"server exited {self.proc.wait()}: {self.proc.stderr.read()}")
-
-    def wait_serving(self, timeout=60.0):
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if "SERVING" in line:
-                return
-        raise RuntimeError(f"server exited before serving: {self.proc.stderr.read()}")
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture
 def spawn_server():
-    procs = []
+    """Start ``python -m bank_server ARGS...``; returns once it says where it listens
+    (``.wait_serving(timeout)`` waits for its rows). Killed at the end of the test."""
+    with ExitStack() as stack:
+        def spawn(*args: str) -> ServerProcess:
+            return stack.enter_context(ServerProcess(["-m", "bank_server", *args]))
 
-    def spawn(*args: str) -> ServerProcess:
-        procs.append(ServerProcess(*args))
-        return procs[-1]
-
-    yield spawn
-    for p in procs:
-        p.stop()
+        yield spawn
 
 
 def wait_until(predicate, timeout=30.0, interval=0.05):

@@ -7,24 +7,6 @@ import argparse
 import sys
 
 
-def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, mnist, cifar10, ...")
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--arch", default="small")
-    parser.add_argument("--width", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=0, help="resize images to this side (0: native)")
-    parser.add_argument("--loss", choices=("nce", "softmax"), default="nce")
-    parser.add_argument("--negatives", type=int, default=4096)
-    parser.add_argument("--temperature", type=float, default=0.07)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--shards", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--device", default="auto", help="auto: cuda when available")
-    parser.add_argument("--no-overlap", action="store_true", help="wait for each bank round trip")
-    parser.add_argument("--json", dest="json_path")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instdisc", description="Instance Discrimination with a sharded memory bank.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -51,15 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="benchmarks that print numbers").add_subparsers(
         dest="bench_command", required=True)
-    from bank_server.bench import add_bench_arguments
+    from benchmarks.bank import add_bench_bank_arguments
+    from benchmarks.train import add_bench_train_arguments
 
-    add_bench_arguments(bench.add_parser("bank", help="Step latency vs in-process bank and raw gRPC echo"))
+    add_bench_bank_arguments(bench.add_parser("bank", help="Step latency vs in-process bank and raw gRPC echo"))
     add_bench_train_arguments(bench.add_parser("train", help="training images/s: remote bank vs in-process bank"))
 
     scale = commands.add_parser("scale", help="scaling sweeps that write results.parquet, results.md and plots")
     scale_commands = scale.add_subparsers(dest="scale_command", required=True)
-    from bank_server.scale import add_scale_bank_arguments
-    from trainer.scale import add_scale_train_arguments
+    from benchmarks.scale_bank import add_scale_bank_arguments
+    from benchmarks.scale_train import add_scale_train_arguments
 
     add_scale_bank_arguments(scale_commands.add_parser(
         "bank", help="bank cost vs rows, shards, negatives, dtype and clients on real servers"))
@@ -104,19 +87,19 @@ def main(argv=None) -> int:
         print(export_encoder(args.checkpoint, args.output, args.image_size))
         return 0
     if args.command == "bench" and args.bench_command == "train":
-        from trainer.bench import run_bench_train
+        from benchmarks.train import run_bench_train
 
         return run_bench_train(args)
     if args.command == "bench" and args.bench_command == "bank":
-        from bank_server.bench import run_bench
+        from benchmarks.bank import run_bench_bank
 
-        return run_bench(args)
+        return run_bench_bank(args)
     if args.command == "scale" and args.scale_command == "bank":
-        from bank_server.scale import run_scale_bank
+        from benchmarks.scale_bank import run_scale_bank
 
         return run_scale_bank(args)
     if args.command == "scale" and args.scale_command == "train":
-        from trainer.scale import run_scale_train
+        from benchmarks.scale_train import run_scale_train
 
         return run_scale_train(args)
     raise AssertionError(args)

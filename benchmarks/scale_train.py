@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from benchmarks.args import positive_int
+
 if TYPE_CHECKING:
     from trainer.config import Config
 
@@ -56,7 +58,7 @@ GRIDS = {
 
 
 @dataclass(frozen=True)
-class Point:
+class TrainPoint:
     """One training run: a loss (NCE with K negatives, or the exact softmax) on `rows` images."""
 
     negatives: int | None  # None: the exact softmax over every bank row
@@ -85,25 +87,15 @@ class Point:
 
 
 def _negatives(text: str) -> int | str:
-    return SOFTMAX if text.strip().lower() == SOFTMAX else _positive_int(text)
+    return SOFTMAX if text.strip().lower() == SOFTMAX else positive_int(text)
 
 
 def _negatives_list(text: str) -> tuple:
     return tuple(_negatives(item) for item in text.split(",") if item.strip())
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _rows(text: str) -> int | str:
-    return ALL if text.strip().lower() == ALL else _positive_int(text)
+    return ALL if text.strip().lower() == ALL else positive_int(text)
 
 
 def _rows_list(text: str) -> tuple[int | str, ...]:
@@ -146,7 +138,7 @@ def add_scale_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fixed-negatives", type=_negatives, default=None, metavar="K",
                         help=f"K (or 'softmax') while the bank size varies "
                              f"(default {default.fixed_negatives}; --quick {quick.fixed_negatives})")
-    parser.add_argument("--epochs", type=_positive_int, default=None,
+    parser.add_argument("--epochs", type=positive_int, default=None,
                         help=f"epochs of every run (default {default.epochs}; --quick {quick.epochs})")
     parser.add_argument("--quick", action="store_true",
                         help="a tiny grid for a smoke check (a minute or two): "
@@ -177,21 +169,21 @@ def check_overrides(overrides: list[str]) -> None:
 # -- the plan ---------------------------------------------------------------------
 
 
-def plan_points(grid: Grid, train_rows: int) -> dict[Point, list[str]]:
+def plan_points(grid: Grid, train_rows: int) -> dict[TrainPoint, list[str]]:
     """Each distinct point, in sweep order, with the sweeps it belongs to; subsets at or
     beyond the dataset's size are the whole dataset, and a point two sweeps share runs once."""
     from trainer.config import ConfigError
 
-    def point(negatives: int | str, subset: int | str) -> Point:
+    def point(negatives: int | str, subset: int | str) -> TrainPoint:
         rows = _images(subset, train_rows)
         if negatives != SOFTMAX and negatives > rows:
             raise ConfigError(f"K = {negatives} negatives exceeds the {rows} training images (bank rows) "
                               "of that point; lower it or train on more images")
-        return Point(None if negatives == SOFTMAX else negatives, rows, grid.epochs)
+        return TrainPoint(None if negatives == SOFTMAX else negatives, rows, grid.epochs)
 
-    plan: dict[Point, list[str]] = {}
+    plan: dict[TrainPoint, list[str]] = {}
 
-    def add(member: Point, sweep: str) -> None:
+    def add(member: TrainPoint, sweep: str) -> None:
         sweeps = plan.setdefault(member, [])
         if sweep not in sweeps:
             sweeps.append(sweep)
@@ -220,13 +212,13 @@ def dataset_sizes(config: Config) -> tuple[int, int]:
     return train, min(test, d.test_subset) if d.test_subset else test
 
 
-def point_config(config_path: Path, grid: Grid, overrides: list[str], point: Point, train_rows: int) -> Config:
+def point_config(config_path: Path, grid: Grid, overrides: list[str], point: TrainPoint, train_rows: int) -> Config:
     from trainer.config import load_config
 
     return load_config(config_path, [*grid.overrides, *overrides, *point.overrides(train_rows)])
 
 
-def finished_summary(folder: Path, config: Config, point: Point) -> dict | None:
+def finished_summary(folder: Path, config: Config, point: TrainPoint) -> dict | None:
     """The summary of an earlier run of this point, if it finished every epoch; an earlier
     run with another config is an error: resuming it would mix two configs."""
     from trainer.config import ConfigError
@@ -247,7 +239,7 @@ def finished_summary(folder: Path, config: Config, point: Point) -> dict | None:
 # -- running ----------------------------------------------------------------------
 
 
-def train_point(config: Config, folder: Path, point: Point) -> dict:
+def train_point(config: Config, folder: Path, point: TrainPoint) -> dict:
     """One launch, its console output kept in the point's log.txt (the sweep's console
     shows the progress bar and one line per point); line-buffered, so `tail -f` follows it."""
     from trainer.launch import launch
@@ -258,7 +250,7 @@ def train_point(config: Config, folder: Path, point: Point) -> dict:
         return launch(config, folder, run_name=point.name)
 
 
-def result_row(point: Point, sweeps: list[str], summary: dict | None, error: str | None = None) -> dict:
+def result_row(point: TrainPoint, sweeps: list[str], summary: dict | None, error: str | None = None) -> dict:
     """One row of results.parquet; accuracies are fractions, None for a failed point."""
     done = summary if summary is not None and error is None else {}
     top1, untrained = done.get("knn_top1"), done.get("knn_top1_untrained")
@@ -273,7 +265,7 @@ def result_row(point: Point, sweeps: list[str], summary: dict | None, error: str
     }
 
 
-def obtain_point(point: Point, config: Config, folder: Path) -> tuple[dict | None, str | None, bool]:
+def obtain_point(point: TrainPoint, config: Config, folder: Path) -> tuple[dict | None, str | None, bool]:
     """(summary, error, reused): read back a finished run, or train it; a run that stops
     (e.g. a non-finite loss) gives an error instead, so the sweep can go on."""
     from trainer.launch import TrainingStopped
@@ -287,7 +279,8 @@ def obtain_point(point: Point, config: Config, folder: Path) -> tuple[dict | Non
         return None, f"{stopped} (log: {folder / 'log.txt'})", False
 
 
-def run_points(plan: dict[Point, list[str]], configs: dict[Point, Config], output: Path) -> tuple[list[dict], int]:
+def run_points(plan: dict[TrainPoint, list[str]], configs: dict[TrainPoint, Config],
+               output: Path) -> tuple[list[dict], int]:
     """Every point under one progress bar weighted by training images; returns the rows
     and how many points were read back from earlier runs."""
     from tqdm import tqdm
@@ -326,7 +319,7 @@ def plot_against_negatives(rows: list[dict], path: Path, dataset: str) -> Path |
     """kNN top-1 against K on a log axis. The exact softmax has no K (every one of the N
     bank rows is a negative): it and the untrained encoder are horizontal lines from the
     smallest K to N, so the softmax reads as the limit the NCE line heads for."""
-    from bank_server.report import plot_lines
+    from benchmarks.report import plot_lines
 
     swept = [r for r in rows if "negatives" in r["sweeps"] and r["knn_top1"] is not None]
     if not swept:
@@ -350,7 +343,7 @@ def plot_against_bank_size(rows: list[dict], path: Path, dataset: str) -> Path |
     """kNN top-1 against bank rows (= training images) on a log axis, trained and
     untrained: the bank is also the kNN index, so the untrained line shows what the
     index size alone does."""
-    from bank_server.report import plot_lines
+    from benchmarks.report import plot_lines
 
     swept = [r for r in rows if "bank size" in r["sweeps"] and r["knn_top1"] is not None]
     if not swept:
@@ -394,7 +387,7 @@ def table_notes(sweep: Sweep, rows: list[dict], reused: int) -> list[str]:
 
 
 def write_results(rows: list[dict], output: Path, dataset: str, notes: list[str]) -> list[Path]:
-    from bank_server.report import write_table
+    from benchmarks.report import write_table
 
     columns = TABLE_COLUMNS + (["error"] if any(r["error"] for r in rows) else [])
     paths = list(write_table(rows, output, f"kNN accuracy vs negatives and bank size ({dataset})", notes, columns))
@@ -419,8 +412,8 @@ class Sweep:
     base_config: Config
     train_rows: int
     test_rows: int
-    plan: dict[Point, list[str]]
-    configs: dict[Point, Config]
+    plan: dict[TrainPoint, list[str]]
+    configs: dict[TrainPoint, Config]
 
 
 def prepare(args) -> Sweep:

@@ -9,7 +9,8 @@ import matplotlib.image
 import pyarrow.parquet as pq
 import pytest
 
-from bank_server.scale import Bank, add_scale_bank_arguments, plan_grid, run_scale_bank
+from benchmarks.bank_grid import Bank, plan_grid
+from benchmarks.scale_bank import add_scale_bank_arguments, run_scale_bank
 
 REQUIRED = ("rows", "shards", "negatives", "dtype", "clients", "step_p50_ms", "step_p99_ms", "rows_per_s",
             "bytes_per_row")

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from trainer.cli import main
-from trainer.scale import SOFTMAX, Grid, Point, plan_points, result_row, write_results
+from benchmarks.scale_train import SOFTMAX, Grid, TrainPoint, plan_points, result_row, write_results
 
 POINTS = ["nce-k16-rows2000-e1", "softmax-rows2000-e1", "nce-k16-rows1000-e1"]
 COLUMNS = {"point", "sweeps", "loss", "negatives", "bank_rows", "epochs", "knn_top1", "knn_top5", "knn_top1_untrained",
@@ -86,8 +86,8 @@ def test_a_sweep_that_cannot_run_as_asked_is_refused_before_training(sweep, tmp_
 def test_a_failed_point_is_a_row_with_its_error(tmp_path):
     done = {"knn_top1": 0.8, "knn_top5": 0.99, "knn_top1_untrained": 0.75, "images_per_sec": 900.0,
             "train_seconds": 20.0, "wall_seconds": 30.0, "final_loss": 5.0, "steps": 150}
-    rows = [result_row(Point(16, 2000, 1), ["negatives"], done),
-            result_row(Point(None, 2000, 1), ["negatives"], None, error="the loss became non-finite")]
+    rows = [result_row(TrainPoint(16, 2000, 1), ["negatives"], done),
+            result_row(TrainPoint(None, 2000, 1), ["negatives"], None, error="the loss became non-finite")]
     assert rows[0]["knn_top1_gain"] == pytest.approx(0.05) and rows[1]["knn_top1"] is None
     paths = write_results(rows, tmp_path, "fashion-mnist", notes=["a note"])
     assert [p.name for p in paths] == ["results.parquet", "results.md", "knn_vs_negatives.png"]
@@ -99,7 +99,7 @@ def test_the_plan_shares_points_and_clamps_subsets_to_the_dataset():
     grid = Grid(negatives=(16, SOFTMAX), fixed_subset=20000, subsets=(20000, 60000, 70000), fixed_negatives=16,
                 epochs=2)
     plan = plan_points(grid, train_rows=60000)
-    assert plan == {Point(16, 20000, 2): ["negatives", "bank size"], Point(None, 20000, 2): ["negatives"],
-                    Point(16, 60000, 2): ["bank size"]}
-    assert Point(16, 60000, 2).overrides(60000) == [
+    assert plan == {TrainPoint(16, 20000, 2): ["negatives", "bank size"], TrainPoint(None, 20000, 2): ["negatives"],
+                    TrainPoint(16, 60000, 2): ["bank size"]}
+    assert TrainPoint(16, 60000, 2).overrides(60000) == [
         "loss.kind=nce", "loss.negatives=16", "data.subset=0", "train.epochs=2"]

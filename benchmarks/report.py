@@ -1,7 +1,7 @@
 """Outputs of a sweep (`instdisc scale bank`, `instdisc scale train`): one row per
 point in ``results.parquet``, the same table in ``results.md``, and line plots.
 
-Kept free of torch so the bank's sweep does not import it.
+matplotlib is imported when the first plot is drawn, not with this module.
 """
 
 from __future__ import annotations

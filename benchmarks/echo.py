@@ -1,0 +1,61 @@
+"""The floor for any gRPC design: a server whose one method does no work but answers
+N zero bytes, N read from the request's first 8 bytes (the rest of the request only
+has to cross the wire). ``python -m benchmarks.echo`` serves it on a loopback port
+and prints ``listening on HOST:PORT``; `EchoCalls` calls a few of them at once."""
+
+from __future__ import annotations
+
+import struct
+from concurrent import futures
+
+import grpc
+
+from bank_server.server import grpc_options
+
+_SERVICE, _METHOD = "instdisc.bench.Echo", "Echo"
+_MAX_MESSAGE = 64 << 20
+_TIMEOUT_S = 60
+
+
+def serve() -> None:
+    cache: dict[int, bytes] = {}
+
+    def echo(request: bytes, context) -> bytes:
+        (size,) = struct.unpack_from("<q", request)
+        if size not in cache:
+            cache[size] = bytes(size)
+        return cache[size]
+
+    handler = grpc.method_handlers_generic_handler(_SERVICE, {_METHOD: grpc.unary_unary_rpc_method_handler(echo)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=grpc_options(_MAX_MESSAGE))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    print(f"listening on 127.0.0.1:{port}", flush=True)
+    server.wait_for_termination()
+
+
+class EchoCalls:
+    """Echo servers standing in for a bank's shards: each call moves every shard's
+    (request, answer) bytes of `sizes` to and from its server, all at once."""
+
+    def __init__(self, addresses: list[str], sizes: list[tuple[int, int]]):
+        self._channels = [grpc.insecure_channel(a, options=grpc_options(_MAX_MESSAGE)) for a in addresses]
+        self._calls = [channel.unary_unary(f"/{_SERVICE}/{_METHOD}") for channel in self._channels]
+        self._payloads = [struct.pack("<q", answer) + bytes(max(0, request - 8)) for request, answer in sizes]
+
+    def __call__(self, i: int) -> None:
+        if len(self._calls) == 1:
+            self._calls[0](self._payloads[0], timeout=_TIMEOUT_S)
+            return
+        pending = [call.future(payload, timeout=_TIMEOUT_S) for call, payload in zip(self._calls, self._payloads)]
+        for answer in pending:
+            answer.result()
+
+    def close(self) -> None:
+        for channel in self._channels:
+            channel.close()
+
+
+if __name__ == "__main__":
+    serve()

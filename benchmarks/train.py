@@ -1,0 +1,71 @@
+"""`instdisc bench train`: training images/s with the remote sharded bank against an
+in-process bank tensor in the worker, same model, batch and loss, measured in one
+run (the two loops: `benchmarks.train_loops`).
+
+torch is imported when the command runs, not when its arguments are declared, so
+that `instdisc --help` stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from contextlib import ExitStack
+
+from benchmarks.args import positive_int
+from benchmarks.processes import start_bank
+
+
+def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, mnist, cifar10, ...")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--arch", default="small")
+    parser.add_argument("--width", type=positive_int, default=32)
+    parser.add_argument("--image-size", type=int, default=0, help="resize images to this side (0: native)")
+    parser.add_argument("--loss", choices=("nce", "softmax"), default="nce")
+    parser.add_argument("--negatives", type=positive_int, default=4096)
+    parser.add_argument("--temperature", type=float, default=0.07)
+    parser.add_argument("--batch", type=positive_int, default=128)
+    parser.add_argument("--shards", type=positive_int, default=2)
+    parser.add_argument("--steps", type=positive_int, default=60)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--device", default="auto", help="auto: cuda when available")
+    parser.add_argument("--no-overlap", action="store_true", help="wait for each bank round trip")
+    parser.add_argument("--json", dest="json_path")
+
+
+def run_bench_train(args: argparse.Namespace) -> int:
+    import torch
+    import torch.nn.functional as F
+
+    from benchmarks.train_loops import Trainer, run_inprocess, run_remote
+    from trainer.data import load_dataset
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    dataset = load_dataset(args.data, args.data_root, train=True)
+    images = dataset.images if hasattr(dataset, "images") else torch.stack(
+        [dataset[i][0] for i in range(min(len(dataset), 20000))])
+    if args.image_size:
+        images = F.interpolate(images.float(), size=args.image_size, mode="bilinear").round().clamp(0, 255).byte()
+    torch.manual_seed(0)
+    print(f"train-step benchmark: {args.data} {tuple(images.shape[1:])} x {len(images):,}, {args.arch}, "
+          f"{args.loss} (K={args.negatives}), batch {args.batch}, {args.shards} shard(s), {args.device}, "
+          f"overlap {'off' if args.no_overlap else 'on'}", flush=True)
+    inprocess = run_inprocess(Trainer(args, images), args.steps, args.warmup)
+    with ExitStack() as stack:
+        servers = start_bank(stack, args.shards, len(images), 128, "float16")
+        remote, waited_ms, rtt_ms = run_remote(Trainer(args, images), [s.address for s in servers], args.steps,
+                                               args.warmup)
+    result = {"remote_images_per_sec": remote, "inprocess_images_per_sec": inprocess, "ratio": remote / inprocess,
+              "bank_wait_ms": waited_ms, "bank_rtt_ms": rtt_ms, "device": args.device, "arch": args.arch,
+              "loss": args.loss, "negatives": args.negatives, "batch": args.batch, "shards": args.shards,
+              "rows": len(images), "overlap": not args.no_overlap}
+    print(f"(a) remote sharded bank : {remote:10,.0f} images/s  (waited {waited_ms:.2f} ms/step for the bank, "
+          f"round trip {rtt_ms:.1f} ms)")
+    print(f"(b) in-process bank     : {inprocess:10,.0f} images/s")
+    print(f"ratio (a)/(b)           : {remote / inprocess:10.3f}", flush=True)
+    if args.json_path:
+        with open(args.json_path, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return 0
