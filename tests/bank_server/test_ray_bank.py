@@ -26,6 +26,14 @@ def _kill_shard(handle, shard: int) -> int:
     return pid
 
 
+def _bind(sock: socket.socket, host: str, port: int) -> bool:
+    try:
+        sock.bind((host, port))
+        return True
+    except OSError:
+        return False
+
+
 def test_actor_shards_serve_and_restore_after_a_crash(local_ray, tmp_path):
     handle = start_bank(2, 100, 8, "float32", snapshot_dir=str(tmp_path), name="test-bank")
     try:
@@ -56,14 +64,13 @@ def test_a_restarted_shard_whose_old_port_is_taken_serves_elsewhere_and_is_found
         old_address = client.addresses[1]
         client.snapshot("before")
         before = client.lookup(np.arange(64)).copy()
-        pid = _kill_shard(handle, 1)
-        assert wait_until(lambda: not os.path.exists(f"/proc/{pid}"), timeout=30)
-        # Someone else takes the port the dead shard had, before Ray restarts it.
+        _kill_shard(handle, 1)
+        # Someone else binds the port the dead shard had (free once the kernel has closed
+        # its sockets), before or while Ray restarts it.
         host, port = old_address.rsplit(":", 1)
         squatter = socket.socket()
-        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        squatter.bind((host, int(port)))
-        squatter.listen()
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # past the old connections' TIME_WAIT
+        assert wait_until(lambda: _bind(squatter, host, int(port)), timeout=30)
         np.testing.assert_array_equal(client.lookup(np.arange(64)), before)
         assert client.addresses[1] != old_address
         assert client.addresses[1] == ray.get(handle.actors[1].address.remote())

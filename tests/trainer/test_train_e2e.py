@@ -1,5 +1,5 @@
-"""End to end on a Fashion-MNIST subset: `instdisc train` on a local Ray with 2 bank
-shard actors and 2 CPU workers, then a resume of the same run."""
+"""End to end on Fashion-MNIST: `instdisc train` on a local Ray with 2 bank shard
+actors and 2 CPU workers, a resume of the same run, and the long accuracy check."""
 
 import csv
 import json
@@ -12,11 +12,10 @@ import torch
 
 from bank_server import snapshot as snapshots
 
-# 20k images for two epochs is about the least in which learning beats the untrained
-# encoder's kNN reliably (measured: 76.9 % -> 78.6 %); each epoch takes ~15 s here.
+# Behaviour, not accuracy: a small subset keeps each run to about the cost of starting it.
 SUBSET = [
-    "data.subset=20000", "data.test_subset=2000", "train.batch_size=128", "train.workers=2", "bank.shards=2",
-    "train.log_every=50", "augment.crop_min=0.5", "loss.temperature=0.1", "train.lr=0.06",
+    "data.subset=2048", "data.test_subset=500", "train.batch_size=128", "train.workers=2", "bank.shards=2",
+    "train.log_every=5", "loss.negatives=256",
 ]
 
 
@@ -30,21 +29,20 @@ def train(output, *overrides, name="e2e"):
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("run")
-    logs = train(output, "train.epochs=2", "loss.kind=softmax")
+    logs = train(output, "train.epochs=2", "eval.every=2")
     return output, logs
 
 
-def test_training_learns_and_writes_every_output(first_run):
+def test_training_writes_every_output(first_run):
     output, logs = first_run
     assert "resolved config" in logs and "img/s" in logs and "bank rtt" in logs and "ETA" in logs
+    assert "epoch 1/2 done" in logs and "kNN top-1 - top-5 -" in logs  # epoch 1 was not evaluated
     summary = json.loads((output / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["images_per_sec"] > 0 and summary["train_seconds"] > 0
-    assert summary["knn_top1"] > summary["knn_top1_untrained"], summary
-    assert 0 < summary["knn_top1"] <= summary["knn_top5"] <= 1
+    assert 0 < summary["knn_top1"] <= summary["knn_top5"] <= 1 and 0 < summary["knn_top1_untrained"] <= 1
     rows = list(csv.DictReader(open(output / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
-    losses = [float(r["loss"]) for r in rows[1:]]
-    assert losses[-1] < losses[0], losses
+    assert all(np.isfinite(float(r["loss"])) for r in rows[1:])
     assert (output / "curves.png").stat().st_size > 10_000
     with open(output / "encoder.pt", "rb") as fh:
         encoder = torch.export.load(fh).module()
@@ -63,14 +61,14 @@ def test_rerunning_the_same_run_resumes_it(first_run):
         (folder / "LATEST").unlink()
         for path in folder.glob("shutdown-*.arrow"):
             path.unlink()
-    logs = train(output, "train.epochs=2", "loss.kind=softmax")
+    logs = train(output, "train.epochs=2", "eval.every=2")
     assert f"resumed at epoch 2, step {before['steps']}, bank snapshot '{tag}'" in logs
     for shard in (0, 1):
         saved, _, _ = snapshots.read(output / "bank" / "e2e", shard, tag)
         after_resume, _, _ = snapshots.read(output / "bank" / "e2e", shard)  # the rerun's shutdown snapshot
         np.testing.assert_array_equal(after_resume, saved)
 
-    logs = train(output, "train.epochs=3", "loss.kind=softmax")
+    logs = train(output, "train.epochs=3", "eval.every=2")
     after = json.loads((output / "summary.json").read_text())
     assert after["epochs"] == 3 and after["steps"] == before["steps"] * 3 // 2
     rows = list(csv.DictReader(open(output / "metrics.csv")))
@@ -80,14 +78,18 @@ def test_rerunning_the_same_run_resumes_it(first_run):
     for path in (output / "bank" / "e2e").glob("shard-*/epoch-0003-*.arrow"):
         path.unlink()
     done = subprocess.run([sys.executable, "-m", "trainer", "--output-dir", str(output), "--name", "e2e",
-                           *SUBSET, "train.epochs=4", "loss.kind=softmax"], capture_output=True, text=True, timeout=600)
+                           *SUBSET, "train.epochs=4"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 1 and "needs bank snapshot 'epoch-0003-step-" in done.stderr, done.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_nce_learns_without_collapse(tmp_path):
-    # NCE needs the full bank (K / N small): on 20k images it dips below the untrained
-    # encoder for several epochs. On all 60k it recovers within two (79.7 % -> 81.1 %).
-    train(tmp_path, "data.subset=0", "train.epochs=2", "loss.kind=nce", "loss.negatives=4096", name="nce")
+    # The accuracy check. NCE needs the full bank (K / N small): on 20k images it dips
+    # below the untrained encoder for several epochs. On all 60k it recovers within two
+    # (79.7 % -> 81.1 %).
+    train(tmp_path, "data.subset=0", "data.test_subset=2000", "train.epochs=2", "eval.every=2", "loss.kind=nce",
+          "loss.negatives=4096", "augment.crop_min=0.5", "loss.temperature=0.1", "train.lr=0.06",
+          "train.log_every=50", name="nce")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["knn_top1"] > summary["knn_top1_untrained"], summary
     rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
@@ -98,15 +100,14 @@ def test_training_against_running_bank_servers(tmp_path, spawn_server):
     servers = [spawn_server("--shard-id", str(s), "--num-shards", "2", "--rows", "2048", "--port", "0",
                             "--snapshot-dir", str(tmp_path / "bank")) for s in range(2)]
     addresses = ",".join(server.address for server in servers)
-    train(tmp_path / "out", "data.subset=2048", "train.epochs=1", "loss.kind=nce", "loss.negatives=256",
-          f"bank.addresses={addresses}", name="external")
+    train(tmp_path / "out", "train.epochs=1", f"bank.addresses={addresses}", name="external")
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["epochs"] == 1
     assert list((tmp_path / "bank" / "shard-00001").glob("epoch-0001-*.arrow"))
 
 
 def test_a_non_finite_loss_stops_with_a_message(tmp_path):
     done = subprocess.run([sys.executable, "-m", "trainer", "--output-dir", str(tmp_path), *SUBSET,
-                           "data.subset=2048", "train.lr=1e30", "train.epochs=1"],
+                           "train.lr=1e30", "train.epochs=1"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stdout[-2000:] + done.stderr[-2000:]
     assert "the features became non-finite" in done.stderr and "Last good checkpoint" in done.stderr
@@ -114,7 +115,7 @@ def test_a_non_finite_loss_stops_with_a_message(tmp_path):
 
 def test_config_and_data_errors_are_reported(tmp_path):
     cases = [
-        (["loss.kind=nce", "loss.negatives=30000"], "loss.negatives=30000 exceeds the 20000 training images"),
+        (["loss.kind=nce", "loss.negatives=3000"], "loss.negatives=3000 exceeds the 2048 training images"),
         (["model.arch=resnet18", "model.cifar_stem=false"], "needs images of at least 32x32"),
         (["data.name=parquet", f"data.root={tmp_path}"], "train.parquet"),
         (["train.epoch=1"], "unknown config key 'train.epoch'"),
@@ -134,7 +135,7 @@ def test_a_token_the_bank_refuses_stops_the_run_naming_the_shard(tmp_path, spawn
                           "--token-file", str(tmp_path / "token"))
     server.wait_serving()
     done = subprocess.run([sys.executable, "-m", "trainer", "--output-dir", str(tmp_path / "out"), *SUBSET,
-                           "data.subset=2048", f"bank.addresses={server.address}",
+                           f"bank.addresses={server.address}",
                            f"bank.token_file={tmp_path / 'wrong'}"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert f"cannot use bank shard {server.address}: UNAUTHENTICATED" in done.stderr
