@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_SPEC)
-	$(PIP) install -q -e '.[train,test]'
+	$(PIP) install -q -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed

@@ -1,6 +1,6 @@
 """deploy/ without a cluster: render the kustomization, validate every object against its
 schema, check that the pieces agree (the Dockerfile's two images included), and run the
-bank container's command line locally, without the train extra as in the bank image."""
+bank container's command line locally, without what the bank image leaves out."""
 
 import math
 import os
@@ -32,9 +32,10 @@ KUBERNETES_VERSION = "1.37"
 MIB = 1 << 20
 UNITS = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
-# The train extra's distributions and the modules they provide: none is in the bank image.
+# The dependencies the bank image leaves out, and the modules they provide.
 TRAIN_MODULES = {"ray": "ray", "torch": "torch", "torchvision": "torchvision", "pyyaml": "yaml",
                  "matplotlib": "matplotlib", "tqdm": "tqdm"}
+BANK_DEPENDENCIES = PROJECT["tool"]["instdisc"]["bank-dependencies"]
 
 
 @pytest.fixture(scope="module")
@@ -295,14 +296,16 @@ def test_bank_pods_and_ray_pods_run_the_images_the_dockerfile_builds(objects):
     assert yaml.safe_load(entrypoint) == bank_container(objects)["command"]
 
 
-def test_the_bank_image_installs_the_bank_alone_and_the_train_image_the_train_extra():
+def test_the_bank_image_installs_the_bank_alone_and_the_train_image_everything():
     stages = dockerfile_stages()
-    train_extra = {requirement_name(r) for r in PROJECT["project"]["optional-dependencies"]["train"]}
-    assert train_extra == set(TRAIN_MODULES)
-    assert not train_extra & {requirement_name(r) for r in PROJECT["project"]["dependencies"]}
+    everything = {requirement_name(r) for r in PROJECT["project"]["dependencies"]}
+    assert set(BANK_DEPENDENCIES) | set(TRAIN_MODULES) == everything
+    assert not set(BANK_DEPENDENCIES) & set(TRAIN_MODULES)
     assert re.match(r"FROM python:3\.11-slim AS bank\n", stages["bank"])
-    assert pip_installs(stages["bank"]) == [["."]]
-    assert [".[train]"] in pip_installs(stages["train"])
+    bank_run = " ".join(stages["bank"].split("\\\n"))  # continued lines joined
+    assert "pip install --no-cache-dir --no-deps . " in bank_run
+    assert "['tool']['instdisc']['bank-dependencies']" in bank_run and "pip install --no-cache-dir -r /tmp/bank.txt" in bank_run
+    assert ["."] in pip_installs(stages["train"])
     # setuptools builds neither image unless every package pyproject.toml lists is there.
     copied = {source for line in re.findall(r"^COPY (.+)$", stages["source"], re.M) for source in line.split()[:-1]}
     packages = {p.split(".")[0] for p in PROJECT["tool"]["setuptools"]["packages"]}
@@ -327,8 +330,8 @@ def local_command(objects, ordinal: int, host: str, port: int, root: Path) -> li
     return args
 
 
-def hide_the_train_extra(root: Path, monkeypatch) -> None:
-    """Child processes fail to import the train extra's modules, as in the bank image."""
+def hide_what_the_bank_image_leaves_out(root: Path, monkeypatch) -> None:
+    """Child processes fail to import what the bank image leaves out."""
     root.mkdir()
     for module in TRAIN_MODULES.values():
         (root / f"{module}.py").write_text(
@@ -338,7 +341,7 @@ def hide_the_train_extra(root: Path, monkeypatch) -> None:
 
 def test_the_bank_container_serves_the_layout_the_manifests_declare(objects, tmp_path, spawn_server, monkeypatch):
     layout, port = bank_layout(objects), free_port()
-    hide_the_train_extra(tmp_path / "no-train-extra", monkeypatch)
+    hide_what_the_bank_image_leaves_out(tmp_path / "left-out", monkeypatch)
     (tmp_path / "bank-token").mkdir()
     (tmp_path / "bank-token" / "token").write_text("s3cret\n")
     shards = int(layout["shards"])
