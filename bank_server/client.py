@@ -11,8 +11,12 @@ Addresses are listed in any order, or given as one template with ``{shard}`` in 
 another port) is found again through ``resolve(shard, timeout_s) -> address``.
 
 It speaks numpy: array-likes go in (anything ``np.asarray`` takes, CPU torch tensors
-included), numpy arrays come out. Values are checked by :mod:`bank_server.validate`,
-the shard's own checks, so a mistake reads the same wherever it is caught.
+included), numpy arrays come out; the bulk answers are read by :mod:`bank_server.wire`
+as views of the received bytes. Values are checked by :mod:`bank_server.validate`, the
+shard's own checks: the client checks an update whole only when it goes out as several
+messages (several shards, or one too large for a message), which must all be accepted
+or none; a single message is left to the shard. A mistake reads the same either way:
+`InvalidArgument` with the same message.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from typing import Any, Callable, Sequence
 import grpc
 import numpy as np
 
-from bank_server import tensors, validate
+from bank_server import tensors, validate, wire
 from bank_server.errors import InvalidArgument
 from bank_server.merge import merge_partition_sums, merge_topk
 from bank_server.server import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
@@ -42,6 +46,39 @@ _FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 1.0
 
 
+def _stub(channel: grpc.Channel) -> bank_pb2_grpc.MemoryBankStub:
+    """The generated stub, with the bulk methods returning their answers' bytes for
+    `bank_server.wire` to read (as numpy views, without protobuf's copies)."""
+    stub = bank_pb2_grpc.MemoryBankStub(channel)
+    service = bank_pb2.DESCRIPTOR.services_by_name["MemoryBank"].full_name
+    for method, request in (("Step", bank_pb2.StepRequest), ("Lookup", bank_pb2.LookupRequest),
+                            ("Sample", bank_pb2.SampleRequest)):
+        setattr(stub, method, channel.unary_unary(f"/{service}/{method}", request_serializer=request.SerializeToString,
+                                                  response_deserializer=None))
+    return stub
+
+
+def _update_message(indices, features, momentum: float, client_id: str, sequence: int,
+                    into: bank_pb2.UpdateRequest | None = None) -> bank_pb2.UpdateRequest:
+    message = bank_pb2.UpdateRequest() if into is None else into
+    tensors.encode(indices, out=message.indices)
+    tensors.encode(features, out=message.features)
+    message.momentum, message.client_id, message.sequence = momentum, client_id, sequence
+    return message
+
+
+def _step_message(update: tuple | None, lookup: np.ndarray | None, sample_k: int,
+                  sample_seed: int | None) -> bank_pb2.StepRequest:
+    message = bank_pb2.StepRequest(sample_k=sample_k)
+    if update is not None:
+        _update_message(*update, into=message.update)
+    if lookup is not None:
+        tensors.encode(lookup, out=message.lookup_indices)
+    if sample_seed is not None:
+        message.sample_seed = sample_seed
+    return message
+
+
 class BankRpcError(RuntimeError):
     """A shard answered with an error status (after retries, for UNAVAILABLE)."""
 
@@ -51,6 +88,15 @@ class BankRpcError(RuntimeError):
 
     def __reduce__(self):  # Ray pickles errors across processes
         return type(self), (self.code, self.details, self.address)
+
+
+class RequestRejected(BankRpcError, InvalidArgument):
+    """A shard found the request invalid (INVALID_ARGUMENT). It reads exactly as the same
+    mistake caught by the client's own checks (`InvalidArgument`, the same message), so
+    callers need not care which side caught it; `address` still says which shard."""
+
+    def __str__(self) -> str:
+        return self.details
 
 
 class LayoutError(ValueError):
@@ -119,7 +165,7 @@ class BankClient:
             channel = self._channel(address)
             self._channels.append(channel)
             self._addresses.append(address)
-            self._stubs.append(bank_pb2_grpc.MemoryBankStub(channel))
+            self._stubs.append(_stub(channel))
         return self._fan_out("Describe", [(i, bank_pb2.DescribeRequest()) for i in range(first, len(self._stubs))])
 
     def _channel(self, address: str) -> grpc.Channel:
@@ -141,7 +187,7 @@ class BankClient:
             log.info("bank shard %d moved from %s to %s", shard, self._addresses[shard], address)
             self._channels[shard].close()
             self._channels[shard] = self._channel(address)
-            self._stubs[shard] = bank_pb2_grpc.MemoryBankStub(self._channels[shard])
+            self._stubs[shard] = _stub(self._channels[shard])
             self._addresses[shard] = address
 
     @property
@@ -193,7 +239,8 @@ class BankClient:
                         self._find_again(calls[i][0], deadline)
                         retry.append(i)
                     elif failure is None:
-                        failure = BankRpcError(error.code(), error.details() or "", self._addresses[calls[i][0]])
+                        kind = RequestRejected if error.code() == grpc.StatusCode.INVALID_ARGUMENT else BankRpcError
+                        failure = kind(error.code(), error.details() or "", self._addresses[calls[i][0]])
             if failure is not None:
                 raise failure
             pending = retry
@@ -246,7 +293,7 @@ class BankClient:
                 places.append(chunk)
         rows = np.empty((len(idx), self.dim), dtype=self.dtype)
         for chunk, answer in zip(places, self._fan_out("Lookup", calls)):
-            rows[chunk] = tensors.decode(answer.rows, "rows")
+            rows[chunk] = tensors.decode(wire.parse_lookup_response(answer).rows, "rows")
         return rows
 
     def sample(self, k: int, seed: int | None = None):
@@ -261,7 +308,7 @@ class BankClient:
                 if seed is not None:
                     request.seed = int(rng.integers(2**63))
                 calls.append((s, request))
-        answers = self._fan_out("Sample", calls)
+        answers = [wire.parse_sample_response(a) for a in self._fan_out("Sample", calls)]
         return self._shuffled([tensors.decode(a.indices, "indices") for a in answers],
                               [tensors.decode(a.rows, "rows") for a in answers], rng)
 
@@ -282,23 +329,18 @@ class BankClient:
             begin += len(part_idx)
         return out_idx, out_rows
 
-    def _update_requests(self, idx: np.ndarray, features: np.ndarray, momentum: float, into=None):
-        """(shard, UpdateRequest) pairs, each with its own sequence number. `into(s)`
-        may supply the message to fill for a shard's first chunk."""
-        # Checked whole before anything is sent: the shards validate only their own
-        # parts, so a bad row for one shard must not let the others apply theirs.
+    def _update_parts(self, idx: np.ndarray, features: np.ndarray, momentum: float) -> list[tuple[int, tuple]]:
+        """(shard, (indices, features, momentum, client_id, sequence)) per message, each
+        with its own sequence number; a shard's first part comes first."""
+        item_bytes = self.dim * features.dtype.itemsize + 8
+        if self.num_shards == 1 and len(idx) * item_bytes <= self.chunk_bytes:
+            # One message to one shard: its own check, with the same validators, is enough.
+            return [(0, (idx, features, momentum, self.client_id, next(self._sequence)))]
+        # Several messages must all be accepted or none: the shards validate only their
+        # own parts, so a bad row in one must not let the others apply theirs.
         validate.update(idx, features, momentum, self.rows, self.dim)
-        calls = []
-        for s, positions in enumerate(self._route(idx)):
-            for i, chunk in enumerate(self._chunks(positions, self.dim * features.dtype.itemsize + 8)):
-                request = into(s) if into is not None and i == 0 else bank_pb2.UpdateRequest()
-                tensors.encode(idx[chunk], out=request.indices)
-                tensors.encode(features[chunk], out=request.features)
-                request.momentum = momentum
-                request.client_id = self.client_id
-                request.sequence = next(self._sequence)
-                calls.append((s, request))
-        return calls
+        return [(s, (idx[chunk], features[chunk], momentum, self.client_id, next(self._sequence)))
+                for s, positions in enumerate(self._route(idx)) for chunk in self._chunks(positions, item_bytes)]
 
     @staticmethod
     def _floats(values) -> np.ndarray:
@@ -312,7 +354,8 @@ class BankClient:
         """``v_i <- normalize(m v_i + (1 - m) f_i)``; returns how many requests were
         applied (a retried one that already landed counts zero)."""
         idx = self._indices(indices, "update.indices")
-        answers = self._fan_out("Update", self._update_requests(idx, self._floats(features), momentum))
+        parts = self._update_parts(idx, self._floats(features), momentum)
+        answers = self._fan_out("Update", [(s, _update_message(*part)) for s, part in parts])
         return sum(a.applied for a in answers)
 
     def step(self, update_indices=None, update_features=None, momentum: float = 0.5,
@@ -322,18 +365,19 @@ class BankClient:
         wave of plain Update/Lookup/Sample calls."""
         validate.count(negatives, 0, self.rows, "negatives", "the bank's rows")
         rng = self._rng if seed is None else np.random.default_rng(seed)
-        fused: dict[int, bank_pb2.StepRequest] = {}
+        # Per shard, what its one Step carries; what does not fit goes in `extra`.
+        updates: dict[int, tuple] = {}
+        lookups: dict[int, np.ndarray] = {}       # shard -> positions in lookup_indices
+        samples: dict[int, tuple[int, int | None]] = {}
         extra: list[tuple[str, int, Any, Any]] = []  # (method, shard, request, lookup positions)
-
-        def request(s):
-            return fused.setdefault(s, bank_pb2.StepRequest())
 
         if update_indices is not None and len(update_indices):
             idx = self._indices(update_indices, "update.indices")
-            calls = self._update_requests(idx, self._floats(update_features), momentum,
-                                          into=lambda s: request(s).update)
-            extra += [("Update", s, req, None) for s, req in calls if req is not fused[s].update]
-        lookup_places: dict[int, np.ndarray] = {}
+            for s, part in self._update_parts(idx, self._floats(update_features), momentum):
+                if s in updates:
+                    extra.append(("Update", s, _update_message(*part), None))
+                else:
+                    updates[s] = part
         n_lookup = 0
         if lookup_indices is not None:
             idx = self._indices(lookup_indices, "lookup_indices")
@@ -342,11 +386,9 @@ class BankClient:
             # the second wave, the reads go there too, after it.
             fuse = not any(method == "Update" for method, *_ in extra)
             for s, positions in enumerate(self._route(idx)):
-                chunks = self._chunks(positions, self._row_bytes)
-                for i, chunk in enumerate(chunks):
+                for i, chunk in enumerate(self._chunks(positions, self._row_bytes)):
                     if i == 0 and fuse:
-                        tensors.encode(idx[chunk], out=request(s).lookup_indices)
-                        lookup_places[s] = chunk
+                        lookups[s] = chunk
                     else:
                         extra.append(("Lookup", s, bank_pb2.LookupRequest(indices=tensors.encode(idx[chunk])), chunk))
         if negatives:
@@ -356,24 +398,21 @@ class BankClient:
                     k = min(per, share - begin)
                     seed_s = None if seed is None else int(rng.integers(2**63))
                     if begin == 0:
-                        request(s).sample_k = k
-                        if seed_s is not None:
-                            request(s).sample_seed = seed_s
+                        samples[s] = (k, seed_s)
                     else:
-                        sample = bank_pb2.SampleRequest(k=k)
-                        if seed_s is not None:
-                            sample.seed = seed_s
-                        extra.append(("Sample", s, sample, None))
+                        extra.append(("Sample", s, bank_pb2.SampleRequest(k=k, seed=seed_s), None))
 
-        shards = sorted(fused)
-        answers = self._fan_out("Step", [(s, fused[s]) for s in shards])
+        shards = sorted(set(updates) | set(lookups) | set(samples))
+        requests = [(s, _step_message(updates.get(s), idx[lookups[s]] if s in lookups else None,
+                                      *samples.get(s, (0, None)))) for s in shards]
         rows = np.empty((n_lookup, self.dim), dtype=self.dtype)
         neg_idx, neg_rows, applied = [], [], 0
-        for s, answer in zip(shards, answers):
+        for s, answer in zip(shards, self._fan_out("Step", requests)):
+            answer = wire.parse_step_response(answer)
             applied += answer.update_applied
-            if s in lookup_places:
-                rows[lookup_places[s]] = tensors.decode(answer.rows, "rows")
-            if answer.HasField("sample_indices"):
+            if s in lookups:
+                rows[lookups[s]] = tensors.decode(answer.rows, "rows")
+            if answer.sample_indices is not None:
                 neg_idx.append(tensors.decode(answer.sample_indices, "sample_indices"))
                 neg_rows.append(tensors.decode(answer.sample_rows, "sample_rows"))
         for method in ("Update", "Lookup", "Sample"):  # the second wave, after the fused updates
@@ -384,8 +423,9 @@ class BankClient:
                 if method == "Update":
                     applied += answer.applied
                 elif method == "Lookup":
-                    rows[places] = tensors.decode(answer.rows, "rows")
+                    rows[places] = tensors.decode(wire.parse_lookup_response(answer).rows, "rows")
                 else:
+                    answer = wire.parse_sample_response(answer)
                     neg_idx.append(tensors.decode(answer.indices, "indices"))
                     neg_rows.append(tensors.decode(answer.rows, "rows"))
         if negatives:

@@ -21,9 +21,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from bank_server.errors import NotFound
-from bank_server.servicer import MemoryBankServicer
+from bank_server.servicer import MemoryBankServicer, add_to_server
 from bank_server.shard import Layout, Shard
-from protos import bank_pb2, bank_pb2_grpc
+from protos import bank_pb2
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class BankServer:
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="bank"),
             interceptors=interceptors, options=grpc_options(config.max_message_bytes))
         self.servicer = MemoryBankServicer(config.max_message_bytes, config.snapshot_dir, config.keep_snapshots)
-        bank_pb2_grpc.add_MemoryBankServicer_to_server(self.servicer, self._server)
+        add_to_server(self.servicer, self._server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(

@@ -34,8 +34,9 @@ def encode(array: np.ndarray, out: bank_pb2.Tensor | None = None) -> bank_pb2.Te
     return out
 
 
-def decode(tensor: bank_pb2.Tensor, field: str, *, dtypes=None, ndim: int | None = None) -> np.ndarray:
-    """Read-only view of a wire tensor; raises InvalidArgument naming `field`.
+def decode(tensor, field: str, *, dtypes=None, ndim: int | None = None) -> np.ndarray:
+    """Read-only view of a wire tensor (a protobuf `Tensor` or a `wire.WireTensor`);
+    raises InvalidArgument naming `field`.
 
     `dtypes` restricts the accepted wire dtypes; `ndim` the rank.
     """

@@ -6,6 +6,13 @@ one run so the ratios mean something on any machine:
   (the floor: no serialisation, no network);
 - ``echo``: a raw gRPC unary call per shard moving the same request and answer bytes
   with no work on the server (the floor for any gRPC design, `benchmarks.echo`).
+
+Step and echo take turns call by call, so whatever else the machine does hits both
+alike. Then, on the same servers, `--clients` Step client processes at a time say how
+many Step calls per second one shard process sustains: every client's Step reaches
+every shard, so a shard serves as many calls as the clients make Steps. On a machine
+where the clients share the shards' cores, that is a floor; the shard processes' own
+CPU time per call says what a shard with a core to itself would sustain.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from bank_server.client import BankClient
 from bank_server.shard import Layout, Shard
 from benchmarks.args import comma_list, positive_int
 from benchmarks.echo import EchoCalls
-from benchmarks.processes import ServerProcess, start_bank
+from benchmarks.processes import ServerProcess, cpu_seconds, start_bank
+from benchmarks.step_client import run_step_clients, warmup_calls
 from benchmarks.timing import percentile_ms, timed_calls, timed_pair
 from benchmarks.workload import MOMENTUM, StepWorkload, step_message_bytes
 
@@ -38,6 +46,9 @@ def add_bench_bank_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=positive_int, default=256)
     parser.add_argument("--iters", type=positive_int, default=300)
     parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--clients", type=_shard_counts, default="1,4,8",
+                        help="comma-separated counts of concurrent Step client processes for the throughput part")
+    parser.add_argument("--client-iters", type=positive_int, default=200, help="timed Steps per client")
     parser.add_argument("--json", dest="json_path", help="also write the results here as a JSON list")
 
 
@@ -58,7 +69,7 @@ def _inprocess_seconds(work: StepWorkload, rows, dim, dtype, shards, negatives, 
     return timed_calls(inprocess, iters, warmup)
 
 
-def _measure(rows, dim, dtype, shards, negatives, batch, iters, warmup) -> dict:
+def _measure(rows, dim, dtype, shards, negatives, batch, iters, warmup, clients=(), client_iters=200) -> dict:
     work = StepWorkload(rows, dim, batch, seed=0)
     # Returns before the servers start, so the bank's in-process copies are freed by then.
     inprocess_s = _inprocess_seconds(work, rows, dim, dtype, shards, negatives, iters, warmup)
@@ -74,6 +85,15 @@ def _measure(rows, dim, dtype, shards, negatives, batch, iters, warmup) -> dict:
             client.step(work.indices(i), work.features(i), MOMENTUM, work.indices(i + 1), negatives)
 
         step_s, echo_s = timed_pair(step, echo, iters, warmup)
+        throughput = {}
+        for c in clients:
+            before = [cpu_seconds(s.proc.pid) for s in servers]
+            throughput[c] = run_step_clients([s.address for s in servers], rows, dim, batch, negatives, c,
+                                             client_iters, timeout=600)
+            # Warm-up calls count too: each client makes warmup_calls(client_iters) more.
+            calls = c * (client_iters + warmup_calls(client_iters))
+            throughput[c]["cpu_ms_per_call"] = max(
+                1e3 * (cpu_seconds(s.proc.pid) - b) / calls for s, b in zip(servers, before))
 
     step_p50, echo_p50, inproc_p50 = (percentile_ms(s, 50) for s in (step_s, echo_s, inprocess_s))
     return {
@@ -85,6 +105,15 @@ def _measure(rows, dim, dtype, shards, negatives, batch, iters, warmup) -> dict:
         "step_over_echo": step_p50 / echo_p50, "step_over_inprocess": step_p50 / inproc_p50,
         "rows_per_s": (2 * batch + negatives) / float(np.mean(step_s)),
         "request_bytes": sum(s[0] for s in sizes), "answer_bytes": sum(s[1] for s in sizes),
+        # Every Step reaches every shard: a shard's calls/s is the clients' Steps/s.
+        "shard_calls_per_s": {c: t["steps_per_s"] for c, t in throughput.items()},
+        "clients_step_p50_ms": {c: t["step_p50_ms"] for c, t in throughput.items()},
+        "clients_step_p99_ms": {c: t["step_p99_ms"] for c, t in throughput.items()},
+        # The busiest shard process's CPU per call, and what that allows on a core of its own.
+        "shard_cpu_ms_per_call": {c: t["cpu_ms_per_call"] for c, t in throughput.items()},
+        # None when the run was too short for the clock's ticks (10 ms) to see.
+        "shard_calls_per_core_s": {c: 1e3 / t["cpu_ms_per_call"] if t["cpu_ms_per_call"] else None
+                                   for c, t in throughput.items()},
     }
 
 
@@ -95,10 +124,23 @@ def run_bench_bank(args: argparse.Namespace) -> int:
     print(f"{'shards':>6} {'step p50':>9} {'step p99':>9} {'echo p50':>9} {'inproc p50':>10} {'step/echo':>9} "
           f"{'rows/s':>12}")
     for shards in args.shards:
-        r = _measure(args.rows, args.dim, args.dtype, shards, args.negatives, args.batch, args.iters, args.warmup)
+        r = _measure(args.rows, args.dim, args.dtype, shards, args.negatives, args.batch, args.iters, args.warmup,
+                     args.clients, args.client_iters)
         results.append(r)
         print(f"{shards:>6} {r['step_p50_ms']:>7.2f}ms {r['step_p99_ms']:>7.2f}ms {r['echo_p50_ms']:>7.2f}ms "
               f"{r['inprocess_p50_ms']:>8.2f}ms {r['step_over_echo']:>9.2f} {r['rows_per_s']:>12,.0f}", flush=True)
+    if args.clients:
+        print(f"\nStep calls/s one shard process sustains ({args.client_iters} Steps per client; p50/p99 of the "
+              "clients' Steps):")
+        print(f"{'shards':>6} " + " ".join(f"{f'{c} client(s)':>26}" for c in args.clients)
+              + "   shard CPU per call (calls/s on a core of its own)")
+        for r in results:
+            cells = [f"{r['shard_calls_per_s'][c]:>7,.0f}/s {r['clients_step_p50_ms'][c]:>6.2f}/"
+                     f"{r['clients_step_p99_ms'][c]:>6.2f}ms" for c in args.clients]
+            cpu = ", ".join("too short to measure" if r["shard_calls_per_core_s"][c] is None else
+                            f"{r['shard_cpu_ms_per_call'][c]:.3f} ms ({r['shard_calls_per_core_s'][c]:,.0f}/s)"
+                            for c in args.clients)
+            print(f"{r['shards']:>6} " + " ".join(f"{cell:>26}" for cell in cells) + f"   {cpu}", flush=True)
     if args.json_path:
         with open(args.json_path, "w") as fh:
             json.dump(results, fh, indent=2)

@@ -8,6 +8,7 @@ expected in time is killed, and the error carries the end of its stderr.
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -22,6 +23,12 @@ _STDERR_TAIL_CHARS = 4000
 # Initialising rows runs at about 500,000 a second on one core here; a shard gets five
 # times as long, on top of the interpreter's start.
 _START_S, _ROWS_PER_S = 60.0, 100_000
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time the process has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 class ChildFailed(RuntimeError):

@@ -34,10 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks that print numbers").add_subparsers(
         dest="bench_command", required=True)
     from benchmarks.bank import add_bench_bank_arguments
+    from benchmarks.step_parts import add_bench_parts_arguments
     from benchmarks.train import add_bench_train_arguments
 
     add_bench_bank_arguments(bench.add_parser("bank", help="Step latency vs in-process bank and raw gRPC echo"))
     add_bench_train_arguments(bench.add_parser("train", help="training images/s: remote bank vs in-process bank"))
+    add_bench_parts_arguments(bench.add_parser("parts", help="one shard's Step part by part, wire vs protobuf codec"))
 
     scale = commands.add_parser("scale", help="scaling sweeps that write results.parquet, results.md and plots")
     scale_commands = scale.add_subparsers(dest="scale_command", required=True)
@@ -90,6 +92,10 @@ def main(argv=None) -> int:
         from benchmarks.train import run_bench_train
 
         return run_bench_train(args)
+    if args.command == "bench" and args.bench_command == "parts":
+        from benchmarks.step_parts import run_bench_parts
+
+        return run_bench_parts(args)
     if args.command == "bench" and args.bench_command == "bank":
         from benchmarks.bank import run_bench_bank
 

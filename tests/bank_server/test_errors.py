@@ -143,6 +143,7 @@ def test_client_checks_a_whole_update_before_any_shard_applies_it(bank):
     assert [d["updates_applied"] for d in client.describe()] == [0] * client.num_shards
 
 
+@pytest.mark.parametrize("shards", [1, 2])
 @pytest.mark.parametrize("indices, features, momentum", [
     ([0, 1, 20], unit_rows(3), 0.5),                    # out of range
     ([2, 4, 2], unit_rows(3), 0.5),                     # duplicate
@@ -150,16 +151,22 @@ def test_client_checks_a_whole_update_before_any_shard_applies_it(bank):
     ([0, 2], unit_rows(2)[:, :3], 0.5),                  # wrong dim
     ([0, 2], unit_rows(2), 1.0),                         # momentum
 ])
-def test_client_and_shard_reject_an_update_with_the_same_message(bank, indices, features, momentum):
-    """One set of validators: what the client refuses before sending reads exactly as
-    what the shard (here a one-shard Update sent raw) refuses."""
-    stub, client, _ = bank
-    with pytest.raises(InvalidArgument) as on_client:
+def test_a_bad_update_reads_the_same_whichever_side_catches_it(make_bank, shards, indices, features, momentum):
+    """One set of validators. With two shards the client checks the whole update before
+    sending; with one, the shard's own check is enough. Either way: InvalidArgument
+    with the message a shard gives a raw Update, and no row changed."""
+    bank = make_bank(shards, N, D, "float32", max_message_bytes=1 << 16)
+    client = bank.client()
+    with grpc.insecure_channel(bank.addresses[0]) as channel:
+        with pytest.raises(grpc.RpcError) as raw:  # shard 0 alone, as any client of bank.proto sees it
+            bank_pb2_grpc.MemoryBankStub(channel).Update(update(indices, features, momentum))
+    assert raw.value.code() == INVALID
+    with pytest.raises(InvalidArgument) as caught:
         client.update(indices, features, momentum)
-    with pytest.raises(grpc.RpcError) as on_shard:  # the stub reaches shard 0 alone
-        stub.Update(update(indices, features, momentum))
-    assert on_shard.value.code() == INVALID
-    assert on_shard.value.details() == str(on_client.value)
+    assert str(caught.value) == raw.value.details()
+    assert isinstance(caught.value, BankRpcError) == (shards == 1)  # which side caught it
+    assert [d["updates_applied"] for d in client.describe()] == [0] * shards
+    client.close()
 
 
 def test_snapshot_needs_a_directory_and_a_clean_tag(bank):

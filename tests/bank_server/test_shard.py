@@ -98,3 +98,28 @@ def test_step_is_validated_whole_before_any_change():
         shard.step(([1, 2], f, 0.5, "c", 1), np.array([3]), 11)
     np.testing.assert_array_equal(shard.lookup(np.arange(10)), before)
     assert shard.updates_applied == 0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("momentum", [0.0, 0.5, 0.9])
+def test_the_update_is_bit_identical_to_the_formula(dtype, momentum):
+    """v <- normalize(m v + (1 - m) f), computed in float32 and stored once in the bank's dtype."""
+    layout = Layout(0, 1, 500, 16, dtype)
+    shard = Shard.create(layout, seed=3)
+    rng = np.random.default_rng(1)
+    idx = rng.choice(500, 64, replace=False)
+    f = rng.standard_normal((64, 16)).astype(np.float32)
+    f /= np.linalg.norm(f, axis=1, keepdims=True)
+    before = shard.lookup(idx).astype(np.float32)
+    m = np.float32(momentum)
+    mixed = before * m + f * (np.float32(1) - m)
+    expected = (mixed / np.maximum(np.linalg.norm(mixed, axis=1, keepdims=True), np.float32(1e-12))).astype(dtype)
+    shard.momentum_update(idx, f, momentum)
+    assert shard.lookup(idx).tobytes() == expected.tobytes()
+
+
+def test_the_float16_table_gives_numpys_bits_for_every_value():
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
+    assert shard_module.as_float32(every).view(np.uint32).tobytes() == every.astype(np.float32).view(np.uint32).tobytes()
+    rows = np.ones((3, 4), np.float32)
+    assert shard_module.as_float32(rows) is rows
