@@ -1,11 +1,27 @@
 """The bank as Ray actors: each shard is a named actor running the same gRPC server.
 
-Actors restart forever (``max_restarts=-1``); the constructor restores the newest
-snapshot before the server reports SERVING. Each start binds a port of its own
-choosing (port 0), so a restart never waits for, or fights over, the port it had:
-the named actor says where it serves now, and a ``BankClient`` built with
-:func:`resolver` asks it whenever a shard stops answering. Actors take no whole CPU
-by default: on a 2-core machine the train workers need both.
+Placement. With ``placement="spread"`` the shards are dealt out over the cluster's
+nodes before anything starts (:func:`plan_placement`): each shard reserves the memory
+it will hold (Ray's ``memory`` resource: twice its rows, for a Restore, plus the
+process), they go one per node while nodes last, and a bank that does not fit is
+refused up front with what each node would need and has. Each shard is then
+pinned to its node (hard node affinity), for two reasons: Ray's own SPREAD strategy
+would restart a crashed shard on any node, away from the snapshots on its node's disk;
+and a node that is gone makes its shards fail loudly rather than come back empty
+elsewhere. ``placement="driver"`` puts every shard on the driver's node.
+
+Ray's ``memory`` resource is bookkeeping: it keeps the scheduler from overcommitting a
+node, but it limits nothing, and Ray's memory monitor kills retriable workers (a shard
+with ``max_restarts=-1`` is one) when the host runs low. What protects a shard is the
+reservation (nothing else of ours lands where it does not fit) and its snapshot: killed,
+it restarts on its node from its newest snapshot.
+
+Restarts. Actors restart forever; the constructor restores the newest snapshot before
+the server reports SERVING. Each start binds a port of its own choosing (port 0) on its
+node's address, so a restart never waits for, or fights over, the port it had: the
+named actor says where it serves now, and a ``BankClient`` built with :func:`resolver`
+asks it whenever a shard stops answering. Actors take no whole CPU by default: on a
+2-core machine the train workers need both.
 """
 
 from __future__ import annotations
@@ -20,20 +36,74 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from bank_server.client import BankClient
 from bank_server.server import BankServer, ServerConfig
+from bank_server.shard import DTYPES, rows_on_shard
 
 log = logging.getLogger(__name__)
 
 # Shard actors live in their own namespace, so any process of the cluster (the
 # driver, a train worker) finds them by name.
 NAMESPACE = "instdisc-bank"
+PLACEMENTS = ("spread", "driver")
+# A shard process idles at about 100 MiB (Python, gRPC, numpy, pyarrow); its message
+# buffers and scan temporaries come on top.
+PROCESS_BYTES = 256 << 20
+GIB = 1 << 30
+
+
+class BankDoesNotFit(RuntimeError):
+    """The cluster's free memory cannot hold the bank; the message gives the numbers."""
+
+
+def shard_memory_bytes(rows_held: int, dim: int, dtype: str) -> int:
+    """What one shard process may hold at once: its rows twice (a Restore reads the
+    snapshot beside the live rows) and the process itself."""
+    return 2 * rows_held * dim * DTYPES[dtype].itemsize + PROCESS_BYTES
+
+
+def plan_placement(needs: list[int], free: dict[str, int]) -> list[str]:
+    """The node of each shard (the biggest shards first): among the nodes it fits on, the
+    one holding the fewest shards so far, then the one with the most memory free. Shards
+    spread one per node while nodes last, and share a node only when they must. `free`
+    maps node ids to free bytes; BankDoesNotFit, with every node's numbers, if a shard
+    fits nowhere."""
+    left, count = dict(free), dict.fromkeys(free, 0)
+    placed: list[str | None] = [None] * len(needs)
+    for shard in sorted(range(len(needs)), key=lambda s: -needs[s]):
+        fits = [n for n in left if left[n] >= needs[shard]]
+        if not fits:
+            nodes = "; ".join(f"node {n[:12]}: {free[n] / GIB:.2f} GiB free" for n in sorted(free))
+            raise BankDoesNotFit(
+                f"the bank does not fit in the cluster's memory: {len(needs)} shard(s) need "
+                f"{', '.join(f'{n / GIB:.2f}' for n in needs)} GiB each (twice the rows, for a Restore, plus "
+                f"{PROCESS_BYTES >> 20} MiB per process), and the nodes have {nodes or 'none'}; add nodes or "
+                "memory, or use bank.dtype=float16")
+        node = min(fits, key=lambda n: (count[n], -left[n], n))
+        placed[shard] = node
+        left[node] -= needs[shard]
+        count[node] += 1
+    return placed
+
+
+def free_memory_by_node() -> dict[str, int]:
+    """Ray's ``memory`` resource free on each alive node, in bytes."""
+    try:
+        from ray._private.state import available_resources_per_node
+
+        free = available_resources_per_node()
+    except (ImportError, AttributeError) as error:  # a private API: fall back to the totals, and say so
+        log.warning("cannot read Ray's free memory per node (%s); planning the bank with each node's total", error)
+        free = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
+    return {node: int(resources.get("memory", 0)) for node, resources in free.items()}
 
 
 class BankShardActor:
     def __init__(self, config: ServerConfig):
+        node_ip = ray.util.get_node_ip_address()
+        if not config.host:  # the node's own address: reachable from the cluster, not every interface
+            config = replace(config, host=node_ip)
         self._server = BankServer(config).start()
         self._server.load()
-        host = config.host
-        self._advertised = ray.util.get_node_ip_address() if host in ("0.0.0.0", "::") else host
+        self._advertised = node_ip if config.host in ("0.0.0.0", "::") else config.host
 
     def address(self) -> str:
         """Where this incarnation serves: another port (or node) after a restart."""
@@ -41,6 +111,9 @@ class BankShardActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
 
     def stop(self, final_snapshot: bool = True) -> None:
         self._server.stop(grace=5.0, final_snapshot=final_snapshot)
@@ -64,6 +137,13 @@ class BankHandle:
     addresses: list[str]
     snapshot_dir: str
     token: str | None = None
+    nodes: list[str] = ()          # the node each shard is pinned to
+    memory: list[int] = ()         # the bytes each shard reserved
+
+    def describe(self) -> list[str]:
+        """One line per shard: where it runs and what it reserved."""
+        return [f"shard {s}: node {node[:12]} at {address}, {memory / GIB:.2f} GiB reserved"
+                for s, (node, address, memory) in enumerate(zip(self.nodes, self.addresses, self.memory))]
 
     def client(self, **kwargs) -> BankClient:
         return BankClient(self.addresses, token=self.token, resolve=resolver(self.names), **kwargs)
@@ -81,27 +161,44 @@ class BankHandle:
 
 
 def start_bank(num_shards: int, rows: int, dim: int = 128, dtype: str = "float16", *,
-               snapshot_dir: str | None = None, seed: int = 0, host: str = "127.0.0.1",
+               snapshot_dir: str | None = None, seed: int = 0, host: str | None = None,
                token: str | None = None, name: str = "instdisc-bank", num_cpus: float = 0,
-               memory: int | None = None, keep_snapshots: int = 0, threads: int = 1) -> BankHandle:
-    """Start `num_shards` named shard actors on this node and wait until they serve.
+               placement: str = "spread", keep_snapshots: int = 0, threads: int = 1,
+               timeout: float = 300.0) -> BankHandle:
+    """Start `num_shards` named shard actors, placed as `placement` says, and wait until
+    they serve (at most `timeout` seconds).
 
-    `host` is the bind address; with ``0.0.0.0`` a shard advertises its node's IP.
-    Without `snapshot_dir` a temporary one is made, so restarts still restore.
+    `host` is the bind address; by default each shard binds its node's address (with
+    ``0.0.0.0`` it binds every interface and advertises the node's address).
+    `snapshot_dir` is where each shard snapshots, on its node: a shard restarts on its
+    node, so a node-local path works; resuming a run on another cluster needs a path
+    every node sees. Without it a temporary one is made, so restarts still restore.
     `threads` caps each shard's numpy BLAS pool (`instdisc bank serve --threads`).
     """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     snapshot_dir = snapshot_dir or tempfile.mkdtemp(prefix="instdisc-bank-")
-    node_id = ray.get_runtime_context().get_node_id()
+    needs = [shard_memory_bytes(rows_on_shard(rows, num_shards, s), dim, dtype) for s in range(num_shards)]
+    if placement == "driver":
+        driver = ray.get_runtime_context().get_node_id()
+        nodes = plan_placement(needs, {driver: free_memory_by_node().get(driver, 0)})
+    else:
+        nodes = plan_placement(needs, free_memory_by_node())
     actor_class = ray.remote(BankShardActor)
-    options = dict(max_restarts=-1, max_task_retries=-1, num_cpus=num_cpus, namespace=NAMESPACE,
-                   scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
-    if memory:
-        options["memory"] = memory
-    base = ServerConfig(shard_id=0, num_shards=num_shards, rows=rows, dim=dim, dtype=dtype, host=host, port=0,
-                        snapshot_dir=snapshot_dir, keep_snapshots=keep_snapshots, seed=seed, token=token,
+    base = ServerConfig(shard_id=0, num_shards=num_shards, rows=rows, dim=dim, dtype=dtype, host=host or "",
+                        port=0, snapshot_dir=snapshot_dir, keep_snapshots=keep_snapshots, seed=seed, token=token,
                         threads=threads)
     names = [f"{name}-{shard_id}" for shard_id in range(num_shards)]
-    actors = [actor_class.options(name=actor_name, **options).remote(replace(base, shard_id=shard_id))
+    actors = [actor_class.options(name=actor_name, namespace=NAMESPACE, max_restarts=-1, max_task_retries=-1,
+                                  num_cpus=num_cpus, memory=needs[shard_id],
+                                  scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[shard_id], soft=False))
+              .remote(replace(base, shard_id=shard_id))
               for shard_id, actor_name in enumerate(names)]
-    addresses = ray.get([actor.address.remote() for actor in actors])  # constructors done: serving
-    return BankHandle(actors, names, addresses, snapshot_dir, token)
+    try:
+        addresses = ray.get([actor.address.remote() for actor in actors], timeout=timeout)  # constructors done
+    except ray.exceptions.GetTimeoutError:
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        raise BankDoesNotFit(f"the bank's {num_shards} shard(s) did not all start within {timeout:g} s: "
+                             "is their memory still free on their nodes?") from None
+    return BankHandle(actors, names, addresses, snapshot_dir, token, nodes, needs)

@@ -64,9 +64,11 @@ def run_train(args) -> int:
     from trainer.data import DatasetMissing
     from trainer.launch import TrainingStopped, launch
 
+    from bank_server.ray_bank import BankDoesNotFit
+
     try:
         launch(config, args.output_dir, run_name=args.name, storage_path=args.storage_path)
-    except (ConfigError, DatasetMissing, ValueError) as error:
+    except (ConfigError, DatasetMissing, ValueError, BankDoesNotFit) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except TrainingStopped as error:

@@ -65,6 +65,7 @@ class BankConfig:
     dtype: str = "float16"
     momentum: float = 0.5        # v <- normalize(m v + (1 - m) f)
     addresses: list[str] = field(default_factory=list)  # empty: start shards as Ray actors
+    placement: str = "spread"    # actors: spread over the nodes by free memory | driver (the driver's node)
     token_file: str | None = None
     tls_ca: str | None = None
     warm_start: bool = True      # fill the bank with one encoder pass before training
@@ -131,6 +132,7 @@ class Config:
             (0 <= self.bank.momentum < 1, "bank.momentum must be in [0, 1)"),
             (self.bank.dtype in ("float16", "float32"), "bank.dtype must be float16 or float32"),
             (self.bank.shards >= 1, "bank.shards must be >= 1"),
+            (self.bank.placement in ("spread", "driver"), "bank.placement must be 'spread' or 'driver'"),
             (self.train.schedule in ("step", "cosine"), "train.schedule must be 'step' or 'cosine'"),
             (self.train.epochs >= 1, "train.epochs must be >= 1"),
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),

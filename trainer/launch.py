@@ -143,9 +143,14 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
         # Per run name: another run in the same output folder must not restore these rows.
         bank = start_bank(config.bank.shards, len(train_set), config.model.dim, config.bank.dtype,
                           snapshot_dir=str(output / "bank" / run_name), seed=config.bank.seed, token=token,
-                          name=f"{run_name}-bank", keep_snapshots=KEEP_CHECKPOINTS + 1)
+                          name=f"{run_name}-bank", keep_snapshots=KEEP_CHECKPOINTS + 1,
+                          placement=config.bank.placement, timeout=config.bank.timeout,
+                          # A private local Ray keeps the bank on loopback; on a cluster each
+                          # shard binds its node's address, which the other nodes can reach.
+                          host=None if os.environ.get("RAY_ADDRESS") else "127.0.0.1")
         addresses = bank.addresses
-        print(f"bank: {config.bank.shards} shard actor(s) at {', '.join(addresses)}", flush=True)
+        print(f"bank: {config.bank.shards} shard actor(s), placement {config.bank.placement}:\n  "
+              + "\n  ".join(bank.describe()), flush=True)
 
     try:
         result, wall = _fit(config, storage_path or str(output / "ray"), run_name, addresses, token,
