@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -133,6 +134,8 @@ class BankClient:
             ca = tls_ca if isinstance(tls_ca, bytes) else open(tls_ca, "rb").read()
             self._credentials = grpc.ssl_channel_credentials(root_certificates=ca)
         self._channels, self._addresses, self._stubs = [], [], []
+        self._moved = threading.Lock()
+        self._retired: list[grpc.Channel] = []  # channels of shards that moved: calls may still be on them
         template = addresses[0] if len(addresses) == 1 and SHARD_PLACEHOLDER in addresses[0] else None
         try:
             infos = self._connect([template.format(shard=0)] if template else list(addresses))
@@ -183,9 +186,11 @@ class BankClient:
         except Exception as error:  # the resolver's own failure must not hide the shard's
             log.warning("could not find bank shard %d again (%s); retrying %s", shard, error, self._addresses[shard])
             return
-        if address != self._addresses[shard]:
+        with self._moved:  # a BankFeed thread and the caller's may both find it
+            if address == self._addresses[shard]:
+                return
             log.info("bank shard %d moved from %s to %s", shard, self._addresses[shard], address)
-            self._channels[shard].close()
+            self._retired.append(self._channels[shard])
             self._channels[shard] = self._channel(address)
             self._stubs[shard] = _stub(self._channels[shard])
             self._addresses[shard] = address
@@ -263,10 +268,7 @@ class BankClient:
 
     @staticmethod
     def _indices(indices, field: str = "indices") -> np.ndarray:
-        array = np.asarray(indices).reshape(-1)
-        if array.dtype.kind not in "iu":
-            raise InvalidArgument(f"{field} must be integers, got {array.dtype}")
-        return array.astype(np.int64, copy=False)
+        return validate.integers(np.asarray(indices), field).astype(np.int64, copy=False)
 
     def _split_negatives(self, k: int, rng: np.random.Generator) -> np.ndarray:
         """Shares of k uniform draws per shard, multinomial in shard size, so their union
@@ -379,12 +381,16 @@ class BankClient:
                 else:
                     updates[s] = part
         n_lookup = 0
+        # Reads and draws must see every row the update wrote: once the update spills
+        # into the second wave, they go there too, after it.
+        fuse = not any(method == "Update" for method, *_ in extra)
         if lookup_indices is not None:
             idx = self._indices(lookup_indices, "lookup_indices")
             n_lookup = len(idx)
-            # Reads must see every row the update wrote: once the update spills into
-            # the second wave, the reads go there too, after it.
-            fuse = not any(method == "Update" for method, *_ in extra)
+            if len(updates) > 1 or not fuse:
+                # A shard refusing its part of the reads would refuse its part of the
+                # update too, while the others apply theirs: check the reads whole first.
+                validate.indices(idx, self.rows, "lookup_indices")
             for s, positions in enumerate(self._route(idx)):
                 for i, chunk in enumerate(self._chunks(positions, self._row_bytes)):
                     if i == 0 and fuse:
@@ -397,7 +403,7 @@ class BankClient:
                 for begin in range(0, share, per):
                     k = min(per, share - begin)
                     seed_s = None if seed is None else int(rng.integers(2**63))
-                    if begin == 0:
+                    if begin == 0 and fuse:
                         samples[s] = (k, seed_s)
                     else:
                         extra.append(("Sample", s, bank_pb2.SampleRequest(k=k, seed=seed_s), None))
@@ -483,7 +489,7 @@ class BankClient:
         return [{"tag": a.tag, "path": a.path} for a in answers]
 
     def close(self) -> None:
-        for channel in self._channels:
+        for channel in self._channels + self._retired:
             channel.close()
 
     def __enter__(self):

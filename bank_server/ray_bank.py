@@ -35,18 +35,12 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from bank_server.client import BankClient
-from bank_server.server import BankServer, ServerConfig
-from bank_server.shard import DTYPES, rows_on_shard
+from bank_server.server import BankServer, ServerConfig, limit_blas_threads
+from bank_server.shard import PROCESS_BYTES, memory_bytes, rows_on_shard
 
 log = logging.getLogger(__name__)
 
-# Shard actors live in their own namespace, so any process of the cluster (the
-# driver, a train worker) finds them by name.
-NAMESPACE = "instdisc-bank"
 PLACEMENTS = ("spread", "driver")
-# A shard process idles at about 100 MiB (Python, gRPC, numpy, pyarrow); its message
-# buffers and scan temporaries come on top.
-PROCESS_BYTES = 256 << 20
 GIB = 1 << 30
 
 
@@ -54,10 +48,8 @@ class BankDoesNotFit(RuntimeError):
     """The cluster's free memory cannot hold the bank; the message gives the numbers."""
 
 
-def shard_memory_bytes(rows_held: int, dim: int, dtype: str) -> int:
-    """What one shard process may hold at once: its rows twice (a Restore reads the
-    snapshot beside the live rows) and the process itself."""
-    return 2 * rows_held * dim * DTYPES[dtype].itemsize + PROCESS_BYTES
+class BankDidNotStart(RuntimeError):
+    """A shard actor failed in its constructor, or did not serve in time."""
 
 
 def plan_placement(needs: list[int], free: dict[str, int]) -> list[str]:
@@ -98,6 +90,7 @@ def free_memory_by_node() -> dict[str, int]:
 
 class BankShardActor:
     def __init__(self, config: ServerConfig):
+        limit_blas_threads(config.threads)  # this process is the shard's own
         node_ip = ray.util.get_node_ip_address()
         if not config.host:  # the node's own address: reachable from the cluster, not every interface
             config = replace(config, host=node_ip)
@@ -124,8 +117,8 @@ def resolver(names: list[str]):
     actor where it serves now (waiting while Ray restarts it)."""
 
     def resolve(shard: int, timeout_s: float) -> str:
-        actor = ray.get_actor(names[shard], namespace=NAMESPACE)
-        return ray.get(actor.address.remote(), timeout=timeout_s)
+        # Named actors live in the job's namespace, which the train workers share.
+        return ray.get(ray.get_actor(names[shard]).address.remote(), timeout=timeout_s)
 
     return resolve
 
@@ -164,21 +157,22 @@ def start_bank(num_shards: int, rows: int, dim: int = 128, dtype: str = "float16
                snapshot_dir: str | None = None, seed: int = 0, host: str | None = None,
                token: str | None = None, name: str = "instdisc-bank", num_cpus: float = 0,
                placement: str = "spread", keep_snapshots: int = 0, threads: int = 1,
-               timeout: float = 300.0) -> BankHandle:
+               timeout: float = 600.0) -> BankHandle:
     """Start `num_shards` named shard actors, placed as `placement` says, and wait until
     they serve (at most `timeout` seconds).
 
     `host` is the bind address; by default each shard binds its node's address (with
     ``0.0.0.0`` it binds every interface and advertises the node's address).
     `snapshot_dir` is where each shard snapshots, on its node: a shard restarts on its
-    node, so a node-local path works; resuming a run on another cluster needs a path
-    every node sees. Without it a temporary one is made, so restarts still restore.
+    node, so a node-local path serves restarts; resuming a run (the placement is planned
+    again, and may differ) needs a path every node sees. Without it a temporary one is
+    made, so restarts still restore.
     `threads` caps each shard's numpy BLAS pool (`instdisc bank serve --threads`).
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     snapshot_dir = snapshot_dir or tempfile.mkdtemp(prefix="instdisc-bank-")
-    needs = [shard_memory_bytes(rows_on_shard(rows, num_shards, s), dim, dtype) for s in range(num_shards)]
+    needs = [memory_bytes(rows_on_shard(rows, num_shards, s), dim, dtype) for s in range(num_shards)]
     if placement == "driver":
         driver = ray.get_runtime_context().get_node_id()
         nodes = plan_placement(needs, {driver: free_memory_by_node().get(driver, 0)})
@@ -189,16 +183,18 @@ def start_bank(num_shards: int, rows: int, dim: int = 128, dtype: str = "float16
                         port=0, snapshot_dir=snapshot_dir, keep_snapshots=keep_snapshots, seed=seed, token=token,
                         threads=threads)
     names = [f"{name}-{shard_id}" for shard_id in range(num_shards)]
-    actors = [actor_class.options(name=actor_name, namespace=NAMESPACE, max_restarts=-1, max_task_retries=-1,
+    actors = [actor_class.options(name=actor_name, max_restarts=-1, max_task_retries=-1,
                                   num_cpus=num_cpus, memory=needs[shard_id],
                                   scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[shard_id], soft=False))
               .remote(replace(base, shard_id=shard_id))
               for shard_id, actor_name in enumerate(names)]
     try:
         addresses = ray.get([actor.address.remote() for actor in actors], timeout=timeout)  # constructors done
-    except ray.exceptions.GetTimeoutError:
+    except Exception as error:  # none of a half-started bank stays behind
         for actor in actors:
             ray.kill(actor, no_restart=True)
-        raise BankDoesNotFit(f"the bank's {num_shards} shard(s) did not all start within {timeout:g} s: "
-                             "is their memory still free on their nodes?") from None
+        if isinstance(error, ray.exceptions.GetTimeoutError):
+            raise BankDidNotStart(f"the bank's {num_shards} shard(s) did not all serve within {timeout:g} s (a large "
+                                  "snapshot to restore, or memory taken since the plan?)") from None
+        raise BankDidNotStart(f"a bank shard failed to start: {error}") from error
     return BankHandle(actors, names, addresses, snapshot_dir, token, nodes, needs)

@@ -62,7 +62,7 @@ class ServerConfig:
     tls_key: str | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     workers: int = 8
-    threads: int = 1             # numpy BLAS threads (`instdisc bank serve --threads` says why 1)
+    threads: int = 1             # numpy BLAS threads of a shard's own process (`instdisc bank serve --threads`)
 
     @property
     def layout(self) -> Layout:
@@ -99,7 +99,6 @@ class BankServer:
     def __init__(self, config: ServerConfig):
         config.layout  # validates the layout before binding anything
         self.config = config
-        limit_blas_threads(config.threads)
         interceptors = [_BearerToken(config.token)] if config.token else []
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="bank"),
@@ -166,6 +165,7 @@ class BankServer:
 
 def serve(config: ServerConfig, grace: float = 10.0) -> int:
     """Run a shard until SIGTERM or SIGINT; return the exit status."""
+    limit_blas_threads(config.threads)  # this process is the shard's own; an embedding host keeps its pool
     server = BankServer(config).start()
     # Print before loading so a supervisor sees the port while health says NOT_SERVING.
     print(f"instdisc bank shard {config.shard_id}/{config.num_shards} listening on {server.address}", flush=True)

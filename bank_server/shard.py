@@ -31,6 +31,11 @@ DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 _SCAN_ELEMENTS = 1 << 22
 # (client_id, sequence) pairs remembered for idempotent retries.
 _DEDUP_WINDOW = 1 << 16
+# What a shard process may hold at once: a Restore reads the snapshot beside the live
+# rows, so its rows twice, plus the process itself (about 100 MiB idle: Python, gRPC,
+# numpy, pyarrow; message buffers and scan temporaries come on top).
+RESTORE_COPIES = 2
+PROCESS_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,11 @@ class Layout:
 
 def rows_on_shard(total_rows: int, num_shards: int, shard_id: int) -> int:
     return (total_rows - shard_id + num_shards - 1) // num_shards
+
+
+def memory_bytes(rows_held: int, dim: int, dtype: str) -> int:
+    """The most one shard process of `rows_held` rows may hold at once."""
+    return RESTORE_COPIES * rows_held * dim * DTYPES[dtype].itemsize + PROCESS_BYTES
 
 
 def initial_rows(layout: Layout, seed: int) -> np.ndarray:

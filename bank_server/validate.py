@@ -13,11 +13,17 @@ import numpy as np
 from bank_server.errors import InvalidArgument
 
 
-def indices(values: np.ndarray, total_rows: int, field: str) -> np.ndarray:
-    """`values` as a 1-d integer array of global indices in [0, total_rows)."""
+def integers(values: np.ndarray, field: str) -> np.ndarray:
+    """`values` as a 1-d integer array."""
     values = np.asarray(values)
     if values.ndim != 1 or values.dtype.kind not in "iu":
         raise InvalidArgument(f"{field} must be a 1-d integer array, got {values.dtype} {list(values.shape)}")
+    return values
+
+
+def indices(values: np.ndarray, total_rows: int, field: str) -> np.ndarray:
+    """`values` as a 1-d integer array of global indices in [0, total_rows)."""
+    values = integers(values, field)
     bad = (values < 0) | (values >= total_rows)
     if bad.any():
         where = int(np.argmax(bad))

@@ -27,7 +27,7 @@ from bank_server.client import BankClient
 from bank_server.shard import Layout, Shard
 from benchmarks.args import comma_list, positive_int
 from benchmarks.echo import EchoCalls
-from benchmarks.processes import ServerProcess, cpu_seconds, start_bank
+from benchmarks.processes import ServerProcess, cpu_seconds, start_bank_processes
 from benchmarks.step_client import run_step_clients, warmup_calls
 from benchmarks.timing import percentile_ms, timed_calls, timed_pair
 from benchmarks.workload import MOMENTUM, StepWorkload, step_message_bytes
@@ -75,7 +75,7 @@ def _measure(rows, dim, dtype, shards, negatives, batch, iters, warmup, clients=
     inprocess_s = _inprocess_seconds(work, rows, dim, dtype, shards, negatives, iters, warmup)
     sizes = step_message_bytes(batch, negatives, dim, dtype, shards)
     with ExitStack() as stack:
-        servers = start_bank(stack, shards, rows, dim, dtype)
+        servers = start_bank_processes(stack, shards, rows, dim, dtype)
         client = stack.enter_context(BankClient([s.address for s in servers], timeout=120))
         echoes = [stack.enter_context(ServerProcess(["-m", "benchmarks.echo"])) for _ in range(shards)]
         echo = EchoCalls([e.address for e in echoes], sizes)

@@ -16,7 +16,7 @@ import numpy as np
 
 from bank_server.client import BankClient
 from benchmarks.bank_grid import GB, Bank, BankPoint
-from benchmarks.processes import start_bank
+from benchmarks.processes import start_bank_processes
 from benchmarks.step_client import run_step_clients, warmup_calls
 from benchmarks.timing import timed_calls
 from benchmarks.workload import MOMENTUM, StepWorkload, step_message_bytes
@@ -33,8 +33,8 @@ class Servers:
 
     def __init__(self, bank: Bank, snapshot_dir: Path, stack: ExitStack):
         start = time.perf_counter()
-        self.procs = start_bank(stack, bank.shards, bank.rows, bank.dim, bank.dtype, snapshot_dir=snapshot_dir,
-                                log_dir=snapshot_dir)
+        self.procs = start_bank_processes(stack, bank.shards, bank.rows, bank.dim, bank.dtype,
+                                          snapshot_dir=snapshot_dir, log_dir=snapshot_dir)
         self.startup_s = time.perf_counter() - start
         self.addresses = [p.address for p in self.procs]
 

@@ -10,14 +10,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from bank_server.shard import PROCESS_BYTES, RESTORE_COPIES
+
 GIB = 1 << 30
 GB = 1e9  # throughputs and the capacity model count in decimal GB, as disks and budgets do
 ITEMSIZE = {"float16": 2, "float32": 4}
-# Restore loads the snapshot beside the live rows before swapping them in.
-RESTORE_COPIES = 2
-# Memory a bank needs beyond its rows. A shard process idles at about 100 MiB (Python,
-# gRPC, numpy, pyarrow); its message buffers and scan temporaries come on top.
-_PROCESS_OVERHEAD = 256 << 20
 # Kept free of the machine's MemAvailable: the page cache and everything else need room.
 _MARGIN_FRACTION, _MIN_MARGIN = 0.1, 1 * GIB
 
@@ -89,7 +86,8 @@ def memory_available() -> int:
 def memory_need(bank: Bank, clients: int) -> int:
     """Bytes the bank's servers and the point's clients may hold at once (the peak is
     a Restore, which holds two copies of the rows)."""
-    return RESTORE_COPIES * bank.raw_bytes + (bank.shards + clients + 1) * _PROCESS_OVERHEAD
+    # The shards' model, with the clients and this process counted as shard-sized processes.
+    return RESTORE_COPIES * bank.raw_bytes + (bank.shards + clients + 1) * PROCESS_BYTES
 
 
 def refusal(bank: Bank, clients: int, available: int, disk_free: int) -> str | None:

@@ -149,7 +149,7 @@ class ServerProcess(ChildProcess):
             self._serving = True
 
 
-def start_bank(stack: ExitStack, shards: int, rows: int, dim: int, dtype: str, *,
+def start_bank_processes(stack: ExitStack, shards: int, rows: int, dim: int, dtype: str, *,
                snapshot_dir: Path | None = None, log_dir: Path | None = None,
                timeout: float | None = None) -> list[ServerProcess]:
     """The `shards` ``python -m bank_server`` processes of one bank on loopback, started

@@ -13,7 +13,7 @@ import json
 from contextlib import ExitStack
 
 from benchmarks.args import positive_int
-from benchmarks.processes import start_bank
+from benchmarks.processes import start_bank_processes
 
 
 def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +54,7 @@ def run_bench_train(args: argparse.Namespace) -> int:
           f"overlap {'off' if args.no_overlap else 'on'}", flush=True)
     inprocess = run_inprocess(Trainer(args, images), args.steps, args.warmup)
     with ExitStack() as stack:
-        servers = start_bank(stack, args.shards, len(images), 128, "float16")
+        servers = start_bank_processes(stack, args.shards, len(images), 128, "float16")
         remote, waited_ms, rtt_ms = run_remote(Trainer(args, images), [s.address for s in servers], args.steps,
                                                args.warmup)
     result = {"remote_images_per_sec": remote, "inprocess_images_per_sec": inprocess, "ratio": remote / inprocess,

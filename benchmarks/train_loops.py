@@ -102,9 +102,9 @@ def run_remote(trainer: Trainer, addresses: list[str], steps: int, warmup: int) 
     for i, step in enumerate(feed.steps(trainer.batch() for _ in range(warmup + steps))):
         if i == warmup:
             _sync(device)
-            start, waited = time.perf_counter(), 0.0
+            start, waited, rtt = time.perf_counter(), 0.0, 0.0
         waited += step.waited_s
-        rtt = step.round_trip_s
+        rtt += step.round_trip_s
         f = trainer.forward(step.images)
         trainer.backward(trainer.loss(f, step.positives, step.negatives, partition_fn))
         feed.push(step.indices, f)
@@ -112,4 +112,4 @@ def run_remote(trainer: Trainer, addresses: list[str], steps: int, warmup: int) 
     elapsed = time.perf_counter() - start
     feed.close()
     client.close()
-    return steps * a.batch / elapsed, 1e3 * waited / steps, 1e3 * rtt
+    return steps * a.batch / elapsed, 1e3 * waited / steps, 1e3 * rtt / steps

@@ -1,9 +1,10 @@
 """The trainer's side of the bank: the step schedule, and torch in and out.
 
 `BankClient` speaks numpy; this module is the one place that turns tensors into
-arrays and answers back into tensors on the training device.
+arrays and answers back into tensors: a step's positives and negatives on the training
+device, `topk` and `partition_sums` on the CPU (the loss moves what it needs).
 
-The schedule (docs/design.md, "One training step"). Batch t has indices I_t; the
+The schedule, stated here and only here. Batch t has indices I_t; the
 step computes features F_t and pushes the update u(t) = (I_t, F_t). While step t
 computes, ONE fused Step RPC per shard is in flight that
 
@@ -116,8 +117,10 @@ class BankFeed:
     def _take(self) -> tuple[StepResult, float, float]:
         """(answer, its round trip, how long the step waited for it)."""
         start = time.perf_counter()
-        answer, round_trip_s = self._pending.result()
-        self._pending = None
+        try:
+            answer, round_trip_s = self._pending.result()
+        finally:
+            self._pending = None  # raised or not, it is taken: close() must not report it again
         waited_s = round_trip_s if self._pool is None else time.perf_counter() - start
         return answer, round_trip_s, waited_s
 

@@ -19,15 +19,17 @@ from pathlib import Path
 import torch
 
 FILE = "state.pt"
-_REQUIRED = ("model", "optimizer", "encoder", "epoch", "step", "history", "log_z", "bank_snapshot")
 
 
-def save(folder: str | Path, state: dict) -> Path:
-    missing = [key for key in _REQUIRED if key not in state]
-    if missing:
-        raise ValueError(f"a checkpoint needs {', '.join(missing)}")
+def save(folder: str | Path, *, model: dict, optimizer: dict, encoder: dict, image_size: int, epoch: int,
+         step: int, history: list, log_z: float | None, bank_snapshot: str, bank_addresses: list[str],
+         config: dict, git_sha: str) -> Path:
+    """Write the checkpoint file into `folder`; every field is required, by name."""
     path = Path(folder) / FILE
-    torch.save(state, path)
+    torch.save({"model": model, "optimizer": optimizer, "encoder": encoder, "image_size": image_size,
+                "epoch": epoch, "step": step, "history": history, "log_z": log_z,
+                "bank_snapshot": bank_snapshot, "bank_addresses": bank_addresses, "config": config,
+                "git_sha": git_sha}, path)
     return path
 
 

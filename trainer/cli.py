@@ -64,14 +64,14 @@ def run_train(args) -> int:
     from trainer.data import DatasetMissing
     from trainer.launch import TrainingStopped, launch
 
-    from bank_server.ray_bank import BankDoesNotFit
+    from bank_server.ray_bank import BankDidNotStart, BankDoesNotFit
 
     try:
         launch(config, args.output_dir, run_name=args.name, storage_path=args.storage_path)
     except (ConfigError, DatasetMissing, ValueError, BankDoesNotFit) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except TrainingStopped as error:
+    except (TrainingStopped, BankDidNotStart) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

@@ -40,10 +40,6 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def all_reduce_mean(value: float) -> float:
-    return all_reduce_sum([value])[0] / world_size()
-
-
 def broadcast_object(obj, src: int = 0):
     if not is_distributed():
         return obj

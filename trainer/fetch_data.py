@@ -34,8 +34,9 @@ def found(folder: Path) -> bool:
     except DatasetMissing:
         return False
     except (OSError, EOFError, ValueError) as error:  # a truncated download, say: stop, never fetch over it
-        raise SystemExit(f"make data: the Fashion-MNIST files in {folder} are unreadable ({error}); "
-                         "delete them and run `make data` again") from error
+        fix = ("reinstall them: apt-get install --reinstall dataset-fashion-mnist" if folder == DEBIAN_FASHION_MNIST
+               else "delete them and run `make data` again")
+        raise SystemExit(f"make data: the Fashion-MNIST files in {folder} are unreadable ({error}); {fix}") from error
     return True
 
 
@@ -102,14 +103,15 @@ def unpack_deb(cache: Path) -> str | None:
     return None
 
 
-def fetch(debian: Path, cache: Path) -> int:
+def fetch(debian: Path, cache: Path, apt: bool = True) -> int:
     for folder in (debian, cache):
         if found(folder):
             print(f"Fashion-MNIST: found in {folder}")
             return 0
     print(f"Fashion-MNIST: not in {debian} nor {cache}; getting it", flush=True)
     attempts = [
-        (f"apt-get install {PACKAGE}", debian, apt_install),
+        (f"apt-get install {PACKAGE}", debian,
+         apt_install if apt else lambda: f"skipped: it would install into {DEBIAN_FASHION_MNIST}, not {debian}"),
         (f"torchvision download into {cache}", cache, lambda: torchvision_download(cache)),
         (f"apt-get download {PACKAGE} + dpkg-deb -x into {cache}", cache, lambda: unpack_deb(cache)),
     ]
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--debian-dir", type=Path, default=DEBIAN_FASHION_MNIST,
                         help="where Debian's package puts the files (default: %(default)s)")
     args = parser.parse_args(argv)
-    return fetch(args.debian_dir, DEFAULT_ROOT / NAME)
+    # A rehearsal (--debian-dir elsewhere) must not install the package system-wide.
+    return fetch(args.debian_dir, DEFAULT_ROOT / NAME, apt=args.debian_dir == DEBIAN_FASHION_MNIST)
 
 
 if __name__ == "__main__":

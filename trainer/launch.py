@@ -144,7 +144,7 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
         bank = start_bank(config.bank.shards, len(train_set), config.model.dim, config.bank.dtype,
                           snapshot_dir=str(output / "bank" / run_name), seed=config.bank.seed, token=token,
                           name=f"{run_name}-bank", keep_snapshots=KEEP_CHECKPOINTS + 1,
-                          placement=config.bank.placement, timeout=config.bank.timeout,
+                          placement=config.bank.placement,
                           # A private local Ray keeps the bank on loopback; on a cluster each
                           # shard binds its node's address, which the other nodes can reach.
                           host=None if os.environ.get("RAY_ADDRESS") else "127.0.0.1")
@@ -211,6 +211,8 @@ def write_outputs(config: Config, output: Path, outcome: dict, checkpoint, wall_
     history = outcome["history"]
     trained = [h for h in history if h["epoch"] > 0]
     final = trained[-1]
+    # The last evaluated epoch: a run that stopped early may end on one that was not.
+    scored = next((h for h in reversed(trained) if not math.isnan(h["knn_top1"])), None)
     initial = next((h for h in history if h["epoch"] == 0), None)
     checkpoint_dir = output / "checkpoint"
     if checkpoint is not None:
@@ -218,7 +220,8 @@ def write_outputs(config: Config, output: Path, outcome: dict, checkpoint, wall_
         checkpoint.to_directory(str(checkpoint_dir))  # also when the storage is remote (s3://...)
         export_encoder(checkpoint_dir, output / "encoder.pt")
     summary = {
-        "knn_top1": final["knn_top1"], "knn_top5": final["knn_top5"],
+        "knn_top1": scored["knn_top1"] if scored else None, "knn_top5": scored["knn_top5"] if scored else None,
+        "knn_epoch": scored["epoch"] if scored else None,
         "knn_top1_untrained": initial["knn_top1"] if initial else None,
         "epochs": final["epoch"], "steps": outcome["steps"],
         "images_per_sec": sum(h["images_per_sec"] for h in trained) / len(trained),
@@ -262,10 +265,9 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 def print_summary(summary: dict, output: Path) -> None:
     rows = [
-        ("kNN top-1", f"{100 * summary['knn_top1']:.2f} %"),
-        ("kNN top-5", f"{100 * summary['knn_top5']:.2f} %"),
-        ("kNN top-1, untrained", "-" if summary["knn_top1_untrained"] is None
-         else f"{100 * summary['knn_top1_untrained']:.2f} %"),
+        ("kNN top-1", _percent(summary["knn_top1"])),
+        ("kNN top-5", _percent(summary["knn_top5"])),
+        ("kNN top-1, untrained", _percent(summary["knn_top1_untrained"])),
         ("epochs", str(summary["epochs"])),
         ("images/s", f"{summary['images_per_sec']:,.0f}"),
         ("train time", f"{summary['train_seconds']:.0f} s"),
@@ -278,3 +280,7 @@ def print_summary(summary: dict, output: Path) -> None:
     for key, value in rows:
         print(f"| {key:<{width}} | {value:<{len(line) - width - 7}} |")
     print(line, flush=True)
+
+
+def _percent(fraction: float | None) -> str:
+    return "-" if fraction is None else f"{100 * fraction:.2f} %"

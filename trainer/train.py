@@ -124,6 +124,9 @@ class Worker:
             from bank_server.ray_bank import resolver
 
             resolve = resolver(list(bank_actors))
+            # Where they serve now: a shard that restarted since the launch (before a Ray
+            # Train retry, say) serves on another port than the launch recorded.
+            addresses = [resolve(s, c.bank.timeout) for s in range(len(bank_actors))]
         self.client = BankClient(addresses, token=token, timeout=c.bank.timeout, tls_ca=c.bank.tls_ca,
                                  resolve=resolve)
         if (self.client.rows, self.client.dim) != (self.n, c.model.dim):
@@ -157,12 +160,11 @@ class Worker:
 
     def _checkpoint_dir(self, bank_tag: str) -> str:
         folder = tempfile.mkdtemp(prefix="instdisc-ckpt-")
-        checkpoint.save(folder, {
-            "model": self.encoder.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "encoder": self.encoder.spec(), "image_size": self.image_size,
-            "epoch": self.epoch, "step": self.step, "history": self.history, "log_z": self.z.log_z,
-            "bank_snapshot": bank_tag, "bank_addresses": self.client.addresses,
-            "config": self.config.to_dict(), "git_sha": os.environ.get("INSTDISC_GIT_SHA", "")})
+        checkpoint.save(folder, model=self.encoder.state_dict(), optimizer=self.optimizer.state_dict(),
+                        encoder=self.encoder.spec(), image_size=self.image_size, epoch=self.epoch, step=self.step,
+                        history=self.history, log_z=self.z.log_z, bank_snapshot=bank_tag,
+                        bank_addresses=self.client.addresses, config=self.config.to_dict(),
+                        git_sha=os.environ.get("INSTDISC_GIT_SHA", ""))
         return folder
 
     # -- pieces -----------------------------------------------------------------

@@ -180,3 +180,11 @@ def test_bad_tag(make_bank, tmp_path):
         stub = bank_pb2_grpc.MemoryBankStub(channel)
         expect(stub.Snapshot, bank_pb2.SnapshotRequest(tag="../escape"), INVALID, "tag must match")
         expect(stub.Restore, bank_pb2.RestoreRequest(tag="never-written"), grpc.StatusCode.NOT_FOUND, "never-written")
+
+
+def test_a_step_with_a_bad_read_applies_no_part_of_its_update(bank):
+    """The shards refuse a Step whole: a read bad for one shard must not let another
+    apply its part of the update, so the client checks the reads first."""
+    _, client, _ = bank
+    with pytest.raises(InvalidArgument, match=r"lookup_indices\[1\] = 20"):
+        client.step(update_indices=[0, 1], update_features=unit_rows(2), lookup_indices=[3, 20], negatives=2)

@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import ray
 
-from bank_server.ray_bank import NAMESPACE, start_bank
+from bank_server.ray_bank import start_bank
 from tests.conftest import wait_until
 
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # A private Ray: a bare ray.init() would join whatever a stale cluster file names.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
@@ -37,8 +38,8 @@ def _bind(sock: socket.socket, host: str, port: int) -> bool:
 def test_actor_shards_serve_and_restore_after_a_crash(local_ray, tmp_path):
     handle = start_bank(2, 100, 8, "float32", snapshot_dir=str(tmp_path), name="test-bank")
     try:
-        assert ray.get_actor("test-bank-1", namespace=NAMESPACE) is not None
-        client = handle.client(timeout=60)
+        assert ray.get_actor("test-bank-1") is not None
+        client = handle.client(timeout=20)  # within the waits below
         f = np.full((10, 8), 8 ** -0.5, np.float32)
         client.update(np.arange(10), f, 0.0)
         saved = client.lookup(np.arange(100)).copy()
@@ -60,7 +61,7 @@ def test_a_restarted_shard_whose_old_port_is_taken_serves_elsewhere_and_is_found
     handle = start_bank(2, 64, 4, "float32", snapshot_dir=str(tmp_path), name="moving-bank")
     squatter = None
     try:
-        client = handle.client(timeout=60)
+        client = handle.client(timeout=20)  # within the waits below
         old_address = client.addresses[1]
         client.snapshot("before")
         before = client.lookup(np.arange(64)).copy()
