@@ -30,6 +30,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("checkpoint", help="a checkpoint folder (e.g. runs/demo/checkpoint)")
     export.add_argument("output", help="file to write, e.g. encoder.pt")
     export.add_argument("--image-size", type=int, default=None, help="input side (default: the training images')")
+    export.add_argument("--head", action="store_true",
+                        help="keep the projection head: the program gives the run's unit embeddings (what its bank "
+                             "held and its kNN scored) instead of backbone features")
+
+    evaluate = commands.add_parser("eval", help="score an exported encoder, apart from training").add_subparsers(
+        dest="eval_command", required=True)
+    knn = evaluate.add_parser("knn", help="weighted kNN of an exported encoder on any dataset data.* loads")
+    knn.add_argument("--encoder", required=True, help="a file written by `instdisc export`")
+    knn.add_argument("--config", default="fashion-mnist",
+                     help="a YAML file or shipped config for data.* and eval.k / eval.sigma (default fashion-mnist)")
+    knn.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.name=mnist eval.k=50")
 
     bench = commands.add_parser("bench", help="benchmarks that print numbers").add_subparsers(
         dest="bench_command", required=True)
@@ -77,6 +88,25 @@ def run_train(args) -> int:
     return 0
 
 
+def run_eval_knn(args) -> int:
+    from trainer.config import ConfigError, load_config, resolve_config_path
+    from trainer.data import DatasetMissing
+    from trainer.evaluate import evaluate_knn
+    from trainer.export import NotAnExport
+
+    try:
+        result = evaluate_knn(args.encoder, load_config(resolve_config_path(args.config), args.overrides))
+    except (ConfigError, DatasetMissing, NotAnExport, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    rows = [("kNN top-1", f"{100 * result['knn_top1']:.2f} %"), ("kNN top-5", f"{100 * result['knn_top5']:.2f} %"),
+            ("k, sigma", f"{result['k']}, {result['sigma']:g}"), ("features", result["features"]),
+            ("dataset", f"{result['dataset']}: {result['train_images']:,} train, {result['test_images']:,} test")]
+    width = max(len(key) for key, _ in rows)
+    print("\n".join(f"{key:<{width}}  {value}" for key, value in rows), flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bank":
@@ -88,8 +118,10 @@ def main(argv=None) -> int:
     if args.command == "export":
         from trainer.export import export_encoder
 
-        print(export_encoder(args.checkpoint, args.output, args.image_size))
+        print(export_encoder(args.checkpoint, args.output, args.image_size, head=args.head))
         return 0
+    if args.command == "eval":
+        return run_eval_knn(args)
     if args.command == "bench" and args.bench_command == "train":
         from benchmarks.train import run_bench_train
 

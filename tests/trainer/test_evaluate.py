@@ -1,0 +1,76 @@
+"""`instdisc eval knn` on an exported encoder, apart from training, on real Fashion-MNIST."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer import checkpoint
+from trainer.cli import main
+from trainer.config import load_config
+from trainer.evaluate import evaluate_knn, knn_accuracy
+from trainer.export import export_encoder
+from trainer.models import Encoder
+from trainer.train import load_datasets
+
+DATA = ["data.subset=2000", "data.test_subset=300"]
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A checkpoint of a (seeded, untrained) encoder, as a run writes it."""
+    folder = tmp_path_factory.mktemp("checkpoint")
+    torch.manual_seed(0)
+    encoder = Encoder("small", 1, 128, 8, True, mean=[0.29], std=[0.35])
+    checkpoint.save(folder, model=encoder.state_dict(), optimizer={}, encoder=encoder.spec(), image_size=28, epoch=1,
+                    step=1, history=[], log_z=None, bank_snapshot="epoch-0001", bank_addresses=[], config={},
+                    git_sha="")
+    return folder, encoder.eval()
+
+
+def test_knn_of_an_export_with_its_head_scores_the_runs_embeddings(saved, tmp_path, capsys):
+    folder, encoder = saved
+    path = export_encoder(folder, tmp_path / "encoder.pt", head=True)
+    config = load_config(None, DATA)
+    result = evaluate_knn(str(path), config)
+    # The same figure from the encoder itself, without the export.
+    train_set, test_set = load_datasets(config)
+    with torch.no_grad():
+        def embed(dataset):
+            images, _, labels = dataset.__getitems__(list(range(len(dataset))))
+            return F.normalize(encoder(images.float() / 255), dim=1), labels
+        train, test = embed(train_set), embed(test_set)
+    expected = knn_accuracy(*train, *test, 10, config.eval.k, config.eval.sigma)
+    assert (result["knn_top1"], result["knn_top5"]) == pytest.approx(expected, abs=1 / 300)
+    assert result["features"] == "embedding" and result["train_images"] == 2000 and result["test_images"] == 300
+    assert main(["eval", "knn", "--encoder", str(path), *DATA]) == 0
+    assert f"{100 * result['knn_top1']:.2f} %" in capsys.readouterr().out
+
+
+def test_a_backbone_export_is_scored_on_backbone_features(saved, tmp_path):
+    path = export_encoder(saved[0], tmp_path / "backbone.pt")
+    result = evaluate_knn(str(path), load_config(None, DATA))
+    assert result["features"] == "backbone" and 0 < result["knn_top1"] <= result["knn_top5"] <= 1
+
+
+def test_what_cannot_be_scored_is_refused_naming_why(saved, tmp_path, capsys):
+    export_32 = export_encoder(saved[0], tmp_path / "side32.pt", image_size=32)
+    (tmp_path / "junk.pt").write_bytes(b"not a program")
+    foreign = tmp_path / "foreign.pt"
+    torch.export.save(torch.export.export(torch.nn.Linear(2, 2), (torch.rand(1, 2),)), str(foreign))
+    head = export_encoder(saved[0], tmp_path / "head.pt", head=True)
+    cases = [
+        (["--encoder", str(tmp_path / "junk.pt")], "is not a torch.export program"),
+        (["--encoder", str(foreign)], "not an instdisc export"),
+        (["--encoder", str(tmp_path / "missing.pt")], "no such file"),
+        (["--encoder", str(export_32)], "takes 1-channel 32x32 images; data.name=fashion-mnist gives 1-channel 28x28"),
+        (["--encoder", str(head), "data.subset=100"], "eval.k=200 exceeds the 100 images of the train split"),
+    ]
+    for args, message in cases:
+        assert main(["eval", "knn", *args, "data.test_subset=50"]) == 2, args
+        assert message in capsys.readouterr().err, args
+    with open(head, "rb") as fh:
+        extra = {"instdisc.json": ""}
+        torch.export.load(fh, extra_files=extra)
+    assert json.loads(extra["instdisc.json"])["output"] == "embedding"
