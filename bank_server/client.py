@@ -385,18 +385,18 @@ class BankClient:
         # into the second wave, they go there too, after it.
         fuse = not any(method == "Update" for method, *_ in extra)
         if lookup_indices is not None:
-            idx = self._indices(lookup_indices, "lookup_indices")
-            n_lookup = len(idx)
+            reads = self._indices(lookup_indices, "lookup_indices")
+            n_lookup = len(reads)
             if len(updates) > 1 or not fuse:
                 # A shard refusing its part of the reads would refuse its part of the
                 # update too, while the others apply theirs: check the reads whole first.
-                validate.indices(idx, self.rows, "lookup_indices")
-            for s, positions in enumerate(self._route(idx)):
+                validate.indices(reads, self.rows, "lookup_indices")
+            for s, positions in enumerate(self._route(reads)):
                 for i, chunk in enumerate(self._chunks(positions, self._row_bytes)):
                     if i == 0 and fuse:
                         lookups[s] = chunk
                     else:
-                        extra.append(("Lookup", s, bank_pb2.LookupRequest(indices=tensors.encode(idx[chunk])), chunk))
+                        extra.append(("Lookup", s, bank_pb2.LookupRequest(indices=tensors.encode(reads[chunk])), chunk))
         if negatives:
             per = max(1, self.chunk_bytes // (self._row_bytes + 8))
             for s, share in enumerate(self._split_negatives(negatives, rng)):
@@ -409,7 +409,7 @@ class BankClient:
                         extra.append(("Sample", s, bank_pb2.SampleRequest(k=k, seed=seed_s), None))
 
         shards = sorted(set(updates) | set(lookups) | set(samples))
-        requests = [(s, _step_message(updates.get(s), idx[lookups[s]] if s in lookups else None,
+        requests = [(s, _step_message(updates.get(s), reads[lookups[s]] if s in lookups else None,
                                       *samples.get(s, (0, None)))) for s in shards]
         rows = np.empty((n_lookup, self.dim), dtype=self.dtype)
         neg_idx, neg_rows, applied = [], [], 0

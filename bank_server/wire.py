@@ -111,12 +111,6 @@ def sample_response(indices, rows) -> bytes:
     return _join(_record(1, _tensor(indices)) + _record(2, _tensor(rows)))
 
 
-def as_bytes(message) -> bytes:
-    """gRPC's response serializer for methods answered here or by a protobuf message
-    (an error path, say)."""
-    return message if isinstance(message, bytes) else message.SerializeToString()
-
-
 # -- reading ---------------------------------------------------------------------------
 
 def _read_varint(buf: memoryview, at: int) -> tuple[int, int]:

@@ -51,12 +51,11 @@ def as_numpy(t: torch.Tensor) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def as_torch(a: np.ndarray, device, dtype=None) -> torch.Tensor:
-    """`a` on `device`; answers may be read-only views of a received buffer, which
-    torch refuses to wrap, so those are copied."""
-    if not a.flags.writeable:
-        a = a.copy()
-    return torch.from_numpy(a).to(device, dtype)
+def rows_on(a: np.ndarray, device) -> torch.Tensor:
+    """Bank rows as float32 on `device`, in one copy: the cast to float32 is it (torch
+    will not wrap an answer's read-only view of the received bytes, so a float32 answer
+    is copied instead)."""
+    return torch.from_numpy(a.astype(np.float32, copy=not a.flags.writeable)).to(device)
 
 
 class BankFeed:
@@ -84,8 +83,8 @@ class BankFeed:
             self._submit(update, None if upcoming is None else upcoming[1])  # in flight during this step
             images, indices, labels = current
             yield BankStep(images, indices, labels,
-                           as_torch(answer.rows, self.device, torch.float32),
-                           as_torch(answer.negative_rows, self.device, torch.float32), waited_s, round_trip_s)
+                           rows_on(answer.rows, self.device), rows_on(answer.negative_rows, self.device),
+                           waited_s, round_trip_s)
             if self._pushed is None:
                 raise RuntimeError("push() this step's features before the next step")
             current = upcoming

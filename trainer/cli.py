@@ -99,7 +99,9 @@ def run_eval_knn(args) -> int:
     except (ConfigError, DatasetMissing, NotAnExport, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    rows = [("kNN top-1", f"{100 * result['knn_top1']:.2f} %"), ("kNN top-5", f"{100 * result['knn_top5']:.2f} %"),
+    from trainer.launch import percent
+
+    rows = [("kNN top-1", percent(result["knn_top1"])), ("kNN top-5", percent(result["knn_top5"])),
             ("k, sigma", f"{result['k']}, {result['sigma']:g}"), ("features", result["features"]),
             ("dataset", f"{result['dataset']}: {result['train_images']:,} train, {result['test_images']:,} test")]
     width = max(len(key) for key, _ in rows)

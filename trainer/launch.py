@@ -265,9 +265,9 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 def print_summary(summary: dict, output: Path) -> None:
     rows = [
-        ("kNN top-1", _percent(summary["knn_top1"])),
-        ("kNN top-5", _percent(summary["knn_top5"])),
-        ("kNN top-1, untrained", _percent(summary["knn_top1_untrained"])),
+        ("kNN top-1", percent(summary["knn_top1"])),
+        ("kNN top-5", percent(summary["knn_top5"])),
+        ("kNN top-1, untrained", percent(summary["knn_top1_untrained"])),
         ("epochs", str(summary["epochs"])),
         ("images/s", f"{summary['images_per_sec']:,.0f}"),
         ("train time", f"{summary['train_seconds']:.0f} s"),
@@ -282,5 +282,6 @@ def print_summary(summary: dict, output: Path) -> None:
     print(line, flush=True)
 
 
-def _percent(fraction: float | None) -> str:
-    return "-" if fraction is None else f"{100 * fraction:.2f} %"
+def percent(fraction: float | None) -> str:
+    """A kNN figure for people: '-' where there is none (an epoch not evaluated)."""
+    return "-" if fraction is None or math.isnan(fraction) else f"{100 * fraction:.2f} %"

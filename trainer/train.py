@@ -27,6 +27,7 @@ from trainer.bank_feed import BankFeed
 from trainer.config import Config
 from trainer.data import batch_as_is, load_dataset, seeded_subset
 from trainer.knn import correct_at, weighted_knn_scores
+from trainer.launch import percent
 from trainer.losses import PartitionEstimate, batch_log_z, nce_logits, nce_loss, softmax_loss
 from trainer.models import Encoder
 from trainer.schedule import learning_rate
@@ -228,7 +229,8 @@ class Worker:
         self.sampler.set_epoch(self.epoch)
         steps = len(self.loader)
         nce = c.loss.kind == "nce"
-        loss_sum = rtt_sum = wait_sum = 0.0
+        rtt_sum = wait_sum = 0.0
+        loss_sum = torch.zeros((), device=self.device)  # on the device: read back only when logged
         start = time.perf_counter()
         for b, step in enumerate(self.feed.steps(self.loader)):
             lr = learning_rate(c.train.lr, self.epoch + b / steps, c.train.epochs, c.train.schedule,
@@ -251,18 +253,20 @@ class Worker:
                 raise StopTraining(f"the features became non-finite at epoch {self.epoch + 1}, step {self.step}; "
                                    "lower train.lr or raise loss.temperature")
             loss = self._loss(f, step.positives, logits, math.log(z_sum / self.world) if nce else 0.0)
+            # To the host now, while only the forward (finished at the sync point) is behind
+            # it; after backward() the copy would wait for the whole step.
+            self.feed.push(step.indices, f)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            self.feed.push(step.indices, f)
             self.step += 1
-            loss_sum += float(loss.detach())
+            loss_sum += loss.detach()
             rtt_sum += step.round_trip_s
             wait_sum += step.waited_s
             if self.rank == 0 and (b + 1) % c.train.log_every == 0:
-                self._log_progress(b + 1, steps, time.perf_counter() - start, loss_sum, lr, rtt_sum, wait_sum)
+                self._log_progress(b + 1, steps, time.perf_counter() - start, float(loss_sum), lr, rtt_sum, wait_sum)
         seconds = time.perf_counter() - start
-        return {"loss": loss_sum / steps, "epoch_seconds": seconds,
+        return {"loss": float(loss_sum) / steps, "epoch_seconds": seconds,
                 "images_per_sec": steps * c.train.batch_size / seconds,
                 "bank_rtt_ms": 1e3 * rtt_sum / steps, "bank_wait_ms": 1e3 * wait_sum / steps}
 
@@ -304,7 +308,7 @@ class Worker:
                 self.history.append({"epoch": 0, "loss": float("nan"), "knn_top1": top1, "knn_top5": top5,
                                      "images_per_sec": 0.0, "epoch_seconds": 0.0, "bank_rtt_ms": 0.0,
                                      "bank_wait_ms": 0.0, "lr": c.train.lr})
-                self._log(f"untrained encoder: kNN top-1 {100 * top1:.2f}% top-5 {100 * top5:.2f}%")
+                self._log(f"untrained encoder: kNN top-1 {percent(top1)} top-5 {percent(top5)}")
         train_start = time.perf_counter()
         while self.epoch < c.train.epochs:
             metrics = self.train_epoch()
@@ -320,7 +324,7 @@ class Worker:
             self.history.append(metrics)
             self._log(f"epoch {self.epoch}/{c.train.epochs} done in {metrics['epoch_seconds']:.1f}s | "
                       f"loss {metrics['loss']:.4f} | {metrics['images_per_sec']:,.0f} img/s | "
-                      f"kNN top-1 {_percent(top1)} top-5 {_percent(top5)}")
+                      f"kNN top-1 {percent(top1)} top-5 {percent(top5)}")
             # The bank snapshot and the model checkpoint describe the same step.
             dist.barrier()
             tag = f"epoch-{self.epoch:04d}-step-{self.step}"
@@ -333,11 +337,6 @@ class Worker:
                              checkpoint_dir_name=f"epoch-{self.epoch:04d}")
         return {"history": self.history, "train_seconds": time.perf_counter() - train_start,
                 "steps": self.step}
-
-
-def _percent(fraction: float) -> str:
-    """'-' for an epoch that was not evaluated."""
-    return "-" if math.isnan(fraction) else f"{100 * fraction:.2f}%"
 
 
 def _duration(seconds: float) -> str:
