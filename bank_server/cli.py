@@ -33,6 +33,21 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-message-mb", type=float, default=16.0)
     parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get at SIGTERM")
     parser.add_argument("--threads", type=_positive_int, default=1, help=THREADS_HELP)
+    parser.add_argument("--fsync", choices=("always", "everysec", "no"), default="everysec",
+                        help="when the update log (kept with --snapshot-dir) reaches the disk: before each reply "
+                             "(always), once a second (everysec, the default: a process crash loses nothing, a "
+                             "machine crash up to a second), or when the kernel decides (no)")
+    parser.add_argument("--snapshot-every", type=float, default=0, metavar="SECONDS",
+                        help="also snapshot every SECONDS (tags periodic-<unix time>; the newest 2 are kept, "
+                             "apart from --keep-snapshots); 0: only on request and at SIGTERM")
+    parser.add_argument("--allow-fresh", action="store_true",
+                        help="start from the seeded rows when the stored bank (LATEST, a snapshot, the log) cannot "
+                             "be read, instead of refusing to start")
+    parser.add_argument("--fallback-snapshot", action="store_true",
+                        help="when the snapshot LATEST names is damaged or missing, use the newest good snapshot "
+                             "that the update log continues, replaying the log from it")
+    parser.add_argument("--metrics-port", type=int, default=0,
+                        help="serve Prometheus metrics on this port at /metrics (0: off)")
 
 
 def _positive_int(text: str) -> int:
@@ -49,6 +64,9 @@ def run_serve(args: argparse.Namespace) -> int:
         print("error: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
     token = Path(args.token_file).read_text().strip() if args.token_file else None
+    if args.snapshot_every and args.snapshot_every < 1:
+        print("error: --snapshot-every must be 0 (off) or at least 1 second", file=sys.stderr)
+        return 2
     if args.token_file and not token:
         print(f"error: --token-file {args.token_file} is empty", file=sys.stderr)
         return 2
@@ -56,7 +74,8 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServerConfig(
         shard_id=args.shard_id, num_shards=args.num_shards, rows=args.rows, dim=args.dim, dtype=args.dtype,
         host=args.host, port=args.port, snapshot_dir=args.snapshot_dir, keep_snapshots=args.keep_snapshots,
-        seed=args.seed, token=token, threads=args.threads,
+        seed=args.seed, token=token, threads=args.threads, fsync=args.fsync, snapshot_every=args.snapshot_every,
+        allow_fresh=args.allow_fresh, fallback_snapshot=args.fallback_snapshot, metrics_port=args.metrics_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key, max_message_bytes=int(args.max_message_mb * (1 << 20)))
     try:
         return serve(config, grace=args.grace)

@@ -34,12 +34,18 @@ class Unavailable(BankError):
     """The shard is not ready yet (still restoring its snapshot)."""
 
 
+class DataLoss(BankError):
+    """Stored state (a snapshot, LATEST, the update log) cannot be read as it was
+    written; the message names the file and what is wrong."""
+
+
 _CODES = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     NotFound: grpc.StatusCode.NOT_FOUND,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DataLoss: grpc.StatusCode.DATA_LOSS,
 }
 
 

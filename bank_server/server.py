@@ -1,8 +1,12 @@
 """`instdisc bank serve`: one shard behind gRPC, with health, reflection, auth and TLS.
 
-The server starts NOT_SERVING, restores its newest snapshot (or initialises the
-rows from the seed), and only then reports SERVING. On SIGTERM it stops taking
-calls, lets in-flight ones finish, writes a final snapshot and exits 0.
+The server starts NOT_SERVING, recovers its shard (:mod:`bank_server.recovery`: the
+snapshot LATEST names plus the update log after it, or rows from the seed), opens a new
+log segment, and only then reports SERVING; a shard whose stored state cannot be read
+refuses to start, saying which file and why. With a snapshot folder every update is
+logged before its reply (`--fsync`), and `--snapshot-every` snapshots in the
+background. On SIGTERM it stops taking calls, lets in-flight ones finish, writes a
+final snapshot and exits 0.
 """
 
 from __future__ import annotations
@@ -20,15 +24,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from bank_server.errors import NotFound
+from bank_server.recovery import Recovery, open_logged
 from bank_server.servicer import MemoryBankServicer, add_to_server
-from bank_server.shard import Layout, Shard
+from bank_server.shard import PERIODIC_KEPT, Layout, Shard
 from protos import bank_pb2
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = bank_pb2.DESCRIPTOR.services_by_name["MemoryBank"].full_name
 DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
+
+
 def limit_blas_threads(threads: int) -> None:
     """Cap numpy's BLAS pool for the rest of this process, whenever numpy was loaded
     (environment variables only work before it is: not in a Ray actor)."""
@@ -63,6 +69,11 @@ class ServerConfig:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     workers: int = 8
     threads: int = 1             # numpy BLAS threads of a shard's own process (`instdisc bank serve --threads`)
+    fsync: str = "everysec"      # the update log's: always | everysec | no (with a snapshot_dir)
+    snapshot_every: float = 0    # seconds between periodic snapshots; 0: none
+    allow_fresh: bool = False    # start from the seed when the stored state cannot be read
+    fallback_snapshot: bool = False  # use the newest good snapshot the log continues when LATEST's is bad
+    metrics_port: int = 0        # Prometheus metrics on this port; 0: none
 
     @property
     def layout(self) -> Layout:
@@ -100,10 +111,20 @@ class BankServer:
         config.layout  # validates the layout before binding anything
         self.config = config
         interceptors = [_BearerToken(config.token)] if config.token else []
+        self.metrics = None
+        if config.metrics_port:
+            from bank_server.metrics import BankMetrics  # prometheus-client only where asked for
+
+            self.metrics = BankMetrics(self)
+            interceptors.insert(0, self.metrics.interceptor)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="bank"),
             interceptors=interceptors, options=grpc_options(config.max_message_bytes))
         self.servicer = MemoryBankServicer(config.max_message_bytes, config.snapshot_dir, config.keep_snapshots)
+        self.servicer.set_serving = self._set_serving
+        self.recovery: Recovery | None = None
+        self._stopping = threading.Event()
+        self._periodic: threading.Thread | None = None
         add_to_server(self.servicer, self._server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
@@ -132,32 +153,59 @@ class BankServer:
 
     def start(self) -> "BankServer":
         self._server.start()
+        if self.metrics is not None:
+            self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
         return self
 
     def load(self) -> Shard:
-        """Restore the newest snapshot, or initialise fresh rows; then report SERVING."""
+        """Recover the shard (or initialise fresh rows without a snapshot folder), open
+        its update log, then report SERVING. RecoveryRefused if its stored state cannot
+        be read (see bank_server.recovery)."""
         config = self.config
-        shard = None
-        if config.snapshot_dir:
-            try:
-                shard = Shard.restore(config.layout, config.snapshot_dir, seed=config.seed)
-                log.info("restored shard %d from %s", config.shard_id, shard.restored_from)
-            except NotFound:
-                pass
-        if shard is None:
+        if not config.snapshot_dir:
             shard = Shard.create(config.layout, seed=config.seed)
+        else:
+            shard, self.recovery = open_logged(config.layout, config.snapshot_dir, config.seed, config.fsync,
+                                               allow_fresh=config.allow_fresh, fallback=config.fallback_snapshot)
+            log.info("shard %d %s; logging updates to %s (fsync %s)", config.shard_id, self.recovery.describe(),
+                     shard.log.path, config.fsync)
         self.servicer.shard = shard
+        if config.snapshot_dir and config.snapshot_every > 0:
+            self._periodic = threading.Thread(target=self._snapshot_periodically, name="periodic-snapshots",
+                                              daemon=True)
+            self._periodic.start()
         self._set_serving(True)
         return shard
 
+    def _snapshot_periodically(self) -> None:
+        """``periodic-<unix time>`` every `snapshot_every` seconds, pruned among
+        themselves; a failure is logged and tried again next time."""
+        while not self._stopping.wait(self.config.snapshot_every):
+            tag = f"periodic-{int(time.time())}"
+            try:
+                path, nbytes, seconds = self.servicer.shard.snapshot(
+                    self.config.snapshot_dir, tag, self.config.keep_snapshots, PERIODIC_KEPT)
+                log.info("periodic snapshot %s: %d bytes in %.2fs", path, nbytes, seconds)
+            except Exception:  # the shard serves on; its log still holds every update
+                log.exception("periodic snapshot %s failed", tag)
+
     def stop(self, grace: float = 10.0, final_snapshot: bool = True) -> None:
         self._set_serving(False)
+        self._stopping.set()
         self._server.stop(grace).wait()
+        if self._periodic is not None:
+            self._periodic.join()
         shard = self.servicer.shard
-        if final_snapshot and self.config.snapshot_dir and shard is not None:
-            tag = f"shutdown-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 1_000_000_000:09d}"
-            path, nbytes, seconds = shard.snapshot(self.config.snapshot_dir, tag, self.config.keep_snapshots)
-            log.info("final snapshot %s: %d bytes in %.2fs", path, nbytes, seconds)
+        try:
+            if final_snapshot and self.config.snapshot_dir and shard is not None:
+                tag = f"shutdown-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 1_000_000_000:09d}"
+                path, nbytes, seconds = shard.snapshot(self.config.snapshot_dir, tag, self.config.keep_snapshots)
+                log.info("final snapshot %s: %d bytes in %.2fs", path, nbytes, seconds)
+        finally:
+            if shard is not None and shard.log is not None:
+                shard.log.close()
+            if self.metrics is not None:
+                self.metrics.close()
 
     def wait(self) -> None:
         self._server.wait_for_termination()

@@ -50,10 +50,14 @@ class MemoryBankServicer:
         self.snapshot_dir = snapshot_dir
         self.keep_snapshots = keep_snapshots
         self.shard: Shard | None = None  # None until created or restored
+        self.set_serving = lambda serving: None  # the server's health, told while a Restore runs
+        self._restoring = False
 
     def _ready(self) -> Shard:
         if self.shard is None:
             raise Unavailable("shard is loading its snapshot; retry shortly")
+        if self._restoring:
+            raise Unavailable("shard is restoring a snapshot; retry shortly")
         return self.shard
 
     def _check_answer_size(self, nbytes: int, field: str) -> None:
@@ -145,9 +149,18 @@ class MemoryBankServicer:
     @_rpc
     def Restore(self, request, context):
         shard = self._ready()
-        restored = Shard.restore(shard.layout, self._snapshot_dir(), request.tag or None, seed=shard.seed)
-        shard.replace_with(restored)
-        return bank_pb2.RestoreResponse(tag=restored.last_snapshot_tag, path=str(restored.restored_from))
+        directory = self._snapshot_dir()
+        # Rows are read into the live array: calls are turned away (UNAVAILABLE, which
+        # clients retry) and health says NOT_SERVING until it is done.
+        self._restoring = True
+        self.set_serving(False)
+        try:
+            path = shard.restore_in_place(directory, request.tag or None)
+        finally:
+            self._restoring = False
+            self.set_serving(True)
+        log.info("restored snapshot %s", path)
+        return bank_pb2.RestoreResponse(tag=shard.last_snapshot_tag, path=str(path))
 
 
 def add_to_server(servicer: MemoryBankServicer, server: grpc.Server) -> None:

@@ -9,13 +9,21 @@ and raises the domain errors of :mod:`bank_server.errors`:
   temperature.
 - ``FailedPrecondition``: a snapshot of another layout at restore.
 - ``NotFound``: no snapshot with that tag.
+- ``DataLoss``: a snapshot or log segment that fails its checks (named in the message).
 
 Rows are unit vectors stored as float16 or float32; all math runs in float32.
+
+Durability: a shard may be given an :class:`~bank_server.update_log.UpdateLog`; every
+applied update is then appended to it, under the lock and before any row changes, and
+the caller returns only once the record is as durable as the log's fsync mode promises.
+The shard stays free of gRPC; it touches no files but its snapshots and its log.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,18 +31,27 @@ from pathlib import Path
 import numpy as np
 
 from bank_server import snapshot as snapshots
-from bank_server import validate
-from bank_server.errors import FailedPrecondition, InvalidArgument
+from bank_server import update_log, validate
+from bank_server.errors import DataLoss, FailedPrecondition, InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16)}
 # Blocks bound the temporaries of the full-bank scans to about 16 MiB.
 _SCAN_ELEMENTS = 1 << 22
 # (client_id, sequence) pairs remembered for idempotent retries.
 _DEDUP_WINDOW = 1 << 16
-# What a shard process may hold at once: a Restore reads the snapshot beside the live
-# rows, so its rows twice, plus the process itself (about 100 MiB idle: Python, gRPC,
-# numpy, pyarrow; message buffers and scan temporaries come on top).
-RESTORE_COPIES = 2
+# A snapshot copies this many rows per hold of the lock (64k x 128 float16 = 16 MiB, a
+# few ms), so a Step waits at most that long, never for a whole snapshot.
+SNAPSHOT_BLOCK_ROWS = 1 << 16
+# Periodic snapshots (`--snapshot-every`) kept: the newest, and one to fall back on.
+PERIODIC_KEPT = 2
+# What a shard process may hold at once: its rows once (a Restore reads into the live
+# array; a snapshot copies a block at a time: the block and Arrow's view of it count
+# twice), plus the process itself (about 100 MiB idle: Python, gRPC, numpy, pyarrow;
+# message buffers and scan temporaries come on top).
+RESTORE_COPIES = 1
+SNAPSHOT_BLOCK_COPIES = 2
 PROCESS_BYTES = 256 << 20
 
 
@@ -69,7 +86,9 @@ def rows_on_shard(total_rows: int, num_shards: int, shard_id: int) -> int:
 
 def memory_bytes(rows_held: int, dim: int, dtype: str) -> int:
     """The most one shard process of `rows_held` rows may hold at once."""
-    return RESTORE_COPIES * rows_held * dim * DTYPES[dtype].itemsize + PROCESS_BYTES
+    row_bytes = dim * DTYPES[dtype].itemsize
+    block = SNAPSHOT_BLOCK_COPIES * min(rows_held, SNAPSHOT_BLOCK_ROWS)
+    return (RESTORE_COPIES * rows_held + block) * row_bytes + PROCESS_BYTES
 
 
 def initial_rows(layout: Layout, seed: int) -> np.ndarray:
@@ -105,7 +124,7 @@ def _normalize(x: np.ndarray) -> np.ndarray:
 
 
 class Shard:
-    def __init__(self, layout: Layout, rows: np.ndarray, *, seed: int = 0):
+    def __init__(self, layout: Layout, rows: np.ndarray, *, seed: int = 0, log=None):
         if rows.shape != (layout.rows_held, layout.dim) or rows.dtype != DTYPES[layout.dtype]:
             raise FailedPrecondition(
                 f"rows {rows.shape} {rows.dtype} do not fit layout "
@@ -116,14 +135,27 @@ class Shard:
         self._rows = rows
         self._rng = np.random.default_rng([seed, layout.shard_id, 1])
         self._lock = threading.Lock()
+        self._snapshot_lock = threading.Lock()  # one snapshot or Restore at a time
+        self._log = log                         # an UpdateLog, or None: updates live in memory only
         self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.updates_applied = 0
         self.rows_updated = 0
         self.last_snapshot_tag = ""
+        self.last_snapshot_time: float | None = None
+        self.last_snapshot_seconds: float | None = None
 
     @classmethod
     def create(cls, layout: Layout, seed: int = 0) -> "Shard":
         return cls(layout, initial_rows(layout, seed), seed=seed)
+
+    @property
+    def log(self):
+        return self._log
+
+    def attach_log(self, log) -> None:
+        """Log every update from now on to `log` (an UpdateLog)."""
+        with self._lock:
+            self._log = log
 
     # -- validation -------------------------------------------------------------
 
@@ -172,26 +204,53 @@ class Shard:
         sequence) was applied before (a retry), in which case nothing changes."""
         local, features = self._prepare_update(indices, features, momentum)
         with self._lock:
-            return self._update_locked(local, features, momentum, client_id, sequence)
+            applied, ticket = self._update_locked(local, features, momentum, client_id, sequence)
+        self._wait_durable(ticket)
+        return applied
 
-    def _update_locked(self, local, features, momentum, client_id, sequence) -> bool:
+    def _wait_durable(self, ticket: int) -> None:
+        if ticket:
+            self._log.wait_durable(ticket)
+
+    def _update_locked(self, local, features, momentum, client_id, sequence) -> tuple[bool, int]:
+        """Apply one update: (applied, the log's ticket for it, 0 when not logged)."""
         key = (client_id, int(sequence))
-        if client_id:
-            if key in self._seen:
-                return False
-            self._seen[key] = None
-            if len(self._seen) > _DEDUP_WINDOW:
-                self._seen.popitem(last=False)
+        if client_id and key in self._seen:
+            return False, 0
         # In place in float32: one cast of the old rows in, one to the storage dtype out.
         m = np.float32(momentum)
         mixed = as_float32(self._gather(local))  # a new array either way: the gather copies
         mixed *= m
         mixed += features.astype(np.float32, copy=False) * (np.float32(1) - m)
         mixed /= np.maximum(np.linalg.norm(mixed, axis=1, keepdims=True), np.float32(1e-12))
-        self._rows[local] = mixed.astype(self._rows.dtype, copy=False)
+        new = mixed.astype(self._rows.dtype, copy=False)
+        # Logged before any row changes: a failed append leaves the shard as it was.
+        ticket = self._log.append(local, new, client_id, key[1]) if self._log is not None else 0
+        self._rows[local] = new
+        self._remember(key)
         self.updates_applied += 1
         self.rows_updated += len(local)
-        return True
+        return True, ticket
+
+    def _remember(self, key) -> None:
+        if key[0]:
+            self._seen[key] = None
+            if len(self._seen) > _DEDUP_WINDOW:
+                self._seen.popitem(last=False)
+
+    def apply_logged(self, record) -> None:
+        """Replay one update-log record (recovery, Restore; call before serving or under
+        the lock): the rows it wrote, and its (client_id, sequence) into the retry memory,
+        so that a client's retry of an update acknowledged before a crash is still
+        recognised. Replaying a record twice changes nothing (it holds results); it is
+        counted once."""
+        key = (record.client_id, int(record.sequence))
+        self._rows[record.local] = record.rows
+        if key[0] and key in self._seen:
+            return
+        self._remember(key)
+        self.updates_applied += 1
+        self.rows_updated += len(record.local)
 
     def step(self, update=None, lookup_indices=None, sample_k: int = 0, sample_seed: int | None = None):
         """Update, then lookup, then sample, as one request validated whole.
@@ -207,9 +266,10 @@ class Shard:
         if sample_k:
             self._check_sample_k(sample_k, "sample_k")
         with self._lock:
-            applied = self._update_locked(*prepared) if prepared else False
+            applied, ticket = self._update_locked(*prepared) if prepared else (False, 0)
             rows = None if local is None else self._gather(local)
             sample = self._sample_locked(sample_k, sample_seed) if sample_k else (None, None)
+        self._wait_durable(ticket)
         return applied, rows, *sample
 
     def _queries(self, queries, field="queries") -> np.ndarray:
@@ -275,52 +335,151 @@ class Shard:
 
     # -- persistence ------------------------------------------------------------
 
-    def snapshot(self, directory: str | Path, tag: str, keep: int = 0):
-        """Write this shard to ``<directory>/shard-<id>/<tag>.arrow``, then keep only the
-        `keep` newest snapshots (0: all): (path, bytes, seconds)."""
+    def snapshot(self, directory: str | Path, tag: str, keep: int = 0, periodic_keep: int = PERIODIC_KEPT):
+        """Write this shard to ``<directory>/shard-<id>/<tag>.arrow``, point LATEST at it,
+        then prune (`keep` newest named snapshots, 0: all; `periodic_keep` newest
+        ``periodic-*`` ones): (path, bytes, seconds).
+
+        Fuzzy, not stop-the-world. Under the lock the log rotates to a new segment and the
+        counters are taken; then the rows are copied SNAPSHOT_BLOCK_ROWS at a time, each
+        under a short hold of the lock, and written to disk outside it. Updates go on
+        meanwhile, so a block copied late may already hold updates that the new segment
+        records too. That is harmless because records hold results and are replayed in
+        order: the file plus the segment's records ``[0, log_end)`` (``log_end``: the
+        segment's length when the last block was copied) is exactly the shard at that
+        moment, and the file plus the whole timeline from that segment on is exactly the
+        shard now. LATEST says so: ``{"tag": tag, "log": segment, "from": log_end}``.
+        """
         snapshots.check_tag(tag)
-        with self._lock:
-            metadata = {
-                "layout": asdict(self.layout),
-                "tag": tag,
-                "updates_applied": self.updates_applied,
-                "rows_updated": self.rows_updated,
-                "seen": [[c, s] for c, s in self._seen],
-            }
-            result = snapshots.write(directory, self.layout.shard_id, tag, self._rows, metadata)
+        sid = self.layout.shard_id
+        with self._snapshot_lock:
+            with self._lock:
+                segment = self._log.rotate() if self._log is not None else None
+                metadata = {
+                    "layout": asdict(self.layout),
+                    "tag": tag,
+                    "updates_applied": self.updates_applied,
+                    "rows_updated": self.rows_updated,
+                    "seen": [[c, s] for c, s in self._seen],
+                    "log_segment": segment,
+                    "created": time.time(),
+                }
+            if self._log is not None:
+                self._log.seal()  # the segment before is whole on disk before anything names it
+            path, nbytes, seconds, log_end = snapshots.write(
+                directory, sid, tag, metadata, self.layout.dim, self._rows.dtype, self._copy_blocks())
+            snapshots.write_latest(directory, sid, tag, segment, log_end)
             self.last_snapshot_tag = tag
-        snapshots.prune(directory, self.layout.shard_id, keep)
-        return result
+            self.last_snapshot_time = time.time()
+            self.last_snapshot_seconds = seconds
+            self._prune(directory, keep, periodic_keep)
+        return path, nbytes, seconds
+
+    def _copy_blocks(self):
+        """The rows a block at a time, each copied under its own short hold of the lock,
+        with how many records the log's active segment held then."""
+        for begin in range(0, self.layout.rows_held, SNAPSHOT_BLOCK_ROWS):
+            with self._lock:
+                block = self._rows[begin:begin + SNAPSHOT_BLOCK_ROWS].copy()
+                position = self._log.records if self._log is not None else 0
+            yield block, position
+
+    def _prune(self, directory, keep: int, periodic_keep: int) -> None:
+        sid = self.layout.shard_id
+        snapshots.prune(directory, sid, keep, periodic_keep)
+        if self._log is None:
+            return
+        starts = []
+        for path in snapshots.snapshots_newest_first(directory, sid):
+            try:
+                segment = snapshots.read_metadata(path).get("log_segment")
+            except (DataLoss, NotFound) as error:  # a broken snapshot keeps no log alive; say so
+                log.warning("pruning the update log: %s", error)
+                continue
+            if segment:
+                starts.append(segment)
+        pointer = snapshots.read_latest(directory, sid)
+        if pointer and pointer["log"]:
+            starts.append(pointer["log"])
+        for path in update_log.prune_segments(self._log.folder, starts, self._log.segment):
+            log.info("removed update-log segment %s with the snapshots it belonged to", path)
+
+    def _check_snapshot(self, metadata: dict, path: Path) -> None:
+        saved = Layout(**metadata["layout"])
+        if saved != self.layout:
+            diffs = ", ".join(f"{k}: snapshot {v} vs server {getattr(self.layout, k)}"
+                              for k, v in asdict(saved).items() if v != getattr(self.layout, k))
+            raise FailedPrecondition(f"snapshot {path} has another layout ({diffs})")
+
+    def _load_locked(self, path: Path, directory, metadata: dict) -> None:
+        """The snapshot's rows into the live array (checked as they come), then its own
+        log segment up to its consistency point, so the rows are exactly the shard when
+        the snapshot ended."""
+        snapshots.read_into(path, self._rows, self.layout.rows_held)
+        self.updates_applied = metadata["updates_applied"]
+        self.rows_updated = metadata["rows_updated"]
+        self._seen = OrderedDict(((c, s), None) for c, s in metadata["seen"])
+        segment, end = metadata.get("log_segment"), metadata["log_end"]
+        if segment and end:
+            update_log.read_records(self._segment(directory, segment, path), self.layout.dim, self._rows.dtype,
+                                    self.apply_logged, stop=end)
+        self.last_snapshot_tag = metadata["tag"]
+        self.restored_from = path
+        self.restored_log_position = (segment, end)
+
+    def _segment(self, directory, segment: int, snapshot: Path) -> Path:
+        found = update_log.segment_path(snapshots.shard_dir(directory, self.layout.shard_id), segment)
+        if not found.exists():
+            raise DataLoss(f"snapshot {snapshot} needs its update-log segment {found}, which is missing")
+        return found
+
+    def _checked_metadata(self, directory, tag: str | None) -> tuple[Path, dict]:
+        """Path and metadata of snapshot `tag` (default: LATEST's), checked whole, its log
+        segment included, before anything changes."""
+        tag = tag or snapshots.latest_tag(directory, self.layout.shard_id)
+        if tag is None:
+            raise NotFound(f"no snapshot in {snapshots.shard_dir(directory, self.layout.shard_id)}")
+        path = snapshots.snapshot_path(directory, self.layout.shard_id, tag)
+        if not path.exists():
+            raise NotFound(f"snapshot tag {tag!r} not found at {path}")
+        metadata = snapshots.read_metadata(path)
+        self._check_snapshot(metadata, path)
+        metadata, _ = snapshots.read_into(path, None, self.layout.rows_held)
+        segment, end = metadata.get("log_segment"), metadata["log_end"]
+        if segment and end:
+            update_log.read_records(self._segment(directory, segment, path), self.layout.dim, self._rows.dtype,
+                                    lambda record: None, stop=end)
+        return path, metadata
 
     @classmethod
     def restore(cls, layout: Layout, directory: str | Path, tag: str | None = None, seed: int = 0) -> "Shard":
-        """The shard saved as `tag` (default: the newest). FailedPrecondition if its
-        layout differs from `layout`; NotFound if there is no such snapshot."""
-        rows, metadata, path = snapshots.read(directory, layout.shard_id, tag)
-        saved = Layout(**metadata["layout"])
-        if saved != layout:
-            diffs = ", ".join(f"{k}: snapshot {v} vs server {getattr(layout, k)}"
-                              for k, v in asdict(saved).items() if v != getattr(layout, k))
-            raise FailedPrecondition(f"snapshot {path} has another layout ({diffs})")
-        shard = cls(layout, rows, seed=seed)
-        shard.updates_applied = metadata["updates_applied"]
-        shard.rows_updated = metadata["rows_updated"]
-        shard._seen = OrderedDict(((c, s), None) for c, s in metadata["seen"])
-        shard.last_snapshot_tag = metadata["tag"]
-        shard.restored_from = path
+        """A new shard holding snapshot `tag` (default: the one LATEST names), exactly as
+        it was when the snapshot ended. FailedPrecondition if its layout differs from
+        `layout`; NotFound if there is no such snapshot; DataLoss if it fails its checks."""
+        shard = cls(layout, np.empty((layout.rows_held, layout.dim), DTYPES[layout.dtype]), seed=seed)
+        path, metadata = shard._checked_metadata(directory, tag)
+        shard._load_locked(path, directory, metadata)
         return shard
 
-    def replace_with(self, other: "Shard") -> None:
-        """Take over `other`'s state (a Restore RPC on a live server)."""
-        if other.layout != self.layout:
-            raise FailedPrecondition("restored shard has another layout")
-        with self._lock:
-            self._rows = other._rows
-            self._seen = other._seen
-            self.updates_applied = other.updates_applied
-            self.rows_updated = other.rows_updated
-            self.last_snapshot_tag = other.last_snapshot_tag
-            self.restored_from = other.restored_from
+    def restore_in_place(self, directory: str | Path, tag: str | None = None) -> Path:
+        """Roll this shard back to snapshot `tag` (a Restore RPC), reading into the live
+        rows: no second copy. The snapshot is checked whole first, so a bad one changes
+        nothing. Then, under the lock, the rows are loaded, the log starts a new
+        generation and LATEST moves to the snapshot and that generation: a crash after
+        the Restore recovers the restored timeline, not the abandoned one."""
+        sid = self.layout.shard_id
+        with self._snapshot_lock:
+            path, metadata = self._checked_metadata(directory, tag)
+            with self._lock:
+                self._load_locked(path, directory, metadata)
+                if self._log is not None:
+                    segment = self._log.rotate(new_generation=True, base=metadata["tag"])
+                    snapshots.write_latest(directory, sid, metadata["tag"], segment, 0)
+                else:
+                    snapshots.write_latest(directory, sid, metadata["tag"], None, 0)
+            if self._log is not None:
+                self._log.seal()
+        return path
 
     def describe(self) -> dict:
         return {

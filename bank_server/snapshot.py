@@ -1,26 +1,47 @@
-"""Shard snapshots as uncompressed Arrow IPC files (memory-mappable).
+"""Shard snapshots as uncompressed Arrow IPC files (memory-mappable), each record batch
+carrying the crc32 of its rows.
 
-Layout on disk: ``<dir>/shard-<id>/<tag>.arrow`` plus a ``LATEST`` file naming the
-newest tag. Both are written to a temporary file, fsynced and renamed, so a crash
-leaves either the old snapshot or the new one, never half of one.
+Layout on disk: ``<dir>/shard-<id>/<tag>.arrow``, the update log's segments
+(:mod:`bank_server.update_log`) beside them, and a ``LATEST`` file saying where
+recovery starts: a JSON object ``{"tag": ..., "log": segment, "from": record}`` (the
+snapshot, then the log from record `from` of segment `log` on; ``tag`` null means the
+seeded initial rows). An older ``LATEST`` holding just a tag still reads. Snapshot
+files and ``LATEST`` are written to a temporary file, fsynced and renamed, so a crash
+leaves either the old one or the new one, never half of one.
+
+A snapshot's rows are copied block by block while updates go on (see
+``Shard.snapshot``): each batch's metadata says how many records of the snapshot's log
+segment (``log_segment`` in the schema's metadata) had been written when it was copied;
+the last batch's count, ``log_end``, is the snapshot's consistency point. The file plus
+records ``[0, log_end)`` of that segment is exactly the shard at that point.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import time
+import zlib
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from bank_server.errors import InvalidArgument, NotFound
+from bank_server.errors import DataLoss, InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
 
 TAG_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 METADATA_KEY = b"instdisc.bank"
-_BATCH_ROWS = 1 << 20
+CRC_KEY, LOG_END_KEY = b"crc32", b"log_end"
+PERIODIC_PREFIX = "periodic-"
+
+
+class SnapshotCorrupt(DataLoss):
+    """A snapshot file that is truncated or whose rows fail their checksum."""
 
 
 def check_tag(tag: str) -> str:
@@ -31,6 +52,10 @@ def check_tag(tag: str) -> str:
 
 def shard_dir(directory: str | os.PathLike, shard_id: int) -> Path:
     return Path(directory) / f"shard-{shard_id:05d}"
+
+
+def snapshot_path(directory: str | os.PathLike, shard_id: int, tag: str) -> Path:
+    return shard_dir(directory, shard_id) / f"{check_tag(tag)}.arrow"
 
 
 def _fsync_path(path: Path) -> None:
@@ -47,78 +72,177 @@ def _replace_durably(tmp: Path, final: Path) -> None:
     _fsync_path(final.parent)
 
 
-def write(directory: str | os.PathLike, shard_id: int, tag: str, rows: np.ndarray, metadata: dict) -> tuple[Path, int, float]:
-    """Write `rows` (R, D) with `metadata`; return (path, bytes, seconds)."""
+def write(directory: str | os.PathLike, shard_id: int, tag: str, metadata: dict, dim: int, dtype,
+          blocks: Iterable[tuple[np.ndarray, int]]) -> tuple[Path, int, float, int]:
+    """Write the row blocks `blocks` yields, each with the log position at its copy, as
+    snapshot `tag`; return (path, bytes, seconds, log_end). LATEST is not touched."""
     check_tag(tag)
     start = time.perf_counter()
     folder = shard_dir(directory, shard_id)
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{tag}.arrow"
     tmp = folder / f".{tag}.arrow.tmp-{os.getpid()}"
-    dim = rows.shape[1]
-    value_type = pa.from_numpy_dtype(rows.dtype)
+    value_type = pa.from_numpy_dtype(np.dtype(dtype))
     schema = pa.schema([pa.field("row", pa.list_(value_type, dim))],
                        metadata={METADATA_KEY: json.dumps(metadata).encode()})
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        for begin in range(0, max(len(rows), 1), _BATCH_ROWS):
-            chunk = np.ascontiguousarray(rows[begin:begin + _BATCH_ROWS])
-            values = pa.array(chunk.reshape(-1), type=value_type)
-            column = pa.FixedSizeListArray.from_arrays(values, dim)
-            writer.write_batch(pa.record_batch([column], schema=schema))
-    _replace_durably(tmp, final)
-    latest_tmp = folder / f".LATEST.tmp-{os.getpid()}"
-    latest_tmp.write_text(tag)
-    _replace_durably(latest_tmp, folder / "LATEST")
-    return final, final.stat().st_size, time.perf_counter() - start
+    log_end = 0
+    try:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+            for chunk, log_end in blocks:
+                values = pa.array(chunk.reshape(-1), type=value_type)
+                column = pa.FixedSizeListArray.from_arrays(values, dim)
+                writer.write_batch(pa.record_batch([column], schema=schema), custom_metadata={
+                    CRC_KEY: str(zlib.crc32(chunk)), LOG_END_KEY: str(log_end)})
+        _replace_durably(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return final, final.stat().st_size, time.perf_counter() - start, log_end
 
 
-def prune(directory: str | os.PathLike, shard_id: int, keep: int) -> list[Path]:
-    """Delete all but the `keep` newest snapshots of a shard (never the LATEST one);
-    returns what was deleted. keep <= 0 keeps everything."""
-    if keep <= 0:
-        return []
+# -- LATEST --------------------------------------------------------------------------
+
+def latest_path(directory: str | os.PathLike, shard_id: int) -> Path:
+    return shard_dir(directory, shard_id) / "LATEST"
+
+
+def write_latest(directory: str | os.PathLike, shard_id: int, tag: str | None, segment: int | None,
+                 start: int = 0, seed: int | None = None) -> None:
+    """Point recovery at snapshot `tag` (None: the initial rows of `seed`) followed by
+    the log from record `start` of `segment` on."""
     folder = shard_dir(directory, shard_id)
-    newest = latest_tag(directory, shard_id)
-    files = sorted(folder.glob("*.arrow"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
-    doomed = [p for p in files[keep:] if p.stem != newest]
-    for path in doomed:
-        path.unlink(missing_ok=True)
-    return doomed
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".LATEST.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"tag": tag, "log": segment, "from": start, "seed": seed}))
+    _replace_durably(tmp, folder / "LATEST")
+
+
+def read_latest(directory: str | os.PathLike, shard_id: int) -> dict | None:
+    """LATEST as {"tag", "log", "from", "seed"}; None if there is none; DataLoss naming
+    the file if it cannot be read."""
+    path = latest_path(directory, shard_id)
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataLoss(f"{path} cannot be read: {error}") from error
+    if not text.startswith("{"):  # written before the update log: just a tag
+        try:
+            return {"tag": check_tag(text), "log": None, "from": 0, "seed": None}
+        except InvalidArgument:
+            raise DataLoss(f"{path} is unreadable: {text[:80]!r} is neither a tag nor JSON") from None
+    try:
+        pointer = json.loads(text)
+        tag, segment, start = pointer["tag"], pointer["log"], int(pointer["from"])
+        if tag is not None:
+            check_tag(tag)
+        if segment is not None and (not isinstance(segment, int) or segment < 1):
+            raise ValueError(f"log {segment!r}")
+        if tag is None and pointer.get("seed") is None:
+            raise ValueError("neither a tag nor a seed")
+    except (ValueError, KeyError, TypeError, InvalidArgument) as error:
+        raise DataLoss(f"{path} is unreadable: {error} in {text[:120]!r}") from None
+    return {"tag": tag, "log": segment, "from": start, "seed": pointer.get("seed")}
 
 
 def latest_tag(directory: str | os.PathLike, shard_id: int) -> str | None:
-    pointer = shard_dir(directory, shard_id) / "LATEST"
-    return pointer.read_text().strip() if pointer.exists() else None
+    pointer = read_latest(directory, shard_id)
+    return None if pointer is None else pointer["tag"]
+
+
+# -- reading -------------------------------------------------------------------------
+
+def _open(path: Path):
+    try:
+        return pa.ipc.open_file(pa.memory_map(str(path)))
+    except FileNotFoundError:
+        raise NotFound(f"snapshot {path} not found") from None
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as error:
+        raise SnapshotCorrupt(f"snapshot {path} is truncated or not an Arrow file: {error}") from None
 
 
 def read_metadata(path: Path) -> dict:
-    with pa.memory_map(str(path)) as source:
-        schema = pa.ipc.open_file(source).schema
-    return json.loads(schema.metadata[METADATA_KEY])
+    try:
+        return json.loads(_open(path).schema.metadata[METADATA_KEY])
+    except (KeyError, TypeError, ValueError) as error:
+        raise SnapshotCorrupt(f"snapshot {path} has no readable metadata: {error}") from None
+
+
+def read_into(path: Path, target: np.ndarray | None, expect_rows: int | None = None) -> tuple[dict, int]:
+    """Check every batch's crc32 and, when `target` is given, copy the rows into it
+    (no other copy of the rows is made). Returns (metadata with ``log_end`` added,
+    rows). SnapshotCorrupt, naming the file and batch, on any mismatch."""
+    reader = _open(path)
+    try:
+        metadata = json.loads(reader.schema.metadata[METADATA_KEY])
+        dim = reader.schema.field("row").type.list_size
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise SnapshotCorrupt(f"snapshot {path} has no readable metadata: {error}") from None
+    offset, log_end, unchecked = 0, 0, 0
+    for i in range(reader.num_record_batches):
+        try:
+            batch, custom = reader.get_batch_with_custom_metadata(i)
+            values = batch.column(0).flatten().to_numpy(zero_copy_only=False)
+        except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as error:
+            raise SnapshotCorrupt(f"snapshot {path}: batch {i} cannot be read: {error}") from None
+        n = len(values) // dim
+        if custom is not None and CRC_KEY in custom:
+            if zlib.crc32(values) != int(custom[CRC_KEY]):
+                raise SnapshotCorrupt(f"snapshot {path}: rows {offset}..{offset + n - 1} (batch {i}) fail their "
+                                      "crc32 checksum")
+            log_end = int(custom[LOG_END_KEY])
+        else:
+            unchecked += 1
+        if target is not None:
+            if offset + n > len(target):
+                raise SnapshotCorrupt(f"snapshot {path} holds more than {len(target)} rows")
+            target[offset:offset + n] = values.reshape(n, dim)
+        offset += n
+    if unchecked:
+        log.warning("snapshot %s: %d batch(es) carry no checksum (written before checksums); read unchecked",
+                    path, unchecked)
+    if expect_rows is not None and offset != expect_rows:
+        raise SnapshotCorrupt(f"snapshot {path} holds {offset} rows, the shard {expect_rows}")
+    metadata["log_end"] = log_end
+    return metadata, offset
 
 
 def read(directory: str | os.PathLike, shard_id: int, tag: str | None = None) -> tuple[np.ndarray, dict, Path]:
-    """Rows, metadata and path of snapshot `tag` (default: the newest).
+    """Rows, metadata and path of snapshot `tag` (default: the one LATEST names), checked.
 
-    Raises NotFound when there is none.
+    Raises NotFound when there is none, SnapshotCorrupt when it fails its checks.
     """
     tag = tag or latest_tag(directory, shard_id)
     if tag is None:
         raise NotFound(f"no snapshot in {shard_dir(directory, shard_id)}")
-    path = shard_dir(directory, shard_id) / f"{check_tag(tag)}.arrow"
+    path = snapshot_path(directory, shard_id, tag)
     if not path.exists():
         raise NotFound(f"snapshot tag {tag!r} not found at {path}")
-    with pa.memory_map(str(path)) as source:
-        reader = pa.ipc.open_file(source)
-        metadata = json.loads(reader.schema.metadata[METADATA_KEY])
-        dim = reader.schema.field("row").type.list_size
-        dtype = reader.schema.field("row").type.value_type.to_pandas_dtype()
-        total = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
-        rows = np.empty((total, dim), dtype=dtype)
-        offset = 0
-        for i in range(reader.num_record_batches):
-            column = reader.get_batch(i).column(0)
-            values = column.flatten().to_numpy(zero_copy_only=False)
-            rows[offset:offset + len(column)] = values.reshape(-1, dim)
-            offset += len(column)
+    reader = _open(path)
+    field = reader.schema.field("row").type
+    total = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
+    rows = np.empty((total, field.list_size), dtype=field.value_type.to_pandas_dtype())
+    metadata, _ = read_into(path, rows)
     return rows, metadata, path
+
+
+def snapshots_newest_first(directory: str | os.PathLike, shard_id: int) -> list[Path]:
+    folder = shard_dir(directory, shard_id)
+    if not folder.is_dir():
+        return []
+    return sorted(folder.glob("*.arrow"), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+
+
+def prune(directory: str | os.PathLike, shard_id: int, keep: int, periodic_keep: int) -> list[Path]:
+    """Delete all but the `keep` newest named snapshots (0: keep all) and all but the
+    `periodic_keep` newest ``periodic-*`` ones; each kind counts only among itself, and
+    the one LATEST names is never deleted. Returns what was deleted."""
+    newest = latest_tag(directory, shard_id)
+    files = snapshots_newest_first(directory, shard_id)
+    periodic = [p for p in files if p.stem.startswith(PERIODIC_PREFIX)]
+    named = [p for p in files if not p.stem.startswith(PERIODIC_PREFIX)]
+    doomed = (named[keep:] if keep > 0 else []) + (periodic[periodic_keep:] if periodic_keep > 0 else [])
+    doomed = [p for p in doomed if p.stem != newest]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed

@@ -1,4 +1,4 @@
-"""Snapshots: round trip, restore after SIGKILL, final snapshot at SIGTERM, layout checks."""
+"""Snapshots: round trip, restore (snapshot + log) after SIGKILL, final snapshot at SIGTERM, layout checks."""
 
 import signal
 
@@ -58,7 +58,7 @@ def health_status(address):
         return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
 
 
-def test_killed_server_restarts_from_its_snapshot(tmp_path, spawn_server):
+def test_killed_server_restarts_from_its_snapshot_and_log(tmp_path, spawn_server):
     server = spawn_server(*serve_args(tmp_path))
     server.wait_serving()
     assert health_status(server.address) == health_pb2.HealthCheckResponse.SERVING
@@ -66,7 +66,8 @@ def test_killed_server_restarts_from_its_snapshot(tmp_path, spawn_server):
         client.update(np.arange(10), unit(np.ones((10, D), np.float32)), 0.0)
         saved = client.lookup(np.arange(N)).copy()
         client.snapshot("step-10")
-        client.update(np.arange(10), unit(-np.ones((10, D), np.float32)), 0.0)  # lost with the process
+        client.update(np.arange(10), unit(-np.ones((10, D), np.float32)), 0.0)  # after it: in the update log
+        saved = client.lookup(np.arange(N)).copy()
     server.proc.send_signal(signal.SIGKILL)
     server.proc.wait()
     again = spawn_server(*serve_args(tmp_path))

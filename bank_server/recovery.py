@@ -1,0 +1,184 @@
+"""A shard's start: what its snapshot folder says the shard is, or a refusal saying why.
+
+Recovery = the base LATEST names (a snapshot, or the seeded initial rows) + the update
+log from LATEST's segment and record on, following each segment's successor
+(:mod:`bank_server.update_log`). The last segment's torn last record, if any, is cut off
+(its update was never acknowledged) and reported.
+
+Nothing is lost silently. A LATEST or a log that cannot be read, or a snapshot that
+fails its checks, raises :class:`RecoveryRefused` naming the file and what is wrong,
+unless the operator asked otherwise:
+
+- ``fallback=True`` (``--fallback-snapshot``): when the snapshot LATEST names is bad,
+  use the newest good snapshot from which the log still reaches the current state (its
+  updates are replayed, so nothing is lost if one is found);
+- ``allow_fresh=True`` (``--allow-fresh``): start from the seeded rows instead.
+
+A folder with no LATEST starts fresh; if it holds log segments anyway (LATEST deleted
+by hand), that is logged as a warning, not refused: an operator removing LATEST asks
+for a fresh start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bank_server import snapshot as snapshots
+from bank_server import update_log
+from bank_server.errors import DataLoss, NotFound
+from bank_server.shard import Layout, Shard, initial_rows
+
+log = logging.getLogger(__name__)
+
+
+class RecoveryRefused(DataLoss):
+    """The shard cannot be brought back as it was; it must not serve. Not worth retrying:
+    the same files give the same answer."""
+
+
+@dataclass
+class Recovery:
+    """What a start recovered to, for the log line and the metrics."""
+    source: str                       # "snapshot epoch-3" / "initial rows (seed 0)"
+    tag: str | None = None
+    records_replayed: int = 0
+    torn_bytes_dropped: int = 0
+    segments: list[int] = field(default_factory=list)
+    last_segment: int | None = None   # the segment the log continues
+    # LATEST to write when recovery chose its base itself: tag, seed, and the log segment
+    # and record it continues from (segment None: the new segment the server opens).
+    new_pointer: dict | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> str:
+        text = (f"recovered to {self.source} + {self.records_replayed} log record(s) replayed from segment(s) "
+                f"{self.segments or 'none'}, {self.torn_bytes_dropped} torn byte(s) dropped")
+        return "; ".join([text, *self.notes])
+
+
+_ADVICE = ("refusing to serve; fix or move the file, or start with --fallback-snapshot (use the newest good "
+           "snapshot the log still continues) or --allow-fresh (start from the seeded rows; the stored bank is "
+           "not used)")
+
+
+def recover(layout: Layout, directory: str | os.PathLike, seed: int, *, allow_fresh: bool = False,
+            fallback: bool = False) -> tuple[Shard, Recovery]:
+    """The shard as its snapshot folder left it (see the module's docstring)."""
+    folder = snapshots.shard_dir(directory, layout.shard_id)
+    try:
+        return _recover(layout, directory, folder, seed, fallback)
+    except (DataLoss, NotFound) as error:
+        if not allow_fresh:
+            raise RecoveryRefused(f"shard {layout.shard_id}: {error}; {_ADVICE}") from error
+        log.warning("shard %d: %s; starting from the seeded rows as --allow-fresh asks", layout.shard_id, error)
+        recovery = _fresh(seed, f"--allow-fresh after: {error}")
+        return Shard.create(layout, seed), recovery
+
+
+def open_logged(layout: Layout, directory: str | os.PathLike, seed: int, fsync: str = "everysec", *,
+                allow_fresh: bool = False, fallback: bool = False) -> tuple[Shard, Recovery]:
+    """Recover the shard and give it a new log segment continuing the recovered
+    timeline (LATEST rewritten when recovery chose the base itself): a shard ready to serve."""
+    shard, recovery = recover(layout, directory, seed, allow_fresh=allow_fresh, fallback=fallback)
+    log_ = update_log.UpdateLog(snapshots.shard_dir(directory, layout.shard_id), layout, fsync,
+                                previous=recovery.last_segment)
+    pointer = recovery.new_pointer
+    if pointer is not None:
+        snapshots.write_latest(directory, layout.shard_id, pointer["tag"], pointer["segment"] or log_.segment,
+                               pointer["from"], pointer["seed"])
+    shard.attach_log(log_)
+    return shard, recovery
+
+
+def _fresh(seed: int, why: str) -> Recovery:
+    return Recovery(source=f"initial rows (seed {seed})", notes=[why],
+                    new_pointer={"tag": None, "seed": seed, "segment": None, "from": 0})
+
+
+def _recover(layout, directory, folder: Path, seed: int, fallback: bool) -> tuple[Shard, Recovery]:
+    pointer = snapshots.read_latest(directory, layout.shard_id)
+    if pointer is None:
+        leftover = update_log.segment_numbers(folder)
+        note = "no LATEST: a fresh bank"
+        if leftover:
+            note += f" (ignoring {len(leftover)} log segment(s) in {folder} that no LATEST continues)"
+            log.warning("shard %d: %s", layout.shard_id, note)
+        return Shard.create(layout, seed), _fresh(seed, note)
+    following = update_log.successors(folder)
+    if pointer["log"] is not None and not update_log.segment_path(folder, pointer["log"]).exists():
+        raise DataLoss(f"{snapshots.latest_path(directory, layout.shard_id)} continues with log segment "
+                       f"{update_log.segment_path(folder, pointer['log'])}, which is missing")
+    notes = []
+    if pointer["tag"] is None:
+        base_seed = pointer["seed"]
+        if base_seed != seed:
+            notes.append(f"the log continues the rows of seed {base_seed}, not --seed {seed}: used seed {base_seed}")
+        shard = Shard(layout, initial_rows(layout, base_seed), seed=seed)
+        recovery = Recovery(source=f"initial rows (seed {base_seed})", notes=notes)
+        start = (pointer["log"], pointer["from"])
+    else:
+        try:
+            shard = Shard.restore(layout, directory, pointer["tag"], seed=seed)
+            recovery = Recovery(source=f"snapshot {pointer['tag']}", tag=pointer["tag"])
+            start = (pointer["log"], pointer["from"])
+            if pointer["log"] is None:  # a snapshot from before the log: LATEST must name the log from now on
+                recovery.new_pointer = {"tag": pointer["tag"], "seed": None, "segment": None, "from": 0}
+        except (DataLoss, NotFound) as error:
+            if not fallback:
+                raise
+            shard, recovery, start = _fall_back(layout, directory, folder, seed, pointer, following, error)
+    if start[0] is not None:
+        segments = update_log.chain(start[0], following)
+        recovery.segments = segments
+        for i, number in enumerate(segments):
+            last = i == len(segments) - 1
+            path = update_log.segment_path(folder, number)
+            scan = update_log.read_records(path, layout.dim, shard._rows.dtype, shard.apply_logged,
+                                           start=start[1] if i == 0 else 0, allow_torn_tail=last)
+            recovery.records_replayed += scan.records - (start[1] if i == 0 else 0)
+            if scan.torn_bytes:
+                _cut_torn_tail(path, scan.good_end)
+                recovery.torn_bytes_dropped = scan.torn_bytes
+                recovery.notes.append(f"a torn last record ({scan.torn_bytes} bytes) cut off {path}: its update "
+                                      "was never acknowledged")
+        recovery.last_segment = segments[-1]
+    return shard, recovery
+
+
+def _fall_back(layout, directory, folder, seed, pointer, following, error):
+    """The newest good snapshot whose log timeline reaches LATEST's segment."""
+    bad = snapshots.snapshot_path(directory, layout.shard_id, pointer["tag"])
+    for path in snapshots.snapshots_newest_first(directory, layout.shard_id):
+        if path == bad:
+            continue
+        try:
+            metadata = snapshots.read_metadata(path)
+            segment = metadata.get("log_segment")
+            if not segment or pointer["log"] not in update_log.chain(segment, following):
+                continue
+            shard = Shard.restore(layout, directory, path.stem, seed=seed)
+        except (DataLoss, NotFound) as other:
+            log.warning("shard %d: fallback candidate %s is no good either: %s", layout.shard_id, path, other)
+            continue
+        note = f"fell back to snapshot {path.stem} as --fallback-snapshot asks, because {error}"
+        log.warning("shard %d: %s", layout.shard_id, note)
+        recovery = Recovery(source=f"snapshot {path.stem} (fallback)", tag=path.stem, notes=[note])
+        position = shard.restored_log_position
+        recovery.new_pointer = {"tag": path.stem, "seed": None, "segment": position[0], "from": position[1]}
+        return shard, recovery, position
+    raise DataLoss(f"{error}; and no other good snapshot in {folder} is continued by the log up to "
+                   f"segment {pointer['log']} (--fallback-snapshot)") from error
+
+
+def _cut_torn_tail(path: Path, good_end: int) -> None:
+    """Drop a torn last record for good, so the segment reads whole next time (the log
+    goes on in a new segment, and a torn record is only allowed in the newest)."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, good_end)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
