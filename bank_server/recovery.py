@@ -83,6 +83,7 @@ def open_logged(layout: Layout, directory: str | os.PathLike, seed: int, fsync: 
     """Recover the shard and give it a new log segment continuing the recovered
     timeline (LATEST rewritten when recovery chose the base itself): a shard ready to serve."""
     shard, recovery = recover(layout, directory, seed, allow_fresh=allow_fresh, fallback=fallback)
+    _remove_stale_temporaries(snapshots.shard_dir(directory, layout.shard_id))
     log_ = update_log.UpdateLog(snapshots.shard_dir(directory, layout.shard_id), layout, fsync,
                                 previous=recovery.last_segment)
     pointer = recovery.new_pointer
@@ -171,6 +172,14 @@ def _fall_back(layout, directory, folder, seed, pointer, following, error):
         return shard, recovery, position
     raise DataLoss(f"{error}; and no other good snapshot in {folder} is continued by the log up to "
                    f"segment {pointer['log']} (--fallback-snapshot)") from error
+
+
+def _remove_stale_temporaries(folder: Path) -> None:
+    """Half-written snapshot and LATEST files of a writer that died (a snapshot killed
+    mid-write): never renamed, so nothing names them."""
+    for path in folder.glob(".*.tmp-*") if folder.is_dir() else ():
+        log.info("removing %s, left by a snapshot that did not finish", path)
+        path.unlink(missing_ok=True)
 
 
 def _cut_torn_tail(path: Path, good_end: int) -> None:
