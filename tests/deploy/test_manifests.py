@@ -217,7 +217,11 @@ def test_ports_names_and_selectors_agree(objects):
     rayjob = find(objects, "RayJob")
     container = bank_container(objects)
     port = int(flags(container["args"])["port"])
-    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": port}
+    metrics_port = int(flags(container["args"])["metrics-port"])
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": port, "metrics": metrics_port}
+    scrape = statefulset["spec"]["template"]["metadata"]["annotations"]
+    assert scrape == {"prometheus.io/scrape": "true", "prometheus.io/port": str(metrics_port),
+                      "prometheus.io/path": "/metrics"}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == port
     assert service["spec"]["clusterIP"] == "None" and statefulset["spec"]["serviceName"] == service["metadata"]["name"]

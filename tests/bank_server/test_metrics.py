@@ -1,0 +1,61 @@
+"""Prometheus metrics of real shard servers (two in this process, each its own registry)."""
+
+import re
+import urllib.request
+
+import grpc
+import numpy as np
+import pytest
+
+from bank_server import tensors
+from bank_server.client import BankClient
+from bank_server.server import BankServer, ServerConfig
+from protos import bank_pb2, bank_pb2_grpc
+from tests.conftest import free_port
+
+N, D = 40, 8
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+        return answer.read().decode()
+
+
+def value(text: str, name: str, **labels) -> float:
+    selector = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))  # as prometheus-client orders them
+    pattern = rf"^{name}{{{selector}}} (\S+)$" if labels else rf"^{name} (\S+)$"
+    found = re.search(pattern, text, flags=re.M)
+    assert found, f"{name} {labels} not in:\n{text}"
+    return float(found.group(1))
+
+
+def test_each_server_counts_its_calls_errors_rows_log_and_snapshots(tmp_path):
+    servers = [BankServer(ServerConfig(shard_id=s, num_shards=2, rows=N, dim=D, port=0, snapshot_dir=str(tmp_path),
+                                       metrics_port=free_port(), fsync="always")).start() for s in range(2)]
+    try:
+        for server in servers:
+            server.load()
+        with BankClient([s.address for s in servers]) as client:
+            f = np.full((4, D), D ** -0.5, np.float32)
+            client.update(np.array([0, 2, 4, 6]), f, 0.5)  # shard 0 only
+            client.step(np.array([8, 10]), f[:2], 0.5, np.array([1, 3]), 4)
+            client.snapshot("epoch-1")
+        with grpc.insecure_channel(servers[0].address) as channel:  # row 1 is shard 1's
+            with pytest.raises(grpc.RpcError):
+                bank_pb2_grpc.MemoryBankStub(channel).Lookup(
+                    bank_pb2.LookupRequest(indices=tensors.encode(np.array([1]))), timeout=10)
+        first, second = scrape(servers[0].metrics_port), scrape(servers[1].metrics_port)
+        assert value(first, "instdisc_bank_calls_total", method="Update") == 1
+        assert value(second, "instdisc_bank_calls_total", method="Step") == 1
+        assert value(first, "instdisc_bank_errors_total", code="INVALID_ARGUMENT", method="Lookup") == 1
+        assert value(first, "instdisc_bank_call_seconds_count", method="Step") == 1
+        assert value(first, "instdisc_bank_rows_held") == N // 2
+        assert value(first, "instdisc_bank_updates_applied_total") == 2
+        assert value(second, "instdisc_bank_updates_applied_total") == 0
+        assert value(first, "instdisc_bank_log_bytes_total") > 6 * D * 2
+        assert value(first, "instdisc_bank_fsync_lag_seconds") == 0  # fsync=always: nothing waits
+        assert 0 <= value(first, "instdisc_bank_snapshot_age_seconds") < 60
+        assert value(first, "instdisc_bank_snapshot_duration_seconds") >= 0
+    finally:
+        for server in servers:
+            server.stop(grace=0, final_snapshot=False)
