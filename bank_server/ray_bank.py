@@ -2,8 +2,8 @@
 
 Placement. With ``placement="spread"`` the shards are dealt out over the cluster's
 nodes before anything starts (:func:`plan_placement`): each shard reserves the memory
-it will hold (Ray's ``memory`` resource: twice its rows, for a Restore, plus the
-process), they go one per node while nodes last, and a bank that does not fit is
+it will hold (Ray's ``memory`` resource: its rows once, as a Restore reads into the live
+rows, a snapshot block, plus the process: ``shard.memory_bytes``), they go one per node while nodes last, and a bank that does not fit is
 refused up front with what each node would need and has. Each shard is then
 pinned to its node (hard node affinity), for two reasons: Ray's own SPREAD strategy
 would restart a crashed shard on any node, away from the snapshots on its node's disk;
@@ -16,8 +16,11 @@ with ``max_restarts=-1`` is one) when the host runs low. What protects a shard i
 reservation (nothing else of ours lands where it does not fit) and its snapshot: killed,
 it restarts on its node from its newest snapshot.
 
-Restarts. Actors restart forever; the constructor restores the newest snapshot before
-the server reports SERVING. Each start binds a port of its own choosing (port 0) on its
+Restarts. Actors restart forever; the constructor recovers the shard (its snapshot and
+update log) before the server reports SERVING. A shard whose stored state cannot be read
+does not serve: its constructor raises :class:`ShardRefused`, which Ray does not retry
+(an actor whose constructor raises is dead), so `start_bank` fails with the reason, and
+a client asking for a dead shard's address logs it at each retry until its deadline. Each start binds a port of its own choosing (port 0) on its
 node's address, so a restart never waits for, or fights over, the port it had: the
 named actor says where it serves now, and a ``BankClient`` built with :func:`resolver`
 asks it whenever a shard stops answering. Actors take no whole CPU by default: on a
@@ -35,6 +38,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from bank_server.client import BankClient
+from bank_server.recovery import RecoveryRefused
 from bank_server.server import BankServer, ServerConfig, limit_blas_threads
 from bank_server.shard import PROCESS_BYTES, memory_bytes, rows_on_shard
 
@@ -52,6 +56,11 @@ class BankDidNotStart(RuntimeError):
     """A shard actor failed in its constructor, or did not serve in time."""
 
 
+class ShardRefused(RuntimeError):
+    """A shard's snapshot folder holds state it cannot read: it refuses to serve rather
+    than come back empty. Raised in the actor's constructor, so Ray does not restart it."""
+
+
 def plan_placement(needs: list[int], free: dict[str, int]) -> list[str]:
     """The node of each shard (the biggest shards first): among the nodes it fits on, the
     one holding the fewest shards so far, then the one with the most memory free. Shards
@@ -66,7 +75,7 @@ def plan_placement(needs: list[int], free: dict[str, int]) -> list[str]:
             nodes = "; ".join(f"node {n[:12]}: {free[n] / GIB:.2f} GiB free" for n in sorted(free))
             raise BankDoesNotFit(
                 f"the bank does not fit in the cluster's memory: {len(needs)} shard(s) need "
-                f"{', '.join(f'{n / GIB:.2f}' for n in needs)} GiB each (twice the rows, for a Restore, plus "
+                f"{', '.join(f'{n / GIB:.2f}' for n in needs)} GiB each (the rows and a snapshot block, plus "
                 f"{PROCESS_BYTES >> 20} MiB per process), and the nodes have {nodes or 'none'}; add nodes or "
                 "memory, or use bank.dtype=float16")
         node = min(fits, key=lambda n: (count[n], -left[n], n))
@@ -95,7 +104,11 @@ class BankShardActor:
         if not config.host:  # the node's own address: reachable from the cluster, not every interface
             config = replace(config, host=node_ip)
         self._server = BankServer(config).start()
-        self._server.load()
+        try:
+            self._server.load()
+        except RecoveryRefused as error:
+            self._server.stop(grace=0, final_snapshot=False)
+            raise ShardRefused(str(error)) from None
         self._advertised = node_ip if config.host in ("0.0.0.0", "::") else config.host
 
     def address(self) -> str:

@@ -44,13 +44,14 @@ def test_actor_shards_serve_and_restore_after_a_crash(local_ray, tmp_path):
         client.update(np.arange(10), f, 0.0)
         saved = client.lookup(np.arange(100)).copy()
         client.snapshot("checkpoint")
-        client.update(np.arange(10), -f, 0.0)  # after the snapshot: lost in the crash
+        client.update(np.arange(10), -f, 0.0)  # after the snapshot: in the update log
+        saved = client.lookup(np.arange(100)).copy()
         _kill_shard(handle, 0)
         # Calls meanwhile retry UNAVAILABLE, asking the named actor where it serves,
-        # until the restarted actor has restored its snapshot.
+        # until the restarted actor has recovered its snapshot and log.
         assert wait_until(lambda: np.array_equal(client.lookup(np.arange(0, 100, 2)), saved[0::2]), timeout=60)
         after = client.lookup(np.arange(100))
-        np.testing.assert_allclose(after[1:10:2], -f[1::2], atol=1e-6)  # shard 1 never crashed
+        np.testing.assert_allclose(after[:10], -f, atol=1e-6)  # shard 0 from its log, shard 1 never crashed
         assert client.describe()[0]["last_snapshot_tag"] == "checkpoint"
         client.close()
     finally:
@@ -80,3 +81,14 @@ def test_a_restarted_shard_whose_old_port_is_taken_serves_elsewhere_and_is_found
         if squatter is not None:
             squatter.close()
         handle.stop()
+
+
+def test_a_shard_that_cannot_read_its_state_fails_the_start_with_the_reason(local_ray, tmp_path):
+    from bank_server.ray_bank import BankDidNotStart
+
+    folder = tmp_path / "shard-00001"
+    folder.mkdir()
+    (folder / "LATEST").write_text("{garbage")
+    # Not restarted over and over: the refusal ends the start, naming the file.
+    with pytest.raises(BankDidNotStart, match=r"shard-00001/LATEST is unreadable.*refusing to serve"):
+        start_bank(2, 100, 8, "float32", snapshot_dir=str(tmp_path), name="refusing-bank", timeout=90)
