@@ -1,6 +1,7 @@
 """`instdisc scale train`: the paper's ablation on real data, kNN top-1 against the
-number of NCE negatives K (and the exact full softmax), and against the bank size
-(training subsets: the bank holds one row per training image).
+number of negatives K of NCE and of InfoNCE (the sampled softmax), with the exact full
+softmax as their limit, and against the bank size (training subsets: the bank holds
+one row per training image).
 
 Each point is one `trainer.launch.launch` run into ``DIR/points/<point>/`` (its log
 in ``log.txt``, its resolved config in ``point.json``). A point whose run finished
@@ -35,8 +36,9 @@ POINT_CONFIG = "point.json"
 
 @dataclass(frozen=True)
 class Grid:
-    """What the sweep trains: every K of `negatives` on `fixed_subset` images, and every
-    bank size of `subsets` with `fixed_negatives`; `overrides` come before the user's."""
+    """What the sweep trains: every K of `negatives` (NCE, or 'softmax') and of
+    `infonce_negatives` on `fixed_subset` images, and every bank size of `subsets` with
+    NCE's `fixed_negatives`; `overrides` come before the user's."""
 
     negatives: tuple[int | str, ...]
     fixed_subset: int | str
@@ -44,14 +46,17 @@ class Grid:
     fixed_negatives: int | str
     epochs: int
     overrides: tuple[str, ...] = ()
+    infonce_negatives: tuple[int, ...] = ()
 
 
 # K is swept on the whole training set: on a 20,000-image subset NCE stayed below the
 # untrained encoder at every K after 3 epochs (68.9-74.1 % against 78.6 %), which says
-# nothing about K. The default (8 runs, 1M training images) took 24 minutes on 2 cores.
+# nothing about K. The default without InfoNCE (8 runs, 1M training images) took 24
+# minutes on 2 cores; InfoNCE's three K add three runs on all 60k images.
 GRIDS = {
     "default": Grid(negatives=(1, 16, 256, 4096, SOFTMAX), fixed_subset=ALL,
-                    subsets=(5000, 10000, 20000, ALL), fixed_negatives=4096, epochs=3),
+                    subsets=(5000, 10000, 20000, ALL), fixed_negatives=4096, epochs=3,
+                    infonce_negatives=(256, 4096, 16384)),
     "quick": Grid(negatives=(16, SOFTMAX), fixed_subset=2000, subsets=(1000, 2000), fixed_negatives=16, epochs=1,
                   overrides=("data.test_subset=1000",)),
 }
@@ -59,19 +64,21 @@ GRIDS = {
 
 @dataclass(frozen=True)
 class TrainPoint:
-    """One training run: a loss (NCE with K negatives, or the exact softmax) on `rows` images."""
+    """One training run: a loss (NCE or InfoNCE with K negatives, or the exact softmax)
+    on `rows` images."""
 
     negatives: int | None  # None: the exact softmax over every bank row
     rows: int
     epochs: int
+    sampled: str = "nce"   # the loss of a point with K negatives: nce | infonce
 
     @property
     def loss(self) -> str:
-        return SOFTMAX if self.negatives is None else "nce"
+        return SOFTMAX if self.negatives is None else self.sampled
 
     @property
     def name(self) -> str:
-        loss = SOFTMAX if self.negatives is None else f"nce-k{self.negatives}"
+        loss = SOFTMAX if self.negatives is None else f"{self.sampled}-k{self.negatives}"
         return f"{loss}-rows{self.rows}-e{self.epochs}"
 
     def overrides(self, train_rows: int) -> list[str]:
@@ -79,7 +86,7 @@ class TrainPoint:
         subset = self.rows if self.rows < train_rows else 0
         if self.negatives is None:
             return ["loss.kind=softmax", f"data.subset={subset}", f"train.epochs={self.epochs}"]
-        return ["loss.kind=nce", f"loss.negatives={self.negatives}", f"data.subset={subset}",
+        return [f"loss.kind={self.sampled}", f"loss.negatives={self.negatives}", f"data.subset={subset}",
                 f"train.epochs={self.epochs}"]
 
 
@@ -92,6 +99,10 @@ def _negatives(text: str) -> int | str:
 
 def _negatives_list(text: str) -> tuple:
     return tuple(_negatives(item) for item in text.split(",") if item.strip())
+
+
+def _counts_list(text: str) -> tuple[int, ...]:
+    return tuple(positive_int(item) for item in text.split(",") if item.strip())
 
 
 def _rows(text: str) -> int | str:
@@ -110,25 +121,32 @@ def _epochs(count: int) -> str:
     return f"{count} epoch" + ("" if count == 1 else "s")
 
 
-def _loss_label(negatives: int | str) -> str:
-    return "the exact softmax" if negatives == SOFTMAX else f"NCE, K = {negatives}"
+def _loss_label(negatives: int | str, sampled: str = "nce") -> str:
+    if negatives == SOFTMAX:
+        return "the exact softmax"
+    return f"{'InfoNCE' if sampled == 'infonce' else 'NCE'}, K = {negatives}"
 
 
 def add_scale_train_arguments(parser: argparse.ArgumentParser) -> None:
     default, quick = GRIDS["default"], GRIDS["quick"]
     parser.description = (
-        "Train one run per point and report weighted-kNN top-1 against the number of NCE negatives K (with the "
-        "exact softmax as the limit) and against the bank size. The default grid, "
-        f"{_epochs(default.epochs)} per run (K = {_listed(default.negatives)} on {default.fixed_subset} training "
-        f"images; {_listed(default.subsets)} images with K = {default.fixed_negatives}), takes about 25 minutes on "
+        "Train one run per point and report weighted-kNN top-1 against the number of negatives K of NCE and of "
+        "InfoNCE (with the exact softmax as the limit) and against the bank size. The default grid, "
+        f"{_epochs(default.epochs)} per run (NCE K = {_listed(default.negatives)} and InfoNCE K = "
+        f"{_listed(default.infonce_negatives)} on {default.fixed_subset} training images; "
+        f"{_listed(default.subsets)} images with NCE K = {default.fixed_negatives}), takes about 35 minutes on "
         "2 CPU cores with the fashion-mnist config. Points already finished in --output-dir are reused.")
     parser.add_argument("--config", default="fashion-mnist",
                         help="a YAML file, or a shipped config: fashion-mnist (default), cifar10, imagenet")
     parser.add_argument("--output-dir", default="runs/scale-train",
                         help="results.parquet, results.md, the plots, and points/<point>/ with each run's outputs")
     parser.add_argument("--negatives", type=_negatives_list, default=None, metavar="K,...",
-                        help=f"negatives to sweep; 'softmax' adds the exact full softmax; '' skips this sweep "
+                        help=f"NCE negatives to sweep; 'softmax' adds the exact full softmax; '' skips this sweep "
                              f"(default {_listed(default.negatives)}; --quick {_listed(quick.negatives)})")
+    parser.add_argument("--infonce-negatives", type=_counts_list, default=None, metavar="K,...",
+                        help=f"InfoNCE negatives to sweep beside NCE's, on the same images; '' skips them "
+                             f"(default {_listed(default.infonce_negatives)}; --quick "
+                             f"{_listed(quick.infonce_negatives) or 'none'})")
     parser.add_argument("--fixed-subset", type=_rows, default=None, metavar="ROWS",
                         help=f"training images (= bank rows) while K varies, or 'all' "
                              f"(default {default.fixed_subset}; --quick {quick.fixed_subset})")
@@ -162,7 +180,8 @@ def check_overrides(overrides: list[str]) -> None:
     for pair in overrides:
         key = pair.split("=", 1)[0].strip()
         if key in SWEPT_KEYS:
-            raise ConfigError(f"{key} is set by the sweep; use --negatives, --fixed-negatives, --subsets, "
+            raise ConfigError(f"{key} is set by the sweep; use --negatives, --infonce-negatives, --fixed-negatives, "
+                              "--subsets, "
                               "--fixed-subset and --epochs instead")
 
 
@@ -174,12 +193,12 @@ def plan_points(grid: Grid, train_rows: int) -> dict[TrainPoint, list[str]]:
     beyond the dataset's size are the whole dataset, and a point two sweeps share runs once."""
     from trainer.config import ConfigError
 
-    def point(negatives: int | str, subset: int | str) -> TrainPoint:
+    def point(negatives: int | str, subset: int | str, sampled: str = "nce") -> TrainPoint:
         rows = _images(subset, train_rows)
         if negatives != SOFTMAX and negatives > rows:
             raise ConfigError(f"K = {negatives} negatives exceeds the {rows} training images (bank rows) "
                               "of that point; lower it or train on more images")
-        return TrainPoint(None if negatives == SOFTMAX else negatives, rows, grid.epochs)
+        return TrainPoint(None if negatives == SOFTMAX else negatives, rows, grid.epochs, sampled)
 
     plan: dict[TrainPoint, list[str]] = {}
 
@@ -190,10 +209,12 @@ def plan_points(grid: Grid, train_rows: int) -> dict[TrainPoint, list[str]]:
 
     for negatives in grid.negatives:
         add(point(negatives, grid.fixed_subset), "negatives")
+    for negatives in grid.infonce_negatives:
+        add(point(negatives, grid.fixed_subset, "infonce"), "negatives")
     for rows in grid.subsets:
         add(point(grid.fixed_negatives, rows), "bank size")
     if not plan:
-        raise ConfigError("nothing to run: --negatives and --subsets are both empty")
+        raise ConfigError("nothing to run: --negatives, --infonce-negatives and --subsets are all empty")
     return plan
 
 
@@ -325,9 +346,10 @@ def plot_against_negatives(rows: list[dict], path: Path, dataset: str) -> Path |
     if not swept:
         return None
     first = swept[0]
-    nce = [r for r in swept if r["negatives"] is not None]
-    span = (min((r["negatives"] for r in nce), default=first["bank_rows"]), first["bank_rows"])
-    lines = [{"K": r["negatives"], "top1": 100 * r["knn_top1"], "encoder": "trained with NCE"} for r in nce]
+    sampled = [r for r in swept if r["negatives"] is not None]
+    span = (min((r["negatives"] for r in sampled), default=first["bank_rows"]), first["bank_rows"])
+    lines = [{"K": r["negatives"], "top1": 100 * r["knn_top1"],
+              "encoder": f"trained with {'InfoNCE' if r['loss'] == 'infonce' else 'NCE'}"} for r in sampled]
     for r in swept:
         if r["negatives"] is None:
             lines += _level(r["knn_top1"], span, "K", "trained with the exact softmax (all N rows)")
@@ -370,7 +392,8 @@ def table_notes(sweep: Sweep, rows: list[dict], reused: int) -> list[str]:
     lines = [
         f"Config `{sweep.config_name}` on {config.data.name}, {_epochs(grid.epochs)} per run"
         + (f", overrides `{' '.join(overrides)}`" if overrides else "") + ".",
-        f"Negatives sweep: K = {_listed(grid.negatives) or '(none)'} on {_images(grid.fixed_subset, train_rows):,} "
+        f"Negatives sweep: NCE K = {_listed(grid.negatives) or '(none)'}, InfoNCE K = "
+        f"{_listed(grid.infonce_negatives) or '(none)'} on {_images(grid.fixed_subset, train_rows):,} "
         f"images. Bank-size sweep: {_listed(_images(s, train_rows) for s in grid.subsets) or '(none)'} images with "
         f"{_loss_label(grid.fixed_negatives)}.",
         f"Accuracies are fractions: weighted kNN (k = {config.eval.k}, sigma = {config.eval.sigma}) of "

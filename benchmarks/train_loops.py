@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from trainer.augment import augment
-from trainer.losses import PartitionEstimate, batch_log_z, nce_logits, nce_loss, softmax_loss
+from trainer.losses import PartitionEstimate, batch_log_z, sampled_logits, nce_loss, softmax_loss
 from trainer.models import Encoder
 
 
@@ -51,7 +51,7 @@ class Trainer:
         a = self.args
         if a.loss == "softmax":
             return softmax_loss(f, positives, a.temperature, partition_fn)
-        pos, neg = nce_logits(f, positives, negatives, a.temperature)
+        pos, neg = sampled_logits(f, positives, negatives, a.temperature)
         return nce_loss(pos, neg, self.z.update(float(batch_log_z(pos, neg, self.n))), self.n)
 
     def backward(self, loss):

@@ -39,6 +39,7 @@ class BankStep(NamedTuple):
     labels: torch.Tensor      # (B,) (unused by training; kept with the images)
     positives: torch.Tensor   # (B, D) float32 bank rows of `indices`, on the device
     negatives: torch.Tensor   # (K, D) float32 uniform bank rows shared by the batch, on the device
+    negative_indices: torch.Tensor  # (K,) their global rows, on the device (InfoNCE drops a query's own)
     waited_s: float           # how long this step was held up for the bank
     round_trip_s: float       # the RPC's own duration
 
@@ -84,6 +85,7 @@ class BankFeed:
             images, indices, labels = current
             yield BankStep(images, indices, labels,
                            rows_on(answer.rows, self.device), rows_on(answer.negative_rows, self.device),
+                           torch.from_numpy(answer.negative_indices.astype(np.int64)).to(self.device),
                            waited_s, round_trip_s)
             if self._pushed is None:
                 raise RuntimeError("push() this step's features before the next step")

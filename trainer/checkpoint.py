@@ -7,6 +7,8 @@ and read back by resume and by ``instdisc export``. The file is a dict:
 - ``encoder``: `Encoder.spec()`, enough to rebuild the module without the config;
 - ``image_size``: the side of the training images (export's default input);
 - ``epoch``, ``step``, ``history``, ``log_z``: where training stands;
+- ``step_log``: the progress lines' numbers (loss, lr, img/s, bank round trip per
+  logged step), which the run's TensorBoard events are written from;
 - ``bank_snapshot``: the tag of the bank snapshot taken at the same step, which
   resume restores; ``bank_addresses`` where that bank served;
 - ``config``, ``git_sha``: what produced it.
@@ -22,12 +24,12 @@ FILE = "state.pt"
 
 
 def save(folder: str | Path, *, model: dict, optimizer: dict, encoder: dict, image_size: int, epoch: int,
-         step: int, history: list, log_z: float | None, bank_snapshot: str, bank_addresses: list[str],
+         step: int, history: list, step_log: list, log_z: float | None, bank_snapshot: str, bank_addresses: list[str],
          config: dict, git_sha: str) -> Path:
     """Write the checkpoint file into `folder`; every field is required, by name."""
     path = Path(folder) / FILE
     torch.save({"model": model, "optimizer": optimizer, "encoder": encoder, "image_size": image_size,
-                "epoch": epoch, "step": step, "history": history, "log_z": log_z,
+                "epoch": epoch, "step": step, "history": history, "step_log": step_log, "log_z": log_z,
                 "bank_snapshot": bank_snapshot, "bank_addresses": bank_addresses, "config": config,
                 "git_sha": git_sha}, path)
     return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
     knn.add_argument("--config", default="fashion-mnist",
                      help="a YAML file or shipped config for data.* and eval.k / eval.sigma (default fashion-mnist)")
     knn.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.name=mnist eval.k=50")
+    linear = evaluate.add_parser("linear", help="linear probe: a linear classifier on an export's frozen, "
+                                                "L2-normalised backbone features")
+    linear.add_argument("--encoder", required=True, help="a file written by `instdisc export` (without --head)")
+    linear.add_argument("--config", default="fashion-mnist",
+                        help="a YAML file or shipped config for data.*, eval.linear_* and train.seed "
+                             "(default fashion-mnist)")
+    linear.add_argument("--output-dir", default=None,
+                        help="where linear.json and the cached features go (default: the encoder's folder)")
+    linear.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.linear_epochs=50 data.name=mnist")
 
     bench = commands.add_parser("bench", help="benchmarks that print numbers").add_subparsers(
         dest="bench_command", required=True)
@@ -88,6 +98,32 @@ def run_train(args) -> int:
     return 0
 
 
+def run_eval_linear(args) -> int:
+    from trainer.config import ConfigError, load_config, resolve_config_path
+    from trainer.data import DatasetMissing
+    from trainer.export import NotAnExport
+    from trainer.linear import RESULT, evaluate_linear
+
+    try:
+        result = evaluate_linear(args.encoder, load_config(resolve_config_path(args.config), args.overrides),
+                                 args.output_dir)
+    except (ConfigError, DatasetMissing, NotAnExport, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from trainer.launch import percent
+
+    rows = [("linear top-1", percent(result["linear_top1"])), ("linear top-5", percent(result["linear_top5"])),
+            ("train top-1", percent(result["train_top1"])),
+            ("recipe", f"{result['epochs']} epochs, SGD lr {result['lr']:g}, wd {result['weight_decay']:g}, "
+                       f"batch {result['batch_size']}, seed {result['seed']}"),
+            ("features", f"{result['features']} (backbone, L2-normalised)"),
+            ("dataset", f"{result['dataset']}: {result['train_images']:,} train, {result['test_images']:,} test"),
+            ("wrote", str(Path(result["feature_cache"]).parent.parent / RESULT))]
+    width = max(len(key) for key, _ in rows)
+    print("\n".join(f"{key:<{width}}  {value}" for key, value in rows), flush=True)
+    return 0
+
+
 def run_eval_knn(args) -> int:
     from trainer.config import ConfigError, load_config, resolve_config_path
     from trainer.data import DatasetMissing
@@ -122,6 +158,8 @@ def main(argv=None) -> int:
 
         print(export_encoder(args.checkpoint, args.output, args.image_size, head=args.head))
         return 0
+    if args.command == "eval" and args.eval_command == "linear":
+        return run_eval_linear(args)
     if args.command == "eval":
         return run_eval_knn(args)
     if args.command == "bench" and args.bench_command == "train":

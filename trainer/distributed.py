@@ -40,6 +40,18 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def all_gather_rows(rows: torch.Tensor, counts: list[int]) -> list[torch.Tensor]:
+    """Every worker's `rows` (worker r holds counts[r] of them, same width and dtype),
+    in rank order. Padded to the longest for the collective, trimmed after."""
+    if not is_distributed():
+        return [rows]
+    padded = torch.zeros((max(counts), *rows.shape[1:]), dtype=rows.dtype, device=_device())
+    padded[:len(rows)] = rows
+    gathered = [torch.empty_like(padded) for _ in counts]
+    dist.all_gather(gathered, padded)
+    return [share[:count] for share, count in zip(gathered, counts)]
+
+
 def broadcast_object(obj, src: int = 0):
     if not is_distributed():
         return obj

@@ -1,5 +1,6 @@
 """`instdisc eval knn`: weighted kNN of an exported encoder on any dataset `data.*` can
-load, apart from training: no bank, no Ray.
+load, apart from training: no bank, no Ray. (`instdisc eval linear`, in
+`trainer/linear.py`, loads and checks its inputs here too.)
 
 The encoder embeds the train split and the test split (un-augmented, in batches);
 each test feature's k nearest train features (cosine) vote with weight exp(sim / sigma)
@@ -32,9 +33,10 @@ def embed_all(module, dataset, progress=None) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat(features), torch.cat(labels)
 
 
-def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes: int, k: int,
-                 sigma: float) -> tuple[float, float]:
-    """Weighted kNN top-1 and top-5 of the test features against the train features."""
+def knn_correct(train_features, train_labels, test_features, test_labels, num_classes: int, k: int,
+                sigma: float) -> tuple[int, int]:
+    """How many test features the weighted kNN against the train features gets right,
+    at top-1 and top-5 (the training run's `eval.source=fresh` sums these over workers)."""
     correct1 = correct5 = 0
     for begin in range(0, len(test_features), _BATCH):
         queries = test_features[begin:begin + _BATCH]
@@ -42,12 +44,21 @@ def knn_accuracy(train_features, train_labels, test_features, test_labels, num_c
         scores = weighted_knn_scores(sims, train_labels[idx], num_classes, sigma)
         c1, c5 = correct_at(scores, test_labels[begin:begin + _BATCH], (1, min(5, num_classes)))
         correct1, correct5 = correct1 + c1, correct5 + c5
+    return correct1, correct5
+
+
+def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes: int, k: int,
+                 sigma: float) -> tuple[float, float]:
+    """Weighted kNN top-1 and top-5 of the test features against the train features."""
+    correct1, correct5 = knn_correct(train_features, train_labels, test_features, test_labels, num_classes, k, sigma)
     return correct1 / len(test_features), correct5 / len(test_features)
 
 
-def evaluate_knn(encoder_path: str, config: Config) -> dict:
-    from tqdm import tqdm
-
+def load_for_eval(encoder_path: str, config: Config):
+    """(module, export metadata, train split, test split) of an export and the dataset
+    `data.*` names; NotAnExport or ConfigError, naming what is wrong, when the file is
+    not an instdisc export or the images are not what it takes. `instdisc eval knn` and
+    `instdisc eval linear` both start here."""
     from trainer.export import load_export
     from trainer.train import load_datasets
 
@@ -58,6 +69,13 @@ def evaluate_knn(encoder_path: str, config: Config) -> dict:
         raise ConfigError(f"--encoder {encoder_path} takes {metadata['in_channels']}-channel "
                           f"{metadata['image_size']}x{metadata['image_size']} images; data.name={config.data.name} "
                           f"gives {channels}-channel {side}x{side} (set data.image_size, or pick the matching export)")
+    return module, metadata, train_set, test_set
+
+
+def evaluate_knn(encoder_path: str, config: Config) -> dict:
+    from tqdm import tqdm
+
+    module, metadata, train_set, test_set = load_for_eval(encoder_path, config)
     k = config.eval.k
     if k > len(train_set):
         raise ConfigError(f"eval.k={k} exceeds the {len(train_set)} images of the train split")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 
 from trainer.config import Config, ConfigError
+from trainer.schedule import run_length
 
 log = logging.getLogger("instdisc")
 
@@ -51,7 +52,7 @@ def check_against_dataset(config: Config, train_rows: int, image_side: int) -> N
     """Config errors that need the dataset's size, caught before anything starts."""
     from trainer.models import min_image_size
 
-    if config.loss.kind == "nce" and config.loss.negatives > train_rows:
+    if config.loss.kind in ("nce", "infonce") and config.loss.negatives > train_rows:
         raise ConfigError(f"loss.negatives={config.loss.negatives} exceeds the {train_rows} training images "
                           "(the bank's rows); lower it")
     need = min_image_size(config.model.arch, config.model.cifar_stem)
@@ -60,6 +61,8 @@ def check_against_dataset(config: Config, train_rows: int, image_side: int) -> N
                           f"dataset gives {image_side}x{image_side}")
     if config.bank.shards > train_rows:
         raise ConfigError(f"bank.shards={config.bank.shards} exceeds the {train_rows} training images")
+    if config.train.batch_size > train_rows:
+        raise ConfigError(f"train.batch_size={config.train.batch_size} exceeds the {train_rows} training images")
 
 
 def _read_token(config: Config) -> str | None:
@@ -131,6 +134,9 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
     train_set, test_set = load_datasets(config)
     sample = train_set[0][0]
     check_against_dataset(config, len(train_set), min(sample.shape[1:]))
+    length = run_length(len(train_set), config.train.batch_size, config.train.epochs, config.train.steps)
+    given = f"train.steps={config.train.steps}" if config.train.steps else f"train.epochs={config.train.epochs}"
+    print(f"run length ({given}): {length.describe()} of {config.train.batch_size} images", flush=True)
     token = _read_token(config)
     addresses = _check_bank(list(config.bank.addresses), token, config, len(train_set)) if config.bank.addresses else []
 
@@ -205,6 +211,16 @@ def _fit(config: Config, storage_path: str, run_name: str, addresses: list[str],
     return result, time.perf_counter() - start
 
 
+def below_untrained(epoch: dict, untrained: float | None) -> str | None:
+    """The warning for an evaluated epoch whose kNN top-1 is below the untrained
+    encoder's, or None. The one wording: the run logs it, summary.json keeps it."""
+    top1 = epoch["knn_top1"]
+    if untrained is None or epoch["epoch"] == 0 or math.isnan(top1) or top1 >= untrained:
+        return None
+    return (f"kNN top-1 {percent(top1)} at epoch {epoch['epoch']} is below the untrained encoder's "
+            f"{percent(untrained)}: training made the features worse for kNN")
+
+
 def write_outputs(config: Config, output: Path, outcome: dict, checkpoint, wall_seconds: float, sha: str) -> dict:
     from trainer.export import export_encoder
 
@@ -223,22 +239,71 @@ def write_outputs(config: Config, output: Path, outcome: dict, checkpoint, wall_
         "knn_top1": scored["knn_top1"] if scored else None, "knn_top5": scored["knn_top5"] if scored else None,
         "knn_epoch": scored["epoch"] if scored else None,
         "knn_top1_untrained": initial["knn_top1"] if initial else None,
+        "knn_source": config.eval.source,
         "epochs": final["epoch"], "steps": outcome["steps"],
         "images_per_sec": sum(h["images_per_sec"] for h in trained) / len(trained),
         "train_seconds": outcome["train_seconds"], "wall_seconds": wall_seconds,
         "final_loss": final["loss"], "bank_rtt_ms": final["bank_rtt_ms"], "bank_wait_ms": final["bank_wait_ms"],
+        "eval_seconds": _mean(h.get("eval_seconds", math.nan) for h in trained),
+        "refresh_seconds": _mean(h.get("refresh_seconds", math.nan) for h in trained),
         "dataset": config.data.name, "loss": config.loss.kind, "git_sha": sha,
+        # Every evaluated epoch below the untrained encoder, the final one included.
+        "warnings": [w for w in (below_untrained(h, initial["knn_top1"] if initial else None) for h in trained) if w],
     }
-    (output / "summary.json").write_text(json.dumps(summary, indent=2))
-    fields = ["epoch", "loss", "knn_top1", "knn_top5", "lr", "images_per_sec", "epoch_seconds", "bank_rtt_ms",
-              "bank_wait_ms"]
+    fields = ["epoch", "step", "loss", "knn_top1", "knn_top5", "lr", "images_per_sec", "epoch_seconds", "bank_rtt_ms",
+              "bank_wait_ms", "eval_seconds", "refresh_seconds"]
     with open(output / "metrics.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
+    write_tensorboard(output / "tensorboard", history, outcome.get("step_log", []))
     plot_curves(history, output / "curves.png")
+    if config.eval.linear and checkpoint is not None:
+        from trainer.linear import evaluate_linear
+
+        # The probe of the run's final encoder (encoder.pt, the backbone), on the run's data.
+        linear = evaluate_linear(str(output / "encoder.pt"), config, output)
+        summary.update(linear_top1=linear["linear_top1"], linear_top5=linear["linear_top5"])
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary, output)
+    for warning in summary["warnings"]:
+        print(f"WARNING: {warning}", flush=True)
     return summary
+
+
+def _mean(values) -> float | None:
+    """Mean of the finite values; None when there is none (never NaN in summary.json)."""
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else None
+
+
+# The run's scalars under these tags; the x axis is the optimizer step.
+TENSORBOARD_STEP_TAGS = {"loss": "train/loss", "lr": "train/lr", "images_per_sec": "train/images_per_sec",
+                         "bank_rtt_ms": "train/bank_rtt_ms"}
+TENSORBOARD_EPOCH_TAGS = {"knn_top1": "knn/top1", "knn_top5": "knn/top5", "loss": "epoch/loss",
+                          "images_per_sec": "epoch/images_per_sec", "bank_rtt_ms": "epoch/bank_rtt_ms",
+                          "eval_seconds": "epoch/eval_seconds", "refresh_seconds": "epoch/refresh_seconds"}
+
+
+def write_tensorboard(folder: Path, history: list[dict], step_log: list[dict]) -> None:
+    """TensorBoard event files beside metrics.csv, from what the run returned: the
+    progress lines' numbers (`step_log`) and each epoch's. Written here, by the driver,
+    for the reason metrics.csv is: rank 0 may run on another node, and these numbers
+    reach the driver in the run's result and its checkpoints (a resumed run keeps its
+    earlier steps). Rewritten whole each time, so a resume leaves one consistent log."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    shutil.rmtree(folder, ignore_errors=True)
+    with SummaryWriter(str(folder)) as writer:
+        for entry in step_log:
+            for key, tag in TENSORBOARD_STEP_TAGS.items():
+                writer.add_scalar(tag, entry[key], entry["step"])
+        for entry in history:
+            step = entry.get("step", 0)
+            for key, tag in TENSORBOARD_EPOCH_TAGS.items():
+                value = entry.get(key)
+                if value is not None and not math.isnan(value):
+                    writer.add_scalar(tag, value, step)
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -268,10 +333,15 @@ def print_summary(summary: dict, output: Path) -> None:
         ("kNN top-1", percent(summary["knn_top1"])),
         ("kNN top-5", percent(summary["knn_top5"])),
         ("kNN top-1, untrained", percent(summary["knn_top1_untrained"])),
-        ("epochs", str(summary["epochs"])),
+        *([("linear top-1", percent(summary["linear_top1"])), ("linear top-5", percent(summary["linear_top5"]))]
+          if "linear_top1" in summary else []),
+        ("epochs, steps", f"{summary['epochs']}, {summary['steps']:,}"),
         ("images/s", f"{summary['images_per_sec']:,.0f}"),
         ("train time", f"{summary['train_seconds']:.0f} s"),
         ("bank round trip", f"{summary['bank_rtt_ms']:.1f} ms (waited {summary['bank_wait_ms']:.1f} ms)"),
+        ("kNN evaluation", _seconds(summary["eval_seconds"]) + f" each (eval.source={summary['knn_source']})"),
+        *([("bank refresh", _seconds(summary["refresh_seconds"]) + " each")]
+          if summary["refresh_seconds"] is not None else []),
         ("outputs", str(output)),
     ]
     width = max(len(k) for k, _ in rows)
@@ -280,6 +350,10 @@ def print_summary(summary: dict, output: Path) -> None:
     for key, value in rows:
         print(f"| {key:<{width}} | {value:<{len(line) - width - 7}} |")
     print(line, flush=True)
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} s"
 
 
 def percent(fraction: float | None) -> str:

@@ -8,6 +8,13 @@ the whole batch (K, D); P(j|f) = exp(v_j . f / tau) / Z.
   loss = -log h(i, f) - sum_k log(1 - h(n_k, f)), averaged over the batch.
   Z is a constant: N * mean(exp(logits)) on the first batch (lemniscate), or an
   exponential moving average of that estimate (steadier; see HobbitLong/CMC#23).
+- InfoNCE (the sampled softmax): cross-entropy over the positive and the K negatives,
+  loss = -log( exp(v_i . f / tau) / (exp(v_i . f / tau) + sum_k exp(n_k . f / tau)) ),
+  averaged over the batch. No Z: the K + 1 terms normalise themselves. A drawn negative
+  that is the query's own row (an "accidental hit": negatives are drawn with replacement
+  from all N rows, the query's included, with probability K/N per query) is left out
+  of that query's sum; otherwise the positive would sit in the denominator twice and
+  pull against itself. With that, negatives = all N rows gives exactly the softmax below.
 - Exact full softmax:  loss = -v_i . f / tau + log Z(f), Z(f) = sum_j exp(v_j . f / tau),
   with d log Z / d f = E_p[v] / tau supplied by the bank's partition sums.
 
@@ -24,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 
-def nce_logits(f: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, tau: float):
-    """(positive logits (B,), negative logits (B, K)), both v . f / tau."""
+def sampled_logits(f: torch.Tensor, positives: torch.Tensor, negatives: torch.Tensor, tau: float):
+    """(positive logits (B,), negative logits (B, K)), both v . f / tau: what NCE and
+    InfoNCE score, from the positives and the K negatives shared by the batch."""
     return (f * positives).sum(1) / tau, f @ negatives.T / tau
 
 
@@ -43,6 +51,21 @@ def nce_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor, log_z: float, n
     loss_pos = F.softplus(log_k_pn - (pos_logits - log_z))                 # (B,)
     loss_neg = F.softplus((neg_logits - log_z) - log_k_pn).sum(1)          # (B,)
     return (loss_pos + loss_neg).mean()
+
+
+def infonce_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor,
+                 accidental_hits: torch.Tensor | None = None) -> torch.Tensor:
+    """InfoNCE from logits (B,), (B, K): mean_i (-pos_i + logsumexp([pos_i, neg_i]));
+    `accidental_hits` (B, K) marks negatives that are the query's own row, left out."""
+    if accidental_hits is not None:
+        neg_logits = neg_logits.masked_fill(accidental_hits, float("-inf"))
+    logits = torch.cat([pos_logits[:, None], neg_logits], dim=1)            # (B, 1 + K)
+    return (torch.logsumexp(logits, dim=1) - pos_logits).mean()
+
+
+def accidental_hits(indices: torch.Tensor, negative_indices: torch.Tensor) -> torch.Tensor:
+    """(B, K) True where negative k is query b's own bank row."""
+    return indices.to(negative_indices.device)[:, None] == negative_indices[None, :]
 
 
 class PartitionEstimate:

@@ -5,10 +5,16 @@ the trainer. Each worker reaches the bank through a `BankFeed`, which owns the
 step schedule (its docstring states it): each step's bank round trip runs while
 the step computes. A step makes one collective, marked "sync point" below; DDP's
 gradient all-reduce inside ``backward()`` is the other.
+
+Evaluation reads and never writes the bank: kNN searches the bank rows as they are
+(``eval.source=bank``) or features of the train images computed for it
+(``eval.source=fresh``). Rewriting the bank from clean images is a training step of
+its own (``train.refresh_bank_every``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sys
@@ -26,11 +32,13 @@ from trainer.augment import augment
 from trainer.bank_feed import BankFeed
 from trainer.config import Config
 from trainer.data import batch_as_is, load_dataset, seeded_subset
+from trainer.evaluate import knn_correct
 from trainer.knn import correct_at, weighted_knn_scores
-from trainer.launch import percent
-from trainer.losses import PartitionEstimate, batch_log_z, nce_logits, nce_loss, softmax_loss
+from trainer.launch import below_untrained, percent
+from trainer.losses import (PartitionEstimate, accidental_hits, batch_log_z, infonce_loss, nce_loss, sampled_logits,
+                            softmax_loss)
 from trainer.models import Encoder
-from trainer.schedule import learning_rate
+from trainer.schedule import lr_at_step, run_length
 
 
 class StopTraining(RuntimeError):
@@ -103,8 +111,9 @@ class Worker:
         self.batch = c.train.batch_size // self.world  # train.batch_size is the global batch
         self.loader = DataLoader(self.train_set, batch_size=self.batch, sampler=self.sampler,
                                  drop_last=True, num_workers=c.data.loader_workers, collate_fn=batch_as_is)
-        if len(self.loader) == 0:
-            raise ValueError(f"train.batch_size={c.train.batch_size} exceeds the {self.n} training images")
+        self.length = run_length(self.n, c.train.batch_size, c.train.epochs, c.train.steps)
+        if len(self.loader) != self.length.steps_per_epoch:  # launch printed the length from the same rule
+            raise AssertionError(f"{len(self.loader)} batches per epoch, expected {self.length.steps_per_epoch}")
 
         # 2. model
         mean, std = image_stats(self.train_set)
@@ -133,10 +142,12 @@ class Worker:
         if (self.client.rows, self.client.dim) != (self.n, c.model.dim):
             raise ValueError(f"the bank at {addresses} holds {self.client.rows} rows x {self.client.dim} dims, but "
                              f"the dataset has {self.n} training images and model.dim={c.model.dim}")
-        negatives = c.loss.negatives if c.loss.kind == "nce" else 0
+        negatives = c.loss.negatives if c.loss.kind in ("nce", "infonce") else 0
         self.feed = BankFeed(self.client, negatives, c.bank.momentum, self.device, overlap=c.train.overlap)
         self.z = PartitionEstimate(c.loss.z_mode, c.loss.z_momentum)
-        self.epoch, self.step, self.history = 0, 0, []
+        # history: one dict per epoch (epoch 0: the untrained encoder); step_log: one per
+        # progress line (rank 0), for TensorBoard. Both travel in the checkpoint.
+        self.epoch, self.step, self.history, self.step_log = 0, 0, [], []
 
     # -- state ------------------------------------------------------------------
 
@@ -146,6 +157,7 @@ class Worker:
         self.encoder.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+        self.step_log = state.get("step_log", [])  # absent from checkpoints older than it
         self.z.log_z = state["log_z"]
         problem = None
         if self.rank == 0:
@@ -163,7 +175,7 @@ class Worker:
         folder = tempfile.mkdtemp(prefix="instdisc-ckpt-")
         checkpoint.save(folder, model=self.encoder.state_dict(), optimizer=self.optimizer.state_dict(),
                         encoder=self.encoder.spec(), image_size=self.image_size, epoch=self.epoch, step=self.step,
-                        history=self.history, log_z=self.z.log_z, bank_snapshot=bank_tag,
+                        history=self.history, step_log=self.step_log, log_z=self.z.log_z, bank_snapshot=bank_tag,
                         bank_addresses=self.client.addresses, config=self.config.to_dict(),
                         git_sha=os.environ.get("INSTDISC_GIT_SHA", ""))
         return folder
@@ -180,61 +192,95 @@ class Worker:
         return list(range(self.rank, n, self.world))
 
     @torch.no_grad()
-    def fill_bank(self, why: str) -> None:
-        """Set every bank row to the current encoder's feature of its un-augmented image
-        (momentum 0). Before training this is the warm start: the first positives and
-        negatives are features of the same network. Before kNN it is lemniscate's
-        `recompute_memory`: neighbours are clean features, not an average of views."""
-        start = time.perf_counter()
+    def _clean_features(self):
+        """(indices, unit features) of this worker's share of the train images,
+        un-augmented, by the current encoder, in batches."""
         # The bare module, not the DDP wrapper: workers embed different numbers of
         # batches here, and DDP's forward would wait for the others' buffer broadcast.
         self.encoder.eval()
-        for images, idx, _ in _batches(self.train_set, self._my_share(self.n), 1024, self.config.data.loader_workers):
-            self.feed.write(idx, embed(self.encoder, images, self.device))
-        self.encoder.train()
+        try:
+            for images, idx, _ in _batches(self.train_set, self._my_share(self.n), 1024,
+                                           self.config.data.loader_workers):
+                yield idx, embed(self.encoder, images, self.device)
+        finally:
+            self.encoder.train()
+
+    def fill_bank(self, why: str) -> float:
+        """Set every bank row to the current encoder's feature of its un-augmented image
+        (momentum 0); returns the seconds it took. Before training this is the warm
+        start: the first positives and negatives are features of the same network.
+        Every train.refresh_bank_every epochs it is lemniscate's `recompute_memory`, a
+        part of training: the following steps read those rows."""
+        start = time.perf_counter()
+        for idx, features in self._clean_features():
+            self.feed.write(idx, features)
         dist.barrier()
-        self._log(f"bank {why}: {self.n} rows in {time.perf_counter() - start:.1f}s")
+        seconds = time.perf_counter() - start
+        self._log(f"bank {why}: {self.n} rows in {seconds:.1f} s")
+        return seconds
 
     @torch.no_grad()
-    def evaluate(self, refresh: bool = True) -> tuple[float, float]:
-        """Weighted kNN top-1 / top-5 of the test set against the bank rows."""
+    def evaluate(self, source: str) -> tuple[float, float, float]:
+        """Weighted kNN (top-1, top-5, seconds) of the test set against `source`: the
+        bank rows as they are, or fresh features of the train images held here. Either
+        way the bank is only read."""
+        start = time.perf_counter()
         c = self.config.eval
-        if refresh and c.refresh_bank:
-            self.fill_bank("refreshed for kNN")
         k = min(c.k, self.n)
-        labels = self.train_set.labels
-        num_classes = self.train_set.num_classes
+        labels, num_classes = self.train_set.labels, self.train_set.num_classes
+        index = self._fresh_index() if source == "fresh" else None
         self.encoder.eval()
         correct1 = correct5 = total = 0
         for images, _, y in _batches(self.test_set, self._my_share(len(self.test_set)), 500,
                                      self.config.data.loader_workers):
-            sims, idx = self.feed.topk(embed(self.encoder, images, self.device), k)
-            scores = weighted_knn_scores(sims, labels[idx], num_classes, c.sigma)
-            c1, c5 = correct_at(scores, y, (1, min(5, num_classes)))
+            queries = embed(self.encoder, images, self.device)
+            if index is None:
+                sims, idx = self.feed.topk(queries, k)
+                scores = weighted_knn_scores(sims, labels[idx], num_classes, c.sigma)
+                c1, c5 = correct_at(scores, y, (1, min(5, num_classes)))
+            else:
+                c1, c5 = knn_correct(index, labels.to(index.device), queries, y.to(index.device), num_classes, k,
+                                     c.sigma)
             correct1, correct5, total = correct1 + c1, correct5 + c5, total + len(y)
         self.encoder.train()
         correct1, correct5, total = dist.all_reduce_sum([correct1, correct5, total])
-        return correct1 / total, correct5 / total
+        return correct1 / total, correct5 / total, time.perf_counter() - start
 
-    def _loss(self, f, positives, nce_logits_, log_z_batch: float):
+    def _fresh_index(self) -> torch.Tensor:
+        """(N, D) unit features of every train image in index order, on every worker:
+        each embeds its share, then all of them gather the whole."""
+        mine = [features for _, features in self._clean_features()]
+        mine = torch.cat(mine) if mine else torch.empty(0, self.config.model.dim, device=self.device)
+        shares = dist.all_gather_rows(mine, [len(range(r, self.n, self.world)) for r in range(self.world)])
+        index = torch.empty(self.n, mine.shape[1], device=self.device)
+        for r, share in enumerate(shares):
+            index[r::self.world] = share.to(self.device)  # worker r embedded rows r, r + W, ...
+        return index
+
+    def _loss(self, f, step, logits, log_z_batch: float):
         c = self.config.loss
         if c.kind == "softmax":
-            return softmax_loss(f, positives, c.temperature, lambda q: self.feed.partition_sums(q, c.temperature))
+            return softmax_loss(f, step.positives, c.temperature,
+                                lambda q: self.feed.partition_sums(q, c.temperature))
+        if c.kind == "infonce":
+            return infonce_loss(*logits, accidental_hits(step.indices, step.negative_indices))
         if self.z.log_z is None or self.z.mode == "ema":
             self.z.update(log_z_batch)
-        return nce_loss(*nce_logits_, self.z.log_z, self.n)
+        return nce_loss(*logits, self.z.log_z, self.n)
 
     def train_epoch(self) -> dict:
         c = self.config
         self.sampler.set_epoch(self.epoch)
-        steps = len(self.loader)
-        nce = c.loss.kind == "nce"
+        steps = self.length.steps_in_epoch(self.epoch)  # all batches, or what is left of train.steps
+        sampled = c.loss.kind in ("nce", "infonce")    # scored against K shared negatives
+        nce = c.loss.kind == "nce"                      # needs Z
         rtt_sum = wait_sum = 0.0
         loss_sum = torch.zeros((), device=self.device)  # on the device: read back only when logged
+        logged = (0, 0.0, 0.0)  # (steps, loss sum, seconds) at the last progress line
         start = time.perf_counter()
-        for b, step in enumerate(self.feed.steps(self.loader)):
-            lr = learning_rate(c.train.lr, self.epoch + b / steps, c.train.epochs, c.train.schedule,
-                               c.train.milestones)
+        # islice, not break: BankFeed sends the last step's update when its batches end.
+        for b, step in enumerate(self.feed.steps(itertools.islice(self.loader, steps))):
+            lr = lr_at_step(c.train.lr, self.step, self.length, c.train.schedule, c.train.milestones)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             x = augment(step.images.to(self.device, non_blocking=True).float().div_(255), c.augment)
@@ -242,17 +288,18 @@ class Worker:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self.autocast:
                 f = self.model(x).float()
-            logits = nce_logits(f, step.positives, step.negatives, c.loss.temperature) if nce else None
+            logits = sampled_logits(f, step.positives, step.negatives, c.loss.temperature) if sampled else None
             z_batch = math.exp(float(batch_log_z(*logits, self.n))) if nce else 0.0
             # Sync point, the step's one collective: whether any worker's features are
             # non-finite (they must not reach the bank), and NCE's Z, agreed as the mean
-            # of the workers' estimates in linear space. With finite features and bank
-            # rows the loss is finite (logits lie in [-1/tau, 1/tau]).
+            # of the workers' estimates in linear space (0 for InfoNCE and the softmax,
+            # which need no Z). With finite features and bank rows the loss is finite
+            # (logits lie in [-1/tau, 1/tau]).
             finite_workers, z_sum = dist.all_reduce_sum([float(torch.isfinite(f).all()), z_batch])
             if finite_workers != self.world:
                 raise StopTraining(f"the features became non-finite at epoch {self.epoch + 1}, step {self.step}; "
                                    "lower train.lr or raise loss.temperature")
-            loss = self._loss(f, step.positives, logits, math.log(z_sum / self.world) if nce else 0.0)
+            loss = self._loss(f, step, logits, math.log(z_sum / self.world) if nce else 0.0)
             # To the host now, while only the forward (finished at the sync point) is behind
             # it; after backward() the copy would wait for the whole step.
             self.feed.push(step.indices, f)
@@ -264,20 +311,29 @@ class Worker:
             rtt_sum += step.round_trip_s
             wait_sum += step.waited_s
             if self.rank == 0 and (b + 1) % c.train.log_every == 0:
-                self._log_progress(b + 1, steps, time.perf_counter() - start, float(loss_sum), lr, rtt_sum, wait_sum)
+                logged = self._log_progress(b + 1, steps, time.perf_counter() - start, float(loss_sum), lr, rtt_sum,
+                                            wait_sum, logged)
         seconds = time.perf_counter() - start
         return {"loss": float(loss_sum) / steps, "epoch_seconds": seconds,
                 "images_per_sec": steps * c.train.batch_size / seconds,
                 "bank_rtt_ms": 1e3 * rtt_sum / steps, "bank_wait_ms": 1e3 * wait_sum / steps}
 
     def _log_progress(self, done: int, steps: int, elapsed: float, loss_sum: float, lr: float, rtt_sum: float,
-                      wait_sum: float) -> None:
+                      wait_sum: float, logged: tuple[int, float, float]) -> tuple[int, float, float]:
+        """One progress line (means over the epoch so far), and one `step_log` entry
+        (means since the previous line); returns the new `logged` mark."""
         c = self.config.train
         per_step = elapsed / done
-        remaining = (steps - done + (c.epochs - self.epoch - 1) * steps) * per_step
-        self._log(f"epoch {self.epoch + 1}/{c.epochs} step {done}/{steps} | {c.batch_size / per_step:,.0f} img/s | "
-                  f"loss {loss_sum / done:.4f} | lr {lr:.4f} | bank rtt {1e3 * rtt_sum / done:.1f} ms "
-                  f"(waited {1e3 * wait_sum / done:.1f} ms) | ETA {_duration(remaining)}")
+        remaining = (self.length.steps - self.step) * per_step
+        self._log(f"epoch {self.epoch + 1}/{self.length.epochs} step {done}/{steps} | "
+                  f"{c.batch_size / per_step:,.0f} img/s | loss {loss_sum / done:.4f} | lr {lr:.4f} | "
+                  f"bank rtt {1e3 * rtt_sum / done:.1f} ms (waited {1e3 * wait_sum / done:.1f} ms) | "
+                  f"ETA {_duration(remaining)}")
+        window = done - logged[0]
+        self.step_log.append({"step": self.step, "loss": (loss_sum - logged[1]) / window, "lr": lr,
+                              "images_per_sec": window * c.batch_size / (elapsed - logged[2]),
+                              "bank_rtt_ms": 1e3 * rtt_sum / done})
+        return done, loss_sum, elapsed
 
     def run(self) -> dict:
         start = time.perf_counter()
@@ -287,11 +343,24 @@ class Worker:
             # Every worker raises this at the same point (the condition is all-reduced or
             # broadcast), so returning here ends the run cleanly.
             self._log(f"stopped: {error}")
-            return {"history": self.history, "train_seconds": time.perf_counter() - start, "steps": self.step,
-                    "error": str(error)}
+            return {"history": self.history, "step_log": self.step_log, "train_seconds": time.perf_counter() - start,
+                    "steps": self.step, "error": str(error)}
         finally:
             self.feed.close()
             self.client.close()
+
+    def _untrained(self) -> None:
+        """Epoch 0 of the history: the untrained encoder's kNN, the floor that training
+        must stay above (a run below it is warned about, every evaluated epoch). From the
+        warm-started bank (its rows are then exactly those clean features), else fresh."""
+        c = self.config
+        if c.bank.warm_start:
+            self.fill_bank("warm start")
+        top1, top5, seconds = self.evaluate("bank" if c.bank.warm_start else "fresh")
+        self.history.append({"epoch": 0, "step": 0, "loss": float("nan"), "knn_top1": top1, "knn_top5": top5,
+                             "images_per_sec": 0.0, "epoch_seconds": 0.0, "bank_rtt_ms": 0.0, "bank_wait_ms": 0.0,
+                             "lr": c.train.lr, "eval_seconds": seconds, "refresh_seconds": float("nan")})
+        self._log(f"untrained encoder: kNN top-1 {percent(top1)} top-5 {percent(top5)} ({seconds:.1f} s)")
 
     def _run(self) -> dict:
         import ray.train
@@ -302,29 +371,30 @@ class Worker:
         if saved is not None:
             self.restore(saved)
         else:
-            if c.bank.warm_start:
-                self.fill_bank("warm start")
-                top1, top5 = self.evaluate(refresh=False)
-                self.history.append({"epoch": 0, "loss": float("nan"), "knn_top1": top1, "knn_top5": top5,
-                                     "images_per_sec": 0.0, "epoch_seconds": 0.0, "bank_rtt_ms": 0.0,
-                                     "bank_wait_ms": 0.0, "lr": c.train.lr})
-                self._log(f"untrained encoder: kNN top-1 {percent(top1)} top-5 {percent(top5)}")
+            self._untrained()
+        untrained = next((h["knn_top1"] for h in self.history if h["epoch"] == 0), None)
         train_start = time.perf_counter()
-        while self.epoch < c.train.epochs:
+        while self.epoch < self.length.epochs:
             metrics = self.train_epoch()
             self.epoch += 1
-            last = self.epoch == c.train.epochs
+            last = self.epoch == self.length.epochs
+            refresh_s = float("nan")
+            if c.train.refresh_bank_every and self.epoch % c.train.refresh_bank_every == 0:
+                refresh_s = self.fill_bank(f"refreshed (train.refresh_bank_every={c.train.refresh_bank_every})")
+            top1 = top5 = eval_s = float("nan")
             if last or self.epoch % c.eval.every == 0:
-                top1, top5 = self.evaluate()
-            else:
-                top1 = top5 = float("nan")
-            metrics.update(epoch=self.epoch, knn_top1=top1, knn_top5=top5,
-                           lr=learning_rate(c.train.lr, self.epoch, c.train.epochs, c.train.schedule,
-                                            c.train.milestones))
+                top1, top5, eval_s = self.evaluate(c.eval.source)
+            metrics.update(epoch=self.epoch, step=self.step, knn_top1=top1, knn_top5=top5, eval_seconds=eval_s,
+                           refresh_seconds=refresh_s,
+                           lr=lr_at_step(c.train.lr, self.step, self.length, c.train.schedule, c.train.milestones))
             self.history.append(metrics)
-            self._log(f"epoch {self.epoch}/{c.train.epochs} done in {metrics['epoch_seconds']:.1f}s | "
+            self._log(f"epoch {self.epoch}/{self.length.epochs} done in {metrics['epoch_seconds']:.1f}s | "
                       f"loss {metrics['loss']:.4f} | {metrics['images_per_sec']:,.0f} img/s | "
-                      f"kNN top-1 {percent(top1)} top-5 {percent(top5)}")
+                      f"kNN top-1 {percent(top1)} top-5 {percent(top5)}"
+                      + ("" if math.isnan(eval_s) else f" (eval.source={c.eval.source}, {eval_s:.1f} s)"))
+            warning = below_untrained(metrics, untrained)
+            if warning:
+                self._log(f"WARNING: {warning}")
             # The bank snapshot and the model checkpoint describe the same step.
             dist.barrier()
             tag = f"epoch-{self.epoch:04d}-step-{self.step}"
@@ -335,7 +405,7 @@ class Worker:
             ray.train.report({k: v for k, v in metrics.items()} | {"bank_snapshot": tag},
                              checkpoint=Checkpoint.from_directory(folder) if folder else None,
                              checkpoint_dir_name=f"epoch-{self.epoch:04d}")
-        return {"history": self.history, "train_seconds": time.perf_counter() - train_start,
+        return {"history": self.history, "step_log": self.step_log, "train_seconds": time.perf_counter() - train_start,
                 "steps": self.step}
 
 

@@ -104,3 +104,15 @@ def test_the_plan_shares_points_and_clamps_subsets_to_the_dataset():
                     TrainPoint(16, 60000, 2): ["bank size"]}
     assert TrainPoint(16, 60000, 2).overrides(60000) == [
         "loss.kind=nce", "loss.negatives=16", "data.subset=0", "train.epochs=2"]
+
+
+def test_infonce_points_sit_beside_nce_and_the_softmax_on_the_negatives_sweep():
+    grid = Grid(negatives=(256, SOFTMAX), fixed_subset=60000, subsets=(), fixed_negatives=256, epochs=3,
+                infonce_negatives=(256, 4096, 16384))
+    plan = plan_points(grid, train_rows=60000)
+    assert [p.name for p in plan] == ["nce-k256-rows60000-e3", "softmax-rows60000-e3", "infonce-k256-rows60000-e3",
+                                      "infonce-k4096-rows60000-e3", "infonce-k16384-rows60000-e3"]
+    assert set(map(tuple, plan.values())) == {("negatives",)}
+    assert TrainPoint(16384, 60000, 3, "infonce").overrides(60000) == [
+        "loss.kind=infonce", "loss.negatives=16384", "data.subset=0", "train.epochs=3"]
+    assert TrainPoint(16384, 60000, 3, "infonce").loss == "infonce"

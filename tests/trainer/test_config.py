@@ -21,7 +21,13 @@ def test_defaults_file_and_overrides_compose(tmp_path):
     (["train.epochs=2.5"], "train.epochs must be an integer"),
     (["train.lr=fast"], "train.lr must be a number"),
     (["train.overlap=maybe"], "train.overlap must be true or false"),
-    (["loss.kind=triplet"], "loss.kind must be 'nce' or 'softmax'"),
+    (["loss.kind=triplet"], "loss.kind must be 'nce', 'infonce' or 'softmax'"),
+    (["train.steps=-1"], "train.steps must be >= 0"),
+    (["train.steps=many"], "train.steps must be an integer"),
+    (["train.refresh_bank_every=-2"], "train.refresh_bank_every must be >= 0"),
+    (["eval.source=bankish"], "eval.source must be 'bank' or 'fresh'"),
+    (["eval.refresh_bank=true"], "eval.refresh_bank is gone: evaluation no longer writes the bank"),
+    (["eval.linear_epochs=0"], "eval.linear_epochs must be >= 1"),
     (["bank.momentum=1.0"], "bank.momentum must be in [0, 1)"),
     (["train.lr"], "is not key=value"),
 ])
@@ -49,3 +55,27 @@ def test_a_bad_config_path_exits_2_like_every_config_error(capsys):
 
     assert main(["train", "--config", "no-such-config"]) == 2
     assert "not a shipped config" in capsys.readouterr().err
+
+
+def test_infonce_and_a_length_in_steps_are_accepted():
+    config = load_config(None, ["loss.kind=infonce", "loss.negatives=16384", "train.steps=1000", "eval.source=fresh",
+                                "train.refresh_bank_every=2", "eval.linear=true"])
+    assert (config.loss.kind, config.train.steps, config.eval.source) == ("infonce", 1000, "fresh")
+
+
+def test_the_run_length_and_its_schedule_in_steps():
+    from trainer.schedule import learning_rate, lr_at_step, run_length
+
+    by_epochs = run_length(10000, 128, epochs=3)
+    assert (by_epochs.steps_per_epoch, by_epochs.steps, by_epochs.epochs) == (78, 234, 3)
+    cut = run_length(10000, 128, epochs=3, steps=100)  # train.steps overrides train.epochs
+    assert (cut.epochs, [cut.steps_in_epoch(e) for e in range(cut.epochs)]) == (2, [78, 22])
+    assert cut.describe() == "100 steps = 2 epochs of 78 steps, the last one cut to 22 steps"
+    # Cosine runs over the steps actually taken: its last step is near zero, not halfway.
+    assert lr_at_step(0.1, 99, cut, "cosine") < 1e-4 and lr_at_step(0.1, 0, cut, "cosine") == 0.1
+    assert lr_at_step(0.1, 50, cut, "cosine") == pytest.approx(learning_rate(0.1, 0.5, 1.0, "cosine"))
+    # Step milestones are epochs: the same optimizer step whichever way the length is given.
+    assert lr_at_step(0.1, 77, cut, "step", [1]) == 0.1 and lr_at_step(0.1, 78, cut, "step", [1]) == pytest.approx(0.01)
+    assert lr_at_step(0.1, 78, by_epochs, "step", [1]) == lr_at_step(0.1, 78, cut, "step", [1])
+    with pytest.raises(ValueError, match="train.batch_size=128 exceeds the 100 training images"):
+        run_length(100, 128, epochs=1)

@@ -1,4 +1,5 @@
-"""`instdisc eval knn` on an exported encoder, apart from training, on real Fashion-MNIST."""
+"""`instdisc eval knn` and `instdisc eval linear` on an exported encoder, apart from
+training, on real Fashion-MNIST."""
 
 import json
 
@@ -24,7 +25,7 @@ def saved(tmp_path_factory):
     torch.manual_seed(0)
     encoder = Encoder("small", 1, 128, 8, True, mean=[0.29], std=[0.35])
     checkpoint.save(folder, model=encoder.state_dict(), optimizer={}, encoder=encoder.spec(), image_size=28, epoch=1,
-                    step=1, history=[], log_z=None, bank_snapshot="epoch-0001", bank_addresses=[], config={},
+                    step=1, history=[], step_log=[], log_z=None, bank_snapshot="epoch-0001", bank_addresses=[], config={},
                     git_sha="")
     return folder, encoder.eval()
 
@@ -74,3 +75,44 @@ def test_what_cannot_be_scored_is_refused_naming_why(saved, tmp_path, capsys):
         extra = {"instdisc.json": ""}
         torch.export.load(fh, extra_files=extra)
     assert json.loads(extra["instdisc.json"])["output"] == "embedding"
+
+
+LINEAR = [*DATA, "eval.linear_epochs=5"]
+
+
+def test_the_linear_probe_reports_writes_linear_json_and_reuses_its_features(saved, tmp_path, capsys):
+    from trainer.linear import evaluate_linear
+
+    path = export_encoder(saved[0], tmp_path / "encoder.pt")
+    result = evaluate_linear(str(path), load_config(None, LINEAR), tmp_path / "out")
+    assert 0.3 < result["linear_top1"] <= result["linear_top5"] <= 1, result  # 10 classes: chance is 0.1
+    assert result["features"] == 4 * 8 * 9 and result["train_images"] == 2000 and result["test_images"] == 300
+    assert not result["cache_reused"] and result["epochs"] == 5
+    assert json.loads((tmp_path / "out" / "linear.json").read_text()) == result
+    # Cached features are read back, and the same inputs give the same figures.
+    assert main(["eval", "linear", "--encoder", str(path), "--output-dir", str(tmp_path / "out"), *LINEAR]) == 0
+    out = capsys.readouterr().out
+    again = json.loads((tmp_path / "out" / "linear.json").read_text())
+    assert again["cache_reused"] and again["feature_cache"] == result["feature_cache"]
+    assert (again["linear_top1"], again["linear_top5"]) == (result["linear_top1"], result["linear_top5"])
+    assert f"{100 * result['linear_top1']:.2f} %" in out and "linear top-5" in out
+    # Other data is another cache entry.
+    other = evaluate_linear(str(path), load_config(None, [*LINEAR, "data.test_subset=200"]), tmp_path / "out")
+    assert not other["cache_reused"] and other["test_images"] == 200
+
+
+def test_what_the_linear_probe_cannot_take_is_refused_naming_why(saved, tmp_path, capsys):
+    export_32 = export_encoder(saved[0], tmp_path / "side32.pt", image_size=32)
+    head = export_encoder(saved[0], tmp_path / "head.pt", head=True)
+    (tmp_path / "junk.pt").write_bytes(b"not a program")
+    cases = [
+        (tmp_path / "junk.pt", "is not a torch.export program"),
+        (tmp_path / "missing.pt", "no such file"),
+        (export_32, "takes 1-channel 32x32 images; data.name=fashion-mnist gives 1-channel 28x28"),
+        (head, "exported with --head); the linear probe takes backbone features"),
+    ]
+    for encoder, message in cases:
+        assert main(["eval", "linear", "--encoder", str(encoder), "--output-dir", str(tmp_path / "out"),
+                     *LINEAR]) == 2, encoder
+        assert message in capsys.readouterr().err, encoder
+    assert not (tmp_path / "out" / "linear.json").exists()

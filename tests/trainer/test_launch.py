@@ -23,3 +23,14 @@ def test_a_stale_cluster_file_does_not_capture_a_run_without_ray_address():
     run = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]
     assert f"cpus {os.cpu_count()}" in run.stdout
+
+
+def test_an_epoch_below_the_untrained_encoder_is_named_with_both_figures():
+    from trainer.launch import below_untrained
+
+    epoch = {"epoch": 3, "knn_top1": 0.712}
+    assert below_untrained(epoch, 0.7619) == ("kNN top-1 71.20 % at epoch 3 is below the untrained encoder's "
+                                              "76.19 %: training made the features worse for kNN")
+    assert below_untrained(epoch, 0.70) is None                                   # above it
+    assert below_untrained(epoch, None) is None                                   # not measured (an old run)
+    assert below_untrained({"epoch": 2, "knn_top1": float("nan")}, 0.9) is None   # not evaluated

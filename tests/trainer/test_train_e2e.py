@@ -37,13 +37,29 @@ def first_run(tmp_path_factory):
 def test_training_writes_every_output(first_run):
     output, logs = first_run
     assert "resolved config" in logs and "img/s" in logs and "bank rtt" in logs and "ETA" in logs
+    assert "run length (train.epochs=2): 32 steps = 2 epochs of 16 steps of 128 images" in logs
     assert "epoch 1/2 done" in logs and "kNN top-1 - top-5 -" in logs  # epoch 1 was not evaluated
+    assert "(eval.source=bank, " in logs
     summary = json.loads((output / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["images_per_sec"] > 0 and summary["train_seconds"] > 0
     assert 0 < summary["knn_top1"] <= summary["knn_top5"] <= 1 and 0 < summary["knn_top1_untrained"] <= 1
+    assert summary["eval_seconds"] > 0 and summary["refresh_seconds"] is None  # the bank is only read
+    # Each epoch below the untrained encoder is warned about in the log and kept in the summary.
+    assert isinstance(summary["warnings"], list)
+    assert all(f"WARNING: {warning}" in logs for warning in summary["warnings"])
     rows = list(csv.DictReader(open(output / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
     assert all(np.isfinite(float(r["loss"])) for r in rows[1:])
+    # TensorBoard: the progress lines' scalars per step, and each epoch's.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/images_per_sec", "train/bank_rtt_ms", "knn/top1", "knn/top5"} <= tags
+    assert [e.step for e in events.Scalars("train/loss")] == [5, 10, 15, 21, 26, 31]  # log_every=5, 16 a epoch
+    assert [e.step for e in events.Scalars("knn/top1")] == [0, 32]
+    assert events.Scalars("knn/top1")[-1].value == pytest.approx(summary["knn_top1"])
     assert (output / "curves.png").stat().st_size > 10_000
     with open(output / "encoder.pt", "rb") as fh:
         encoder = torch.export.load(fh).module()
@@ -88,9 +104,10 @@ def test_nce_learns_without_collapse(tmp_path):
     # The accuracy check. NCE needs the full bank (K / N small): on 20k images it dips
     # below the untrained encoder for several epochs. On all 60k it recovers within two
     # (79.7 % -> 81.1 %).
-    # Evaluated every epoch: each evaluation refreshes the bank from clean images, which
-    # is part of the recipe (eval.refresh_bank).
+    # The bank refreshed from clean images after every epoch is part of this recipe (it
+    # was, when every evaluation refreshed the bank): train.refresh_bank_every=1.
     train(tmp_path, "data.subset=0", "data.test_subset=2000", "train.epochs=2", "loss.kind=nce",
+          "train.refresh_bank_every=1",
           "loss.negatives=4096", "augment.crop_min=0.5", "loss.temperature=0.1", "train.lr=0.06",
           "train.log_every=50", name="nce")
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -100,12 +117,20 @@ def test_nce_learns_without_collapse(tmp_path):
 
 
 def test_training_against_running_bank_servers(tmp_path, spawn_server):
+    # Also InfoNCE, a length in steps (16 a epoch: the second epoch is cut to 4), kNN on
+    # fresh features and the bank refreshed as a training step.
     servers = [spawn_server("--shard-id", str(s), "--num-shards", "2", "--rows", "2048", "--port", "0",
                             "--snapshot-dir", str(tmp_path / "bank")) for s in range(2)]
     addresses = ",".join(server.address for server in servers)
-    train(tmp_path / "out", "train.epochs=1", f"bank.addresses={addresses}", name="external")
-    assert json.loads((tmp_path / "out" / "summary.json").read_text())["epochs"] == 1
-    assert list((tmp_path / "bank" / "shard-00001").glob("epoch-0001-*.arrow"))
+    logs = train(tmp_path / "out", "train.steps=20", "loss.kind=infonce", "eval.source=fresh",
+                 "train.refresh_bank_every=1", f"bank.addresses={addresses}", name="external")
+    assert "run length (train.steps=20): 20 steps = 2 epochs of 16 steps, the last one cut to 4 steps" in logs
+    assert "bank refreshed (train.refresh_bank_every=1): 2048 rows in" in logs
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["epochs"], summary["steps"], summary["loss"]) == (2, 20, "infonce")
+    assert summary["knn_epoch"] == 2 and summary["knn_source"] == "fresh" and summary["refresh_seconds"] > 0
+    assert np.isfinite(summary["final_loss"])
+    assert list((tmp_path / "bank" / "shard-00001").glob("epoch-0002-step-20.arrow"))
 
 
 def test_a_non_finite_loss_stops_with_a_message(tmp_path):
