@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,14 +49,17 @@ class Recovery:
     torn_bytes_dropped: int = 0
     segments: list[int] = field(default_factory=list)
     last_segment: int | None = None   # the segment the log continues
+    base_seconds: float = 0.0         # loading the snapshot (or seeding the rows)
+    replay_seconds: float = 0.0       # replaying the log
     # LATEST to write when recovery chose its base itself: tag, seed, and the log segment
     # and record it continues from (segment None: the new segment the server opens).
     new_pointer: dict | None = None
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
-        text = (f"recovered to {self.source} + {self.records_replayed} log record(s) replayed from segment(s) "
-                f"{self.segments or 'none'}, {self.torn_bytes_dropped} torn byte(s) dropped")
+        text = (f"recovered to {self.source} ({self.base_seconds:.2f} s) + {self.records_replayed} log record(s) "
+                f"replayed from segment(s) {self.segments or 'none'} ({self.replay_seconds:.2f} s), "
+                f"{self.torn_bytes_dropped} torn byte(s) dropped")
         return "; ".join([text, *self.notes])
 
 
@@ -113,6 +117,7 @@ def _recover(layout, directory, folder: Path, seed: int, fallback: bool) -> tupl
         raise DataLoss(f"{snapshots.latest_path(directory, layout.shard_id)} continues with log segment "
                        f"{update_log.segment_path(folder, pointer['log'])}, which is missing")
     notes = []
+    started = time.perf_counter()
     if pointer["tag"] is None:
         base_seed = pointer["seed"]
         if base_seed != seed:
@@ -131,6 +136,8 @@ def _recover(layout, directory, folder: Path, seed: int, fallback: bool) -> tupl
             if not fallback:
                 raise
             shard, recovery, start = _fall_back(layout, directory, folder, seed, pointer, following, error)
+    recovery.base_seconds = time.perf_counter() - started
+    started = time.perf_counter()
     if start[0] is not None:
         segments = update_log.chain(start[0], following)
         recovery.segments = segments
@@ -146,6 +153,7 @@ def _recover(layout, directory, folder: Path, seed: int, fallback: bool) -> tupl
                 recovery.notes.append(f"a torn last record ({scan.torn_bytes} bytes) cut off {path}: its update "
                                       "was never acknowledged")
         recovery.last_segment = segments[-1]
+    recovery.replay_seconds = time.perf_counter() - started
     return shard, recovery
 
 

@@ -13,13 +13,21 @@ many Step calls per second one shard process sustains: every client's Step reach
 every shard, so a shard serves as many calls as the clients make Steps. On a machine
 where the clients share the shards' cores, that is a floor; the shard processes' own
 CPU time per call says what a shard with a core to itself would sustain.
+
+With ``--fsync-modes`` it measures the update log's cost instead: one bank per mode
+(``off``: no snapshot folder, so no log; ``no``, ``everysec``, ``always``: ``--fsync``),
+all serving at once, and each iteration makes one Step on every bank, in an order that
+rotates, so that whatever else the machine does hits every mode alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
+import time
 from contextlib import ExitStack
+from pathlib import Path
 
 import numpy as np
 
@@ -50,6 +58,23 @@ def add_bench_bank_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated counts of concurrent Step client processes for the throughput part")
     parser.add_argument("--client-iters", type=positive_int, default=200, help="timed Steps per client")
     parser.add_argument("--json", dest="json_path", help="also write the results here as a JSON list")
+    parser.add_argument("--fsync-modes", type=_fsync_modes, default=None,
+                        help="instead: Step latency with the update log in each of these modes, interleaved call by "
+                             "call (comma-separated from off,no,everysec,always; off: no log)")
+    parser.add_argument("--log-dir", default=None,
+                        help="with --fsync-modes: where the logging banks keep their snapshot folders (default: a "
+                             "temporary folder; put it on the disk you mean to measure)")
+
+
+FSYNC_MODES = ("off", "no", "everysec", "always")
+
+
+def _fsync_modes(text: str) -> list[str]:
+    modes = comma_list(text, str.strip)
+    unknown = [m for m in modes if m not in FSYNC_MODES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown mode(s) {unknown}; choose from {','.join(FSYNC_MODES)}")
+    return modes
 
 
 def _inprocess_seconds(work: StepWorkload, rows, dim, dtype, shards, negatives, iters, warmup) -> list[float]:
@@ -117,7 +142,56 @@ def _measure(rows, dim, dtype, shards, negatives, batch, iters, warmup, clients=
     }
 
 
+def _measure_fsync(rows, dim, dtype, shards, negatives, batch, iters, warmup, modes, log_dir=None) -> dict:
+    """Step seconds per update-log mode, one bank per mode, interleaved call by call."""
+    work = StepWorkload(rows, dim, batch, seed=0)
+    with ExitStack() as stack:
+        folder = Path(log_dir) if log_dir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fsync-")))
+        clients = {}
+        for mode in modes:
+            if mode == "off":
+                servers = start_bank_processes(stack, shards, rows, dim, dtype)
+            else:
+                servers = start_bank_processes(stack, shards, rows, dim, dtype, snapshot_dir=folder / mode,
+                                               extra=["--fsync", mode])
+            clients[mode] = stack.enter_context(BankClient([s.address for s in servers], timeout=120))
+        seconds = {mode: [] for mode in modes}
+        for i in range(warmup + iters):
+            turn = i % len(modes)
+            for mode in modes[turn:] + modes[:turn]:
+                start = time.perf_counter()
+                clients[mode].step(work.indices(i), work.features(i), MOMENTUM, work.indices(i + 1), negatives)
+                if i >= warmup:
+                    seconds[mode].append(time.perf_counter() - start)
+    base = percentile_ms(seconds["off"], 50) if "off" in seconds else None
+    return {"shards": shards, "rows": rows, "dim": dim, "dtype": dtype, "negatives": negatives, "batch": batch,
+            "iters": iters,
+            "modes": {mode: {"step_p50_ms": percentile_ms(s, 50), "step_p99_ms": percentile_ms(s, 99),
+                             "p50_over_off": percentile_ms(s, 50) / base if base else None}
+                      for mode, s in seconds.items()}}
+
+
+def run_bench_fsync(args: argparse.Namespace) -> int:
+    results = []
+    print(f"bank Step with the update log: N={args.rows:,} D={args.dim} {args.dtype} K={args.negatives} "
+          f"B={args.batch} iters={args.iters}, modes interleaved call by call", flush=True)
+    print(f"{'shards':>6} {'fsync':>9} {'step p50':>9} {'step p99':>9} {'p50/off':>8}")
+    for shards in args.shards:
+        r = _measure_fsync(args.rows, args.dim, args.dtype, shards, args.negatives, args.batch, args.iters,
+                           args.warmup, args.fsync_modes, args.log_dir)
+        results.append(r)
+        for mode, m in r["modes"].items():
+            ratio = f"{m['p50_over_off']:>8.3f}" if m["p50_over_off"] else f"{'-':>8}"
+            print(f"{shards:>6} {mode:>9} {m['step_p50_ms']:>7.3f}ms {m['step_p99_ms']:>7.3f}ms {ratio}", flush=True)
+    if args.json_path:
+        with open(args.json_path, "w") as fh:
+            json.dump(results, fh, indent=2)
+    return 0
+
+
 def run_bench_bank(args: argparse.Namespace) -> int:
+    if getattr(args, "fsync_modes", None):
+        return run_bench_fsync(args)
     results = []
     print(f"bank Step benchmark: N={args.rows:,} D={args.dim} {args.dtype} K={args.negatives} B={args.batch} "
           f"iters={args.iters}", flush=True)

@@ -151,13 +151,14 @@ class ServerProcess(ChildProcess):
 
 def start_bank_processes(stack: ExitStack, shards: int, rows: int, dim: int, dtype: str, *,
                snapshot_dir: Path | None = None, log_dir: Path | None = None,
-               timeout: float | None = None) -> list[ServerProcess]:
+               timeout: float | None = None, extra: Sequence[str] = ()) -> list[ServerProcess]:
     """The `shards` ``python -m bank_server`` processes of one bank on loopback, started
     together; returns once every one serves. Each runs one BLAS thread, the server's
     default, as the Ray actors do. They are killed when `stack` closes: a server told
     to stop with SIGTERM would first write a final snapshot, which costs seconds per
     GB and measures nothing. Their stderr goes to ``log_dir/server-<shard>.log`` when
-    `log_dir` is given. `timeout` (default: by the rows to initialise) bounds the start."""
+    `log_dir` is given. `timeout` (default: by the rows to initialise) bounds the start.
+    `extra` goes on every server's command line (``--fsync always``)."""
     timeout = _START_S + rows / _ROWS_PER_S if timeout is None else timeout
     deadline = time.monotonic() + timeout
     servers = []
@@ -166,6 +167,7 @@ def start_bank_processes(stack: ExitStack, shards: int, rows: int, dim: int, dty
                 "--dim", str(dim), "--dtype", dtype, "--port", "0"]
         if snapshot_dir is not None:
             args += ["--snapshot-dir", str(snapshot_dir)]
+        args += list(extra)
         log = log_dir / f"server-{shard}.log" if log_dir is not None else None
         servers.append(stack.enter_context(ServerProcess(args, stderr=log, timeout=timeout)))
     for server in servers:
