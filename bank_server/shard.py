@@ -411,11 +411,11 @@ class Shard:
                               for k, v in asdict(saved).items() if v != getattr(self.layout, k))
             raise FailedPrecondition(f"snapshot {path} has another layout ({diffs})")
 
-    def _load_locked(self, path: Path, directory, metadata: dict) -> None:
+    def _load_locked(self, path: Path, directory) -> None:
         """The snapshot's rows into the live array (checked as they come), then its own
         log segment up to its consistency point, so the rows are exactly the shard when
         the snapshot ended."""
-        snapshots.read_into(path, self._rows, self.layout.rows_held)
+        metadata, _ = snapshots.read_into(path, self._rows, self.layout.rows_held)
         self.updates_applied = metadata["updates_applied"]
         self.rows_updated = metadata["rows_updated"]
         self._seen = OrderedDict(((c, s), None) for c, s in metadata["seen"])
@@ -433,9 +433,10 @@ class Shard:
             raise DataLoss(f"snapshot {snapshot} needs its update-log segment {found}, which is missing")
         return found
 
-    def _checked_metadata(self, directory, tag: str | None) -> tuple[Path, dict]:
-        """Path and metadata of snapshot `tag` (default: LATEST's), checked whole, its log
-        segment included, before anything changes."""
+    def _checked_metadata(self, directory, tag: str | None, whole: bool = True) -> tuple[Path, dict]:
+        """Path and metadata of snapshot `tag` (default: LATEST's), its layout checked,
+        and with `whole` every row's checksum and its log segment too, before anything
+        changes (loading checks them again as it goes)."""
         tag = tag or snapshots.latest_tag(directory, self.layout.shard_id)
         if tag is None:
             raise NotFound(f"no snapshot in {snapshots.shard_dir(directory, self.layout.shard_id)}")
@@ -444,6 +445,8 @@ class Shard:
             raise NotFound(f"snapshot tag {tag!r} not found at {path}")
         metadata = snapshots.read_metadata(path)
         self._check_snapshot(metadata, path)
+        if not whole:
+            return path, metadata
         metadata, _ = snapshots.read_into(path, None, self.layout.rows_held)
         segment, end = metadata.get("log_segment"), metadata["log_end"]
         if segment and end:
@@ -457,8 +460,9 @@ class Shard:
         it was when the snapshot ended. FailedPrecondition if its layout differs from
         `layout`; NotFound if there is no such snapshot; DataLoss if it fails its checks."""
         shard = cls(layout, np.empty((layout.rows_held, layout.dim), DTYPES[layout.dtype]), seed=seed)
-        path, metadata = shard._checked_metadata(directory, tag)
-        shard._load_locked(path, directory, metadata)
+        # A new shard's rows are its own: a bad snapshot found while loading loses nothing.
+        path, _ = shard._checked_metadata(directory, tag, whole=False)
+        shard._load_locked(path, directory)
         return shard
 
     def restore_in_place(self, directory: str | Path, tag: str | None = None) -> Path:
@@ -471,7 +475,7 @@ class Shard:
         with self._snapshot_lock:
             path, metadata = self._checked_metadata(directory, tag)
             with self._lock:
-                self._load_locked(path, directory, metadata)
+                self._load_locked(path, directory)
                 if self._log is not None:
                     segment = self._log.rotate(new_generation=True, base=metadata["tag"])
                     snapshots.write_latest(directory, sid, metadata["tag"], segment, 0)

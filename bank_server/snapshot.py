@@ -208,9 +208,11 @@ def read_into(path: Path, target: np.ndarray | None, expect_rows: int | None = N
 
 
 def read(directory: str | os.PathLike, shard_id: int, tag: str | None = None) -> tuple[np.ndarray, dict, Path]:
-    """Rows, metadata and path of snapshot `tag` (default: the one LATEST names), checked.
+    """Rows, metadata and path of snapshot `tag` (default: the one LATEST names), checked:
+    the shard as it was when the snapshot ended (the file plus its log segment's first
+    ``log_end`` records).
 
-    Raises NotFound when there is none, SnapshotCorrupt when it fails its checks.
+    Raises NotFound when there is none, DataLoss when it fails its checks.
     """
     tag = tag or latest_tag(directory, shard_id)
     if tag is None:
@@ -223,6 +225,17 @@ def read(directory: str | os.PathLike, shard_id: int, tag: str | None = None) ->
     total = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
     rows = np.empty((total, field.list_size), dtype=field.value_type.to_pandas_dtype())
     metadata, _ = read_into(path, rows)
+    segment, end = metadata.get("log_segment"), metadata["log_end"]
+    if segment and end:
+        from bank_server import update_log  # the log's module needs nothing of this one
+
+        def apply(record):
+            rows[record.local] = record.rows
+
+        log_path = update_log.segment_path(shard_dir(directory, shard_id), segment)
+        if not log_path.exists():
+            raise DataLoss(f"snapshot {path} needs its update-log segment {log_path}, which is missing")
+        update_log.read_records(log_path, rows.shape[1], rows.dtype, apply, stop=end)
     return rows, metadata, path
 
 

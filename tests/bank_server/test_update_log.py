@@ -171,6 +171,9 @@ def test_a_snapshot_taken_during_updates_plus_its_log_is_exact(tmp_path, monkeyp
     np.testing.assert_array_equal(rows(again), live)
     assert again.updates_applied == 300
     again.log.close()
+    # A snapshot read alone is the shard when it ended: its file plus its log's first records.
+    saved, metadata, _ = snapshots.read(tmp_path, 0, recovery.tag)
+    np.testing.assert_array_equal(saved, rows(Shard.restore(layout, tmp_path, recovery.tag)))
 
 
 def test_restore_starts_a_new_timeline_that_recovery_follows(tmp_path):
