@@ -146,6 +146,10 @@ def _recover(layout, directory, folder: Path, seed: int, fallback: bool) -> tupl
             path = update_log.segment_path(folder, number)
             scan = update_log.read_records(path, layout.dim, shard._rows.dtype, shard.apply_logged,
                                            start=start[1] if i == 0 else 0, allow_torn_tail=last)
+            if i == 0 and scan.records < start[1]:
+                raise update_log.LogCorrupt(f"log segment {path} holds {scan.records} good records; "
+                                            f"{snapshots.latest_path(directory, layout.shard_id)} continues "
+                                            f"from record {start[1]}")
             recovery.records_replayed += scan.records - (start[1] if i == 0 else 0)
             if scan.torn_bytes:
                 _cut_torn_tail(path, scan.good_end)

@@ -19,7 +19,7 @@ import numpy as np
 import grpc
 
 from bank_server import tensors, wire
-from bank_server.errors import BankError, InvalidArgument, ResourceExhausted, Unavailable, status_code
+from bank_server.errors import BankError, DataLoss, InvalidArgument, ResourceExhausted, Unavailable, status_code
 from bank_server.shard import Shard
 from protos import bank_pb2
 
@@ -58,6 +58,8 @@ class MemoryBankServicer:
             raise Unavailable("shard is loading its snapshot; retry shortly")
         if self._restoring:
             raise Unavailable("shard is restoring a snapshot; retry shortly")
+        if self.shard.damaged:
+            raise DataLoss(f"{self.shard.damaged}; restart the shard: it recovers from LATEST and its update log")
         return self.shard
 
     def _check_answer_size(self, nbytes: int, field: str) -> None:

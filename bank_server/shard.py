@@ -141,6 +141,7 @@ class Shard:
         self.updates_applied = 0
         self.rows_updated = 0
         self.last_snapshot_tag = ""
+        self.damaged: str | None = None  # why the rows cannot be trusted (a Restore failed half-way)
         self.last_snapshot_time: float | None = None
         self.last_snapshot_seconds: float | None = None
 
@@ -216,7 +217,9 @@ class Shard:
         """Apply one update: (applied, the log's ticket for it, 0 when not logged)."""
         key = (client_id, int(sequence))
         if client_id and key in self._seen:
-            return False, 0
+            # A retry: its first call may still wait for its fsync (or never answered);
+            # the retry's answer must not come before the record is durable either.
+            return False, (self._log.written if self._log is not None else 0)
         # In place in float32: one cast of the old rows in, one to the storage dtype out.
         m = np.float32(momentum)
         mixed = as_float32(self._gather(local))  # a new array either way: the gather copies
@@ -475,7 +478,13 @@ class Shard:
         with self._snapshot_lock:
             path, metadata = self._checked_metadata(directory, tag)
             with self._lock:
-                self._load_locked(path, directory)
+                try:
+                    self._load_locked(path, directory)
+                except Exception as error:  # checked whole just before: a disk failing now
+                    self.damaged = f"a Restore of {path} failed half-way ({error})"
+                    log.error("shard %d: %s; restart it to recover its last state from LATEST and the log",
+                              sid, self.damaged)
+                    raise
                 if self._log is not None:
                     segment = self._log.rotate(new_generation=True, base=metadata["tag"])
                     snapshots.write_latest(directory, sid, metadata["tag"], segment, 0)

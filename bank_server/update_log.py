@@ -274,6 +274,11 @@ class UpdateLog:
         return number, fd
 
     @property
+    def written(self) -> int:
+        """The ticket of the last record appended."""
+        return self._written
+
+    @property
     def path(self) -> Path:
         return segment_path(self.folder, self.segment)
 

@@ -132,3 +132,20 @@ def test_health_is_not_serving_until_loaded(make_bank):
         assert health_status(server.address) == health_pb2.HealthCheckResponse.SERVING
     finally:
         server.stop(grace=0, final_snapshot=False)
+
+
+def test_periodic_snapshots_run_in_the_background(tmp_path):
+    from bank_server import snapshot as snapshots
+    from bank_server.server import BankServer, ServerConfig
+    from tests.conftest import wait_until
+
+    server = BankServer(ServerConfig(shard_id=0, num_shards=1, rows=N, dim=D, port=0, snapshot_dir=str(tmp_path),
+                                     snapshot_every=0.3)).start()
+    try:
+        server.load()
+        with BankClient([server.address]) as client:
+            client.update(np.arange(5), unit(np.ones((5, D), np.float32)), 0.0)
+            assert wait_until(lambda: (snapshots.latest_tag(tmp_path, 0) or "").startswith("periodic-"), timeout=20)
+    finally:
+        server.stop(grace=0, final_snapshot=False)
+    assert Shard.restore(Layout(0, 1, N, D), tmp_path).last_snapshot_tag.startswith("periodic-")

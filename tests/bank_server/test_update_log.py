@@ -214,3 +214,15 @@ def test_periodic_snapshots_are_pruned_among_themselves(tmp_path):
         shard.snapshot(tmp_path, tag, keep=1, periodic_keep=2)
     left = sorted(p.stem for p in snapshots.snapshots_newest_first(tmp_path, 0))
     assert left == ["epoch-2", "periodic-2", "periodic-3"]
+
+
+def test_a_latest_that_continues_past_the_end_of_its_segment_is_refused(tmp_path):
+    layout = Layout(0, 1, N, D)
+    shard, _ = open_logged(layout, tmp_path, seed=0)
+    updates(shard, 2)
+    shard.snapshot(tmp_path, "a")
+    shard.log.close()
+    pointer = snapshots.read_latest(tmp_path, 0)
+    snapshots.write_latest(tmp_path, 0, "a", pointer["log"], pointer["from"] + 5)
+    with pytest.raises(RecoveryRefused, match=r"holds 0 good records; .*LATEST continues from record 5"):
+        recover(layout, tmp_path, seed=0)
