@@ -95,7 +95,11 @@ class TrainConfig:
     # Every this many epochs, after the epoch's last step, rewrite every bank row with the
     # current encoder's feature of its un-augmented image (lemniscate's recompute_memory,
     # which it ran before each kNN); training continues from those rows. 0: never.
-    refresh_bank_every: int = 0
+    # It helps: the demo's config on 10k images, 4 epochs, ended at 77.2 % kNN (fresh
+    # features) without it and 78.8 % with it (the bank's rows: 74.6 % and 79.0 %), for
+    # about 0.4 of an epoch's time per refresh. 1 keeps the demo's recipe (it refreshed
+    # before every epoch's kNN).
+    refresh_bank_every: int = 1
 
 
 @dataclass

@@ -43,7 +43,8 @@ def test_training_writes_every_output(first_run):
     summary = json.loads((output / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["images_per_sec"] > 0 and summary["train_seconds"] > 0
     assert 0 < summary["knn_top1"] <= summary["knn_top5"] <= 1 and 0 < summary["knn_top1_untrained"] <= 1
-    assert summary["eval_seconds"] > 0 and summary["refresh_seconds"] is None  # the bank is only read
+    assert summary["eval_seconds"] > 0 and summary["refresh_seconds"] > 0  # train.refresh_bank_every=1
+    assert "bank refreshed (train.refresh_bank_every=1): 2048 rows in" in logs
     # Each epoch below the untrained encoder is warned about in the log and kept in the summary.
     assert isinstance(summary["warnings"], list)
     assert all(f"WARNING: {warning}" in logs for warning in summary["warnings"])
@@ -117,18 +118,18 @@ def test_nce_learns_without_collapse(tmp_path):
 
 
 def test_training_against_running_bank_servers(tmp_path, spawn_server):
-    # Also InfoNCE, a length in steps (16 a epoch: the second epoch is cut to 4), kNN on
-    # fresh features and the bank refreshed as a training step.
+    # Also InfoNCE, a length in steps (16 a epoch: the second epoch is cut to 4), and kNN
+    # on fresh features with no refresh: nothing but training writes the bank.
     servers = [spawn_server("--shard-id", str(s), "--num-shards", "2", "--rows", "2048", "--port", "0",
                             "--snapshot-dir", str(tmp_path / "bank")) for s in range(2)]
     addresses = ",".join(server.address for server in servers)
     logs = train(tmp_path / "out", "train.steps=20", "loss.kind=infonce", "eval.source=fresh",
-                 "train.refresh_bank_every=1", f"bank.addresses={addresses}", name="external")
+                 "train.refresh_bank_every=0", f"bank.addresses={addresses}", name="external")
     assert "run length (train.steps=20): 20 steps = 2 epochs of 16 steps, the last one cut to 4 steps" in logs
-    assert "bank refreshed (train.refresh_bank_every=1): 2048 rows in" in logs
+    assert "bank refreshed" not in logs and "bank warm start" in logs
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert (summary["epochs"], summary["steps"], summary["loss"]) == (2, 20, "infonce")
-    assert summary["knn_epoch"] == 2 and summary["knn_source"] == "fresh" and summary["refresh_seconds"] > 0
+    assert summary["knn_epoch"] == 2 and summary["knn_source"] == "fresh" and summary["refresh_seconds"] is None
     assert np.isfinite(summary["final_loss"])
     assert list((tmp_path / "bank" / "shard-00001").glob("epoch-0002-step-20.arrow"))
 
