@@ -277,3 +277,36 @@ def test_a_torn_tail_is_dropped_and_logged(tmp_path):
             updates.check(bank_pb2_grpc.MemoryBankStub(channel))
     finally:
         kill(again)
+
+
+def test_restore_turns_calls_away_and_health_not_serving_while_it_reads(tmp_path):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    rows, dim = 1_000_000, 32  # a Restore long enough to be seen
+    args = serve_args(tmp_path, rows, dim)
+    server = start(args, tmp_path, "first")
+    try:
+        with channel_to(server) as channel:
+            stub = bank_pb2_grpc.MemoryBankStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            stub.Snapshot(bank_pb2.SnapshotRequest(tag="epoch-1"), timeout=120)
+            seen = set()
+            for _ in range(3):  # real timing: a Restore that finished unseen is tried again
+                restore = stub.Restore.future(bank_pb2.RestoreRequest(tag="epoch-1"), timeout=120)
+                while not restore.done():
+                    status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+                    seen.add(status)
+                    if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                        try:  # answered only if the Restore has ended meanwhile
+                            stub.Describe(bank_pb2.DescribeRequest(), timeout=10)
+                        except grpc.RpcError as turned_away:
+                            assert turned_away.code() == grpc.StatusCode.UNAVAILABLE
+                            seen.add("unavailable")
+                restore.result()
+                if {health_pb2.HealthCheckResponse.NOT_SERVING, "unavailable"} <= seen:
+                    break
+            assert health_pb2.HealthCheckResponse.NOT_SERVING in seen and "unavailable" in seen
+            status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        kill(server)
