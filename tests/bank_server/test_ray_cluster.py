@@ -51,7 +51,8 @@ def test_shards_spread_over_the_nodes_and_restart_on_their_own(cluster, tmp_path
 
 def test_a_bank_that_does_not_fit_is_refused_before_anything_starts(cluster, tmp_path):
     with pytest.raises(BankDoesNotFit, match=r"3 shard\(s\) need 2\.\d\d, 2\.\d\d, 2\.\d\d GiB each") as refused:
-        start_bank(3, 3 * 2_500_000, 128, "float32", snapshot_dir=str(tmp_path), name="huge-bank")
+        # 4e6 float32 rows of 128 are 1.91 GiB a shard: with a snapshot block and the process, over 2 GiB.
+        start_bank(3, 3 * 4_000_000, 128, "float32", snapshot_dir=str(tmp_path), name="huge-bank")
     assert str(refused.value).count("GiB free") == 3  # every node's numbers
     for shard in range(3):
         with pytest.raises(ValueError):
