@@ -55,12 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="benchmarks that print numbers").add_subparsers(
         dest="bench_command", required=True)
     from benchmarks.bank import add_bench_bank_arguments
+    from benchmarks.defaults import add_bench_defaults_arguments
     from benchmarks.step_parts import add_bench_parts_arguments
     from benchmarks.train import add_bench_train_arguments
 
     add_bench_bank_arguments(bench.add_parser("bank", help="Step latency vs in-process bank and raw gRPC echo"))
     add_bench_train_arguments(bench.add_parser("train", help="training images/s: remote bank vs in-process bank"))
     add_bench_parts_arguments(bench.add_parser("parts", help="one shard's Step part by part, wire vs protobuf codec"))
+    add_bench_defaults_arguments(bench.add_parser(
+        "defaults", help="the default recipe on image sets nobody tuned it for, against raw pixels"))
 
     scale = commands.add_parser("scale", help="scaling sweeps that write results.parquet, results.md and plots")
     scale_commands = scale.add_subparsers(dest="scale_command", required=True)
@@ -170,6 +173,10 @@ def main(argv=None) -> int:
         from benchmarks.step_parts import run_bench_parts
 
         return run_bench_parts(args)
+    if args.command == "bench" and args.bench_command == "defaults":
+        from benchmarks.defaults import run_bench_defaults
+
+        return run_bench_defaults(args)
     if args.command == "bench" and args.bench_command == "bank":
         from benchmarks.bank import run_bench_bank
 
