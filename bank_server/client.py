@@ -6,6 +6,11 @@ caller's order, splits requests whose messages would be large, and retries
 UNAVAILABLE with exponential backoff inside the call's deadline. Updates carry
 ``(client_id, sequence)`` so a retried update is applied once.
 
+A shard that stops answering is logged once (WARNING: shard, address, status), again
+only every few seconds while it stays out, and once when it answers again (INFO: how
+long, how many retries); ``outages()`` lists every outage for a run's summary
+(:mod:`bank_server.outages`).
+
 Addresses are listed in any order, or given as one template with ``{shard}`` in it
 (a StatefulSet's stable names). A shard that may move (a Ray actor that restarted on
 another port) is found again through ``resolve(shard, timeout_s) -> address``.
@@ -35,6 +40,7 @@ import numpy as np
 from bank_server import tensors, validate, wire
 from bank_server.errors import InvalidArgument
 from bank_server.merge import merge_partition_sums, merge_topk
+from bank_server.outages import OutageTracker
 from bank_server.server import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
 from protos import bank_pb2, bank_pb2_grpc
 
@@ -136,6 +142,8 @@ class BankClient:
         self._channels, self._addresses, self._stubs = [], [], []
         self._moved = threading.Lock()
         self._retired: list[grpc.Channel] = []  # channels of shards that moved: calls may still be on them
+        # Outages are tracked once positions are shard ids (a bank still starting is not an outage).
+        self._outages: OutageTracker | None = None
         template = addresses[0] if len(addresses) == 1 and SHARD_PLACEHOLDER in addresses[0] else None
         try:
             infos = self._connect([template.format(shard=0)] if template else list(addresses))
@@ -160,6 +168,17 @@ class BankClient:
         limit = min([max_message_bytes] + [d.max_message_bytes for d in infos if d.max_message_bytes])
         self.chunk_bytes = min(chunk_bytes, limit // 2)
         self._resolve = resolve
+        self._outages = OutageTracker()
+
+    def outages(self) -> list[dict]:
+        """Every time a shard was unreachable since this client connected, oldest first:
+        ``{"shard", "address", "code", "started" (unix time), "seconds", "retries",
+        "ongoing"}`` (an ongoing one with its seconds so far). For a run's summary."""
+        return self._outages.outages() if self._outages is not None else []
+
+    def outage_counts(self) -> dict[int, int]:
+        """Outages per shard id (shards that never had one are left out)."""
+        return self._outages.counts() if self._outages is not None else {}
 
     def _connect(self, addresses: list[str]) -> list:
         """Open channels to more shards; returns their Describe answers."""
@@ -236,11 +255,17 @@ class BankClient:
                 inflight = [(i, getattr(self._stubs[calls[i][0]], method).future(
                     calls[i][1], timeout=timeout, metadata=self._metadata).result, None) for i in pending]
             retry, failure = [], None
+            outages = self._outages
             for i, call, request in inflight:
                 try:
                     answers[i] = call() if request is None else call(request, timeout=timeout, metadata=self._metadata)
+                    if outages is not None:
+                        outages.answered(calls[i][0])
                 except grpc.RpcError as error:
-                    if error.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() + backoff < deadline:
+                    unavailable = error.code() == grpc.StatusCode.UNAVAILABLE
+                    if unavailable and outages is not None:
+                        outages.failed(calls[i][0], self._addresses[calls[i][0]], error.code().name)
+                    if unavailable and time.monotonic() + backoff < deadline:
                         self._find_again(calls[i][0], deadline)
                         retry.append(i)
                     elif failure is None:
