@@ -3,7 +3,7 @@ its own, so several servers can live in one process (the tests, a benchmark).
 
 Per MemoryBank RPC, from a gRPC server interceptor: calls, errors by status code, and
 latency. From the shard, read at each scrape: rows held, updates applied, update-log
-bytes, fsync lag (seconds that written log records have waited for an fsync; 0 when
+bytes, fsyncs, fsync lag (seconds that written log records have waited for an fsync; 0 when
 none wait), the last snapshot's age and duration.
 """
 
@@ -95,6 +95,8 @@ class _ShardCollector:
         if log is not None:
             yield CounterMetricFamily("instdisc_bank_log_bytes", "bytes appended to the update log since the start",
                                       value=log.bytes_written)
+            yield CounterMetricFamily("instdisc_bank_log_fsyncs", "fsyncs of the update log since the start (with "
+                                      "--fsync always, one covers every call written before it)", value=log.fsyncs)
             yield GaugeMetricFamily("instdisc_bank_fsync_lag_seconds",
                                     "seconds written update-log records have waited for an fsync (0: none wait)",
                                     value=log.fsync_lag())

@@ -14,9 +14,14 @@ unless the operator asked otherwise:
   updates are replayed, so nothing is lost if one is found);
 - ``allow_fresh=True`` (``--allow-fresh``): start from the seeded rows instead.
 
-A folder with no LATEST starts fresh; if it holds log segments anyway (LATEST deleted
-by hand), that is logged as a warning, not refused: an operator removing LATEST asks
-for a fresh start.
+A folder with neither LATEST nor log segments starts fresh. One with log segments but
+no LATEST (LATEST lost, or deleted by hand) is recovered from the log alone when its
+oldest segment starts from the seeded initial rows (its header says so) and every
+segment is on that one timeline: the rows of that seed plus the whole log are exactly
+the shard. Otherwise what came before the oldest segment is gone, and the shard refuses
+to serve, naming the folder and what is missing (``--allow-fresh`` starts from the
+seeded rows; the segments are then pruned at the next snapshot). Starting these
+segments over silently would lose every update they hold.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class Recovery:
     """What a start recovered to, for the log line and the metrics."""
     source: str                       # "snapshot epoch-3" / "initial rows (seed 0)"
     tag: str | None = None
+    seed: int | None = None           # the initial rows' seed, when they are the base
     records_replayed: int = 0
     torn_bytes_dropped: int = 0
     segments: list[int] = field(default_factory=list)
@@ -88,8 +94,9 @@ def open_logged(layout: Layout, directory: str | os.PathLike, seed: int, fsync: 
     timeline (LATEST rewritten when recovery chose the base itself): a shard ready to serve."""
     shard, recovery = recover(layout, directory, seed, allow_fresh=allow_fresh, fallback=fallback)
     _remove_stale_temporaries(snapshots.shard_dir(directory, layout.shard_id))
+    # A new timeline (no log continued) says what it starts from: the snapshot or the seeded rows.
     log_ = update_log.UpdateLog(snapshots.shard_dir(directory, layout.shard_id), layout, fsync,
-                                previous=recovery.last_segment)
+                                previous=recovery.last_segment, base=recovery.tag, seed=recovery.seed)
     pointer = recovery.new_pointer
     if pointer is not None:
         snapshots.write_latest(directory, layout.shard_id, pointer["tag"], pointer["segment"] or log_.segment,
@@ -99,19 +106,17 @@ def open_logged(layout: Layout, directory: str | os.PathLike, seed: int, fsync: 
 
 
 def _fresh(seed: int, why: str) -> Recovery:
-    return Recovery(source=f"initial rows (seed {seed})", notes=[why],
+    return Recovery(source=f"initial rows (seed {seed})", seed=seed, notes=[why],
                     new_pointer={"tag": None, "seed": seed, "segment": None, "from": 0})
 
 
 def _recover(layout, directory, folder: Path, seed: int, fallback: bool) -> tuple[Shard, Recovery]:
     pointer = snapshots.read_latest(directory, layout.shard_id)
-    if pointer is None:
-        leftover = update_log.segment_numbers(folder)
-        note = "no LATEST: a fresh bank"
-        if leftover:
-            note += f" (ignoring {len(leftover)} log segment(s) in {folder} that no LATEST continues)"
-            log.warning("shard %d: %s", layout.shard_id, note)
-        return Shard.create(layout, seed), _fresh(seed, note)
+    from_log_alone = pointer is None
+    if from_log_alone:
+        pointer = _pointer_from_log(layout, directory, folder, seed)
+        if pointer is None:
+            return Shard.create(layout, seed), _fresh(seed, "no LATEST: a fresh bank")
     following = update_log.successors(folder)
     if pointer["log"] is not None and not update_log.segment_path(folder, pointer["log"]).exists():
         raise DataLoss(f"{snapshots.latest_path(directory, layout.shard_id)} continues with log segment "
@@ -123,8 +128,15 @@ def _recover(layout, directory, folder: Path, seed: int, fallback: bool) -> tupl
         if base_seed != seed:
             notes.append(f"the log continues the rows of seed {base_seed}, not --seed {seed}: used seed {base_seed}")
         shard = Shard(layout, initial_rows(layout, base_seed), seed=seed)
-        recovery = Recovery(source=f"initial rows (seed {base_seed})", notes=notes)
+        recovery = Recovery(source=f"initial rows (seed {base_seed})", seed=base_seed, notes=notes)
         start = (pointer["log"], pointer["from"])
+        if from_log_alone or pointer["log"] is None:  # LATEST must name the timeline from now on
+            recovery.new_pointer = {"tag": None, "seed": base_seed, "segment": pointer["log"], "from": 0}
+        if from_log_alone:
+            note = (f"no LATEST in {folder}: recovered from its update log alone (segment {pointer['log']} on, "
+                    "which starts from the seeded rows)")
+            log.warning("shard %d: %s", layout.shard_id, note)
+            notes.append(note)
     else:
         try:
             shard = Shard.restore(layout, directory, pointer["tag"], seed=seed)
@@ -159,6 +171,38 @@ def _recover(layout, directory, folder: Path, seed: int, fallback: bool) -> tupl
         recovery.last_segment = segments[-1]
     recovery.replay_seconds = time.perf_counter() - started
     return shard, recovery
+
+
+def _pointer_from_log(layout: Layout, directory, folder: Path, seed: int) -> dict | None:
+    """For a folder without LATEST: None if it holds no log (a fresh bank); the pointer
+    LATEST would hold if the log starts from the seeded rows and is one timeline; else
+    DataLoss naming the folder and what is missing."""
+    numbers = update_log.segment_numbers(folder)
+    if not numbers:
+        return None
+    first = update_log.segment_path(folder, numbers[0])
+    header = update_log.read_header(first)
+    held = f"{folder} holds update-log segment(s) {', '.join(map(str, numbers))} but no LATEST"
+    if header.get("previous") is not None:
+        raise DataLoss(f"{held}, and its oldest, {first.name}, continues segment {header['previous']}, which is "
+                       "missing: the rows before it cannot be rebuilt (LATEST named the snapshot they start from)")
+    if header.get("base") is not None:
+        raise DataLoss(f"{held}, and its oldest, {first.name}, starts from snapshot {header['base']!r} (a Restore), "
+                       "not from the seeded rows: LATEST, which said so, is missing")
+    theirs = (header.get("shard_id"), header.get("num_shards"), header.get("dim"), header.get("dtype"))
+    ours = (layout.shard_id, layout.num_shards, layout.dim, layout.dtype)
+    if theirs != ours:
+        raise DataLoss(f"{held}, and its oldest, {first.name}, was written by shard {theirs[0]} of {theirs[1]} "
+                       f"(dim {theirs[2]}, {theirs[3]}), not shard {ours[0]} of {ours[1]} (dim {ours[2]}, {ours[3]})")
+    others = sorted(set(numbers) - set(update_log.chain(numbers[0], update_log.successors(folder))))
+    if others:
+        raise DataLoss(f"{held}, and segment(s) {', '.join(map(str, others))} do not continue the seeded timeline "
+                       f"of {first.name} (a Restore's): without LATEST it cannot tell which timeline is current")
+    logged_seed = header.get("seed")
+    if logged_seed is None:  # written before segments recorded their seed
+        log.warning("shard %d: %s does not record its seed; assuming --seed %d", layout.shard_id, first, seed)
+        logged_seed = seed
+    return {"tag": None, "log": numbers[0], "from": 0, "seed": logged_seed}
 
 
 def _fall_back(layout, directory, folder, seed, pointer, following, error):

@@ -8,7 +8,8 @@ whose result a snapshot already holds writes the same bits again.
 
 On disk, in the shard's snapshot folder: segments ``log-<number>.wal``. Each starts with
 a header (magic, length, crc32, JSON: the segment's number, the segment it continues,
-``previous``, and the shard's layout), then records::
+``previous``, the snapshot a new timeline starts from, ``base``, the ``seed`` of the
+initial rows when a timeline starts from them, and the shard's layout), then records::
 
     u32 payload length | u32 crc32(payload) | payload
     payload = u64 sequence | u32 rows | u16 len(client_id) | client_id | i64 local[rows] | rows values
@@ -235,7 +236,8 @@ class UpdateLog:
     durable as the fsync mode promises (with ``always``: fsynced).
     """
 
-    def __init__(self, folder: str | os.PathLike, layout, fsync: str = "everysec", *, previous: int | None = None):
+    def __init__(self, folder: str | os.PathLike, layout, fsync: str = "everysec", *, previous: int | None = None,
+                 base: str | None = None, seed: int | None = None):
         if fsync not in FSYNC_MODES:
             raise InvalidArgument(f"fsync must be one of {FSYNC_MODES}, got {fsync!r}")
         self.folder = Path(folder)
@@ -248,9 +250,12 @@ class UpdateLog:
         self._synced = 0        # of those, the ones an fsync covers
         self._sealed: list[int] = []  # fds of rotated segments not yet fsynced
         self.bytes_written = 0
+        self.fsyncs = 0         # fdatasyncs of the active segment: with `always`, fewer than the calls (group commit)
         self.last_sync = time.monotonic()
         self._broken: str | None = None
-        self.segment, self._fd = self._open_segment(previous)
+        # A timeline's first segment says what it follows (`base`, or the rows of `seed`),
+        # so a folder that lost its LATEST can still tell whether its log is whole.
+        self.segment, self._fd = self._open_segment(previous, base, None if previous is not None or base else seed)
         self.records = 0        # records in the active segment
         self._offset = os.lseek(self._fd, 0, os.SEEK_END)
         self._stop = threading.Event()
@@ -259,11 +264,13 @@ class UpdateLog:
             self._thread = threading.Thread(target=self._sync_every_second, name="update-log-fsync", daemon=True)
             self._thread.start()
 
-    def _open_segment(self, previous: int | None, base: str | None = None) -> tuple[int, int]:
+    def _open_segment(self, previous: int | None, base: str | None = None,
+                      seed: int | None = None) -> tuple[int, int]:
         """A new segment after every existing one, its header fsynced with the folder."""
         numbers = segment_numbers(self.folder)
         number = (numbers[-1] + 1) if numbers else 1
-        header = json.dumps({"segment": number, "previous": previous, "base": base, "created": time.time(),
+        header = json.dumps({"segment": number, "previous": previous, "base": base, "seed": seed,
+                             "created": time.time(),
                              "shard_id": self._layout.shard_id, "num_shards": self._layout.num_shards,
                              "dim": self._layout.dim, "dtype": self._layout.dtype}).encode()
         path = segment_path(self.folder, number)
@@ -339,6 +346,7 @@ class UpdateLog:
                 os.close(fd)
             self._sealed.clear()
             os.fdatasync(self._fd)
+            self.fsyncs += 1
             self._synced = covered
             self.last_sync = time.monotonic()
 

@@ -1,6 +1,7 @@
 """Prometheus metrics of real shard servers (two in this process, each its own registry)."""
 
 import re
+import threading
 import urllib.request
 
 import grpc
@@ -59,3 +60,37 @@ def test_each_server_counts_its_calls_errors_rows_log_and_snapshots(tmp_path):
     finally:
         for server in servers:
             server.stop(grace=0, final_snapshot=False)
+
+
+def test_concurrent_always_calls_share_fsyncs(tmp_path):
+    # Group commit: with --fsync always every caller waits for an fsync covering its
+    # record, and one fsync covers every record written before it, so writers that
+    # arrive while one fsync runs share the next. Counted through the metrics.
+    writers, calls = 8, 25
+    server = BankServer(ServerConfig(shard_id=0, num_shards=1, rows=400, dim=D, port=0, snapshot_dir=str(tmp_path),
+                                     metrics_port=free_port(), fsync="always", workers=writers)).start()
+    try:
+        server.load()
+        before = value(scrape(server.metrics_port), "instdisc_bank_log_fsyncs_total")
+        start = threading.Barrier(writers)
+
+        def write(w):
+            with BankClient([server.address]) as client:
+                f = np.full((4, D), D ** -0.5, np.float32)
+                start.wait(60)
+                for i in range(calls):
+                    client.update(np.arange(4) + 4 * ((w * calls + i) % 100), f, 0.5)
+
+        threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not any(t.is_alive() for t in threads)
+        text = scrape(server.metrics_port)
+        assert value(text, "instdisc_bank_updates_applied_total") == writers * calls
+        fsyncs = value(text, "instdisc_bank_log_fsyncs_total") - before
+        assert 1 <= fsyncs < writers * calls, fsyncs
+        print(f"{writers * calls} calls, {fsyncs:.0f} fsyncs")
+    finally:
+        server.stop(grace=0, final_snapshot=False)
