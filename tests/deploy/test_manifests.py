@@ -226,7 +226,11 @@ def test_ports_names_and_selectors_agree(objects):
         assert container[probe]["grpc"]["port"] == port
     assert service["spec"]["clusterIP"] == "None" and statefulset["spec"]["serviceName"] == service["metadata"]["name"]
     assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(port, "grpc")]
-    assert [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]] == [port]
+    # Two doors: gRPC for the Ray pods, metrics for Prometheus (and nothing else for either).
+    rules = {tuple(p["port"] for p in rule["ports"]): rule["from"] for rule in policy["spec"]["ingress"]}
+    assert set(rules) == {(port,), (metrics_port,)}
+    scrapers = rules[(metrics_port,)]
+    assert all("namespaceSelector" in peer and "podSelector" in peer for peer in scrapers)  # both, in one peer
     address = f"{statefulset['metadata']['name']}-{{shard}}.{service['metadata']['name']}:{port}"
     assert train_config(objects)["bank"]["addresses"] == [address]
 
@@ -234,7 +238,7 @@ def test_ports_names_and_selectors_agree(objects):
     for selector in (service["spec"]["selector"], policy["spec"]["podSelector"]["matchLabels"],
                      budget["spec"]["selector"]["matchLabels"], statefulset["spec"]["selector"]["matchLabels"]):
         assert selector.items() <= bank_labels.items()
-    allowed = [peer["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] for peer in rule["from"]]
+    allowed = [peer["podSelector"]["matchLabels"] for peer in rules[(port,)]]
     for template in pod_templates(rayjob):  # every Ray pod may reach the bank, nothing else
         assert any(a.items() <= template["metadata"]["labels"].items() for a in allowed)
         assert not any(a.items() <= bank_labels.items() for a in allowed)
