@@ -25,6 +25,13 @@ node's address, so a restart never waits for, or fights over, the port it had: t
 named actor says where it serves now, and a ``BankClient`` built with :func:`resolver`
 asks it whenever a shard stops answering. Actors take no whole CPU by default: on a
 2-core machine the train workers need both.
+
+The bearer token never travels through Ray. An actor's constructor arguments are kept in
+Ray's control store (the GCS, and Redis with GCS fault tolerance) for its restarts, and
+so is a ``runtime_env``'s ``env_vars``; so a shard is told where to read the token on its
+node, never the token: ``token_file`` (a path every shard's node has, such as a mounted
+Secret) or ``token_env`` (the name of an environment variable the node's Ray processes
+inherit: a local Ray started by a driver that has it, or a Ray pod's env from a Secret).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -97,10 +105,48 @@ def free_memory_by_node() -> dict[str, int]:
     return {node: int(resources.get("memory", 0)) for node, resources in free.items()}
 
 
+class BankTokenMissing(RuntimeError):
+    """The token's file or environment variable is missing or empty where it is read."""
+
+
+def read_token(token_file: str | None = None, token_env: str | None = None) -> str | None:
+    """The bank's bearer token from `token_file` or the environment variable named
+    `token_env` (None when neither is given); BankTokenMissing naming the source if it
+    is missing or empty, rather than a bank open to anyone."""
+    if token_file and token_env:
+        raise ValueError("give the token's file or its environment variable, not both")
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as error:
+            raise BankTokenMissing(f"cannot read the bank token file {token_file}: {error}") from None
+        if not token:
+            raise BankTokenMissing(f"the bank token file {token_file} is empty")
+        return token
+    if token_env:
+        token = os.environ.get(token_env, "").strip()
+        if not token:
+            raise BankTokenMissing(f"the environment variable {token_env} (the bank token) is unset or empty "
+                                   "in this process")
+        return token
+    return None
+
+
 class BankShardActor:
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServerConfig, token_file: str | None = None, token_env: str | None = None):
+        # What Ray handed this constructor, as Ray keeps it (for the test that no secret is in it).
+        self._arguments = (config, token_file, token_env)
+        if config.token:
+            raise ValueError("a shard actor must not be given the token itself (Ray records constructor "
+                             "arguments): pass token_file or token_env")
+        where = ray.util.get_node_ip_address()
+        try:
+            token = read_token(token_file, token_env)
+        except BankTokenMissing as error:  # on this node: say which
+            raise BankTokenMissing(f"shard {config.shard_id} on {where}: {error}") from None
         limit_blas_threads(config.threads)  # this process is the shard's own
-        node_ip = ray.util.get_node_ip_address()
+        node_ip = where
+        config = replace(config, token=token)
         if not config.host:  # the node's own address: reachable from the cluster, not every interface
             config = replace(config, host=node_ip)
         self._server = BankServer(config).start()
@@ -117,6 +163,10 @@ class BankShardActor:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def constructor_arguments(self) -> tuple:
+        """The arguments this actor was constructed with: what Ray keeps of it."""
+        return self._arguments
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -142,7 +192,8 @@ class BankHandle:
     names: list[str]
     addresses: list[str]
     snapshot_dir: str
-    token: str | None = None
+    token_file: str | None = None  # where the token is read (never the token: a handle may travel)
+    token_env: str | None = None
     nodes: list[str] = ()          # the node each shard is pinned to
     memory: list[int] = ()         # the bytes each shard reserved
 
@@ -152,7 +203,9 @@ class BankHandle:
                 for s, (node, address, memory) in enumerate(zip(self.nodes, self.addresses, self.memory))]
 
     def client(self, **kwargs) -> BankClient:
-        return BankClient(self.addresses, token=self.token, resolve=resolver(self.names), **kwargs)
+        """A client with the token read here, from the same file or variable as the shards."""
+        return BankClient(self.addresses, token=read_token(self.token_file, self.token_env),
+                          resolve=resolver(self.names), **kwargs)
 
     def stop(self, final_snapshot: bool = False) -> None:
         """Stop the servers (optionally writing a last snapshot) and end the actors,
@@ -168,7 +221,8 @@ class BankHandle:
 
 def start_bank(num_shards: int, rows: int, dim: int = 128, dtype: str = "float16", *,
                snapshot_dir: str | None = None, seed: int = 0, host: str | None = None,
-               token: str | None = None, name: str = "instdisc-bank", num_cpus: float = 0,
+               token_file: str | None = None, token_env: str | None = None, token: str | None = None,
+               name: str = "instdisc-bank", num_cpus: float = 0,
                placement: str = "spread", keep_snapshots: int = 0, threads: int = 1,
                timeout: float = 600.0) -> BankHandle:
     """Start `num_shards` named shard actors, placed as `placement` says, and wait until
@@ -181,9 +235,18 @@ def start_bank(num_shards: int, rows: int, dim: int = 128, dtype: str = "float16
     again, and may differ) needs a path every node sees. Without it a temporary one is
     made, so restarts still restore.
     `threads` caps each shard's numpy BLAS pool (`instdisc bank serve --threads`).
+    `token_file` / `token_env`: where each shard reads the bearer token on its node (a
+    file path, or an environment variable's name); the token itself is never passed
+    (`token` is refused: Ray would keep it). This process reads it too, first, so a
+    missing token fails here rather than in every shard.
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if token is not None:
+        raise ValueError("start_bank does not take the token itself: Ray keeps actor arguments in its control "
+                         "store; pass token_file= (a path every node has) or token_env= (a variable every node's "
+                         "Ray processes inherit)")
+    read_token(token_file, token_env)  # fail fast, here, on a missing or empty one
     snapshot_dir = snapshot_dir or tempfile.mkdtemp(prefix="instdisc-bank-")
     needs = [memory_bytes(rows_on_shard(rows, num_shards, s), dim, dtype) for s in range(num_shards)]
     if placement == "driver":
@@ -193,13 +256,13 @@ def start_bank(num_shards: int, rows: int, dim: int = 128, dtype: str = "float16
         nodes = plan_placement(needs, free_memory_by_node())
     actor_class = ray.remote(BankShardActor)
     base = ServerConfig(shard_id=0, num_shards=num_shards, rows=rows, dim=dim, dtype=dtype, host=host or "",
-                        port=0, snapshot_dir=snapshot_dir, keep_snapshots=keep_snapshots, seed=seed, token=token,
+                        port=0, snapshot_dir=snapshot_dir, keep_snapshots=keep_snapshots, seed=seed, token=None,
                         threads=threads)
     names = [f"{name}-{shard_id}" for shard_id in range(num_shards)]
     actors = [actor_class.options(name=actor_name, max_restarts=-1, max_task_retries=-1,
                                   num_cpus=num_cpus, memory=needs[shard_id],
                                   scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[shard_id], soft=False))
-              .remote(replace(base, shard_id=shard_id))
+              .remote(replace(base, shard_id=shard_id), token_file, token_env)
               for shard_id, actor_name in enumerate(names)]
     try:
         addresses = ray.get([actor.address.remote() for actor in actors], timeout=timeout)  # constructors done
@@ -210,4 +273,4 @@ def start_bank(num_shards: int, rows: int, dim: int = 128, dtype: str = "float16
             raise BankDidNotStart(f"the bank's {num_shards} shard(s) did not all serve within {timeout:g} s (a large "
                                   "snapshot to restore, or memory taken since the plan?)") from None
         raise BankDidNotStart(f"a bank shard failed to start: {error}") from error
-    return BankHandle(actors, names, addresses, snapshot_dir, token, nodes, needs)
+    return BankHandle(actors, names, addresses, snapshot_dir, token_file, token_env, nodes, needs)

@@ -3,21 +3,32 @@
 import os
 import signal
 import socket
+import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
+import grpc
 import ray
+import ray.cloudpickle
 
-from bank_server.ray_bank import start_bank
+from bank_server.client import BankClient, BankRpcError
+from bank_server.ray_bank import BankTokenMissing, start_bank
 from tests.conftest import wait_until
+
+
+# Set before Ray starts, so its processes inherit it, as a Ray pod's env from a Secret.
+TOKEN_ENV, ENV_TOKEN = "INSTDISC_TEST_BANK_TOKEN", "env-token-" + uuid.uuid4().hex
 
 
 @pytest.fixture(scope="module")
 def local_ray():
     # A private Ray: a bare ray.init() would join whatever a stale cluster file names.
+    os.environ[TOKEN_ENV] = ENV_TOKEN
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
+    os.environ.pop(TOKEN_ENV, None)
 
 
 def _kill_shard(handle, shard: int) -> int:
@@ -92,3 +103,60 @@ def test_a_shard_that_cannot_read_its_state_fails_the_start_with_the_reason(loca
     # Not restarted over and over: the refusal ends the start, naming the file.
     with pytest.raises(BankDidNotStart, match=r"shard-00001/LATEST is unreadable.*refusing to serve"):
         start_bank(2, 100, 8, "float32", snapshot_dir=str(tmp_path), name="refusing-bank", timeout=90)
+
+
+def _files_holding(folder: str, secret: bytes, limit_bytes: int = 64 << 20) -> list[str]:
+    """Files under `folder` (Ray's session: logs, sockets' neighbours, GCS files) that hold
+    `secret`; files over `limit_bytes` are read up to it (bounded)."""
+    hits = []
+    for path in Path(folder).rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink():
+                with open(path, "rb") as fh:
+                    if secret in fh.read(limit_bytes):
+                        hits.append(str(path))
+        except OSError:  # a socket, or a file gone meanwhile
+            continue
+    return hits
+
+
+def test_the_token_stays_out_of_rays_records(local_ray, tmp_path):
+    token = "file-token-" + uuid.uuid4().hex
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    handles = [start_bank(2, 40, 4, "float32", snapshot_dir=str(tmp_path / "a"), name="token-file-bank",
+                          token_file=str(token_file)),
+               start_bank(1, 40, 4, "float32", snapshot_dir=str(tmp_path / "b"), name="token-env-bank",
+                          token_env=TOKEN_ENV)]
+    try:
+        for handle, secret in zip(handles, (token, ENV_TOKEN)):
+            with handle.client(timeout=20) as client:  # the shards read it, and require it
+                assert client.lookup([1, 2]).shape == (2, 4)
+            with pytest.raises(BankRpcError) as refused:
+                BankClient(handle.addresses, timeout=20)
+            assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+            for actor in handle.actors:  # what Ray was given to construct (and restart) each shard
+                given = ray.get(actor.constructor_arguments.remote())
+                assert secret.encode() not in ray.cloudpickle.dumps(given)
+                assert given[0].token is None
+        # Nothing Ray wrote holds either token: its session folder (logs, GCS files), nor
+        # the GCS's actor table.
+        session = ray._private.worker._global_node.get_session_dir_path()
+        for secret in (token, ENV_TOKEN):
+            assert _files_holding(session, secret.encode()) == []
+        from ray._private.state import state
+
+        table = state._global_state_accessor.get_actor_table(None, None)
+        assert table and not any(secret.encode() in entry for entry in table for secret in (token, ENV_TOKEN))
+    finally:
+        for handle in handles:
+            handle.stop()
+
+
+def test_the_token_itself_or_a_missing_one_is_refused_before_any_shard_starts(local_ray, tmp_path):
+    with pytest.raises(ValueError, match="does not take the token itself.*token_file"):
+        start_bank(1, 40, 4, "float32", snapshot_dir=str(tmp_path), name="no-bank", token="s3cret")
+    with pytest.raises(BankTokenMissing, match=r"token file .*missing.* cannot|cannot read the bank token file"):
+        start_bank(1, 40, 4, "float32", snapshot_dir=str(tmp_path), name="no-bank", token_file=str(tmp_path / "missing"))
+    with pytest.raises(BankTokenMissing, match="INSTDISC_TEST_UNSET_TOKEN"):
+        start_bank(1, 40, 4, "float32", snapshot_dir=str(tmp_path), name="no-bank", token_env="INSTDISC_TEST_UNSET_TOKEN")
