@@ -14,6 +14,12 @@ every shard, so a shard serves as many calls as the clients make Steps. On a mac
 where the clients share the shards' cores, that is a floor; the shard processes' own
 CPU time per call says what a shard with a core to itself would sustain.
 
+With ``--duration SECONDS`` that part is a load test: each client count makes Steps for
+SECONDS instead of ``--client-iters``, and reports p50/p99/max latency, the failed
+Steps (the command exits 1 unless there are none), and rows/s and calls/s per shard.
+``--fsync MODE`` runs the shards with their update log (a snapshot folder in
+``--log-dir``) in that mode, as a deployment would.
+
 With ``--fsync-modes`` it measures the update log's cost instead: one bank per mode
 (``off``: no snapshot folder, so no log; ``no``, ``everysec``, ``always``: ``--fsync``),
 all serving at once, and each iteration makes one Step on every bank, in an order that
@@ -57,16 +63,29 @@ def add_bench_bank_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clients", type=_shard_counts, default="1,4,8",
                         help="comma-separated counts of concurrent Step client processes for the throughput part")
     parser.add_argument("--client-iters", type=positive_int, default=200, help="timed Steps per client")
+    parser.add_argument("--duration", type=_seconds, default=None, metavar="SECONDS",
+                        help="a load test instead: each --clients count makes Steps for SECONDS, counting failed "
+                             "ones (the command exits 1 if any failed); p50/p99/max, rows/s and calls/s per shard")
+    parser.add_argument("--fsync", choices=("always", "everysec", "no"), default=None,
+                        help="run the shards with their update log in this mode (a snapshot folder in --log-dir); "
+                             "default: no snapshot folder, no log")
     parser.add_argument("--json", dest="json_path", help="also write the results here as a JSON list")
     parser.add_argument("--fsync-modes", type=_fsync_modes, default=None,
                         help="instead: Step latency with the update log in each of these modes, interleaved call by "
                              "call (comma-separated from off,no,everysec,always; off: no log)")
     parser.add_argument("--log-dir", default=None,
-                        help="with --fsync-modes: where the logging banks keep their snapshot folders (default: a "
-                             "temporary folder; put it on the disk you mean to measure)")
+                        help="with --fsync-modes or --fsync: where the logging banks keep their snapshot folders "
+                             "(default: a temporary folder; put it on the disk you mean to measure)")
 
 
 FSYNC_MODES = ("off", "no", "everysec", "always")
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 24 * 3600:
+        raise argparse.ArgumentTypeError(f"must be in (0, 86400] seconds, got {text!r}")
+    return value
 
 
 def _fsync_modes(text: str) -> list[str]:
@@ -94,13 +113,18 @@ def _inprocess_seconds(work: StepWorkload, rows, dim, dtype, shards, negatives, 
     return timed_calls(inprocess, iters, warmup)
 
 
-def _measure(rows, dim, dtype, shards, negatives, batch, iters, warmup, clients=(), client_iters=200) -> dict:
+def _measure(rows, dim, dtype, shards, negatives, batch, iters, warmup, clients=(), client_iters=200,
+             duration=None, fsync=None, log_dir=None) -> dict:
     work = StepWorkload(rows, dim, batch, seed=0)
     # Returns before the servers start, so the bank's in-process copies are freed by then.
     inprocess_s = _inprocess_seconds(work, rows, dim, dtype, shards, negatives, iters, warmup)
     sizes = step_message_bytes(batch, negatives, dim, dtype, shards)
     with ExitStack() as stack:
-        servers = start_bank_processes(stack, shards, rows, dim, dtype)
+        logged = {}
+        if fsync:
+            folder = Path(log_dir) if log_dir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bank-")))
+            logged = {"snapshot_dir": folder / f"shards-{shards}", "extra": ["--fsync", fsync]}
+        servers = start_bank_processes(stack, shards, rows, dim, dtype, **logged)
         client = stack.enter_context(BankClient([s.address for s in servers], timeout=120))
         echoes = [stack.enter_context(ServerProcess(["-m", "benchmarks.echo"])) for _ in range(shards)]
         echo = EchoCalls([e.address for e in echoes], sizes)
@@ -114,9 +138,9 @@ def _measure(rows, dim, dtype, shards, negatives, batch, iters, warmup, clients=
         for c in clients:
             before = [cpu_seconds(s.proc.pid) for s in servers]
             throughput[c] = run_step_clients([s.address for s in servers], rows, dim, batch, negatives, c,
-                                             client_iters, timeout=600)
+                                             client_iters, timeout=600, duration=duration)
             # Warm-up calls count too: each client makes warmup_calls(client_iters) more.
-            calls = c * (client_iters + warmup_calls(client_iters))
+            calls = throughput[c]["steps"] + throughput[c]["errors"] + throughput[c]["warmup_steps"]
             throughput[c]["cpu_ms_per_call"] = max(
                 1e3 * (cpu_seconds(s.proc.pid) - b) / calls for s, b in zip(servers, before))
 
@@ -139,6 +163,15 @@ def _measure(rows, dim, dtype, shards, negatives, batch, iters, warmup, clients=
         # None when the run was too short for the clock's ticks (10 ms) to see.
         "shard_calls_per_core_s": {c: 1e3 / t["cpu_ms_per_call"] if t["cpu_ms_per_call"] else None
                                    for c, t in throughput.items()},
+        "fsync": fsync, "duration": duration,
+        "clients_step_max_ms": {c: t["step_max_ms"] for c, t in throughput.items()},
+        "clients_seconds": {c: t["seconds"] for c, t in throughput.items()},
+        "clients_steps": {c: t["steps"] for c, t in throughput.items()},
+        "clients_errors": {c: t["errors"] for c, t in throughput.items()},
+        "clients_error_messages": {c: t["error_messages"] for c, t in throughput.items()},
+        "clients_outages": {c: t["outages"] for c, t in throughput.items()},
+        # Every Step moves 2B + K rows over all shards, split evenly by g % S.
+        "shard_rows_per_s": {c: t["rows_per_s"] / shards for c, t in throughput.items()},
     }
 
 
@@ -189,6 +222,33 @@ def run_bench_fsync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_load(args: argparse.Namespace, results: list[dict]) -> int:
+    """The load test's table; 1 if any Step failed."""
+    print(f"\nload test: --clients {','.join(map(str, args.clients))} for {args.duration:g} s each, shards "
+          f"{'with --fsync ' + args.fsync if args.fsync else 'without an update log'} (Steps of every client; "
+          "calls/s and rows/s per shard)")
+    print(f"{'shards':>6} {'clients':>7} {'steps':>8} {'p50':>8} {'p99':>8} {'max':>9} {'errors':>6} "
+          f"{'calls/s/shard':>13} {'rows/s/shard':>13}")
+    failed = []
+    for r in results:
+        for c in args.clients:
+            errors = r["clients_errors"][c]
+            print(f"{r['shards']:>6} {c:>7} {r['clients_steps'][c]:>8,} {r['clients_step_p50_ms'][c]:>6.2f}ms "
+                  f"{r['clients_step_p99_ms'][c]:>6.2f}ms {r['clients_step_max_ms'][c]:>7.1f}ms {errors:>6} "
+                  f"{r['shard_calls_per_s'][c]:>13,.0f} {r['shard_rows_per_s'][c]:>13,.0f}", flush=True)
+            if errors:
+                failed.append(f"{r['shards']} shard(s), {c} client(s): {errors} failed Step(s), e.g. "
+                              + "; ".join(r["clients_error_messages"][c][:2]))
+            for outage in r["clients_outages"][c]:
+                print(f"  outage seen by a client: {outage}")
+    if args.json_path:
+        with open(args.json_path, "w") as fh:
+            json.dump(results, fh, indent=2)
+    for line in failed:
+        print(f"FAILED: {line}", flush=True)
+    return 1 if failed else 0
+
+
 def run_bench_bank(args: argparse.Namespace) -> int:
     if getattr(args, "fsync_modes", None):
         return run_bench_fsync(args)
@@ -199,10 +259,12 @@ def run_bench_bank(args: argparse.Namespace) -> int:
           f"{'rows/s':>12}")
     for shards in args.shards:
         r = _measure(args.rows, args.dim, args.dtype, shards, args.negatives, args.batch, args.iters, args.warmup,
-                     args.clients, args.client_iters)
+                     args.clients, args.client_iters, args.duration, args.fsync, args.log_dir)
         results.append(r)
         print(f"{shards:>6} {r['step_p50_ms']:>7.2f}ms {r['step_p99_ms']:>7.2f}ms {r['echo_p50_ms']:>7.2f}ms "
               f"{r['inprocess_p50_ms']:>8.2f}ms {r['step_over_echo']:>9.2f} {r['rows_per_s']:>12,.0f}", flush=True)
+    if args.clients and args.duration:
+        return _report_load(args, results)
     if args.clients:
         print(f"\nStep calls/s one shard process sustains ({args.client_iters} Steps per client; p50/p99 of the "
               "clients' Steps):")

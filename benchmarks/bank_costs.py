@@ -74,8 +74,9 @@ def measure_bank(bank: Bank, points: list[BankPoint], batch: int, iters: int, id
                 progress.set_description(str(point))
                 row = {"rows": bank.rows, "shards": bank.shards, "negatives": point.negatives, "dtype": bank.dtype,
                        "clients": point.clients, "dim": bank.dim, "batch": batch, "iters": iters}
-                row.update(run_step_clients(servers.addresses, bank.rows, bank.dim, batch, point.negatives,
-                                            point.clients, iters, _RPC_TIMEOUT_S))
+                load = run_step_clients(servers.addresses, bank.rows, bank.dim, batch, point.negatives,
+                                        point.clients, iters, _RPC_TIMEOUT_S)
+                row.update({key: load[key] for key in ("step_p50_ms", "step_p99_ms", "steps_per_s", "rows_per_s")})
                 row.update(measure_calls(client, point, batch, iters))
                 sizes = step_message_bytes(batch, point.negatives, bank.dim, bank.dtype, bank.shards)
                 # Other work on the machine shows up as latency: the load says when it did.

@@ -21,3 +21,37 @@ def test_bench_bank_prints_and_writes_numbers(tmp_path):
         assert r["step_p99_ms"] >= r["step_p50_ms"]
         assert set(r["shard_calls_per_s"]) == {"1", "2"} and min(r["shard_calls_per_s"].values()) > 0
     assert "calls/s one shard process sustains" in done.stdout
+
+
+def test_bench_bank_load_test_runs_for_its_duration_with_logged_shards(tmp_path):
+    out = tmp_path / "load.json"
+    done = subprocess.run([sys.executable, "-m", "trainer.cli", "bench", "bank", "--rows", "5000", "--negatives", "256",
+                           "--batch", "32", "--iters", "5", "--warmup", "1", "--shards", "2", "--clients", "2",
+                           "--duration", "2", "--fsync", "everysec", "--log-dir", str(tmp_path / "logs"),
+                           "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "load test: --clients 2 for 2 s each, shards with --fsync everysec" in done.stdout
+    [r] = json.loads(out.read_text())
+    assert r["fsync"] == "everysec" and r["duration"] == 2
+    assert r["clients_errors"] == {"2": 0} and r["clients_outages"] == {"2": []}
+    assert 1.5 <= r["clients_seconds"]["2"] < 30 and r["clients_steps"]["2"] > 0
+    assert r["clients_step_max_ms"]["2"] >= r["clients_step_p99_ms"]["2"] >= r["clients_step_p50_ms"]["2"] > 0
+    assert r["shard_calls_per_s"]["2"] > 0 and r["shard_rows_per_s"]["2"] > 0
+    # The shards logged their updates where they were told.
+    assert list((tmp_path / "logs" / "shards-2" / "shard-00001").glob("log-*.wal"))
+
+
+def test_a_load_test_with_failed_steps_exits_1_saying_so(capsys):
+    from argparse import Namespace
+
+    from benchmarks.bank import _report_load
+
+    counts = {"clients_steps": 10, "clients_step_p50_ms": 1.0, "clients_step_p99_ms": 2.0, "clients_step_max_ms": 3.0,
+              "shard_calls_per_s": 5.0, "shard_rows_per_s": 50.0, "clients_outages": []}
+    result = {"shards": 2, **{k: {2: v} for k, v in counts.items()}}
+    args = Namespace(clients=[2], duration=1.0, fsync=None, json_path=None)
+    assert _report_load(args, [{**result, "clients_errors": {2: 0}, "clients_error_messages": {2: []}}]) == 0
+    failed = {**result, "clients_errors": {2: 3}, "clients_error_messages": {2: ["BankRpcError: x: UNAVAILABLE"]}}
+    assert _report_load(args, [failed]) == 1
+    assert "FAILED: 2 shard(s), 2 client(s): 3 failed Step(s), e.g. BankRpcError: x: UNAVAILABLE" in capsys.readouterr().out
