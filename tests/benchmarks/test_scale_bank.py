@@ -9,7 +9,7 @@ import matplotlib.image
 import pyarrow.parquet as pq
 import pytest
 
-from benchmarks.bank_grid import Bank, plan_grid
+from benchmarks.bank_grid import Bank, memory_need, plan_grid
 from benchmarks.scale_bank import add_scale_bank_arguments, run_scale_bank
 
 REQUIRED = ("rows", "shards", "negatives", "dtype", "clients", "step_p50_ms", "step_p99_ms", "rows_per_s",
@@ -42,7 +42,8 @@ def test_tiny_sweep_writes_finite_numbers_table_and_plots(tmp_path, capsys):
     assert run_scale_bank(args) == 0
     printed = capsys.readouterr().out
     # The bank that cannot fit is refused up front, with its need and what is available.
-    assert "skipping N=1e11 S=1 float16: needs 5961" in printed and "GiB available" in printed
+    need = memory_need(Bank(10**11, 1, 16, "float16"), 1) / (1 << 30)  # shard.py's model: the rows once
+    assert f"skipping N=1e11 S=1 float16: needs {need:.1f} GiB" in printed and "GiB available" in printed
     assert "Step latency flat in N (S=1" in printed and "float16 memory per row" in printed
 
     table = pq.read_table(out / "results.parquet").to_pylist()
@@ -59,7 +60,7 @@ def test_tiny_sweep_writes_finite_numbers_table_and_plots(tmp_path, capsys):
         assert row["snapshot_bytes"] >= row["rows"] * 16 * 2
 
     markdown = (out / "results.md").read_text()
-    assert "## Targets" in markdown and "## Capacity model" in markdown and "needs 5961" in markdown
+    assert "## Targets" in markdown and "## Capacity model" in markdown and f"needs {need:.1f} GiB" in markdown
     assert markdown.count("| float16 |") >= len(table)
     for name in ("latency_vs_rows.png", "throughput_vs_clients.png", "latency_vs_negatives.png"):
         image = matplotlib.image.imread(out / name)
@@ -74,6 +75,7 @@ def test_grid_that_cannot_fit_is_refused_without_starting(tmp_path, capsys):
                       "--clients", "1", "--output-dir", str(out))
     assert run_scale_bank(args) == 2
     captured = capsys.readouterr()
-    assert "skipping N=1e11 S=1 float32: needs 11921" in captured.out
+    need = memory_need(Bank(10**11, 1, 16, "float32"), 1) / (1 << 30)
+    assert f"skipping N=1e11 S=1 float32: needs {need:.1f} GiB" in captured.out
     assert "no point of this grid fits" in captured.err
     assert list(out.iterdir()) == []
