@@ -133,8 +133,8 @@ def measure_snapshot_p99(rows: int, dim: int, dtype: str, batch: int, negatives:
             "runs": during, "max_step_p99_ms": max(r["step_p99_ms"] for r in during)}
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.durability", description=__doc__.split("\n\n")[0])
+def add_durability_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `python -m benchmarks.durability` (and of a CLI that registers it)."""
     parser.add_argument("--dim", type=positive_int, default=128)
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     parser.add_argument("--batch", type=positive_int, default=256)
@@ -147,7 +147,9 @@ def main(argv=None) -> int:
     parser.add_argument("--skip", choices=("recovery", "snapshot"), action="append", default=[])
     parser.add_argument("--dir", help="working folder, on the disk to measure (default: a temporary one)")
     parser.add_argument("--json", dest="json_path")
-    args = parser.parse_args(argv)
+
+
+def run_durability(args: argparse.Namespace) -> int:
     results = {}
     with tempfile.TemporaryDirectory(prefix="durability-", dir=args.dir) as tmp:
         if "recovery" not in args.skip:
@@ -170,6 +172,12 @@ def main(argv=None) -> int:
         with open(args.json_path, "w") as fh:
             json.dump(results, fh, indent=2)
     return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.durability", description=__doc__.split("\n\n")[0])
+    add_durability_arguments(parser)
+    return run_durability(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
