@@ -88,3 +88,19 @@ def test_the_server_exits_2_naming_the_folder_and_serves_with_allow_fresh(tmp_pa
     assert "but no LATEST" in done.stderr and "--allow-fresh" in done.stderr
     server = spawn_server(*args[3:], "--allow-fresh")
     server.wait_serving(120)
+
+
+def test_a_latest_naming_the_seeded_rows_without_a_log_starts_over_and_keeps_what_snapshots_need(tmp_path):
+    # The explicit way to start a shard from its seed while keeping its snapshots (what a
+    # test forcing a resume does instead of deleting LATEST): LATEST says "seed, no log".
+    layout = Layout(0, 1, N, D, "float32")
+    live = after_a_snapshot_without_latest(tmp_path, layout)
+    saved, _, _ = snapshots.read(tmp_path, 0, "epoch-1")
+    snapshots.write_latest(tmp_path, 0, None, None, 0, seed=0)
+    shard, recovery = open_logged(layout, tmp_path, seed=0)
+    assert recovery.records_replayed == 0 and not np.array_equal(rows(shard), live)
+    pointer = snapshots.read_latest(tmp_path, 0)  # now names the new segment, so its updates are recovered
+    assert (pointer["tag"], pointer["log"]) == (None, shard.log.segment)
+    shard.restore_in_place(tmp_path, "epoch-1")  # the snapshot and the log it needs are still there
+    np.testing.assert_array_equal(rows(shard), saved)
+    shard.log.close()
