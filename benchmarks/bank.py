@@ -122,7 +122,7 @@ def _measure(rows, dim, dtype, shards, negatives, batch, iters, warmup, clients=
     with ExitStack() as stack:
         logged = {}
         if fsync:
-            folder = Path(log_dir) if log_dir else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bank-")))
+            folder = Path(log_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="bank-")))
             logged = {"snapshot_dir": folder / f"shards-{shards}", "extra": ["--fsync", fsync]}
         servers = start_bank_processes(stack, shards, rows, dim, dtype, **logged)
         client = stack.enter_context(BankClient([s.address for s in servers], timeout=120))

@@ -156,7 +156,9 @@ def test_the_token_stays_out_of_rays_records(local_ray, tmp_path):
 def test_the_token_itself_or_a_missing_one_is_refused_before_any_shard_starts(local_ray, tmp_path):
     with pytest.raises(ValueError, match="does not take the token itself.*token_file"):
         start_bank(1, 40, 4, "float32", snapshot_dir=str(tmp_path), name="no-bank", token="s3cret")
-    with pytest.raises(BankTokenMissing, match=r"token file .*missing.* cannot|cannot read the bank token file"):
-        start_bank(1, 40, 4, "float32", snapshot_dir=str(tmp_path), name="no-bank", token_file=str(tmp_path / "missing"))
+    with pytest.raises(BankTokenMissing, match="cannot read the bank token file .*missing"):
+        start_bank(1, 40, 4, "float32", snapshot_dir=str(tmp_path), name="no-bank",
+                   token_file=str(tmp_path / "missing"))
     with pytest.raises(BankTokenMissing, match="INSTDISC_TEST_UNSET_TOKEN"):
-        start_bank(1, 40, 4, "float32", snapshot_dir=str(tmp_path), name="no-bank", token_env="INSTDISC_TEST_UNSET_TOKEN")
+        start_bank(1, 40, 4, "float32", snapshot_dir=str(tmp_path), name="no-bank",
+                   token_env="INSTDISC_TEST_UNSET_TOKEN")

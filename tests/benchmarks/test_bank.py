@@ -54,4 +54,5 @@ def test_a_load_test_with_failed_steps_exits_1_saying_so(capsys):
     assert _report_load(args, [{**result, "clients_errors": {2: 0}, "clients_error_messages": {2: []}}]) == 0
     failed = {**result, "clients_errors": {2: 3}, "clients_error_messages": {2: ["BankRpcError: x: UNAVAILABLE"]}}
     assert _report_load(args, [failed]) == 1
-    assert "FAILED: 2 shard(s), 2 client(s): 3 failed Step(s), e.g. BankRpcError: x: UNAVAILABLE" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "FAILED: 2 shard(s), 2 client(s): 3 failed Step(s), e.g. BankRpcError: x: UNAVAILABLE" in printed
