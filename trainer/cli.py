@@ -56,12 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
         dest="bench_command", required=True)
     from benchmarks.bank import add_bench_bank_arguments
     from benchmarks.defaults import add_bench_defaults_arguments
+    from benchmarks.durability import add_durability_arguments
     from benchmarks.step_parts import add_bench_parts_arguments
     from benchmarks.train import add_bench_train_arguments
 
     add_bench_bank_arguments(bench.add_parser("bank", help="Step latency vs in-process bank and raw gRPC echo"))
     add_bench_train_arguments(bench.add_parser("train", help="training images/s: remote bank vs in-process bank"))
     add_bench_parts_arguments(bench.add_parser("parts", help="one shard's Step part by part, wire vs protobuf codec"))
+    add_durability_arguments(bench.add_parser(
+        "durability", help="recovery s/GB and per logged row, Step p99 while a shard snapshots"))
     add_bench_defaults_arguments(bench.add_parser(
         "defaults", help="the default recipe on image sets nobody tuned it for, against raw pixels"))
 
@@ -173,6 +176,10 @@ def main(argv=None) -> int:
         from benchmarks.step_parts import run_bench_parts
 
         return run_bench_parts(args)
+    if args.command == "bench" and args.bench_command == "durability":
+        from benchmarks.durability import run_durability
+
+        return run_durability(args)
     if args.command == "bench" and args.bench_command == "defaults":
         from benchmarks.defaults import run_bench_defaults
 
