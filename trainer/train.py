@@ -148,6 +148,7 @@ class Worker:
         # history: one dict per epoch (epoch 0: the untrained encoder); step_log: one per
         # progress line (rank 0), for TensorBoard. Both travel in the checkpoint.
         self.epoch, self.step, self.history, self.step_log = 0, 0, [], []
+        self.epochs = self.length.epochs  # the run's last epoch; _run counts it again after a resume
 
     # -- state ------------------------------------------------------------------
 
@@ -271,7 +272,7 @@ class Worker:
     def train_epoch(self) -> dict:
         c = self.config
         self.sampler.set_epoch(self.epoch)
-        steps = self.length.steps_in_epoch(self.epoch)  # all batches, or what is left of train.steps
+        steps = min(self.length.steps_per_epoch, self.length.steps - self.step)  # all batches, or the steps left
         sampled = c.loss.kind in ("nce", "infonce")    # scored against K shared negatives
         nce = c.loss.kind == "nce"                      # needs Z
         rtt_sum = wait_sum = 0.0
@@ -325,7 +326,7 @@ class Worker:
         c = self.config.train
         per_step = elapsed / done
         remaining = (self.length.steps - self.step) * per_step
-        self._log(f"epoch {self.epoch + 1}/{self.length.epochs} step {done}/{steps} | "
+        self._log(f"epoch {self.epoch + 1}/{self.epochs} step {done}/{steps} | "
                   f"{c.batch_size / per_step:,.0f} img/s | loss {loss_sum / done:.4f} | lr {lr:.4f} | "
                   f"bank rtt {1e3 * rtt_sum / done:.1f} ms (waited {1e3 * wait_sum / done:.1f} ms) | "
                   f"ETA {_duration(remaining)}")
@@ -373,11 +374,15 @@ class Worker:
         else:
             self._untrained()
         untrained = next((h["knn_top1"] for h in self.history if h["epoch"] == 0), None)
+        # Counted from the steps left, not from length.epochs: a run resumed from a
+        # checkpoint taken where an earlier train.steps cut an epoch short goes on from
+        # that step.
+        self.epochs = self.epoch + math.ceil(max(0, self.length.steps - self.step) / self.length.steps_per_epoch)
         train_start = time.perf_counter()
-        while self.epoch < self.length.epochs:
+        while self.step < self.length.steps:
             metrics = self.train_epoch()
             self.epoch += 1
-            last = self.epoch == self.length.epochs
+            last = self.step >= self.length.steps
             refresh_s = float("nan")
             if c.train.refresh_bank_every and self.epoch % c.train.refresh_bank_every == 0:
                 refresh_s = self.fill_bank(f"refreshed (train.refresh_bank_every={c.train.refresh_bank_every})")
@@ -388,7 +393,7 @@ class Worker:
                            refresh_seconds=refresh_s,
                            lr=lr_at_step(c.train.lr, self.step, self.length, c.train.schedule, c.train.milestones))
             self.history.append(metrics)
-            self._log(f"epoch {self.epoch}/{self.length.epochs} done in {metrics['epoch_seconds']:.1f}s | "
+            self._log(f"epoch {self.epoch}/{self.epochs} done in {metrics['epoch_seconds']:.1f}s | "
                       f"loss {metrics['loss']:.4f} | {metrics['images_per_sec']:,.0f} img/s | "
                       f"kNN top-1 {percent(top1)} top-5 {percent(top5)}"
                       + ("" if math.isnan(eval_s) else f" (eval.source={c.eval.source}, {eval_s:.1f} s)"))
