@@ -116,12 +116,14 @@ class EvalConfig:
     # linear classifier on the frozen, L2-normalised backbone features of the run's
     # encoder.pt, trained with SGD (momentum 0.9, cosine lr) and cross-entropy.
     linear: bool = False
-    linear_epochs: int = 50
+    linear_epochs: int = 30
     # Unit feature vectors need large weights for confident logits: lr 1 underfit
     # (71.7 % test, 73.8 % train top-1 on 5k Fashion-MNIST images), 30 reached 80.7 %.
-    linear_lr: float = 30.0
+    # On all 60k images batches of 1024 at lr 100 for 30 epochs scored 89.60 % in 10 s of
+    # CPU; batches of 256 at lr 30 for 50 epochs, 89.75 % in 98 s.
+    linear_lr: float = 100.0
     linear_weight_decay: float = 1e-6
-    linear_batch_size: int = 256
+    linear_batch_size: int = 1024
 
 
 @dataclass

@@ -77,7 +77,7 @@ def test_what_cannot_be_scored_is_refused_naming_why(saved, tmp_path, capsys):
     assert json.loads(extra["instdisc.json"])["output"] == "embedding"
 
 
-LINEAR = [*DATA, "eval.linear_epochs=5"]
+LINEAR = [*DATA, "eval.linear_epochs=5", "eval.linear_batch_size=256"]
 
 
 def test_the_linear_probe_reports_writes_linear_json_and_reuses_its_features(saved, tmp_path, capsys):
@@ -87,7 +87,7 @@ def test_the_linear_probe_reports_writes_linear_json_and_reuses_its_features(sav
     result = evaluate_linear(str(path), load_config(None, LINEAR), tmp_path / "out")
     assert 0.3 < result["linear_top1"] <= result["linear_top5"] <= 1, result  # 10 classes: chance is 0.1
     assert result["features"] == 4 * 8 * 9 and result["train_images"] == 2000 and result["test_images"] == 300
-    assert not result["cache_reused"] and result["epochs"] == 5
+    assert not result["cache_reused"] and (result["epochs"], result["batch_size"]) == (5, 256)
     assert json.loads((tmp_path / "out" / "linear.json").read_text()) == result
     # Cached features are read back, and the same inputs give the same figures.
     assert main(["eval", "linear", "--encoder", str(path), "--output-dir", str(tmp_path / "out"), *LINEAR]) == 0
