@@ -137,6 +137,10 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
     length = run_length(len(train_set), config.train.batch_size, config.train.epochs, config.train.steps)
     given = f"train.steps={config.train.steps}" if config.train.steps else f"train.epochs={config.train.epochs}"
     print(f"run length ({given}): {length.describe()} of {config.train.batch_size} images", flush=True)
+    try:  # the outputs need it; found missing now, not after the training it would have written up
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError as error:
+        raise ConfigError(f"TensorBoard is not installed ({error}); pip install tensorboard") from None
     token = _read_token(config)
     addresses = _check_bank(list(config.bank.addresses), token, config, len(train_set)) if config.bank.addresses else []
 
@@ -256,6 +260,7 @@ def write_outputs(config: Config, output: Path, outcome: dict, checkpoint, wall_
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(history)
+    (output / "summary.json").write_text(json.dumps(summary, indent=2))  # again below, with the probe's figures
     write_tensorboard(output / "tensorboard", history, outcome.get("step_log", []))
     plot_curves(history, output / "curves.png")
     if config.eval.linear and checkpoint is not None:
@@ -264,6 +269,8 @@ def write_outputs(config: Config, output: Path, outcome: dict, checkpoint, wall_
         # The probe of the run's final encoder (encoder.pt, the backbone), on the run's data.
         linear = evaluate_linear(str(output / "encoder.pt"), config, output)
         summary.update(linear_top1=linear["linear_top1"], linear_top5=linear["linear_top5"])
+    elif config.eval.linear:
+        print("eval.linear: no linear probe, the run left no checkpoint to export an encoder from", flush=True)
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     print_summary(summary, output)
     for warning in summary["warnings"]:
