@@ -28,7 +28,8 @@ class RunLength:
 
     def describe(self) -> str:
         last = self.steps_in_epoch(self.epochs - 1)
-        cut = "" if last == self.steps_per_epoch else f", {'the last one ' if self.epochs > 1 else ''}cut to {last:,} steps"
+        which = "the last one " if self.epochs > 1 else ""
+        cut = "" if last == self.steps_per_epoch else f", {which}cut to {last:,} steps"
         return (f"{self.steps:,} steps = {self.epochs} epoch{'s' if self.epochs != 1 else ''} of "
                 f"{self.steps_per_epoch:,} steps{cut}")
 
