@@ -49,12 +49,15 @@ def git_sha() -> str:
 
 
 def check_against_dataset(config: Config, train_rows: int, image_side: int) -> None:
-    """Config errors that need the dataset's size, caught before anything starts."""
+    """Config errors that need the dataset's size, caught before anything starts; K
+    larger than the bank is capped at its rows (said on the console), so that the
+    default K = 4096 also trains a dataset of a thousand images."""
     from trainer.models import min_image_size
 
     if config.loss.kind in ("nce", "infonce") and config.loss.negatives > train_rows:
-        raise ConfigError(f"loss.negatives={config.loss.negatives} exceeds the {train_rows} training images "
-                          "(the bank's rows); lower it")
+        print(f"loss.negatives={config.loss.negatives} exceeds the {train_rows} training images (the bank's rows): "
+              f"K = {train_rows}", flush=True)
+        config.loss.negatives = train_rows
     need = min_image_size(config.model.arch, config.model.cifar_stem)
     if image_side < need:
         raise ConfigError(f"model.arch={config.model.arch} needs images of at least {need}x{need} pixels, the "

@@ -34,3 +34,15 @@ def test_an_epoch_below_the_untrained_encoder_is_named_with_both_figures():
     assert below_untrained(epoch, 0.70) is None                                   # above it
     assert below_untrained(epoch, None) is None                                   # not measured (an old run)
     assert below_untrained({"epoch": 2, "knn_top1": float("nan")}, 0.9) is None   # not evaluated
+
+
+def test_more_negatives_than_bank_rows_are_capped_at_the_rows_and_said(capsys):
+    from trainer.config import load_config
+    from trainer.launch import check_against_dataset
+
+    config = load_config(None, ["loss.kind=infonce", "loss.negatives=4096"])
+    check_against_dataset(config, train_rows=1348, image_side=32)
+    assert config.loss.negatives == 1348
+    assert "loss.negatives=4096 exceeds the 1348 training images (the bank's rows): K = 1348" in capsys.readouterr().out
+    check_against_dataset(config, train_rows=60000, image_side=32)
+    assert config.loss.negatives == 1348

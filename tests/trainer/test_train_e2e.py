@@ -145,7 +145,6 @@ def test_a_non_finite_loss_stops_with_a_message(tmp_path):
 
 def test_config_and_data_errors_are_reported(tmp_path, capsys):
     cases = [
-        (["loss.kind=nce", "loss.negatives=3000"], "loss.negatives=3000 exceeds the 2048 training images"),
         (["model.arch=resnet18", "model.cifar_stem=false"], "needs images of at least 32x32"),
         (["data.name=parquet", f"data.root={tmp_path}"], "train.parquet"),
         (["train.epoch=1"], "unknown config key 'train.epoch'"),
