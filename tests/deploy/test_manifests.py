@@ -34,7 +34,7 @@ UNITS = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 # The dependencies the bank image leaves out, and the modules they provide.
 TRAIN_MODULES = {"ray": "ray", "torch": "torch", "torchvision": "torchvision", "pyyaml": "yaml",
-                 "matplotlib": "matplotlib", "tqdm": "tqdm"}
+                 "matplotlib": "matplotlib", "tqdm": "tqdm", "tensorboard": "tensorboard"}
 BANK_DEPENDENCIES = PROJECT["tool"]["instdisc"]["bank-dependencies"]
 
 
@@ -255,7 +255,10 @@ def test_the_token_and_the_files_reach_the_pods_that_read_them(objects):
 
     rayjob = find(objects, "RayJob")
     head = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
-    assert train_config(objects)["bank"]["token_file"].startswith(mount_of(head, "secret", secret) + "/")
+    # Every Ray pod reads the token itself (the driver, the shard actors, the train
+    # workers): it never travels through Ray, whose records keep what it is handed.
+    for template in pod_templates(rayjob):
+        assert train_config(objects)["bank"]["token_file"].startswith(mount_of(template, "secret", secret) + "/")
     entry = rayjob["spec"]["entrypoint"].split()
     assert entry[:3] == ["python", "-m", "trainer"]
     options = dict(zip(entry[3::2], entry[4::2]))
