@@ -31,7 +31,8 @@ def add_bench_defaults_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n")[0].replace("`", "")
     parser.add_argument("--output-dir", default="runs/defaults", help="data/, points/<set>/, results.parquet, results.md")
     parser.add_argument("--sets", default=",".join(ALL_SETS), help=f"comma-separated, from {', '.join(ALL_SETS)}")
-    parser.add_argument("--config", default="fashion-mnist", help="the config every run starts from (the default one)")
+    parser.add_argument("--config", default=None, help="a config to start every run from (default: the defaults, "
+                                                       "as `instdisc train` without --config)")
     parser.add_argument("--tolerance", type=float, default=3.0, help="points below raw-pixel kNN still counted as holding")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="extra overrides for every run (the check itself gives none)")
@@ -110,7 +111,7 @@ def run_bench_defaults(args: argparse.Namespace) -> int:
         print(f"{name}: kNN {_percent(row['knn_top1'])} | untrained {_percent(row['knn_top1_untrained'])} | "
               f"pixels {_percent(row['knn_top1_pixels'])} | {row['steps']} steps | "
               f"{'holds' if row['holds'] else 'DOES NOT HOLD'}", flush=True)
-    notes = [f"Config `{args.config}` with only the data keys" + (f" and {' '.join(args.overrides)}" if args.overrides
+    notes = [f"Config `{args.config or 'defaults'}` with only the data keys" + (f" and {' '.join(args.overrides)}" if args.overrides
                                                                   else "") + f"; holds = above the untrained "
              f"encoder and within {args.tolerance:g} points of raw-pixel kNN (same k and sigma)."]
     _, markdown = write_table(rows, output, "The defaults on unseen image sets", notes)

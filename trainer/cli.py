@@ -18,8 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_arguments(bank.add_parser("serve", help="serve one shard over gRPC"))
 
     train = commands.add_parser("train", help="train InstDisc on Ray with the sharded bank")
-    train.add_argument("--config", default="fashion-mnist",
-                       help="a YAML file, or a shipped config: fashion-mnist (default), cifar10, imagenet")
+    train.add_argument("--config", default=None,
+                       help="a YAML file, or a shipped config: fashion-mnist (the demo), cifar10, imagenet; "
+                            "without it the defaults, made for any image set")
     train.add_argument("--output-dir", default="runs/latest", help="outputs, checkpoints and bank snapshots")
     train.add_argument("--name", default="instdisc", help="run name; rerunning a name in the same --output-dir resumes it")
     train.add_argument("--storage-path", default=None,
@@ -39,15 +40,15 @@ def build_parser() -> argparse.ArgumentParser:
         dest="eval_command", required=True)
     knn = evaluate.add_parser("knn", help="weighted kNN of an exported encoder on any dataset data.* loads")
     knn.add_argument("--encoder", required=True, help="a file written by `instdisc export`")
-    knn.add_argument("--config", default="fashion-mnist",
-                     help="a YAML file or shipped config for data.* and eval.k / eval.sigma (default fashion-mnist)")
+    knn.add_argument("--config", default=None,
+                     help="a YAML file or shipped config for data.* and eval.k / eval.sigma (default: the defaults)")
     knn.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.name=mnist eval.k=50")
     linear = evaluate.add_parser("linear", help="linear probe: a linear classifier on an export's frozen, "
                                                 "L2-normalised backbone features")
     linear.add_argument("--encoder", required=True, help="a file written by `instdisc export` (without --head)")
-    linear.add_argument("--config", default="fashion-mnist",
+    linear.add_argument("--config", default=None,
                         help="a YAML file or shipped config for data.*, eval.linear_* and train.seed "
-                             "(default fashion-mnist)")
+                             "(default: the defaults)")
     linear.add_argument("--output-dir", default=None,
                         help="where linear.json and the cached features go (default: the encoder's folder)")
     linear.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.linear_epochs=50 data.name=mnist")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 
 from trainer.config import Config, ConfigError
-from trainer.schedule import run_length
+from trainer.schedule import length_given_by, run_length
 
 log = logging.getLogger("instdisc")
 
@@ -138,7 +138,7 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
     sample = train_set[0][0]
     check_against_dataset(config, len(train_set), min(sample.shape[1:]))
     length = run_length(len(train_set), config.train.batch_size, config.train.epochs, config.train.steps)
-    given = f"train.steps={config.train.steps}" if config.train.steps else f"train.epochs={config.train.epochs}"
+    given = length_given_by(config.train.epochs, config.train.steps)
     print(f"run length ({given}): {length.describe()} of {config.train.batch_size} images", flush=True)
     try:  # the outputs need it; found missing now, not after the training it would have written up
         import torch.utils.tensorboard  # noqa: F401

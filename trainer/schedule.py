@@ -1,7 +1,7 @@
 """How long a run is, and its learning rate at each step: pure functions.
 
-A run is a number of optimizer steps. ``train.steps`` gives it outright; otherwise it
-is ``train.epochs`` whole epochs. Epochs are ``ceil(steps / steps_per_epoch)``, the last
+A run is a number of optimizer steps: ``train.epochs`` whole epochs when it is > 0,
+otherwise ``train.steps`` (the default, so that small datasets train as long as large ones). Epochs are ``ceil(steps / steps_per_epoch)``, the last
 one cut short when the steps end inside it. The schedule runs over the run's own
 length, so a run cut to a number of steps still ends its cosine at zero, and step
 milestones (in epochs) fall at the same step whichever way the length was given.
@@ -35,13 +35,20 @@ class RunLength:
 
 
 def run_length(train_rows: int, batch_size: int, epochs: int, steps: int = 0) -> RunLength:
-    """The run's length: `steps` optimizer steps if > 0, else `epochs` epochs. One epoch
+    """The run's length: `epochs` epochs if > 0, else `steps` optimizer steps. One epoch
     is floor(train_rows / batch_size) steps, whatever the number of workers (each takes
     floor(rows / workers) images in batches of batch_size / workers)."""
     per_epoch = train_rows // batch_size
     if per_epoch < 1:
         raise ValueError(f"train.batch_size={batch_size} exceeds the {train_rows} training images")
-    return RunLength(per_epoch, steps if steps > 0 else epochs * per_epoch)
+    return RunLength(per_epoch, epochs * per_epoch if epochs > 0 else steps)
+
+
+def length_given_by(epochs: int, steps: int) -> str:
+    """Which key set the run's length, for the line a run prints at start."""
+    if epochs > 0:
+        return f"train.epochs={epochs}" + (f"; train.steps={steps} not used" if steps > 0 else "")
+    return f"train.steps={steps}"
 
 
 def learning_rate(base_lr: float, epoch: float, epochs: float, schedule: str, milestones=(120, 160),

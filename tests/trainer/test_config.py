@@ -63,12 +63,24 @@ def test_infonce_and_a_length_in_steps_are_accepted():
     assert (config.loss.kind, config.train.steps, config.eval.source) == ("infonce", 1000, "fresh")
 
 
+def test_the_defaults_are_a_length_in_steps_and_augmentations_every_image_kind_survives():
+    from trainer.schedule import length_given_by
+
+    config = load_config(None)
+    assert (config.train.epochs, config.train.steps, config.augment.flip_p, config.loss.kind) == (0, 2000, 0, "infonce")
+    assert length_given_by(config.train.epochs, config.train.steps) == "train.steps=2000"
+    assert length_given_by(4, 2000) == "train.epochs=4; train.steps=2000 not used"
+    with pytest.raises(ConfigError, match="train.epochs or train.steps must be > 0"):
+        load_config(None, ["train.steps=0"])
+
+
 def test_the_run_length_and_its_schedule_in_steps():
     from trainer.schedule import learning_rate, lr_at_step, run_length
 
     by_epochs = run_length(10000, 128, epochs=3)
     assert (by_epochs.steps_per_epoch, by_epochs.steps, by_epochs.epochs) == (78, 234, 3)
-    cut = run_length(10000, 128, epochs=3, steps=100)  # train.steps overrides train.epochs
+    assert run_length(10000, 128, epochs=3, steps=100) == by_epochs  # train.epochs > 0 wins
+    cut = run_length(10000, 128, epochs=0, steps=100)
     assert (cut.epochs, [cut.steps_in_epoch(e) for e in range(cut.epochs)]) == (2, [78, 22])
     assert cut.describe() == "100 steps = 2 epochs of 78 steps, the last one cut to 22 steps"
     # Cosine runs over the steps actually taken: its last step is near zero, not halfway.
