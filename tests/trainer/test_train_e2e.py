@@ -37,7 +37,8 @@ def first_run(tmp_path_factory):
 def test_training_writes_every_output(first_run):
     output, logs = first_run
     assert "resolved config" in logs and "img/s" in logs and "bank rtt" in logs and "ETA" in logs
-    assert "run length (train.epochs=2): 32 steps = 2 epochs of 16 steps of 128 images" in logs
+    assert ("run length (train.epochs=2; train.steps=2000 not used): 32 steps = 2 epochs of 16 steps of 128 images"
+            in logs)
     assert "epoch 1/2 done" in logs and "kNN top-1 - top-5 -" in logs  # epoch 1 was not evaluated
     assert "(eval.source=bank, " in logs
     summary = json.loads((output / "summary.json").read_text())
