@@ -27,9 +27,9 @@ data: venv
 test: venv data
 	$(PY) -m pytest
 
-# Train the default config (Fashion-MNIST, 2 bank shards, 2 CPU workers) and print kNN accuracy.
+# Train the demo's recipe (Fashion-MNIST, 2 bank shards, 2 CPU workers); print kNN and linear-probe accuracy.
 demo: venv data
-	$(VENV)/bin/instdisc train --config fashion-mnist --output-dir runs/demo --name demo
+	$(VENV)/bin/instdisc train --config fashion-mnist --output-dir runs/demo --name demo eval.linear=true
 
 # Regenerate the committed gRPC code after editing protos/bank.proto.
 protos: venv
