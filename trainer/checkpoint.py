@@ -25,13 +25,13 @@ FILE = "state.pt"
 
 def save(folder: str | Path, *, model: dict, optimizer: dict, encoder: dict, image_size: int, epoch: int,
          step: int, history: list, step_log: list, log_z: float | None, bank_snapshot: str, bank_addresses: list[str],
-         config: dict, git_sha: str) -> Path:
+         config: dict, git_sha: str, bank_outages: list[dict]) -> Path:
     """Write the checkpoint file into `folder`; every field is required, by name."""
     path = Path(folder) / FILE
     torch.save({"model": model, "optimizer": optimizer, "encoder": encoder, "image_size": image_size,
                 "epoch": epoch, "step": step, "history": history, "step_log": step_log, "log_z": log_z,
                 "bank_snapshot": bank_snapshot, "bank_addresses": bank_addresses, "config": config,
-                "git_sha": git_sha}, path)
+                "git_sha": git_sha, "bank_outages": bank_outages}, path)
     return path
 
 

@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 
@@ -68,10 +69,19 @@ def check_against_dataset(config: Config, train_rows: int, image_side: int) -> N
         raise ConfigError(f"train.batch_size={config.train.batch_size} exceeds the {train_rows} training images")
 
 
-def _read_token(config: Config) -> str | None:
+TOKEN_ENV = "INSTDISC_BANK_TOKEN"
+
+
+def token_source(config: Config) -> tuple[str | None, str | None]:
+    """Where the bank token is read, as ``(token_file, token_env)``: `bank.token_file`,
+    else the variable INSTDISC_BANK_TOKEN when this process has it, else no token. Only
+    this travels (to the shard actors and the train workers), never the token: Ray keeps
+    actor arguments and Ray Train's loop config in its records. Each process reads the
+    token on its node (`read_token`): the file must be on every node (a mounted Secret),
+    the variable in every Ray node's environment (a local Ray inherits this process's)."""
     if config.bank.token_file:
-        return Path(config.bank.token_file).read_text().strip()
-    return os.environ.get("INSTDISC_BANK_TOKEN") or None
+        return config.bank.token_file, None
+    return None, (TOKEN_ENV if os.environ.get(TOKEN_ENV, "").strip() else None)
 
 
 def _check_bank(addresses: list[str], token: str | None, config: Config, rows: int) -> list[str]:
@@ -122,7 +132,7 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
     """
     import ray
 
-    from bank_server.ray_bank import start_bank
+    from bank_server.ray_bank import BankTokenMissing, read_token, start_bank
     from trainer.train import load_datasets
 
     if os.environ.get(_SUBMITTED_JOB) and not Path(output_dir).is_absolute():
@@ -144,7 +154,11 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
         import torch.utils.tensorboard  # noqa: F401
     except ImportError as error:
         raise ConfigError(f"TensorBoard is not installed ({error}); pip install tensorboard") from None
-    token = _read_token(config)
+    token_file, token_env = token_source(config)
+    try:
+        token = read_token(token_file, token_env)  # here first: a missing token stops the run before Ray starts
+    except BankTokenMissing as error:
+        raise ConfigError(str(error)) from None
     addresses = _check_bank(list(config.bank.addresses), token, config, len(train_set)) if config.bank.addresses else []
 
     init_ray(sha)
@@ -155,7 +169,8 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
     else:
         # Per run name: another run in the same output folder must not restore these rows.
         bank = start_bank(config.bank.shards, len(train_set), config.model.dim, config.bank.dtype,
-                          snapshot_dir=str(output / "bank" / run_name), seed=config.bank.seed, token=token,
+                          snapshot_dir=str(output / "bank" / run_name), seed=config.bank.seed,
+                          token_file=token_file, token_env=token_env,
                           name=f"{run_name}-bank", keep_snapshots=KEEP_CHECKPOINTS + 1,
                           placement=config.bank.placement,
                           # A private local Ray keeps the bank on loopback; on a cluster each
@@ -166,12 +181,12 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
               + "\n  ".join(bank.describe()), flush=True)
 
     try:
-        result, wall = _fit(config, storage_path or str(output / "ray"), run_name, addresses, token,
-                            bank.names if bank else [])
+        result, wall, restarts = _fit(config, storage_path or str(output / "ray"), run_name, addresses, token_env,
+                                      bank.names if bank else [])
     finally:
         if bank is not None:
             bank.stop(final_snapshot=True)
-    outcome = result.return_value
+    outcome = result.return_value | {"worker_restarts": restarts}
     if outcome.get("error"):
         where = result.checkpoint.path if result.checkpoint else "none was written"
         if any(h["epoch"] > 0 for h in outcome["history"]) and result.checkpoint is not None:
@@ -184,23 +199,28 @@ class TrainingStopped(RuntimeError):
     """Training ended early on purpose (a non-finite loss); the message says why."""
 
 
-def _fit(config: Config, storage_path: str, run_name: str, addresses: list[str], token: str | None,
+def _fit(config: Config, storage_path: str, run_name: str, addresses: list[str], token_env: str | None,
          bank_actors: list[str]):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from trainer.train import train_func
+    from trainer.train import LoopStarts, train_func
 
     c = config.train
     use_gpu = c.use_gpu
     if use_gpu is None:
         use_gpu = ray.cluster_resources().get("GPU", 0) >= c.workers
         print(f"train.use_gpu not set: {'using' if use_gpu else 'no'} GPUs", flush=True)
+    # Counts the train loop's starts in this launch: Ray Train restarts every worker when
+    # one fails (train.max_failures). Per launch, so the name is too.
+    starts_name = f"{run_name}-loop-starts-{uuid.uuid4().hex[:8]}"
+    starts = ray.remote(LoopStarts).options(name=starts_name, num_cpus=0).remote()
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"config": config.to_dict(), "addresses": addresses, "token": token,
-                           "bank_actors": bank_actors},
+        # Ray Train stores this: where the token is (bank.token_file is in the config), never the token.
+        train_loop_config={"config": config.to_dict(), "addresses": addresses, "token_env": token_env,
+                           "bank_actors": bank_actors, "starts": starts_name},
         scaling_config=ScalingConfig(num_workers=c.workers, use_gpu=use_gpu,
                                      resources_per_worker={"CPU": c.cpus_per_worker, "GPU": 1} if use_gpu
                                      else {"CPU": c.cpus_per_worker}),
@@ -215,7 +235,10 @@ def _fit(config: Config, storage_path: str, run_name: str, addresses: list[str],
         result = trainer.fit()
     except Exception as error:  # Ray wraps worker errors (after FailureConfig's retries)
         raise TrainingStopped(f"training failed: {error}") from error
-    return result, time.perf_counter() - start
+    finally:
+        restarts = ray.get(starts.restarts.remote())
+        ray.kill(starts)
+    return result, time.perf_counter() - start, restarts
 
 
 def below_untrained(epoch: dict, untrained: float | None) -> str | None:
@@ -256,6 +279,11 @@ def write_outputs(config: Config, output: Path, outcome: dict, checkpoint, wall_
         "dataset": config.data.name, "loss": config.loss.kind, "git_sha": sha,
         # Every evaluated epoch below the untrained encoder, the final one included.
         "warnings": [w for w in (below_untrained(h, initial["knn_top1"] if initial else None) for h in trained) if w],
+        # Each worker's record of each shard outage it saw (so a shard that every worker
+        # saw go counts once per worker), since the run began; and Ray Train's restarts of
+        # the workers in this launch, with the checkpoint epoch each went on from.
+        "bank_outages": len(outcome["bank_outages"]), "bank_outage_details": outcome["bank_outages"],
+        "worker_restarts": len(outcome["worker_restarts"]), "worker_restart_epochs": outcome["worker_restarts"],
     }
     fields = ["epoch", "step", "loss", "knn_top1", "knn_top5", "lr", "images_per_sec", "epoch_seconds", "bank_rtt_ms",
               "bank_wait_ms", "eval_seconds", "refresh_seconds"]
@@ -352,6 +380,8 @@ def print_summary(summary: dict, output: Path) -> None:
         ("kNN evaluation", _seconds(summary["eval_seconds"]) + f" each (eval.source={summary['knn_source']})"),
         *([("bank refresh", _seconds(summary["refresh_seconds"]) + " each")]
           if summary["refresh_seconds"] is not None else []),
+        ("bank outages", _outages(summary["bank_outage_details"])),
+        ("worker restarts", str(summary["worker_restarts"])),
         ("outputs", str(output)),
     ]
     width = max(len(k) for k, _ in rows)
@@ -360,6 +390,15 @@ def print_summary(summary: dict, output: Path) -> None:
     for key, value in rows:
         print(f"| {key:<{width}} | {value:<{len(line) - width - 7}} |")
     print(line, flush=True)
+
+
+def _outages(outages: list[dict]) -> str:
+    """'none', or how many (seen by a worker each), which shards, the longest."""
+    if not outages:
+        return "none"
+    shards = ", ".join(str(s) for s in sorted({o["shard"] for o in outages}))
+    return (f"{len(outages)} (shard {shards}; longest {max(o['seconds'] for o in outages):.1f} s; "
+            "each worker's count)")
 
 
 def _seconds(value: float | None) -> str:

@@ -15,6 +15,7 @@ its own (``train.refresh_bank_every``).
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 import os
 import sys
@@ -26,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from bank_server.client import BankClient, BankRpcError
+from bank_server.ray_bank import read_token, resolver
 from trainer import checkpoint
 from trainer import distributed as dist
 from trainer.augment import augment
@@ -39,6 +41,25 @@ from trainer.losses import (PartitionEstimate, accidental_hits, batch_log_z, inf
                             softmax_loss)
 from trainer.models import Encoder
 from trainer.schedule import lr_at_step, run_length
+
+
+class LoopStarts:
+    """Counts the train loop's starts in one launch, as a named Ray actor that the launch
+    creates and reads at the end: Ray Train restarts every worker when one fails
+    (``train.max_failures``), and a start from a checkpoint alone cannot tell such a
+    restart from the resume of an earlier launch."""
+
+    def __init__(self):
+        self._epochs: list[int] = []
+
+    def started(self, epoch: int) -> int:
+        """Rank 0 starts the loop at `epoch` (its checkpoint's; 0 when none): which start this is."""
+        self._epochs.append(epoch)
+        return len(self._epochs)
+
+    def restarts(self) -> list[int]:
+        """The checkpoint epoch each restart went on from (0: none yet), oldest first."""
+        return self._epochs[1:]
 
 
 class StopTraining(RuntimeError):
@@ -88,7 +109,8 @@ def embed(model, images: torch.Tensor, device) -> torch.Tensor:
 class Worker:
     """One worker's state; `run()` is the loop."""
 
-    def __init__(self, config: Config, addresses: list[str], token: str | None, bank_actors: list[str] = ()):
+    def __init__(self, config: Config, addresses: list[str], token: str | None, bank_actors: list[str] = (),
+                 starts: str | None = None):
         import ray.train
         import ray.train.torch
 
@@ -131,8 +153,6 @@ class Worker:
         # 3. bank (shards that are Ray actors are found again by name if they move)
         resolve = None
         if bank_actors:
-            from bank_server.ray_bank import resolver
-
             resolve = resolver(list(bank_actors))
             # Where they serve now: a shard that restarted since the launch (before a Ray
             # Train retry, say) serves on another port than the launch recorded.
@@ -149,6 +169,10 @@ class Worker:
         # progress line (rank 0), for TensorBoard. Both travel in the checkpoint.
         self.epoch, self.step, self.history, self.step_log = 0, 0, [], []
         self.epochs = self.length.epochs  # the run's last epoch; _run counts it again after a resume
+        # Bank outages that workers saw before this start (a checkpoint carries them); this
+        # start's are asked of every worker's client when a checkpoint or the end needs them.
+        self.earlier_outages: list[dict] = []
+        self.starts = starts
 
     # -- state ------------------------------------------------------------------
 
@@ -159,6 +183,7 @@ class Worker:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         self.step_log = state.get("step_log", [])  # absent from checkpoints older than it
+        self.earlier_outages = state.get("bank_outages", [])
         self.z.log_z = state["log_z"]
         problem = None
         if self.rank == 0:
@@ -172,14 +197,22 @@ class Worker:
             raise StopTraining(problem)
         self._log(f"resumed at epoch {self.epoch}, step {self.step}, bank snapshot {state['bank_snapshot']!r}")
 
-    def _checkpoint_dir(self, bank_tag: str) -> str:
+    def _checkpoint_dir(self, bank_tag: str, outages: list[dict]) -> str:
         folder = tempfile.mkdtemp(prefix="instdisc-ckpt-")
         checkpoint.save(folder, model=self.encoder.state_dict(), optimizer=self.optimizer.state_dict(),
                         encoder=self.encoder.spec(), image_size=self.image_size, epoch=self.epoch, step=self.step,
                         history=self.history, step_log=self.step_log, log_z=self.z.log_z, bank_snapshot=bank_tag,
                         bank_addresses=self.client.addresses, config=self.config.to_dict(),
-                        git_sha=os.environ.get("INSTDISC_GIT_SHA", ""))
+                        git_sha=os.environ.get("INSTDISC_GIT_SHA", ""), bank_outages=outages)
         return folder
+
+    def bank_outages(self) -> list[dict]:
+        """Every bank outage a worker's client saw in this run, with its rank: those before
+        this start (from the checkpoint) and every worker's since. A collective: every
+        worker calls it at the same point. Those that a failed worker saw after its last
+        checkpoint are lost with it."""
+        mine = [outage | {"rank": self.rank} for outage in self.client.outages()]
+        return self.earlier_outages + [o for share in dist.all_gather_object(mine) for o in share]
 
     # -- pieces -----------------------------------------------------------------
 
@@ -345,7 +378,7 @@ class Worker:
             # broadcast), so returning here ends the run cleanly.
             self._log(f"stopped: {error}")
             return {"history": self.history, "step_log": self.step_log, "train_seconds": time.perf_counter() - start,
-                    "steps": self.step, "error": str(error)}
+                    "steps": self.step, "bank_outages": self.bank_outages(), "error": str(error)}
         finally:
             self.feed.close()
             self.client.close()
@@ -373,6 +406,11 @@ class Worker:
             self.restore(saved)
         else:
             self._untrained()
+        if self.rank == 0 and self.starts:
+            start = ray.get(ray.get_actor(self.starts).started.remote(self.epoch))
+            if start > 1:
+                self._log(f"Ray Train restarted the workers (restart {start - 1} of at most "
+                          f"train.max_failures={c.train.max_failures}); going on from epoch {self.epoch}")
         untrained = next((h["knn_top1"] for h in self.history if h["epoch"] == 0), None)
         # Counted from the steps left, not from length.epochs: a run resumed from a
         # checkpoint taken where an earlier train.steps cut an epoch short goes on from
@@ -402,16 +440,17 @@ class Worker:
                 self._log(f"WARNING: {warning}")
             # The bank snapshot and the model checkpoint describe the same step.
             dist.barrier()
+            outages = self.bank_outages()  # so that a restart from this checkpoint still counts them
             tag = f"epoch-{self.epoch:04d}-step-{self.step}"
             folder = None
             if self.rank == 0:
                 self.client.snapshot(tag)
-                folder = self._checkpoint_dir(tag)
+                folder = self._checkpoint_dir(tag, outages)
             ray.train.report({k: v for k, v in metrics.items()} | {"bank_snapshot": tag},
                              checkpoint=Checkpoint.from_directory(folder) if folder else None,
                              checkpoint_dir_name=f"epoch-{self.epoch:04d}")
         return {"history": self.history, "step_log": self.step_log, "train_seconds": time.perf_counter() - train_start,
-                "steps": self.step}
+                "steps": self.step, "bank_outages": self.bank_outages()}
 
 
 def _duration(seconds: float) -> str:
@@ -419,8 +458,26 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s"
 
 
+def show_bank_client_lines() -> None:
+    """The bank client's own lines (a shard unreachable, and reachable again) on this
+    worker's stderr, which Ray forwards to the driver's console: without a handler,
+    Python would print the WARNING bare and drop the INFO."""
+    logger = logging.getLogger("bank_server.client")
+    if not any(getattr(handler, "instdisc", False) for handler in logger.handlers):  # once per process
+        handler = logging.StreamHandler(sys.stderr)
+        handler.instdisc = True
+        handler.setFormatter(logging.Formatter(f"[instdisc rank {dist.rank()}] %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # not twice, when Ray Train configures the root logger
+
+
 def train_func(loop_config: dict) -> dict:
-    """Ray Train's per-worker entry point."""
+    """Ray Train's per-worker entry point. The bank token is read here, on the worker's
+    node, from where the launch said it is: the loop config is in Ray's records."""
     config = Config.from_dict(loop_config["config"])
-    worker = Worker(config, loop_config["addresses"], loop_config.get("token"), loop_config.get("bank_actors", ()))
+    show_bank_client_lines()
+    token = read_token(config.bank.token_file, loop_config.get("token_env"))
+    worker = Worker(config, loop_config["addresses"], token, loop_config.get("bank_actors", ()),
+                    loop_config.get("starts"))
     return worker.run()

@@ -26,7 +26,7 @@ def saved(tmp_path_factory):
     encoder = Encoder("small", 1, 128, 8, True, mean=[0.29], std=[0.35])
     checkpoint.save(folder, model=encoder.state_dict(), optimizer={}, encoder=encoder.spec(), image_size=28, epoch=1,
                     step=1, history=[], step_log=[], log_z=None, bank_snapshot="epoch-0001", bank_addresses=[], config={},
-                    git_sha="")
+                    git_sha="", bank_outages=[])
     return folder, encoder.eval()
 
 

@@ -1,0 +1,219 @@
+"""Faults during training, each in a real `instdisc train` run that this test starts:
+
+- an external shard process SIGKILLed mid-epoch and restarted 3 s later with the same
+  command and port (as a StatefulSet would): the run finishes, the workers log the
+  outage and its end, summary.json counts it;
+- a Ray shard actor's process SIGKILLed mid-epoch, then a Ray Train worker's process
+  SIGKILLed after the first epoch's checkpoint: Ray restarts the shard (it recovers its
+  snapshot and log), Ray Train restarts the workers from the checkpoint (the bank
+  restores the matching snapshot), the run finishes and summary.json records both.
+
+Both runs carry a bank token (a file, then INSTDISC_BANK_TOKEN), and neither leaves it
+in any file under the output folder (Ray Train's storage and the checkpoints included)
+or in the console. Only processes this test started are killed: the shard servers it
+spawned, and Ray's worker processes that descend from its own `instdisc train`.
+"""
+
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.processes import ServerProcess
+from tests.conftest import free_port, wait_until
+
+# Small and quick, but long enough (64 steps an epoch) to be hit in the middle of one.
+SMALL = ["data.subset=2048", "data.test_subset=500", "train.batch_size=32", "train.workers=2", "bank.shards=2",
+         "train.log_every=4", "loss.negatives=256", "train.refresh_bank_every=0", "eval.k=50"]
+RUN_S = 420  # a run's bound, Ray's start and a restart included, on 2 busy cores
+
+
+class Run:
+    """``instdisc train`` in a child process, its stdout and stderr in one file."""
+
+    def __init__(self, output: Path, overrides: list[str], env: dict | None = None, name: str = "faults"):
+        self.output, self.name = output, name
+        self.log = output.parent / f"{output.name}.log"
+        self._file = open(self.log, "w")
+        self.proc = subprocess.Popen([sys.executable, "-m", "trainer", "--output-dir", str(output), "--name", name,
+                                      *SMALL, *overrides], stdout=self._file, stderr=subprocess.STDOUT,
+                                     env=env or os.environ.copy())
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float) -> None:
+        found = wait_until(lambda: re.search(pattern, self.text()) or self.proc.poll() is not None, timeout, 0.2)
+        assert found and re.search(pattern, self.text()), f"no {pattern!r} in time:\n{self.text()[-3000:]}"
+
+    def finish(self) -> str:
+        self.proc.wait(RUN_S)
+        logs = self.text()
+        assert self.proc.returncode == 0, logs[-5000:]
+        return logs
+
+    def summary(self) -> dict:
+        return json.loads((self.output / "summary.json").read_text())
+
+    def ray_processes(self, title: str) -> list[int]:
+        """Pids of the processes descended from this run whose title starts with `title`
+        (Ray names an actor's process ``ray::<Class>``)."""
+        return [pid for pid in descendants(self.proc.pid) if command_line(pid).startswith(title)]
+
+    def stop(self) -> None:
+        """End the run if it is still going (a failed test): SIGTERM lets it stop its Ray,
+        then SIGKILL for it and whatever of its descendants is left."""
+        if self.proc.poll() is None:
+            left = descendants(self.proc.pid)
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+            for pid in left:
+                kill(pid)
+        self._file.close()
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+def kill(pid: int) -> None:
+    """SIGKILL `pid` (a process this test started, or one of its run's) and wait until it is gone."""
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    assert wait_until(lambda: not Path(f"/proc/{pid}").exists() or "zombie" in _state(pid), timeout=30)
+
+
+def _state(pid: int) -> str:
+    try:
+        return "zombie" if (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z") else "alive"
+    except OSError:
+        return "zombie"
+
+
+def assert_token_nowhere(token: str, output: Path, logs: str) -> None:
+    """Not in any file under the run's output folder (its checkpoint, Ray Train's
+    storage `<output>/ray` with the checkpoints it keeps, the bank's snapshots), nor
+    on its console."""
+    needle = token.encode()
+    files = [path for path in output.rglob("*") if path.is_file()]
+    assert any(path.name == "state.pt" for path in files)  # the checkpoints were searched too
+    assert any("ray" == path.relative_to(output).parts[0] for path in files)
+    holding = [str(path) for path in files if needle in path.read_bytes()]
+    assert not holding, holding
+    assert token not in logs
+
+
+def outage_lines(logs: str, shard: int) -> tuple[list[str], list[str]]:
+    down = re.findall(rf"WARNING bank shard {shard} at \S+ unreachable \(UNAVAILABLE\)", logs)
+    back = re.findall(rf"INFO bank shard {shard} at \S+ reachable again after [\d.]+ s", logs)
+    return down, back
+
+
+def assert_outages_of(summary: dict, shard: int) -> None:
+    """Each worker that saw shard `shard` go counts it once, and it came back."""
+    details = summary["bank_outage_details"]
+    assert 1 <= summary["bank_outages"] == len(details) <= 2, details
+    assert sorted({o["rank"] for o in details}) == sorted(o["rank"] for o in details)  # once per worker
+    assert all(o["shard"] == shard and o["code"] == "UNAVAILABLE" and not o["ongoing"] and o["retries"] >= 1
+               for o in details), details
+
+
+def test_an_external_shard_killed_mid_epoch_and_restarted(tmp_path):
+    token = secrets.token_hex(16)
+    (tmp_path / "token").write_text(token + "\n")
+    ports = [free_port() for _ in range(2)]
+
+    def shard(s: int) -> ServerProcess:
+        server = ServerProcess(["-m", "bank_server", "--shard-id", str(s), "--num-shards", "2", "--rows", "2048",
+                                "--port", str(ports[s]), "--snapshot-dir", str(tmp_path / "bank"),
+                                "--fsync", "always", "--token-file", str(tmp_path / "token")],
+                               stderr=tmp_path / f"shard-{s}-{time.monotonic_ns()}.log")
+        server.wait_serving(120)
+        return server
+
+    servers = [shard(0), shard(1)]
+    run = Run(tmp_path / "out", ["train.epochs=1", f"bank.token_file={tmp_path / 'token'}",
+                                 f"bank.addresses={','.join(s.address for s in servers)}"])
+    try:
+        run.wait_for(r"epoch 1/1 step \d+/64", RUN_S)
+        servers[1].proc.kill()  # SIGKILL, of a process this test started
+        servers[1].proc.wait(30)
+        time.sleep(3)
+        servers.append(shard(1))  # the same command and port, as a StatefulSet restarts it
+        logs = run.finish()
+    finally:
+        run.stop()
+        for server in servers:
+            server.stop()
+    down, back = outage_lines(logs, 1)
+    assert down and back, logs[-5000:]
+    summary = run.summary()
+    assert_outages_of(summary, 1)
+    assert summary["worker_restarts"] == 0 and summary["epochs"] == 1
+    assert re.search(r"\| bank outages +\| [12] \(shard 1; longest [\d.]+ s", logs)
+    assert_token_nowhere(token, run.output, logs)
+
+
+def test_a_killed_shard_actor_and_a_killed_train_worker(tmp_path):
+    token = secrets.token_hex(16)
+    run = Run(tmp_path / "out", ["train.epochs=2", "train.max_failures=1"],
+              env={**os.environ, "INSTDISC_BANK_TOKEN": token})
+    try:
+        run.wait_for(r"epoch 1/2 step \d+/64", RUN_S)
+        shards = run.ray_processes("ray::BankShardActor")
+        assert len(shards) == 2, shards
+        kill(shards[1])
+        # After the first epoch's checkpoint: Ray Train goes on from it.
+        run.wait_for(r"epoch 2/2 step \d+/64", RUN_S)
+        workers = run.ray_processes("ray::RayTrainWorker")
+        assert len(workers) == 2, workers
+        kill(workers[0])
+        logs = run.finish()
+    finally:
+        run.stop()
+    assert "Ray Train restarted the workers (restart 1 of at most train.max_failures=1); going on from epoch 1" \
+        in logs, logs[-5000:]
+    assert "resumed at epoch 1, step 64, bank snapshot 'epoch-0001-step-64'" in logs
+    summary = run.summary()
+    assert (summary["worker_restarts"], summary["worker_restart_epochs"]) == (1, [1])
+    assert summary["epochs"] == 2 and summary["steps"] == 128 and 0 < summary["knn_top1"] <= 1
+    # The shard's outage, seen in epoch 1, survives the workers' restart in the checkpoint.
+    shard = summary["bank_outage_details"][0]["shard"] if summary["bank_outage_details"] else None
+    assert shard is not None, logs[-5000:]
+    assert_outages_of(summary, shard)
+    down, back = outage_lines(logs, shard)
+    assert down and back, logs[-5000:]
+    assert re.search(r"\| worker restarts +\| 1 ", logs)
+    assert_token_nowhere(token, run.output, logs)
