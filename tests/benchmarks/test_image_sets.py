@@ -22,3 +22,12 @@ def test_every_set_loads_as_parquet_and_is_seeded(tmp_path):
         first = _digest(tmp_path / name)
         write_set(name, tmp_path / name, count=40)
         assert _digest(tmp_path / name) == first, f"{name} is not seeded"
+
+
+def test_glyphs_build_without_the_dejavu_fonts(tmp_path, monkeypatch, capsys):
+    import benchmarks.image_sets as image_sets
+
+    monkeypatch.setattr(image_sets, "FONT_DIR", tmp_path / "no-fonts")
+    counts = write_set("glyphs", tmp_path / "glyphs", count=20)
+    assert counts["train"] + counts["test"] == 20
+    assert "Pillow's built-in font alone" in capsys.readouterr().err
