@@ -144,6 +144,11 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
     print(f"instdisc {sha or '(no git)'} -> {output}")
     print("resolved config:\n" + json.dumps(config.to_dict(), indent=2), flush=True)
 
+    token_file, token_env = token_source(config)
+    try:  # here first: a missing token stops the run before anything is loaded
+        token = read_token(token_file, token_env)
+    except BankTokenMissing as error:
+        raise ConfigError(str(error)) from None
     train_set, test_set = load_datasets(config)
     sample = train_set[0][0]
     check_against_dataset(config, len(train_set), min(sample.shape[1:]))
@@ -154,11 +159,6 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
         import torch.utils.tensorboard  # noqa: F401
     except ImportError as error:
         raise ConfigError(f"TensorBoard is not installed ({error}); pip install tensorboard") from None
-    token_file, token_env = token_source(config)
-    try:
-        token = read_token(token_file, token_env)  # here first: a missing token stops the run before Ray starts
-    except BankTokenMissing as error:
-        raise ConfigError(str(error)) from None
     addresses = _check_bank(list(config.bank.addresses), token, config, len(train_set)) if config.bank.addresses else []
 
     init_ray(sha)
