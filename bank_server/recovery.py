@@ -14,7 +14,14 @@ unless the operator asked otherwise:
   updates are replayed, so nothing is lost if one is found);
 - ``allow_fresh=True`` (``--allow-fresh``): start from the seeded rows instead.
 
-A folder with neither LATEST nor log segments starts fresh. One with log segments but
+Every log segment replayed is checked against the shard's layout (shard id, number of
+shards, total rows, dim, dtype: its header records them); a log written for another
+layout is refused by name. A segment whose creation a crash cut short (empty, or its
+header cut short: it holds no record) and that nothing continues is removed, and the
+start says so.
+
+A folder with neither LATEST nor log segments starts fresh (with a warning naming any
+snapshots it holds: without LATEST nothing says which one is current). One with log segments but
 no LATEST (LATEST lost, or deleted by hand) is recovered from the log alone when its
 oldest segment starts from the seeded initial rows (its header says so) and every
 segment is on that one timeline: the rows of that seed plus the whole log are exactly
@@ -93,7 +100,12 @@ def open_logged(layout: Layout, directory: str | os.PathLike, seed: int, fsync: 
     """Recover the shard and give it a new log segment continuing the recovered
     timeline (LATEST rewritten when recovery chose the base itself): a shard ready to serve."""
     shard, recovery = recover(layout, directory, seed, allow_fresh=allow_fresh, fallback=fallback)
-    _remove_stale_temporaries(snapshots.shard_dir(directory, layout.shard_id))
+    folder = snapshots.shard_dir(directory, layout.shard_id)
+    _remove_stale_temporaries(folder)
+    if recovery.last_segment is not None:
+        # The recovered segment is whole on disk before a new segment continues it: a
+        # torn record is only accepted in the newest segment.
+        update_log.fsync_file(update_log.segment_path(folder, recovery.last_segment))
     # A new timeline (no log continued) says what it starts from: the snapshot or the seeded rows.
     log_ = update_log.UpdateLog(snapshots.shard_dir(directory, layout.shard_id), layout, fsync,
                                 previous=recovery.last_segment, base=recovery.tag, seed=recovery.seed)
@@ -112,11 +124,29 @@ def _fresh(seed: int, why: str) -> Recovery:
 
 def _recover(layout, directory, folder: Path, seed: int, fallback: bool) -> tuple[Shard, Recovery]:
     pointer = snapshots.read_latest(directory, layout.shard_id)
+    removed = update_log.remove_torn_segments(folder, None if pointer is None else pointer["log"]) \
+        if folder.is_dir() else []
+    for line in removed:
+        log.warning("shard %d: %s", layout.shard_id, line)
+    shard, recovery = _recover_from(layout, directory, folder, seed, fallback, pointer)
+    recovery.notes.extend(removed)
+    return shard, recovery
+
+
+def _recover_from(layout, directory, folder: Path, seed: int, fallback: bool,
+                  pointer: dict | None) -> tuple[Shard, Recovery]:
     from_log_alone = pointer is None
     if from_log_alone:
         pointer = _pointer_from_log(layout, directory, folder, seed)
         if pointer is None:
-            return Shard.create(layout, seed), _fresh(seed, "no LATEST: a fresh bank")
+            found = snapshots.snapshots_newest_first(directory, layout.shard_id)
+            if not found:
+                return Shard.create(layout, seed), _fresh(seed, "no LATEST: a fresh bank")
+            note = (f"no LATEST and no update log in {folder}, but snapshot(s) {', '.join(p.name for p in found)}: "
+                    f"starting from the seeded rows (seed {seed}), not from any of them; Restore one by tag to "
+                    "use it")
+            log.warning("shard %d: %s", layout.shard_id, note)
+            return Shard.create(layout, seed), _fresh(seed, note)
     following = update_log.successors(folder)
     if pointer["log"] is not None and not update_log.segment_path(folder, pointer["log"]).exists():
         raise DataLoss(f"{snapshots.latest_path(directory, layout.shard_id)} continues with log segment "
@@ -156,6 +186,7 @@ def _recover(layout, directory, folder: Path, seed: int, fallback: bool) -> tupl
         for i, number in enumerate(segments):
             last = i == len(segments) - 1
             path = update_log.segment_path(folder, number)
+            update_log.check_layout(path, layout)
             scan = update_log.read_records(path, layout.dim, shard._rows.dtype, shard.apply_logged,
                                            start=start[1] if i == 0 else 0, allow_torn_tail=last)
             if i == 0 and scan.records < start[1]:
@@ -189,11 +220,10 @@ def _pointer_from_log(layout: Layout, directory, folder: Path, seed: int) -> dic
     if header.get("base") is not None:
         raise DataLoss(f"{held}, and its oldest, {first.name}, starts from snapshot {header['base']!r} (a Restore), "
                        "not from the seeded rows: LATEST, which said so, is missing")
-    theirs = (header.get("shard_id"), header.get("num_shards"), header.get("dim"), header.get("dtype"))
-    ours = (layout.shard_id, layout.num_shards, layout.dim, layout.dtype)
-    if theirs != ours:
-        raise DataLoss(f"{held}, and its oldest, {first.name}, was written by shard {theirs[0]} of {theirs[1]} "
-                       f"(dim {theirs[2]}, {theirs[3]}), not shard {ours[0]} of {ours[1]} (dim {ours[2]}, {ours[3]})")
+    try:
+        update_log.check_layout(first, layout, header)
+    except DataLoss as error:
+        raise DataLoss(f"{held}, and {error}") from None
     others = sorted(set(numbers) - set(update_log.chain(numbers[0], update_log.successors(folder))))
     if others:
         raise DataLoss(f"{held}, and segment(s) {', '.join(map(str, others))} do not continue the seeded timeline "

@@ -9,7 +9,9 @@ whose result a snapshot already holds writes the same bits again.
 On disk, in the shard's snapshot folder: segments ``log-<number>.wal``. Each starts with
 a header (magic, length, crc32, JSON: the segment's number, the segment it continues,
 ``previous``, the snapshot a new timeline starts from, ``base``, the ``seed`` of the
-initial rows when a timeline starts from them, and the shard's layout), then records::
+initial rows when a timeline starts from them, and the shard's layout: ``shard_id``,
+``num_shards``, ``total_rows``, ``dim``, ``dtype``; recovery checks every segment it
+replays against the shard's), then records::
 
     u32 payload length | u32 crc32(payload) | payload
     payload = u64 sequence | u32 rows | u16 len(client_id) | client_id | i64 local[rows] | rows values
@@ -27,10 +29,17 @@ per-row Python). ``fsync``:
 
 Segments form timelines: a snapshot rotates to a new segment whose ``previous`` is the
 one it seals; a Restore starts a new generation (``previous`` null), so a crash after a
-resume replays the resumed timeline. A record cut short by a crash (only ever the last
-one of the newest segment: sealed segments are fsynced) is detected by its length or
-checksum and dropped: its update was never acknowledged. A bad record anywhere else is
-corruption, and :class:`LogCorrupt` names the file and offset.
+resume replays the resumed timeline. A segment's header is written to a temporary file,
+fsynced and renamed into place, and the segment before it is fdatasynced first, so only
+the newest segment can end in a torn record. A record cut short by a crash (a frame that
+runs past the end of the file, or nothing but zeros from its start on) is dropped: its
+update was never acknowledged. A bad record whose frame lies whole inside the file, or a
+bad record anywhere but at the end, is corruption, and :class:`LogCorrupt` names the file
+and offset.
+
+After a failed fdatasync the log is broken (what the kernel kept of the failed pages is
+unknown, and a retried fsync may report success falsely): the waiting callers get
+DataLoss, and every later update is refused until the shard restarts and recovers.
 """
 
 from __future__ import annotations
@@ -104,6 +113,75 @@ def read_header(path: Path) -> dict:
     return json.loads(body)
 
 
+def fsync_file(path: Path, data_only: bool = True) -> None:
+    """fdatasync (or fsync) the file at `path`."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        (os.fdatasync if data_only else os.fsync)(fd)
+    finally:
+        os.close(fd)
+
+
+_LAYOUT_FIELDS = ("shard_id", "num_shards", "total_rows", "dim", "dtype")
+
+
+def check_layout(path: Path, layout, header: dict | None = None) -> dict:
+    """Segment `path`'s header, checked against the shard's `layout`; DataLoss naming
+    the file and every field that differs (a log written with another --num-shards,
+    --rows, --dim or --dtype would replay onto the wrong rows). A header from before
+    ``total_rows`` was recorded is checked on the rest."""
+    header = read_header(path) if header is None else header
+    diffs = [f"{name}: log {header[name]!r} vs shard {getattr(layout, name)!r}" for name in _LAYOUT_FIELDS
+             if name in header and header[name] != getattr(layout, name)]
+    if diffs:
+        raise DataLoss(f"log segment {path} was written for another layout ({', '.join(diffs)}); it cannot be "
+                       "replayed onto this shard: start it with the layout the log was written with")
+    return header
+
+
+def torn_segment(path: Path) -> str | None:
+    """Why segment `path` is a segment whose creation a crash cut short (empty, or its
+    header cut short: no record can follow), or None if it is not one."""
+    data = path.read_bytes()
+    if not data:
+        return "empty"
+    if len(data) < _HEADER_FRAME.size:
+        if MAGIC.startswith(data[:len(MAGIC)]) or not data.strip(b"\0"):
+            return f"header cut short ({len(data)} bytes)"
+        return None
+    magic, length, _ = _HEADER_FRAME.unpack_from(data)
+    if not data.strip(b"\0"):
+        return f"all zeros ({len(data)} bytes)"
+    if magic == MAGIC and len(data) < _HEADER_FRAME.size + length:
+        return f"header cut short ({len(data)} of {_HEADER_FRAME.size + length} bytes)"
+    return None
+
+
+def remove_torn_segments(folder: Path, named: int | None = None) -> list[str]:
+    """Remove the segments whose creation a crash cut short (see `torn_segment`) when no
+    other segment continues them and `named` (LATEST's) is not one; they hold no record.
+    Returns a line for each removed."""
+    numbers = segment_numbers(folder)
+    torn = {n: why for n in numbers if (why := torn_segment(segment_path(folder, n)))}
+    if not torn:
+        return []
+    continued = set()
+    for number in numbers:
+        if number not in torn:
+            previous = read_header(segment_path(folder, number)).get("previous")
+            continued.add(previous)
+    removed = []
+    for number, why in sorted(torn.items()):
+        if number in continued or number == named:
+            continue  # read as it is: LogCorrupt names it
+        path = segment_path(folder, number)
+        path.unlink()
+        removed.append(f"removed {path} ({why}, no record): a crash cut its creation short")
+    if removed:
+        _fsync_dir(folder)
+    return removed
+
+
 def _header_size(path: Path) -> int:
     with open(path, "rb") as fh:
         _, length, _ = _HEADER_FRAME.unpack(fh.read(_HEADER_FRAME.size))
@@ -130,9 +208,12 @@ class Scan:
 def read_records(path: Path, dim: int, dtype: np.dtype, apply: Callable[[Record], None], *,
                  start: int = 0, stop: int | None = None, allow_torn_tail: bool = True) -> Scan:
     """Call `apply` on records [start, stop) of segment `path`, in order. A bad last record
-    (cut short, or with zeros after it: a crash mid-write) is a torn tail: dropped when
-    `allow_torn_tail`, else LogCorrupt; any other bad record is LogCorrupt. LogCorrupt too
-    when the segment holds fewer than `stop` records."""
+    cut short by the end of the file (its frame, or the payload its length announces, runs
+    past it), or nothing but zeros from the record's start on, is a torn tail (a crash
+    mid-write): dropped when `allow_torn_tail`, else LogCorrupt. Any other bad record,
+    among them a last one whose frame lies whole in the file but fails its checksum, is
+    LogCorrupt naming the file and offset. LogCorrupt too when the segment holds fewer
+    than `stop` records."""
     dtype = np.dtype(dtype)
     row_bytes = dim * dtype.itemsize
     size = path.stat().st_size
@@ -146,12 +227,15 @@ def read_records(path: Path, dim: int, dtype: np.dtype, apply: Callable[[Record]
             while offset < size and (stop is None or count < stop):
                 problem = _check_record(view, offset, size, row_bytes)
                 if problem is not None:
-                    length = _FRAME.unpack_from(view, offset)[0] if offset + _FRAME.size <= size else 0
-                    end = offset + _FRAME.size + length
-                    tail_is_zero = end >= size or not bytes(view[end:size]).strip(b"\0")
-                    if not (allow_torn_tail and tail_is_zero):
-                        raise LogCorrupt(f"log segment {path}: bad record #{count} at byte {offset} ({problem})"
-                                         + ("" if tail_is_zero else " with more data after it"))
+                    cut_short = offset + _FRAME.size > size or \
+                        offset + _FRAME.size + _FRAME.unpack_from(view, offset)[0] > size
+                    zeros = not bytes(view[offset:size]).strip(b"\0")
+                    torn = cut_short or zeros
+                    if not (allow_torn_tail and torn):
+                        why = ("a torn record is only allowed at the end of the newest segment" if torn else
+                               "its frame lies whole inside the file: corruption, not a torn write")
+                        raise LogCorrupt(f"log segment {path}: bad record #{count} at byte {offset} ({problem}); "
+                                         f"{why}")
                     torn = size - offset
                     break
                 length = _FRAME.unpack_from(view, offset)[0]
@@ -162,7 +246,10 @@ def read_records(path: Path, dim: int, dtype: np.dtype, apply: Callable[[Record]
         finally:
             view.release()
             if mapped is not None:
-                mapped.close()
+                try:
+                    mapped.close()
+                except BufferError:  # `apply` raised and its traceback still holds a record's arrays:
+                    pass             # the map closes with them, and the error it raised is the one to see
     if stop is not None and count < stop:
         raise LogCorrupt(f"log segment {path}: holds {count} good records, a snapshot needs its first {stop}")
     return Scan(count, offset, torn)
@@ -248,7 +335,6 @@ class UpdateLog:
         self._sync_lock = threading.Lock()   # taken inside the shard's lock, never around it
         self._written = 0       # records appended since the log opened (tickets)
         self._synced = 0        # of those, the ones an fsync covers
-        self._sealed: list[int] = []  # fds of rotated segments not yet fsynced
         self.bytes_written = 0
         self.fsyncs = 0         # fdatasyncs of the active segment: with `always`, fewer than the calls (group commit)
         self.last_sync = time.monotonic()
@@ -266,19 +352,32 @@ class UpdateLog:
 
     def _open_segment(self, previous: int | None, base: str | None = None,
                       seed: int | None = None) -> tuple[int, int]:
-        """A new segment after every existing one, its header fsynced with the folder."""
+        """A new segment after every existing one. Its header is written to a temporary
+        file, fsynced and renamed into place (the folder fsynced too), so a crash leaves
+        no segment or a whole header, never a header cut short."""
         numbers = segment_numbers(self.folder)
         number = (numbers[-1] + 1) if numbers else 1
         header = json.dumps({"segment": number, "previous": previous, "base": base, "seed": seed,
                              "created": time.time(),
-                             "shard_id": self._layout.shard_id, "num_shards": self._layout.num_shards,
-                             "dim": self._layout.dim, "dtype": self._layout.dtype}).encode()
+                             **{name: getattr(self._layout, name) for name in _LAYOUT_FIELDS}}).encode()
         path = segment_path(self.folder, number)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o644)
-        os.write(fd, _HEADER_FRAME.pack(MAGIC, len(header), zlib.crc32(header)) + header)
-        os.fsync(fd)
+        if path.exists():
+            raise FileExistsError(f"log segment {path} exists already")
+        tmp = self.folder / f".{path.name}.tmp-{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            data = _HEADER_FRAME.pack(MAGIC, len(header), zlib.crc32(header)) + header
+            if os.write(fd, data) != len(data):
+                raise OSError(f"short write of the header of {path}")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
         _fsync_dir(self.folder)
-        return number, fd
+        return number, os.open(path, os.O_WRONLY | os.O_APPEND)
 
     @property
     def written(self) -> int:
@@ -329,26 +428,38 @@ class UpdateLog:
 
     def wait_durable(self, ticket: int) -> None:
         """With fsync=always, return once an fsync covers record `ticket` (call outside
-        the shard's lock: others keep appending meanwhile, and one fsync covers them)."""
+        the shard's lock: others keep appending meanwhile, and one fsync covers them).
+        DataLoss if the fsync failed, now or before: the record may not be on disk."""
         if self.fsync == "always" and self._synced < ticket:
             self.sync(ticket)
 
     def sync(self, ticket: int | None = None) -> None:
-        """fdatasync the sealed segments and the active one up to `ticket` (default:
-        everything written)."""
+        """fdatasync the active segment up to `ticket` (default: everything written).
+        DataLoss if the log is broken or the fdatasync fails (it is broken from then on)."""
         with self._sync_lock:
             target = self._written if ticket is None else max(ticket, 0)
-            if self._synced >= target and not self._sealed:
+            if self._synced >= target:
                 return
+            if self._broken:
+                raise DataLoss(f"the update log {self.path} is broken ({self._broken}): records written since "
+                               "its last good fsync may not be on disk; restart the shard to recover from the log")
             covered = self._written  # read before the fsync: every record up to it is in the kernel
-            for fd in self._sealed:
-                os.fdatasync(fd)
-                os.close(fd)
-            self._sealed.clear()
-            os.fdatasync(self._fd)
+            self._fdatasync(self._fd)
             self.fsyncs += 1
             self._synced = covered
             self.last_sync = time.monotonic()
+
+    def _fdatasync(self, fd: int) -> None:
+        """fdatasync `fd` (under the sync lock); a failure breaks the log for good and
+        raises DataLoss."""
+        try:
+            os.fdatasync(fd)
+        except OSError as error:
+            self._broken = f"fdatasync failed: {error}"
+            log.error("update log %s is broken: %s; updates are refused", self.path, self._broken)
+            raise DataLoss(f"fdatasync of the update log {self.path} failed ({error}): records written since its "
+                           "last good fsync may not be on disk; updates are refused; restart the shard to recover "
+                           "from the log") from error
 
     def fsync_lag(self) -> float:
         """Seconds since the last fsync if written records wait for one, else 0."""
@@ -357,38 +468,46 @@ class UpdateLog:
     def rotate(self, *, new_generation: bool = False, base: str | None = None) -> int:
         """Start a new segment (call under the shard's lock): continuing this one, or,
         with `new_generation`, a timeline of its own (after a Restore). The old segment is
-        fsynced by the next ``sync`` (``seal`` outside the lock). Returns its number."""
+        fdatasynced and closed before the new one exists, so a torn record can only ever
+        be in the newest segment. Returns the new segment's number."""
         with self._sync_lock:
+            if self._broken:
+                raise DataLoss(f"the update log {self.path} is broken ({self._broken}); restart the shard")
+            covered = self._written
+            self._fdatasync(self._fd)
+            self._synced = covered
             previous = None if new_generation else self.segment
             number, fd = self._open_segment(previous, base)
-            self._sealed.append(self._fd)
+            os.close(self._fd)
             self.segment, self._fd = number, fd
             self.records = 0
             self._offset = os.lseek(fd, 0, os.SEEK_END)
         return number
 
     def seal(self) -> None:
-        """fsync rotated segments (outside the shard's lock): a sealed segment is whole on disk."""
-        self.sync()
+        """Kept for callers: `rotate` now fsyncs the segment it seals itself."""
 
     def _sync_every_second(self) -> None:
         while not self._stop.wait(EVERYSEC_S):
             try:
                 self.sync()
-            except OSError as error:  # reported, and tried again next second
-                log.error("fsync of the update log %s failed: %s", self.path, error)
+            except DataLoss:  # the log is broken (logged): updates are refused from now on
+                return
 
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
-        if self.fsync != "no":
-            self.sync()
-        with self._sync_lock:
-            for fd in [*self._sealed, self._fd]:
-                os.close(fd)
-            self._sealed.clear()
-            self._fd = -1
+        try:
+            if self.fsync != "no":
+                self.sync()
+        except DataLoss as error:  # broken: said when it broke; recovery reads what reached the disk
+            log.error("closing the update log %s without a last fsync: %s", self.path, error)
+        finally:
+            with self._sync_lock:
+                if self._fd >= 0:
+                    os.close(self._fd)
+                self._fd = -1
 
 
 def iter_segments(folder: Path) -> Iterator[tuple[int, dict]]:
