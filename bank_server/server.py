@@ -6,7 +6,8 @@ log segment, and only then reports SERVING; a shard whose stored state cannot be
 refuses to start, saying which file and why. With a snapshot folder every update is
 logged before its reply (`--fsync`), and `--snapshot-every` snapshots in the
 background. On SIGTERM it stops taking calls, lets in-flight ones finish, writes a
-final snapshot and exits 0.
+final snapshot (none when a failed Restore left the shard damaged: LATEST and the log
+then still hold its last good state) and exits 0.
 """
 
 from __future__ import annotations
@@ -182,6 +183,11 @@ class BankServer:
         themselves; a failure is logged and tried again next time."""
         while not self._stopping.wait(self.config.snapshot_every):
             tag = f"periodic-{int(time.time())}"
+            if self.servicer.shard.damaged:
+                log.error("skipping periodic snapshot %s: the shard is damaged (%s); restart it to recover from "
+                          "LATEST and its update log", tag, self.servicer.shard.damaged)
+                self._set_serving(False)
+                continue
             try:
                 path, nbytes, seconds = self.servicer.shard.snapshot(
                     self.config.snapshot_dir, tag, self.config.keep_snapshots, PERIODIC_KEPT)
@@ -197,7 +203,12 @@ class BankServer:
             self._periodic.join()
         shard = self.servicer.shard
         try:
-            if final_snapshot and self.config.snapshot_dir and shard is not None:
+            if final_snapshot and self.config.snapshot_dir and shard is not None and shard.damaged:
+                # Its rows are half a Restore: a snapshot of them would move LATEST off the
+                # state the log and LATEST still hold. The next start recovers that state.
+                log.error("no final snapshot: the shard is damaged (%s); LATEST and the update log are left as "
+                          "they are, and the next start recovers from them", shard.damaged)
+            elif final_snapshot and self.config.snapshot_dir and shard is not None:
                 tag = f"shutdown-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 1_000_000_000:09d}"
                 path, nbytes, seconds = shard.snapshot(self.config.snapshot_dir, tag, self.config.keep_snapshots)
                 log.info("final snapshot %s: %d bytes in %.2fs", path, nbytes, seconds)

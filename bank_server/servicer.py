@@ -152,15 +152,21 @@ class MemoryBankServicer:
     def Restore(self, request, context):
         shard = self._ready()
         directory = self._snapshot_dir()
-        # Rows are read into the live array: calls are turned away (UNAVAILABLE, which
-        # clients retry) and health says NOT_SERVING until it is done.
-        self._restoring = True
-        self.set_serving(False)
+
+        def loading():
+            # Rows are read into the live array: from when this Restore holds the snapshot
+            # lock (not while it waits for a snapshot to end) calls are turned away
+            # (UNAVAILABLE, which clients retry) and health says NOT_SERVING.
+            self._restoring = True
+            self.set_serving(False)
+
         try:
-            path = shard.restore_in_place(directory, request.tag or None)
+            path = shard.restore_in_place(directory, request.tag or None, loading=loading)
         finally:
             self._restoring = False
-            self.set_serving(True)
+            # A Restore that failed before the rows changed leaves the shard as it was;
+            # one that failed half-way leaves it damaged: NOT_SERVING until a restart.
+            self.set_serving(not shard.damaged)
         log.info("restored snapshot %s", path)
         return bank_pb2.RestoreResponse(tag=shard.last_snapshot_tag, path=str(path))
 

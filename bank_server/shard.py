@@ -248,6 +248,11 @@ class Shard:
         recognised. Replaying a record twice changes nothing (it holds results); it is
         counted once."""
         key = (record.client_id, int(record.sequence))
+        if len(record.local) and not (0 <= record.local.min() and record.local.max() < self.layout.rows_held):
+            raise update_log.LogCorrupt(
+                f"update-log record (client {record.client_id!r}, sequence {record.sequence}) writes local rows "
+                f"{int(record.local.min())}..{int(record.local.max())}, outside this shard's "
+                f"[0, {self.layout.rows_held})")
         self._rows[record.local] = record.rows
         if key[0] and key in self._seen:
             return
@@ -352,10 +357,16 @@ class Shard:
         segment's length when the last block was copied) is exactly the shard at that
         moment, and the file plus the whole timeline from that segment on is exactly the
         shard now. LATEST says so: ``{"tag": tag, "log": segment, "from": log_end}``.
+
+        DataLoss, writing nothing, when the shard is damaged (a Restore failed half-way):
+        its rows are not a state the bank was ever in.
         """
         snapshots.check_tag(tag)
         sid = self.layout.shard_id
         with self._snapshot_lock:
+            if self.damaged:
+                raise DataLoss(f"shard {sid} is damaged ({self.damaged}): not snapshotting rows it cannot vouch "
+                               "for; restart it to recover from LATEST and its update log")
             with self._lock:
                 segment = self._log.rotate() if self._log is not None else None
                 metadata = {
@@ -434,6 +445,7 @@ class Shard:
         found = update_log.segment_path(snapshots.shard_dir(directory, self.layout.shard_id), segment)
         if not found.exists():
             raise DataLoss(f"snapshot {snapshot} needs its update-log segment {found}, which is missing")
+        update_log.check_layout(found, self.layout)
         return found
 
     def _checked_metadata(self, directory, tag: str | None, whole: bool = True) -> tuple[Path, dict]:
@@ -468,30 +480,39 @@ class Shard:
         shard._load_locked(path, directory)
         return shard
 
-    def restore_in_place(self, directory: str | Path, tag: str | None = None) -> Path:
+    def restore_in_place(self, directory: str | Path, tag: str | None = None, loading=None) -> Path:
         """Roll this shard back to snapshot `tag` (a Restore RPC), reading into the live
         rows: no second copy. The snapshot is checked whole first, so a bad one changes
         nothing. Then, under the lock, the rows are loaded, the log starts a new
         generation and LATEST moves to the snapshot and that generation: a crash after
-        the Restore recovers the restored timeline, not the abandoned one."""
+        the Restore recovers the restored timeline, not the abandoned one.
+
+        `loading()`, if given, is called once the snapshot is checked and this Restore
+        holds the snapshot lock, just before the live rows change (the servicer turns
+        calls away from then on). If the load, the new generation or LATEST fails, the
+        rows and the log no longer agree with LATEST: the shard is marked `damaged`
+        (every call, snapshot included, is refused until a restart recovers it)."""
         sid = self.layout.shard_id
         with self._snapshot_lock:
+            if self.damaged:
+                raise DataLoss(f"shard {sid} is damaged ({self.damaged}); restart it")
             path, metadata = self._checked_metadata(directory, tag)
+            if loading is not None:
+                loading()
             with self._lock:
                 try:
                     self._load_locked(path, directory)
+                    if self._log is not None:
+                        segment = self._log.rotate(new_generation=True, base=metadata["tag"])
+                        snapshots.write_latest(directory, sid, metadata["tag"], segment, 0)
+                    else:
+                        snapshots.write_latest(directory, sid, metadata["tag"], None, 0)
                 except Exception as error:  # checked whole just before: a disk failing now
                     self.damaged = f"a Restore of {path} failed half-way ({error})"
                     log.error("shard %d: %s; restart it to recover its last state from LATEST and the log",
                               sid, self.damaged)
-                    raise
-                if self._log is not None:
-                    segment = self._log.rotate(new_generation=True, base=metadata["tag"])
-                    snapshots.write_latest(directory, sid, metadata["tag"], segment, 0)
-                else:
-                    snapshots.write_latest(directory, sid, metadata["tag"], None, 0)
-            if self._log is not None:
-                self._log.seal()
+                    raise DataLoss(f"{self.damaged}; the shard refuses every call until a restart recovers it "
+                                   "from LATEST and its update log") from error
         return path
 
     def describe(self) -> dict:
