@@ -89,8 +89,9 @@ class _ShardCollector:
         if shard is None:  # still loading
             return
         yield GaugeMetricFamily("instdisc_bank_rows_held", "rows this shard holds", value=shard.layout.rows_held)
-        yield CounterMetricFamily("instdisc_bank_updates_applied", "updates applied (replayed ones included)",
-                                  value=shard.updates_applied)
+        # A gauge: a Restore sets it back to the snapshot's count.
+        yield GaugeMetricFamily("instdisc_bank_updates_applied", "updates applied (replayed ones included; a "
+                                "Restore sets it to the restored snapshot's count)", value=shard.updates_applied)
         log = shard.log
         if log is not None:
             yield CounterMetricFamily("instdisc_bank_log_bytes", "bytes appended to the update log since the start",
