@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
 from bank_server.errors import BankError
+from bank_server.token_source import BankTokenMissing, read_token
+from bank_server.update_log import FSYNC_MODES
 
 # Kept here, not imported from the server, so that `instdisc --help` stays light.
 THREADS_HELP = ("numpy BLAS threads in this shard process (default 1): a shard's work is memory-bound, and "
@@ -33,7 +34,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-message-mb", type=float, default=16.0)
     parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get at SIGTERM")
     parser.add_argument("--threads", type=_positive_int, default=1, help=THREADS_HELP)
-    parser.add_argument("--fsync", choices=("always", "everysec", "no"), default="everysec",
+    parser.add_argument("--fsync", choices=FSYNC_MODES, default="everysec",
                         help="when the update log (kept with --snapshot-dir) reaches the disk: before each reply "
                              "(always), once a second (everysec, the default: a process crash loses nothing, a "
                              "machine crash up to a second), or when the kernel decides (no)")
@@ -63,12 +64,13 @@ def run_serve(args: argparse.Namespace) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         print("error: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
-    token = Path(args.token_file).read_text().strip() if args.token_file else None
     if args.snapshot_every and args.snapshot_every < 1:
         print("error: --snapshot-every must be 0 (off) or at least 1 second", file=sys.stderr)
         return 2
-    if args.token_file and not token:
-        print(f"error: --token-file {args.token_file} is empty", file=sys.stderr)
+    try:
+        token = read_token(args.token_file)
+    except BankTokenMissing as error:
+        print(f"error: --token-file: {error}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(

@@ -40,7 +40,6 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -49,6 +48,7 @@ from bank_server.client import BankClient
 from bank_server.recovery import RecoveryRefused
 from bank_server.server import BankServer, ServerConfig, limit_blas_threads
 from bank_server.shard import PROCESS_BYTES, memory_bytes, rows_on_shard
+from bank_server.token_source import BankTokenMissing, read_token  # noqa: F401 (imported from here too)
 
 log = logging.getLogger(__name__)
 
@@ -103,33 +103,6 @@ def free_memory_by_node() -> dict[str, int]:
         log.warning("cannot read Ray's free memory per node (%s); planning the bank with each node's total", error)
         free = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
     return {node: int(resources.get("memory", 0)) for node, resources in free.items()}
-
-
-class BankTokenMissing(RuntimeError):
-    """The token's file or environment variable is missing or empty where it is read."""
-
-
-def read_token(token_file: str | None = None, token_env: str | None = None) -> str | None:
-    """The bank's bearer token from `token_file` or the environment variable named
-    `token_env` (None when neither is given); BankTokenMissing naming the source if it
-    is missing or empty, rather than a bank open to anyone."""
-    if token_file and token_env:
-        raise ValueError("give the token's file or its environment variable, not both")
-    if token_file:
-        try:
-            token = Path(token_file).read_text().strip()
-        except OSError as error:
-            raise BankTokenMissing(f"cannot read the bank token file {token_file}: {error}") from None
-        if not token:
-            raise BankTokenMissing(f"the bank token file {token_file} is empty")
-        return token
-    if token_env:
-        token = os.environ.get(token_env, "").strip()
-        if not token:
-            raise BankTokenMissing(f"the environment variable {token_env} (the bank token) is unset or empty "
-                                   "in this process")
-        return token
-    return None
 
 
 class BankShardActor:

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bank_server import update_log
 from bank_server.client import BankClient
 from bank_server.shard import Layout, Shard
 from benchmarks.args import comma_list, positive_int
@@ -66,7 +67,7 @@ def add_bench_bank_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=_seconds, default=None, metavar="SECONDS",
                         help="a load test instead: each --clients count makes Steps for SECONDS, counting failed "
                              "ones (the command exits 1 if any failed); p50/p99/max, rows/s and calls/s per shard")
-    parser.add_argument("--fsync", choices=("always", "everysec", "no"), default=None,
+    parser.add_argument("--fsync", choices=update_log.FSYNC_MODES, default=None,
                         help="run the shards with their update log in this mode (a snapshot folder in --log-dir); "
                              "default: no snapshot folder, no log")
     parser.add_argument("--json", dest="json_path", help="also write the results here as a JSON list")
@@ -78,7 +79,7 @@ def add_bench_bank_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: a temporary folder; put it on the disk you mean to measure)")
 
 
-FSYNC_MODES = ("off", "no", "everysec", "always")
+FSYNC_MODES = ("off", *update_log.FSYNC_MODES)  # off: no snapshot folder, so no log
 
 
 def _seconds(text: str) -> float:

@@ -49,3 +49,15 @@ def test_tls_with_a_self_signed_certificate(make_bank, tmp_path):
     with grpc.insecure_channel(bank.addresses[0]) as channel:  # plaintext to a TLS port fails
         with pytest.raises(grpc.RpcError):
             bank_pb2_grpc.MemoryBankStub(channel).Describe(bank_pb2.DescribeRequest(), timeout=3)
+
+
+def test_serve_refuses_an_empty_or_missing_token_file_with_the_shared_reader(tmp_path, capsys):
+    from bank_server.cli import main
+
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    base = ["--shard-id", "0", "--num-shards", "1", "--rows", "10", "--port", "0"]
+    assert main([*base, "--token-file", str(empty)]) == 2
+    assert f"the bank token file {empty} is empty" in capsys.readouterr().err
+    assert main([*base, "--token-file", str(tmp_path / "missing")]) == 2
+    assert "cannot read the bank token file" in capsys.readouterr().err
