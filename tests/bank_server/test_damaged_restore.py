@@ -127,3 +127,34 @@ def test_a_restore_waiting_for_a_snapshot_does_not_turn_calls_away(server):
     restore.join(60)
     assert answers and answers[0].tag == "epoch-1"
     assert health(server.address) == SERVING
+
+
+def test_a_restore_whose_latest_cannot_be_written_damages_the_shard_and_the_old_timeline_recovers(tmp_path):
+    # The rows load and the new generation starts, then LATEST cannot be written (here a
+    # directory stands where its temporary file goes): the shard would serve restored rows
+    # while LATEST names the old timeline, so it is damaged instead.
+    import os
+
+    layout = Layout(0, 1, N, D, "float16")
+    shard, _ = open_logged(layout, tmp_path, seed=0, fsync="always")
+    shard.momentum_update(np.arange(4), np.full((4, D), D ** -0.5, np.float32), 0.5, "c", 1)
+    shard.snapshot(tmp_path, "epoch-1")
+    shard.momentum_update(np.arange(4, 8), np.full((4, D), D ** -0.5, np.float32), 0.5, "c", 2)
+    live = shard.lookup(np.arange(N)).copy()
+    latest = snapshots.latest_path(tmp_path, 0)
+    before = latest.read_bytes()
+    blocker = latest.parent / f".LATEST.tmp-{os.getpid()}"
+    blocker.mkdir()
+    with pytest.raises(DataLoss, match="failed half-way"):
+        shard.restore_in_place(tmp_path, "epoch-1")
+    assert shard.damaged and latest.read_bytes() == before
+    with pytest.raises(DataLoss, match="damaged"):
+        shard.snapshot(tmp_path, "after")
+    shard.log.close()
+    blocker.rmdir()
+    again, recovery = open_logged(layout, tmp_path, seed=0)
+    try:
+        np.testing.assert_array_equal(again.lookup(np.arange(N)), live)  # the timeline LATEST names, both updates
+        assert again.updates_applied == 2
+    finally:
+        again.log.close()
