@@ -236,7 +236,7 @@ def _fit(config: Config, storage_path: str, run_name: str, addresses: list[str],
     except Exception as error:  # Ray wraps worker errors (after FailureConfig's retries)
         raise TrainingStopped(f"training failed: {error}") from error
     finally:
-        restarts = ray.get(starts.restarts.remote())
+        restarts = ray.get(starts.restarts.remote(), timeout=60)
         ray.kill(starts)
     return result, time.perf_counter() - start, restarts
 
