@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from bank_server.errors import DataLoss, InvalidArgument, NotFound
+from bank_server.update_log import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +59,10 @@ def snapshot_path(directory: str | os.PathLike, shard_id: int, tag: str) -> Path
     return shard_dir(directory, shard_id) / f"{check_tag(tag)}.arrow"
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _replace_durably(tmp: Path, final: Path) -> None:
-    _fsync_path(tmp)
+    fsync_path(tmp)
     os.replace(tmp, final)
-    _fsync_path(final.parent)
+    fsync_path(final.parent)
 
 
 def write(directory: str | os.PathLike, shard_id: int, tag: str, metadata: dict, dim: int, dtype,

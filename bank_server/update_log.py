@@ -88,8 +88,9 @@ def segment_numbers(folder: Path) -> list[int]:
     return sorted(int(m.group(1)) for p in Path(folder).iterdir() if (m := _NAME.fullmatch(p.name)))
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's fsync makes a rename in it durable)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -178,7 +179,7 @@ def remove_torn_segments(folder: Path, named: int | None = None) -> list[str]:
         path.unlink()
         removed.append(f"removed {path} ({why}, no record): a crash cut its creation short")
     if removed:
-        _fsync_dir(folder)
+        fsync_path(folder)
     return removed
 
 
@@ -376,7 +377,7 @@ class UpdateLog:
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(self.folder)
+        fsync_path(self.folder)
         return number, os.open(path, os.O_WRONLY | os.O_APPEND)
 
     @property
