@@ -195,11 +195,18 @@ def test_a_killed_shard_actor_and_a_killed_train_worker(tmp_path):
         shards = run.ray_processes("ray::BankShardActor")
         assert len(shards) == 2, shards
         kill(shards[1])
-        # After the first epoch's checkpoint: Ray Train goes on from it.
+        # After the first epoch's checkpoint, once Ray Train's controller has it on record
+        # (it writes this file then): Ray Train goes on from it.
         run.wait_for(r"epoch 2/2 step \d+/64", RUN_S)
+        registered = run.output / "ray" / run.name / "checkpoint_manager_snapshot.json"
+        assert wait_until(lambda: registered.exists() and "epoch-0001" in registered.read_text(), timeout=60)
         workers = run.ray_processes("ray::RayTrainWorker")
         assert len(workers) == 2, workers
-        kill(workers[0])
+        # Rank 1 (rank 0 prints the progress lines): in one try, rank 0 killed a second
+        # after the epoch's report left Ray Train restarting from no checkpoint at all.
+        rank0 = int(re.findall(r"RayTrainWorker pid=(\d+)\S* \[instdisc\] epoch 2/2 step", run.text())[-1])
+        assert rank0 in workers, (rank0, workers)
+        kill(next(pid for pid in workers if pid != rank0))
         logs = run.finish()
     finally:
         run.stop()
