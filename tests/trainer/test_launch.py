@@ -46,3 +46,22 @@ def test_more_negatives_than_bank_rows_are_capped_at_the_rows_and_said(capsys):
     assert "loss.negatives=4096 exceeds the 1348 training images (the bank's rows): K = 1348" in capsys.readouterr().out
     check_against_dataset(config, train_rows=60000, image_side=32)
     assert config.loss.negatives == 1348
+
+
+def test_a_run_warns_of_its_end_below_the_untrained_encoder_and_of_its_dips_in_one_line():
+    from trainer.launch import run_warnings
+
+    nan = float("nan")
+    def epochs(*top1):
+        return [{"epoch": e, "knn_top1": t} for e, t in enumerate(top1, start=1)]
+
+    assert run_warnings(epochs(0.81, 0.85), 0.80) == []
+    dipped = run_warnings(epochs(0.70, nan, 0.60, 0.75, 0.90), 0.80)  # dips early, ends above
+    assert dipped == ["kNN top-1 was below the untrained encoder's 80.00 % at 3 of 4 evaluated epochs (1 to 4; "
+                      "lowest 60.00 % at epoch 3)"]
+    ended = run_warnings(epochs(0.85, 0.70), 0.80)
+    assert ended == ["kNN top-1 70.00 % at epoch 2 is below the untrained encoder's 80.00 %: training made the "
+                     "features worse for kNN"]
+    both = run_warnings(epochs(0.70, 0.75), 0.80)
+    assert both[0].startswith("kNN top-1 75.00 % at epoch 2 is below") and "at 2 of 2 evaluated epochs" in both[1]
+    assert run_warnings(epochs(0.70), None) == []
