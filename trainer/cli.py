@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -152,6 +153,19 @@ def run_eval_knn(args) -> int:
     return 0
 
 
+# `instdisc bench ...` and `instdisc scale ...`: (command, subcommand) -> where its runner
+# lives, imported only when it runs (the parser is built without torch or Ray).
+BENCHMARKS = {
+    ("bench", "train"): ("benchmarks.train", "run_bench_train"),
+    ("bench", "parts"): ("benchmarks.step_parts", "run_bench_parts"),
+    ("bench", "durability"): ("benchmarks.durability", "run_durability"),
+    ("bench", "defaults"): ("benchmarks.defaults", "run_bench_defaults"),
+    ("bench", "bank"): ("benchmarks.bank", "run_bench_bank"),
+    ("scale", "bank"): ("benchmarks.scale_bank", "run_scale_bank"),
+    ("scale", "train"): ("benchmarks.scale_train", "run_scale_train"),
+}
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bank":
@@ -169,35 +183,8 @@ def main(argv=None) -> int:
         return run_eval_linear(args)
     if args.command == "eval":
         return run_eval_knn(args)
-    if args.command == "bench" and args.bench_command == "train":
-        from benchmarks.train import run_bench_train
-
-        return run_bench_train(args)
-    if args.command == "bench" and args.bench_command == "parts":
-        from benchmarks.step_parts import run_bench_parts
-
-        return run_bench_parts(args)
-    if args.command == "bench" and args.bench_command == "durability":
-        from benchmarks.durability import run_durability
-
-        return run_durability(args)
-    if args.command == "bench" and args.bench_command == "defaults":
-        from benchmarks.defaults import run_bench_defaults
-
-        return run_bench_defaults(args)
-    if args.command == "bench" and args.bench_command == "bank":
-        from benchmarks.bank import run_bench_bank
-
-        return run_bench_bank(args)
-    if args.command == "scale" and args.scale_command == "bank":
-        from benchmarks.scale_bank import run_scale_bank
-
-        return run_scale_bank(args)
-    if args.command == "scale" and args.scale_command == "train":
-        from benchmarks.scale_train import run_scale_train
-
-        return run_scale_train(args)
-    raise AssertionError(args)
+    module, function = BENCHMARKS[(args.command, getattr(args, f"{args.command}_command"))]
+    return getattr(importlib.import_module(module), function)(args)
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ def record_offsets(path):
     return offsets
 
 
-# -- torn or corrupt: item 9 ---------------------------------------------------------
+# -- torn or corrupt --
 
 def test_a_whole_last_record_with_a_bad_checksum_is_corruption_named_by_file_and_offset(tmp_path):
     layout = Layout(0, 1, N, D, "float32")
@@ -87,7 +87,7 @@ def test_a_record_cut_short_by_the_end_of_the_file_or_zeros_is_torn_and_dropped(
     shard.log.close()
 
 
-# -- a segment whose creation a crash cut short: item 3 -----------------------------
+# -- a segment whose creation a crash cut short --
 
 @pytest.mark.parametrize("content", [b"", update_log.MAGIC[:5], update_log.MAGIC + b"\x40\x00\x00\x00\x00\x00"])
 def test_a_segment_whose_header_a_crash_cut_short_is_removed_and_the_shard_starts(tmp_path, content, caplog):
@@ -128,7 +128,7 @@ def test_new_segments_leave_no_temporary_header_files(tmp_path):
     assert (header["total_rows"], header["num_shards"], header["dim"]) == (N, 1, D)
 
 
-# -- a log written for another layout: item 5 ---------------------------------------
+# -- a log written for another layout --
 
 @pytest.mark.parametrize("other, mismatch", [
     (Layout(0, 1, 2 * N, D, "float32"), rf"total_rows: log {N} vs shard {2 * N}"),
@@ -154,7 +154,7 @@ def test_every_chained_segment_is_checked_not_only_the_first(tmp_path):
         open_logged(layout, tmp_path, seed=0)
 
 
-# -- a failed fdatasync: item 6 -------------------------------------------------------
+# -- a failed fdatasync --
 
 def test_a_failed_fdatasync_breaks_the_log_the_caller_gets_data_loss_and_updates_are_refused(tmp_path, monkeypatch):
     layout = Layout(0, 1, N, D, "float32")
@@ -181,7 +181,7 @@ def test_a_failed_fdatasync_breaks_the_log_the_caller_gets_data_loss_and_updates
     again.log.close()
 
 
-# -- snapshots without LATEST or log: item 8 ----------------------------------------
+# -- snapshots without LATEST or log --
 
 def test_snapshots_without_latest_or_log_start_fresh_with_a_warning_naming_them(tmp_path, caplog):
     layout = Layout(0, 1, N, D, "float32")
