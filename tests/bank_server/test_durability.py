@@ -51,6 +51,10 @@ class Updates:
         self.acknowledge(update)
         return answer.applied
 
+    def send_many(self, stub, count: int) -> None:
+        for _ in range(count):
+            self.send(stub, self.next())
+
     def acknowledge(self, update):
         idx, f, sequence = update
         self.model.momentum_update(idx, f, MOMENTUM, "fault-test", sequence)
@@ -137,8 +141,7 @@ def test_sigkill_during_a_snapshot_write_recovers_from_the_previous_snapshot_and
         try:
             with channel_to(server) as channel:
                 stub = bank_pb2_grpc.MemoryBankStub(channel)
-                for _ in range(5):
-                    updates.send(stub, updates.next())
+                updates.send_many(stub, 5)
                 if attempt == 0:
                     stub.Snapshot(bank_pb2.SnapshotRequest(tag="before"), timeout=120)
                 stop = threading.Event()
@@ -185,17 +188,14 @@ def test_sigkill_right_after_a_restore_recovers_the_restored_timeline(tmp_path):
     try:
         with channel_to(server) as channel:
             stub = bank_pb2_grpc.MemoryBankStub(channel)
-            for _ in range(5):
-                updates.send(stub, updates.next())
+            updates.send_many(stub, 5)
             stub.Snapshot(bank_pb2.SnapshotRequest(tag="epoch-1"), timeout=30)
             abandoned = Updates(seed=1)  # a timeline the Restore abandons: the model never sees it
             abandoned.sequence = 1000
-            for _ in range(5):
-                abandoned.send(stub, abandoned.next())
+            abandoned.send_many(stub, 5)
             stub.Restore(bank_pb2.RestoreRequest(tag="epoch-1"), timeout=30)
             updates.check(stub)
-            for _ in range(3):
-                updates.send(stub, updates.next())
+            updates.send_many(stub, 3)
     finally:
         kill(server)
     again = start(args, tmp_path, "second")
@@ -235,8 +235,7 @@ def test_damaged_state_is_refused_by_name_unless_allow_fresh(tmp_path, damage):
         with channel_to(server) as channel:
             stub = bank_pb2_grpc.MemoryBankStub(channel)
             stub.Snapshot(bank_pb2.SnapshotRequest(tag="epoch-1"), timeout=30)
-            for _ in range(6):
-                updates.send(stub, updates.next())
+            updates.send_many(stub, 6)
     finally:
         kill(server)
     damaged = damage(snapshots.shard_dir(tmp_path, 0))
@@ -261,8 +260,7 @@ def test_a_torn_tail_is_dropped_and_logged(tmp_path):
     try:
         with channel_to(server) as channel:
             stub = bank_pb2_grpc.MemoryBankStub(channel)
-            for _ in range(4):
-                updates.send(stub, updates.next())
+            updates.send_many(stub, 4)
     finally:
         kill(server)
     folder = snapshots.shard_dir(tmp_path, 0)
