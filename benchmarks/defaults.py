@@ -50,7 +50,7 @@ def pixel_knn(config) -> dict:
     import torch
 
     from trainer.evaluate import embed_all, knn_accuracy
-    from trainer.train import load_datasets
+    from trainer.input import load_datasets
 
     train_set, test_set = load_datasets(config)
     pixels = torch.nn.Flatten()

@@ -11,7 +11,9 @@ and read back by resume and by ``instdisc export``. The file is a dict:
   logged step), which the run's TensorBoard events are written from;
 - ``bank_snapshot``: the tag of the bank snapshot taken at the same step, which
   resume restores; ``bank_addresses`` where that bank served;
-- ``config``, ``git_sha``: what produced it.
+- ``config``, ``git_sha``: what produced it;
+- ``dataset``: the training split's fingerprint (`trainer.input`: a streamed Parquet
+  split's files, sizes and row counts); resume refuses another dataset.
 """
 
 from __future__ import annotations
@@ -25,13 +27,13 @@ FILE = "state.pt"
 
 def save(folder: str | Path, *, model: dict, optimizer: dict, encoder: dict, image_size: int, epoch: int,
          step: int, history: list, step_log: list, log_z: float | None, bank_snapshot: str, bank_addresses: list[str],
-         config: dict, git_sha: str, bank_outages: list[dict]) -> Path:
+         config: dict, git_sha: str, bank_outages: list[dict], dataset: dict) -> Path:
     """Write the checkpoint file into `folder`; every field is required, by name."""
     path = Path(folder) / FILE
     torch.save({"model": model, "optimizer": optimizer, "encoder": encoder, "image_size": image_size,
                 "epoch": epoch, "step": step, "history": history, "step_log": step_log, "log_z": log_z,
                 "bank_snapshot": bank_snapshot, "bank_addresses": bank_addresses, "config": config,
-                "git_sha": git_sha, "bank_outages": bank_outages}, path)
+                "git_sha": git_sha, "bank_outages": bank_outages, "dataset": dataset}, path)
     return path
 
 

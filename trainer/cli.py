@@ -73,12 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     scale = commands.add_parser("scale", help="scaling sweeps that write results.parquet, results.md and plots")
     scale_commands = scale.add_subparsers(dest="scale_command", required=True)
     from benchmarks.scale_bank import add_scale_bank_arguments
+    from benchmarks.scale_data import add_scale_data_arguments
     from benchmarks.scale_train import add_scale_train_arguments
 
     add_scale_bank_arguments(scale_commands.add_parser(
         "bank", help="bank cost vs rows, shards, negatives, dtype and clients on real servers"))
     add_scale_train_arguments(scale_commands.add_parser(
         "train", help="kNN accuracy vs negatives (and the exact softmax) and vs bank size"))
+    add_scale_data_arguments(scale_commands.add_parser(
+        "data", help="Parquet reading vs set size: train worker memory and images/s, and a reader comparison"))
     return parser
 
 
@@ -163,6 +166,7 @@ BENCHMARKS = {
     ("bench", "bank"): ("benchmarks.bank", "run_bench_bank"),
     ("scale", "bank"): ("benchmarks.scale_bank", "run_scale_bank"),
     ("scale", "train"): ("benchmarks.scale_train", "run_scale_train"),
+    ("scale", "data"): ("benchmarks.scale_data", "run_scale_data"),
 }
 
 

@@ -23,11 +23,18 @@ class ConfigError(ValueError):
 class DataConfig:
     name: str = "fashion-mnist"
     root: str | None = None      # None: Debian's files / the download cache
-    subset: int = 0              # train on the first `subset` of a seeded permutation; 0 = all
-    test_subset: int = 0         # evaluate on this many test images; 0 = all
+    # Train on `subset` images (0 = all): the first of a seeded permutation, or for a
+    # streamed Parquet dataset its evenly spaced rows (no random access needed).
+    subset: int = 0
+    test_subset: int = 0         # evaluate on this many test images, chosen the same way; 0 = all
     image_size: int = 32         # imagefolder / parquet images are resized to this
     download: bool = True
-    loader_workers: int = 0      # DataLoader processes (decoded datasets want some)
+    # Decoding processes per train worker; None: 1 for datasets decoded per image
+    # (parquet, imagefolder), 0 for those held decoded in memory.
+    loader_workers: int | None = None
+    # parquet: stream each worker's row groups (true), or hold the split in memory (false).
+    stream: bool = True
+    shuffle_buffer: int = 4096   # streamed parquet: encoded rows mixed across row groups
 
 
 @dataclass
@@ -181,6 +188,11 @@ class Config:
             (self.eval.every >= 1, "eval.every must be >= 1"),
             (self.eval.k >= 1, "eval.k must be >= 1"),
             (self.eval.source in ("bank", "fresh"), "eval.source must be 'bank' or 'fresh'"),
+            (not (self.data.name == "parquet" and self.data.stream and self.eval.source == "fresh"),
+             "eval.source=fresh holds every train image's feature on each worker; a streamed Parquet dataset "
+             "evaluates against the bank (eval.source=bank), or set data.stream=false to hold it in memory"),
+            (self.data.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0 (0: row groups' own order)"),
+            (self.data.loader_workers is None or self.data.loader_workers >= 0, "data.loader_workers must be >= 0"),
             (self.eval.linear_epochs >= 1, "eval.linear_epochs must be >= 1"),
             (self.eval.linear_lr > 0, "eval.linear_lr must be > 0"),
             (self.eval.linear_weight_decay >= 0, "eval.linear_weight_decay must be >= 0"),

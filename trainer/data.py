@@ -45,14 +45,24 @@ class InMemoryImages(Dataset):
         return InMemoryImages(self.images[idx], self.labels[idx], self.num_classes)
 
 
-def _to_chw_uint8(image, size: int) -> torch.Tensor:
-    """PIL image -> uint8 (3, size, size): shorter side resized to `size`, centre crop."""
-    from torchvision.transforms.v2 import functional as TF
+def image_to_chw(image, size: int) -> np.ndarray:
+    """PIL image -> uint8 (3, size, size): RGB, the shorter side resized to `size`
+    (bilinear, antialiased), centre crop. Every decoded dataset's images go through here."""
+    from PIL import Image
 
     image = image.convert("RGB")
-    t = TF.pil_to_tensor(image)
-    t = TF.resize(t, [size], antialias=True)
-    return TF.center_crop(t, [size, size])
+    w, h = image.size
+    if (w, h) != (size, size):
+        scale = size / min(w, h)
+        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
+        w, h = image.size
+        left, top = (w - size) // 2, (h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    return np.asarray(image).transpose(2, 0, 1)
+
+
+def _to_chw_uint8(image, size: int) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(image_to_chw(image, size)))
 
 
 class DecodedImages(Dataset):
@@ -151,28 +161,26 @@ def _imagefolder(root: Path, train: bool, size: int) -> DecodedImages:
     return DecodedImages(lambda i: ds.loader(ds.samples[i][0]), [t for _, t in ds.samples], len(ds.classes), size)
 
 
-def _parquet(root: Path, train: bool, size: int) -> DecodedImages:
-    import pyarrow.parquet as pq
+def _parquet(root: str, train: bool, size: int) -> DecodedImages:
+    """The whole split in memory (its encoded images; decoded per access): the
+    random-access form, for `data.stream=false` and `instdisc eval`. Training streams
+    Parquet by default (`trainer.input`)."""
     from PIL import Image
 
-    path = root / ("train.parquet" if train else "test.parquet")
-    if not path.exists():
-        raise DatasetMissing(f"dataset 'parquet': no file {path}; data.root must hold train.parquet and "
-                             "test.parquet with an encoded-image column 'image' and an integer column 'label'")
-    table = pq.read_table(path)
-    for column in ("image", "label"):
-        if column not in table.column_names:
-            raise ValueError(f"{path} has no column {column!r} (columns: {table.column_names})")
-    images = table.column("image").combine_chunks()
-    if hasattr(images.type, "get_field_index") and images.type.get_field_index("bytes") >= 0:
-        images = images.field("bytes")  # the Hugging Face layout {bytes, path}
-    labels = table.column("label").to_numpy()
-    classes = int(labels.max()) + 1 if len(labels) else 0
+    from trainer.parquet import IMAGE, LABEL, ParquetSplit
+
+    split = ParquetSplit(root, "train" if train else "test")
+    images, labels = [], []
+    for piece in split.pieces():
+        values = split.read_piece(piece)
+        images += values[IMAGE]
+        labels.append(values[LABEL])
+    labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
 
     def load(i):
-        return Image.open(io.BytesIO(images[i].as_py()))
+        return Image.open(io.BytesIO(images[i]))
 
-    return DecodedImages(load, labels.astype(np.int64), classes, size)
+    return DecodedImages(load, labels, split.num_classes, size)
 
 
 def load_dataset(name: str, root: str | None = None, train: bool = True, download: bool = True,
@@ -186,7 +194,9 @@ def load_dataset(name: str, root: str | None = None, train: bool = True, downloa
         return _torchvision(name, path, train, download)
     if path is None:
         raise ValueError(f"data.root is required for data.name={name!r}")
-    return _imagefolder(path, train, image_size) if name == "imagefolder" else _parquet(path, train, image_size)
+    if name == "imagefolder":
+        return _imagefolder(path, train, image_size)
+    return _parquet(root, train, image_size)
 
 
 def seeded_subset(dataset, n: int | None, seed: int):

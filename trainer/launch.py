@@ -133,7 +133,7 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
     import ray
 
     from bank_server.ray_bank import BankTokenMissing, read_token, start_bank
-    from trainer.train import load_datasets
+    from trainer.input import describe
 
     if os.environ.get(_SUBMITTED_JOB) and not Path(output_dir).is_absolute():
         raise ConfigError(f"--output-dir {output_dir} is relative, and a submitted job runs in a temporary copy of "
@@ -149,17 +149,17 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
         token = read_token(token_file, token_env)
     except BankTokenMissing as error:
         raise ConfigError(str(error)) from None
-    train_set, test_set = load_datasets(config)
-    sample = train_set[0][0]
-    check_against_dataset(config, len(train_set), min(sample.shape[1:]))
-    length = run_length(len(train_set), config.train.batch_size, config.train.epochs, config.train.steps)
+    data = describe(config)  # a streamed dataset: from its files' metadata and one image
+    print(f"data: {data.describe()}", flush=True)
+    check_against_dataset(config, data.train_rows, data.side)
+    length = run_length(data.train_rows, config.train.batch_size, config.train.epochs, config.train.steps)
     given = length_given_by(config.train.epochs, config.train.steps)
     print(f"run length ({given}): {length.describe()} of {config.train.batch_size} images", flush=True)
     try:  # the outputs need it; found missing now, not after the training it would have written up
         import torch.utils.tensorboard  # noqa: F401
     except ImportError as error:
         raise ConfigError(f"TensorBoard is not installed ({error}); pip install tensorboard") from None
-    addresses = _check_bank(list(config.bank.addresses), token, config, len(train_set)) if config.bank.addresses else []
+    addresses = _check_bank(list(config.bank.addresses), token, config, data.train_rows) if config.bank.addresses else []
 
     init_ray(sha)
 
@@ -168,7 +168,7 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
         print(f"bank: {len(addresses)} shard(s) at {', '.join(addresses)}", flush=True)
     else:
         # Per run name: another run in the same output folder must not restore these rows.
-        bank = start_bank(config.bank.shards, len(train_set), config.model.dim, config.bank.dtype,
+        bank = start_bank(config.bank.shards, data.train_rows, config.model.dim, config.bank.dtype,
                           snapshot_dir=str(output / "bank" / run_name), seed=config.bank.seed,
                           token_file=token_file, token_env=token_env,
                           name=f"{run_name}-bank", keep_snapshots=KEEP_CHECKPOINTS + 1,

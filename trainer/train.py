@@ -24,7 +24,6 @@ import time
 from contextlib import nullcontext
 
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
 
 from bank_server.client import BankClient, BankRpcError
 from bank_server.ray_bank import read_token, resolver
@@ -33,8 +32,8 @@ from trainer import distributed as dist
 from trainer.augment import augment
 from trainer.bank_feed import BankFeed
 from trainer.config import Config
-from trainer.data import batch_as_is, load_dataset, seeded_subset
 from trainer.evaluate import knn_correct
+from trainer.input import open_input
 from trainer.knn import correct_at, weighted_knn_scores
 from trainer.launch import below_untrained, percent
 from trainer.losses import (PartitionEstimate, accidental_hits, batch_log_z, infonce_loss, nce_loss, sampled_logits,
@@ -67,38 +66,9 @@ class StopTraining(RuntimeError):
     retry would meet the same problem)."""
 
 
-def load_datasets(config: Config):
-    d = config.data
-    train = load_dataset(d.name, d.root, train=True, download=d.download, image_size=d.image_size)
-    test = load_dataset(d.name, d.root, train=False, download=d.download, image_size=d.image_size)
-    return seeded_subset(train, d.subset, config.train.seed), seeded_subset(test, d.test_subset, config.train.seed + 1)
-
-
-def image_stats(dataset) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std in [0, 1] units (from up to 10k images)."""
-    images = getattr(dataset, "images", None)
-    if images is None:
-        sample = dataset.__getitems__(list(range(min(len(dataset), 512))))[0]
-    else:
-        sample = images[:10000]
-    x = sample.float() / 255
-    return x.mean(dim=(0, 2, 3)).tolist(), x.std(dim=(0, 2, 3)).clamp(min=1e-3).tolist()
-
-
 def build_encoder(config: Config, channels: int, mean, std) -> Encoder:
     m = config.model
     return Encoder(m.arch, channels, m.dim, m.width, m.cifar_stem, mean=mean, std=std)
-
-
-def _batches(dataset, indices: list[int], batch_size: int, workers: int):
-    """Fixed-order batches of `indices` (evaluation and warm start)."""
-    chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    if workers:
-        yield from DataLoader(dataset, batch_size=None, sampler=chunks, num_workers=workers,
-                              collate_fn=batch_as_is)
-    else:
-        for chunk in chunks:
-            yield dataset.__getitems__(chunk)
 
 
 @torch.no_grad()
@@ -122,23 +92,18 @@ class Worker:
             torch.set_num_threads(max(1, int(c.train.cpus_per_worker)))
         torch.manual_seed(c.train.seed + self.rank)
 
-        # 1. data
-        self.train_set, self.test_set = load_datasets(c)
-        self.n = len(self.train_set)
-        sample = self.train_set[0][0]
-        channels, height = sample.shape[0], sample.shape[1]
+        # 1. data: in memory, or this worker's share streamed (trainer.input)
+        self.input = open_input(c, self.rank, self.world)
+        self.n = self.input.rows
+        channels, height = self.input.channels, self.input.side
         self.image_size = int(height)
-        self.sampler = DistributedSampler(self.train_set, num_replicas=self.world, rank=self.rank, shuffle=True,
-                                          seed=c.train.seed, drop_last=True)
-        self.batch = c.train.batch_size // self.world  # train.batch_size is the global batch
-        self.loader = DataLoader(self.train_set, batch_size=self.batch, sampler=self.sampler,
-                                 drop_last=True, num_workers=c.data.loader_workers, collate_fn=batch_as_is)
         self.length = run_length(self.n, c.train.batch_size, c.train.epochs, c.train.steps)
-        if len(self.loader) != self.length.steps_per_epoch:  # launch printed the length from the same rule
-            raise AssertionError(f"{len(self.loader)} batches per epoch, expected {self.length.steps_per_epoch}")
+        if self.input.batches_per_epoch() != self.length.steps_per_epoch:  # launch printed it by the same rule
+            raise AssertionError(f"{self.input.batches_per_epoch()} batches per epoch, "
+                                 f"expected {self.length.steps_per_epoch}")
 
         # 2. model
-        mean, std = image_stats(self.train_set)
+        mean, std = self.input.stats()
         encoder = build_encoder(c, channels, mean, std)
         encoder.check_input(height)
         if self.device.type == "cuda":
@@ -179,6 +144,11 @@ class Worker:
     def restore(self, saved) -> None:
         with saved.as_directory() as folder:
             state = checkpoint.load(folder, map_location=self.device)
+        trained_on, reading = state.get("dataset"), self.input.fingerprint()
+        if trained_on is not None and trained_on != reading:  # absent from checkpoints older than it
+            raise StopTraining(f"cannot resume: the checkpoint at epoch {state['epoch']} was trained on another "
+                               f"dataset ({_dataset_words(trained_on)}) than this run reads ({_dataset_words(reading)})"
+                               "; resume with the same data.* or start a new run (another --name or --output-dir)")
         self.encoder.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
@@ -203,7 +173,8 @@ class Worker:
                         encoder=self.encoder.spec(), image_size=self.image_size, epoch=self.epoch, step=self.step,
                         history=self.history, step_log=self.step_log, log_z=self.z.log_z, bank_snapshot=bank_tag,
                         bank_addresses=self.client.addresses, config=self.config.to_dict(),
-                        git_sha=os.environ.get("INSTDISC_GIT_SHA", ""), bank_outages=outages)
+                        git_sha=os.environ.get("INSTDISC_GIT_SHA", ""), bank_outages=outages,
+                        dataset=self.input.fingerprint())
         return folder
 
     def bank_outages(self) -> list[dict]:
@@ -222,9 +193,6 @@ class Worker:
             sys.stdout.write(f"[instdisc] {message}\n")
             sys.stdout.flush()
 
-    def _my_share(self, n: int) -> list[int]:
-        return list(range(self.rank, n, self.world))
-
     @torch.no_grad()
     def _clean_features(self):
         """(indices, unit features) of this worker's share of the train images,
@@ -233,8 +201,7 @@ class Worker:
         # batches here, and DDP's forward would wait for the others' buffer broadcast.
         self.encoder.eval()
         try:
-            for images, idx, _ in _batches(self.train_set, self._my_share(self.n), 1024,
-                                           self.config.data.loader_workers):
+            for images, idx, _ in self.input.share("train", 1024):
                 yield idx, embed(self.encoder, images, self.device)
         finally:
             self.encoder.train()
@@ -261,21 +228,29 @@ class Worker:
         start = time.perf_counter()
         c = self.config.eval
         k = min(c.k, self.n)
-        labels, num_classes = self.train_set.labels, self.train_set.num_classes
-        index = self._fresh_index() if source == "fresh" else None
+        num_classes = self.input.num_classes
+        index = labels = None
+        if source == "fresh":  # only for datasets in memory (config.validate)
+            index = self._fresh_index()
+            labels = self.input.labels_at(torch.arange(self.n)).to(index.device)
         self.encoder.eval()
         correct1 = correct5 = total = 0
-        for images, _, y in _batches(self.test_set, self._my_share(len(self.test_set)), 500,
-                                     self.config.data.loader_workers):
+        neighbours = []  # (sims, bank rows, test labels) per batch: labelled together below
+        for images, _, y in self.input.share("test", 500):
             queries = embed(self.encoder, images, self.device)
             if index is None:
-                sims, idx = self.feed.topk(queries, k)
-                scores = weighted_knn_scores(sims, labels[idx], num_classes, c.sigma)
-                c1, c5 = correct_at(scores, y, (1, min(5, num_classes)))
+                neighbours.append((*self.feed.topk(queries, k), y))
             else:
-                c1, c5 = knn_correct(index, labels.to(index.device), queries, y.to(index.device), num_classes, k,
-                                     c.sigma)
-            correct1, correct5, total = correct1 + c1, correct5 + c5, total + len(y)
+                c1, c5 = knn_correct(index, labels, queries, y.to(index.device), num_classes, k, c.sigma)
+                correct1, correct5, total = correct1 + c1, correct5 + c5, total + len(y)
+        if neighbours:
+            # One read of the train labels for every neighbour found: a streamed
+            # dataset reads them from the row groups those rows are in.
+            labels = self.input.labels_at(torch.cat([idx for _, idx, _ in neighbours]))
+            for (sims, idx, y), neighbour_labels in zip(neighbours, labels.split([len(i) for _, i, _ in neighbours])):
+                scores = weighted_knn_scores(sims, neighbour_labels.to(sims.device), num_classes, c.sigma)
+                c1, c5 = correct_at(scores, y, (1, min(5, num_classes)))
+                correct1, correct5, total = correct1 + c1, correct5 + c5, total + len(y)
         self.encoder.train()
         correct1, correct5, total = dist.all_reduce_sum([correct1, correct5, total])
         return correct1 / total, correct5 / total, time.perf_counter() - start
@@ -304,7 +279,6 @@ class Worker:
 
     def train_epoch(self) -> dict:
         c = self.config
-        self.sampler.set_epoch(self.epoch)
         steps = min(self.length.steps_per_epoch, self.length.steps - self.step)  # all batches, or the steps left
         sampled = c.loss.kind in ("nce", "infonce")    # scored against K shared negatives
         nce = c.loss.kind == "nce"                      # needs Z
@@ -313,7 +287,7 @@ class Worker:
         logged = (0, 0.0, 0.0)  # (steps, loss sum, seconds) at the last progress line
         start = time.perf_counter()
         # islice, not break: BankFeed sends the last step's update when its batches end.
-        for b, step in enumerate(self.feed.steps(itertools.islice(self.loader, steps))):
+        for b, step in enumerate(self.feed.steps(itertools.islice(self.input.epoch_batches(self.epoch), steps))):
             lr = lr_at_step(c.train.lr, self.step, self.length, c.train.schedule, c.train.milestones)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
@@ -451,6 +425,10 @@ class Worker:
                              checkpoint_dir_name=f"epoch-{self.epoch:04d}")
         return {"history": self.history, "step_log": self.step_log, "train_seconds": time.perf_counter() - train_start,
                 "steps": self.step, "bank_outages": self.bank_outages()}
+
+
+def _dataset_words(fingerprint: dict) -> str:
+    return ", ".join(f"{key} {value}" for key, value in fingerprint.items() if key != "file_list")
 
 
 def _duration(seconds: float) -> str:

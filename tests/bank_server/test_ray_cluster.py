@@ -1,8 +1,14 @@
-"""The bank on a real multi-node Ray cluster on this machine (`ray.cluster_utils.Cluster`:
-a head and two worker nodes, each its own raylet with explicit memory)."""
+"""The bank and a training run on a real multi-node Ray cluster on this machine
+(`ray.cluster_utils.Cluster`: a head and two worker nodes, each its own raylet with
+explicit CPUs, memory and object store)."""
 
+import json
 import os
+import re
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +16,7 @@ import ray
 
 from bank_server.ray_bank import GIB, BankDoesNotFit, plan_placement, start_bank
 from tests.conftest import wait_until
+from tests.trainer.test_streaming import write_split
 
 NODE = {"num_cpus": 1, "memory": 2 * GIB, "object_store_memory": 100 << 20}
 
@@ -65,3 +72,50 @@ def test_the_plan_spreads_first_and_shares_a_node_only_when_it_must():
     assert plan_placement([5, 5, 5], {"a": 30, "b": 5}) == ["a", "b", "a"]  # b is full after one
     with pytest.raises(BankDoesNotFit, match="node a"):
         plan_placement([5, 5, 5], {"a": 12})
+
+
+def actors_of(cls: str) -> list[dict]:
+    """The live actors of class `cls` (name, node id, pid), from the GCS's actor table:
+    Ray's state as `ray list actors` shows it, without needing the dashboard's server."""
+    from ray._private.state import actors
+
+    return [{"name": a["Name"], "node_id": a["Address"]["NodeID"], "pid": a["Pid"]}
+            for a in actors(actor_state_name="ALIVE").values() if a["ActorClassName"] == cls]
+
+
+def test_a_run_trains_across_nodes_on_streamed_parquet_and_survives_a_shard_kill(cluster, tmp_path):
+    data = tmp_path / "data"
+    write_split(data, "train", [700, 700, 600], group_rows=100)  # 3 files, 20 row groups
+    write_split(data, "test", [200], group_rows=100)
+    output = tmp_path / "out"
+    log = tmp_path / "run.log"
+    env = {**os.environ, "RAY_ADDRESS": cluster.address}
+    with open(log, "w") as sink:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "trainer", "--output-dir", str(output), "--name", "nodes", "data.name=parquet",
+             f"data.root={data}", "data.image_size=8", "train.workers=2", "train.cpus_per_worker=1",
+             "train.batch_size=32", "train.epochs=2", "train.log_every=5", "train.refresh_bank_every=0",
+             "bank.shards=2", "bank.dtype=float32", "loss.negatives=256", "eval.k=20", "data.loader_workers=1"],
+            stdout=sink, stderr=subprocess.STDOUT, env=env)
+    try:
+        text = lambda: log.read_text(errors="replace")  # noqa: E731
+        assert wait_until(lambda: re.search(r"epoch 1/2 step \d+/62", text()) or run.poll() is not None, 240), \
+            text()[-3000:]
+        assert run.poll() is None, text()[-3000:]
+        workers = actors_of("RayTrainWorker")
+        assert len(workers) == 2 and len({w["node_id"] for w in workers}) == 2, workers  # one per node
+        shards = sorted(actors_of("BankShardActor"), key=lambda a: a["name"])
+        assert len(shards) == 2 and len({s["node_id"] for s in shards}) == 2, shards
+        os.kill(shards[1]["pid"], signal.SIGKILL)  # a process of the cluster this test started
+        assert run.wait(300) == 0, text()[-5000:]
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(30)
+    logs = text()
+    assert "streamed from 3 Parquet file(s)" in logs
+    assert len(re.findall(r"shard \d: node \w+ at [\d.]+:\d+, [\d.]+ GiB reserved", logs)) == 2
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["steps"] == 124 and summary["bank_outages"] >= 1, summary
+    restarted = [a for a in actors_of("BankShardActor") if a["name"] == shards[1]["name"]]
+    assert not restarted or restarted[0]["node_id"] == shards[1]["node_id"]  # back where its snapshot is

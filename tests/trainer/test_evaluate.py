@@ -13,7 +13,7 @@ from trainer.config import load_config
 from trainer.evaluate import evaluate_knn, knn_accuracy
 from trainer.export import export_encoder
 from trainer.models import Encoder
-from trainer.train import load_datasets
+from trainer.input import load_datasets
 
 DATA = ["data.subset=2000", "data.test_subset=300"]
 
@@ -26,7 +26,7 @@ def saved(tmp_path_factory):
     encoder = Encoder("small", 1, 128, 8, True, mean=[0.29], std=[0.35])
     checkpoint.save(folder, model=encoder.state_dict(), optimizer={}, encoder=encoder.spec(), image_size=28, epoch=1,
                     step=1, history=[], step_log=[], log_z=None, bank_snapshot="epoch-0001", bank_addresses=[], config={},
-                    git_sha="", bank_outages=[])
+                    git_sha="", bank_outages=[], dataset={})
     return folder, encoder.eval()
 
 

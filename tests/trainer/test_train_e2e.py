@@ -3,6 +3,7 @@ actors and 2 CPU workers, a resume of the same run, and the long accuracy check.
 
 import csv
 import json
+import re
 import subprocess
 import sys
 
@@ -93,6 +94,13 @@ def test_rerunning_the_same_run_resumes_it(first_run):
     assert after["epochs"] == 3 and after["steps"] == before["steps"] * 3 // 2
     rows = list(csv.DictReader(open(output / "metrics.csv")))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
+
+    # Another dataset (the subset a new seed picks) cannot resume this run's checkpoint.
+    done = subprocess.run([sys.executable, "-m", "trainer", "--output-dir", str(output), "--name", "e2e",
+                           *SUBSET, "train.epochs=4", "train.seed=1"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert re.search(r"cannot resume: the checkpoint at epoch 3 was trained on another dataset \(.*subset_seed 0\) "
+                     r"than this run reads \(.*subset_seed 1\)", done.stderr), done.stderr[-2000:]
 
     # A checkpoint whose bank snapshot is gone cannot be resumed: say so, do not start over.
     for path in (output / "bank" / "e2e").glob("shard-*/epoch-0003-*.arrow"):
