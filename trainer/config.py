@@ -29,10 +29,10 @@ class DataConfig:
     test_subset: int = 0         # evaluate on this many test images, chosen the same way; 0 = all
     image_size: int = 32         # imagefolder / parquet images are resized to this
     download: bool = True
-    # Decoding processes per train worker; None: 1 for datasets decoded per image
-    # (parquet, imagefolder), 0 for those held decoded in memory.
+    # Decoding processes per train worker; None: 1 for datasets decoded as they are read
+    # (streamed parquet, imagefolder), 0 for those held decoded in memory.
     loader_workers: int | None = None
-    # parquet: stream each worker's row groups (true), or hold the split in memory (false).
+    # parquet: stream each worker's row groups (true), or decode the split into memory once (false).
     stream: bool = True
     shuffle_buffer: int = 4096   # streamed parquet: encoded rows mixed across row groups
 

@@ -1,7 +1,8 @@
 """Datasets that yield ``(image uint8 (C, H, W), index, label)``.
 
-Small datasets live in memory as one uint8 tensor; ImageFolder and Parquet images
-are decoded on demand and resized to ``image_size``. Every dataset also fetches
+Small datasets live in memory as one uint8 tensor (Parquet ones decoded once, resized to
+``image_size``); ImageFolder images are decoded on demand and resized to ``image_size``.
+Training streams Parquet instead by default (``trainer.input``). Every dataset also fetches
 whole batches (``__getitems__``), so a DataLoader with ``collate_fn=batch_as_is``
 hands over stacked tensors without per-image collation.
 """
@@ -161,26 +162,19 @@ def _imagefolder(root: Path, train: bool, size: int) -> DecodedImages:
     return DecodedImages(lambda i: ds.loader(ds.samples[i][0]), [t for _, t in ds.samples], len(ds.classes), size)
 
 
-def _parquet(root: str, train: bool, size: int) -> DecodedImages:
-    """The whole split in memory (its encoded images; decoded per access): the
-    random-access form, for `data.stream=false` and `instdisc eval`. Training streams
-    Parquet by default (`trainer.input`)."""
-    from PIL import Image
-
-    from trainer.parquet import IMAGE, LABEL, ParquetSplit
+def _parquet(root: str, train: bool, size: int) -> InMemoryImages:
+    """The whole split decoded into memory once: `data.stream=false` and `instdisc eval`.
+    Training streams Parquet by default (`trainer.input`)."""
+    from trainer.parquet import IMAGE, LABEL, ParquetSplit, decode
 
     split = ParquetSplit(root, "train" if train else "test")
-    images, labels = [], []
+    images = np.empty((len(split), 3, size, size), dtype=np.uint8)
+    labels = np.empty(len(split), dtype=np.int64)
     for piece in split.pieces():
         values = split.read_piece(piece)
-        images += values[IMAGE]
-        labels.append(values[LABEL])
-    labels = np.concatenate(labels) if labels else np.zeros(0, np.int64)
-
-    def load(i):
-        return Image.open(io.BytesIO(images[i]))
-
-    return DecodedImages(load, labels, split.num_classes, size)
+        images[piece.indices] = decode(values[IMAGE], size)
+        labels[piece.indices] = values[LABEL]
+    return InMemoryImages(torch.from_numpy(images), torch.from_numpy(labels), split.num_classes)
 
 
 def load_dataset(name: str, root: str | None = None, train: bool = True, download: bool = True,

@@ -43,11 +43,11 @@ def streamed(config: Config) -> bool:
 
 
 def loader_workers(config: Config) -> int:
-    """``data.loader_workers``; when unset, 1 background decoder for datasets decoded per
-    image (Parquet, image folders), none for those held decoded in memory."""
+    """``data.loader_workers``; when unset, 1 background decoder for datasets decoded as
+    they are read (streamed Parquet, image folders), none for those held decoded in memory."""
     workers = config.data.loader_workers
     if workers is None:
-        return 1 if config.data.name in ("parquet", "imagefolder") else 0
+        return 1 if streamed(config) or config.data.name == "imagefolder" else 0
     return workers
 
 

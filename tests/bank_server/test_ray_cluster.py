@@ -25,7 +25,10 @@ NODE = {"num_cpus": 1, "memory": 2 * GIB, "object_store_memory": 100 << 20}
 def cluster():
     from ray.cluster_utils import Cluster
 
-    nodes = Cluster(initialize_head=True, head_node_args=NODE)
+    # The head's dashboard and agent on ports of their choosing: another Ray on this
+    # machine may hold the defaults.
+    nodes = Cluster(initialize_head=True,
+                    head_node_args={**NODE, "dashboard_port": None, "dashboard_agent_listen_port": None})
     for _ in range(2):
         nodes.add_node(**NODE)
     nodes.wait_for_nodes()
