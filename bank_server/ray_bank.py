@@ -119,7 +119,13 @@ class BankShardActor:
             raise BankTokenMissing(f"shard {config.shard_id} on {where}: {error}") from None
         limit_blas_threads(config.threads)  # this process is the shard's own
         node_ip = where
-        config = replace(config, token=token)
+        # `$VAR`s in the snapshot folder are this node's: a node-local disk that each node
+        # mounts under its own path serves this shard's restarts, which stay on its node.
+        snapshot_dir = os.path.expandvars(config.snapshot_dir) if config.snapshot_dir else config.snapshot_dir
+        if snapshot_dir and "$" in snapshot_dir:
+            raise ShardRefused(f"shard {config.shard_id} on {where}: its snapshot folder {config.snapshot_dir!r} "
+                               "names an environment variable this node's Ray does not have")
+        config = replace(config, token=token, snapshot_dir=snapshot_dir)
         if not config.host:  # the node's own address: reachable from the cluster, not every interface
             config = replace(config, host=node_ip)
         self._server = BankServer(config).start()
@@ -205,8 +211,9 @@ def start_bank(num_shards: int, rows: int, dim: int = 128, dtype: str = "float16
     ``0.0.0.0`` it binds every interface and advertises the node's address).
     `snapshot_dir` is where each shard snapshots, on its node: a shard restarts on its
     node, so a node-local path serves restarts; resuming a run (the placement is planned
-    again, and may differ) needs a path every node sees. Without it a temporary one is
-    made, so restarts still restore.
+    again, and may differ) needs a path every node sees. Environment variables in it
+    (``$LOCAL_DISK/bank``) are expanded on each shard's node. Without it a temporary one
+    is made, so restarts still restore.
     `threads` caps each shard's numpy BLAS pool (`instdisc bank serve --threads`).
     `token_file` / `token_env`: where each shard reads the bearer token on its node (a
     file path, or an environment variable's name); the token itself is never passed

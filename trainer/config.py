@@ -84,6 +84,9 @@ class BankConfig:
     placement: str = "spread"    # actors: spread over the nodes by free memory | driver (the driver's node)
     token_file: str | None = None
     tls_ca: str | None = None
+    # Where shard actors snapshot, a folder per run inside; None: <output-dir>/bank. `$VAR`s
+    # are expanded on each shard's node (node-local disks: '$LOCAL_DISK/instdisc').
+    snapshot_dir: str | None = None
     warm_start: bool = True      # fill the bank with one encoder pass before training
     seed: int = 0
     timeout: float = 60.0

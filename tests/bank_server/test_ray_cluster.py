@@ -22,15 +22,22 @@ NODE = {"num_cpus": 1, "memory": 2 * GIB, "object_store_memory": 100 << 20}
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def disks(tmp_path_factory) -> list[Path]:
+    """Each node's own "local disk": its Ray processes see it as $NODE_DISK."""
+    return [tmp_path_factory.mktemp(f"node-{i}-disk") for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def cluster(disks):
     from ray.cluster_utils import Cluster
 
     # The head's dashboard and agent on ports of their choosing: another Ray on this
     # machine may hold the defaults.
     nodes = Cluster(initialize_head=True,
-                    head_node_args={**NODE, "dashboard_port": None, "dashboard_agent_listen_port": None})
-    for _ in range(2):
-        nodes.add_node(**NODE)
+                    head_node_args={**NODE, "dashboard_port": None, "dashboard_agent_listen_port": None,
+                                    "env_vars": {"NODE_DISK": str(disks[0])}})
+    for disk in disks[1:]:
+        nodes.add_node(**NODE, env_vars={"NODE_DISK": str(disk)})
     nodes.wait_for_nodes()
     ray.init(address=nodes.address, log_to_driver=False)
     yield nodes
@@ -38,11 +45,16 @@ def cluster():
     nodes.shutdown()
 
 
-def test_shards_spread_over_the_nodes_and_restart_on_their_own(cluster, tmp_path):
-    handle = start_bank(3, 3000, 8, "float32", snapshot_dir=str(tmp_path), name="spread-bank", timeout=120)
+def test_shards_spread_over_the_nodes_and_restart_on_their_own(cluster, disks):
+    handle = start_bank(3, 3000, 8, "float32", snapshot_dir="$NODE_DISK/spread", name="spread-bank", timeout=120)
     try:
         where = ray.get([actor.node_id.remote() for actor in handle.actors])
         assert where == list(handle.nodes) and len(set(where)) == 3  # one shard per node
+        # Each shard's folder is on its own node's disk, and only there.
+        held = {disk: sorted(p.name for p in (disk / "spread").glob("shard-*")) for disk in disks}
+        assert sorted(name for names in held.values() for name in names) == [f"shard-{s:05d}" for s in range(3)]
+        assert all(len(names) == 1 for names in held.values()), held
+        disk_of_shard_1 = next(disk for disk, names in held.items() if names == ["shard-00001"])
         assert {node["NodeID"] for node in ray.nodes() if node["Alive"]} == set(where)
         assert all("GiB reserved" in line for line in handle.describe())
         client = handle.client(timeout=30)  # within the wait below
@@ -54,6 +66,7 @@ def test_shards_spread_over_the_nodes_and_restart_on_their_own(cluster, tmp_path
         assert wait_until(lambda: np.array_equal(client.lookup(np.arange(1, 3000, 3)), before[1::3]), timeout=90)
         assert ray.get(handle.actors[1].node_id.remote()) == where[1]  # back on its node, by its snapshot
         assert client.describe()[1]["last_snapshot_tag"] == "before-crash"
+        assert list((disk_of_shard_1 / "spread" / "shard-00001").glob("before-crash*"))
         client.close()
     finally:
         handle.stop()
@@ -86,7 +99,7 @@ def actors_of(cls: str) -> list[dict]:
             for a in actors(actor_state_name="ALIVE").values() if a["ActorClassName"] == cls]
 
 
-def test_a_run_trains_across_nodes_on_streamed_parquet_and_survives_a_shard_kill(cluster, tmp_path):
+def test_a_run_trains_across_nodes_on_streamed_parquet_and_survives_a_shard_kill(cluster, disks, tmp_path):
     data = tmp_path / "data"
     write_split(data, "train", [700, 700, 600], group_rows=100)  # 3 files, 20 row groups
     write_split(data, "test", [200], group_rows=100)
@@ -98,7 +111,8 @@ def test_a_run_trains_across_nodes_on_streamed_parquet_and_survives_a_shard_kill
             [sys.executable, "-m", "trainer", "--output-dir", str(output), "--name", "nodes", "data.name=parquet",
              f"data.root={data}", "data.image_size=8", "train.workers=2", "train.cpus_per_worker=1",
              "train.batch_size=32", "train.epochs=2", "train.log_every=5", "train.refresh_bank_every=0",
-             "bank.shards=2", "bank.dtype=float32", "loss.negatives=256", "eval.k=20", "data.loader_workers=1"],
+             "bank.shards=2", "bank.dtype=float32", "bank.snapshot_dir=$NODE_DISK/banks", "loss.negatives=256",
+             "eval.k=20", "data.loader_workers=1"],
             stdout=sink, stderr=subprocess.STDOUT, env=env)
     try:
         text = lambda: log.read_text(errors="replace")  # noqa: E731
@@ -120,5 +134,6 @@ def test_a_run_trains_across_nodes_on_streamed_parquet_and_survives_a_shard_kill
     assert len(re.findall(r"shard \d: node \w+ at [\d.]+:\d+, [\d.]+ GiB reserved", logs)) == 2
     summary = json.loads((output / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["steps"] == 124 and summary["bank_outages"] >= 1, summary
-    restarted = [a for a in actors_of("BankShardActor") if a["name"] == shards[1]["name"]]
-    assert not restarted or restarted[0]["node_id"] == shards[1]["node_id"]  # back where its snapshot is
+    # Each shard snapshotted on its node's disk: the killed one came back from there.
+    disk_of = {p.name: disk for disk in disks for p in disk.glob("banks/nodes/shard-*")}
+    assert sorted(disk_of) == ["shard-00000", "shard-00001"] and len(set(disk_of.values())) == 2, disk_of
