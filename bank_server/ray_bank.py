@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass, replace
 
@@ -53,6 +54,7 @@ from bank_server.token_source import BankTokenMissing, read_token  # noqa: F401 
 log = logging.getLogger(__name__)
 
 PLACEMENTS = ("spread", "driver")
+_VARIABLE = re.compile(r"\$(\w+)|\$\{(\w+)\}")  # $NAME or ${NAME}, as os.path.expandvars reads them
 GIB = 1 << 30
 
 
@@ -121,10 +123,13 @@ class BankShardActor:
         node_ip = where
         # `$VAR`s in the snapshot folder are this node's: a node-local disk that each node
         # mounts under its own path serves this shard's restarts, which stay on its node.
-        snapshot_dir = os.path.expandvars(config.snapshot_dir) if config.snapshot_dir else config.snapshot_dir
-        if snapshot_dir and "$" in snapshot_dir:
-            raise ShardRefused(f"shard {config.shard_id} on {where}: its snapshot folder {config.snapshot_dir!r} "
-                               "names an environment variable this node's Ray does not have")
+        snapshot_dir = config.snapshot_dir
+        if snapshot_dir:
+            unset = [a or b for a, b in _VARIABLE.findall(snapshot_dir) if not os.environ.get(a or b)]
+            if unset:
+                raise ShardRefused(f"shard {config.shard_id} on {where}: its snapshot folder {snapshot_dir!r} names "
+                                   f"{', '.join('$' + name for name in unset)}, which this node's Ray does not set")
+            snapshot_dir = os.path.expandvars(snapshot_dir)
         config = replace(config, token=token, snapshot_dir=snapshot_dir)
         if not config.host:  # the node's own address: reachable from the cluster, not every interface
             config = replace(config, host=node_ip)

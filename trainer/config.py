@@ -179,6 +179,13 @@ class Config:
             (self.bank.dtype in ("float16", "float32"), "bank.dtype must be float16 or float32"),
             (self.bank.shards >= 1, "bank.shards must be >= 1"),
             (self.bank.placement in ("spread", "driver"), "bank.placement must be 'spread' or 'driver'"),
+            (not (self.bank.snapshot_dir and self.bank.addresses),
+             "bank.snapshot_dir is for the shard actors a run starts; running shards (bank.addresses) snapshot "
+             "where their own --snapshot-dir says"),
+            (not self.bank.snapshot_dir or self.bank.snapshot_dir.startswith(("/", "~", "$")) or
+             "://" in self.bank.snapshot_dir,
+             f"bank.snapshot_dir={self.bank.snapshot_dir} must be absolute (or start with a $VARIABLE each node "
+             "sets): shard actors do not run in this directory"),
             (self.train.schedule in ("step", "cosine"), "train.schedule must be 'step' or 'cosine'"),
             (self.train.epochs >= 0, "train.epochs must be >= 0 (0: train.steps sets the run's length)"),
             (self.train.steps >= 0, "train.steps must be >= 0"),

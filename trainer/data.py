@@ -10,7 +10,6 @@ hands over stacked tensors without per-image collation.
 from __future__ import annotations
 
 import gzip
-import io
 import os
 from pathlib import Path
 
@@ -162,23 +161,26 @@ def _imagefolder(root: Path, train: bool, size: int) -> DecodedImages:
     return DecodedImages(lambda i: ds.loader(ds.samples[i][0]), [t for _, t in ds.samples], len(ds.classes), size)
 
 
-def _parquet(root: str, train: bool, size: int) -> InMemoryImages:
-    """The whole split decoded into memory once: `data.stream=false` and `instdisc eval`.
-    Training streams Parquet by default (`trainer.input`)."""
-    from trainer.parquet import IMAGE, LABEL, ParquetSplit, decode
+def _parquet(root: str, train: bool, size: int, subset: int) -> InMemoryImages:
+    """The split (or its evenly spaced `subset`, as streaming takes it) decoded into
+    memory once: `data.stream=false` and `instdisc eval`, which hold N images. Training
+    streams Parquet by default (`trainer.input`)."""
+    from trainer.parquet import IMAGE, INDEX, LABEL, ParquetSplit, decode
 
-    split = ParquetSplit(root, "train" if train else "test")
+    split = ParquetSplit(root, "train" if train else "test", subset)
     images = np.empty((len(split), 3, size, size), dtype=np.uint8)
     labels = np.empty(len(split), dtype=np.int64)
     for piece in split.pieces():
         values = split.read_piece(piece)
-        images[piece.indices] = decode(values[IMAGE], size)
-        labels[piece.indices] = values[LABEL]
+        images[values[INDEX]] = decode(values[IMAGE], size, lambda i, at=values[INDEX]: split.where(int(at[i])))
+        labels[values[INDEX]] = values[LABEL]
     return InMemoryImages(torch.from_numpy(images), torch.from_numpy(labels), split.num_classes)
 
 
 def load_dataset(name: str, root: str | None = None, train: bool = True, download: bool = True,
-                 image_size: int = 32):
+                 image_size: int = 32, parquet_subset: int = 0):
+    """A split as a random-access dataset. `parquet_subset`: a Parquet split's evenly
+    spaced subset (what `data.subset` takes of Parquet, streamed or not)."""
     if name not in NAMES:
         raise ValueError(f"data.name must be one of {NAMES}, got {name!r}")
     path = Path(root).expanduser() if root else None
@@ -190,7 +192,7 @@ def load_dataset(name: str, root: str | None = None, train: bool = True, downloa
         raise ValueError(f"data.root is required for data.name={name!r}")
     if name == "imagefolder":
         return _imagefolder(path, train, image_size)
-    return _parquet(root, train, image_size)
+    return _parquet(root, train, image_size, parquet_subset)
 
 
 def seeded_subset(dataset, n: int | None, seed: int):

@@ -9,21 +9,25 @@ image folder, Parquet with ``data.stream=false``) are `MemoryInput`: random acce
   row position over the sorted files. No worker holds anything of size N: labels for
   kNN are read per row group for the rows asked (`labels_at`).
 - **An epoch's order:** the row groups in a seeded random order (new each epoch),
-  each one's rows permuted, the whole sequence rotated by a random offset; worker r
-  takes the r-th of W equal spans of it, ``N // W`` rows. So every worker reads only
-  its row groups (the two at its span's ends are shared with its neighbours), takes
-  the same number of steps (``N // global_batch``, fixed by the metadata), and over
-  epochs sees every part of the dataset. Then a shuffle buffer of
-  ``data.shuffle_buffer`` encoded rows mixes consecutive row groups. The rows each
-  epoch leaves out (fewer than W + global batch) differ from epoch to epoch.
-- **Memory:** one row group's encoded images, the shuffle buffer (encoded) and a few
-  decoded chunks, per reading process; independent of N.
+  each one's rows permuted (by a seed of its own, drawn when it is read), the whole
+  sequence rotated by a random offset; worker r takes the r-th of W equal spans of it,
+  ``N // W`` rows. So every worker reads only its row groups (the two at its span's
+  ends are shared with its neighbours), takes the same number of steps
+  (``N // global_batch``, fixed by the metadata), and over epochs sees every part of
+  the dataset. Then a shuffle buffer of ``data.shuffle_buffer`` encoded rows mixes
+  consecutive row groups. The ``N mod global_batch`` rows an epoch leaves out differ
+  from epoch to epoch.
+- **Memory:** a worker knows an epoch as row-group ranges (O(row groups), never O(N));
+  it holds one row group's encoded images, the shuffle buffer (encoded) and a few
+  decoded chunks per reading process.
 - **Decoding** runs in ``data.loader_workers`` background processes (each reads every
-  n-th of the worker's row groups), or in the train worker itself with 0.
+  n-th of the worker's row groups), started from a forkserver, or in the train worker
+  itself with 0.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Iterator
 
 import numpy as np
@@ -32,7 +36,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from trainer.config import Config
 from trainer.data import batch_as_is, load_dataset, seeded_subset
-from trainer.parquet import IMAGE, LABEL, ParquetSplit, Piece, decode
+from trainer.parquet import IMAGE, INDEX, LABEL, ParquetSplit, Piece, decode
 
 _CHUNK = 256  # rows decoded together, and handed over from a loader process at once
 STATS_IMAGES = 512
@@ -43,11 +47,11 @@ def streamed(config: Config) -> bool:
 
 
 def loader_workers(config: Config) -> int:
-    """``data.loader_workers``; when unset, 1 background decoder for datasets decoded as
-    they are read (streamed Parquet, image folders), none for those held decoded in memory."""
+    """``data.loader_workers``; when unset, 1 background decoder for streamed Parquet,
+    none otherwise."""
     workers = config.data.loader_workers
     if workers is None:
-        return 1 if streamed(config) or config.data.name == "imagefolder" else 0
+        return 1 if streamed(config) else 0
     return workers
 
 
@@ -55,6 +59,9 @@ def load_datasets(config: Config):
     """(train, test) as random-access datasets, subsets applied: `MemoryInput`'s data,
     and what `instdisc eval` embeds."""
     d = config.data
+    if d.name == "parquet":  # evenly spaced subsets, as streaming takes them
+        return tuple(load_dataset(d.name, d.root, train=train, image_size=d.image_size, parquet_subset=subset)
+                     for train, subset in ((True, d.subset), (False, d.test_subset)))
     train = load_dataset(d.name, d.root, train=True, download=d.download, image_size=d.image_size)
     test = load_dataset(d.name, d.root, train=False, download=d.download, image_size=d.image_size)
     return seeded_subset(train, d.subset, config.train.seed), seeded_subset(test, d.test_subset, config.train.seed + 1)
@@ -97,12 +104,15 @@ def describe(config: Config) -> DataShape:
 
 
 def _first_images(split: ParquetSplit, n: int, size: int) -> torch.Tensor:
+    """The split's first `n` images (index order), decoded; reads as few row groups as it can."""
     encoded = []
-    for piece in split.pieces():
-        encoded += split.read_piece(piece, (IMAGE,))[IMAGE][:n - len(encoded)]
+    for group, kept in enumerate(split.kept()):
+        if kept:
+            encoded += split.read_piece(Piece(group, 0, min(int(kept), n - len(encoded))), (IMAGE,))[IMAGE]
         if len(encoded) >= n:
             break
-    return torch.from_numpy(decode(encoded, size))
+    split.close()
+    return torch.from_numpy(decode(encoded, size, lambda i: split.where(i)))
 
 
 def open_input(config: Config, rank: int, world: int):
@@ -137,6 +147,8 @@ class MemoryInput:
         return iter(self.loader)
 
     def share(self, split: str, batch: int) -> Iterator:
+        """Rows rank, rank + W, ... of `split` in batches of `batch` (``eval.source=fresh``
+        reassembles the whole by that stride)."""
         dataset = self.train_set if split == "train" else self.test_set
         indices = list(range(self.rank, len(dataset), self.world))
         chunks = [indices[i:i + batch] for i in range(0, len(indices), batch)]
@@ -156,9 +168,14 @@ class MemoryInput:
         return image_stats(images[:10000])
 
     def fingerprint(self) -> dict:
+        """Parquet's from its files (so `data.stream` may change across a resume); else
+        the dataset's name, size and subset."""
         d = self.config.data
-        return {"name": d.name, "root": d.root, "rows": self.rows, "subset": d.subset,
+        if d.name == "parquet":
+            return ParquetSplit(d.root, "train", d.subset).fingerprint()
+        what = {"name": d.name, "rows": self.rows, "subset": d.subset,
                 "subset_seed": self.config.train.seed if d.subset else None}
+        return {"sha256": hashlib.sha256(repr(sorted(what.items())).encode()).hexdigest()[:16], "root": d.root} | what
 
 
 class _Stream(IterableDataset):
@@ -179,7 +196,7 @@ class _Stream(IterableDataset):
         for piece in self.pieces[worker::workers]:
             values = self.split.read_piece(piece)
             images += values[IMAGE]
-            indices += piece.indices.tolist()
+            indices += values[INDEX].tolist()
             labels += values[LABEL].tolist()
             while len(images) >= max(self.buffer_rows, _CHUNK):
                 yield self._chunk(images, indices, labels, rng)
@@ -201,8 +218,8 @@ class _Stream(IterableDataset):
         else:
             encoded, idx, y = images[:n], indices[:n], labels[:n]
             del images[:n], indices[:n], labels[:n]
-        return (torch.from_numpy(decode(list(encoded), self.size)), torch.tensor(idx, dtype=torch.long),
-                torch.tensor(y, dtype=torch.long))
+        return (torch.from_numpy(decode(list(encoded), self.size, lambda i: self.split.where(idx[i]))),
+                torch.tensor(idx, dtype=torch.long), torch.tensor(y, dtype=torch.long))
 
 
 def _rebatch(chunks, batch: int, count: int | None) -> Iterator:
@@ -213,14 +230,16 @@ def _rebatch(chunks, batch: int, count: int | None) -> Iterator:
     for chunk in chunks:
         pending.append(chunk)
         held += len(chunk[1])
-        while held >= batch and (count is None or made < count):
-            joined = [torch.cat(parts) for parts in zip(*pending)]
-            yield tuple(part[:batch] for part in joined)
-            made += 1
-            held -= batch
-            pending = [tuple(part[batch:] for part in joined)] if held else []
+        if held < batch:
+            continue
+        joined = [torch.cat(parts) for parts in zip(*pending)]
+        at = 0
+        while held - at >= batch and (count is None or made < count):
+            yield tuple(part[at:at + batch] for part in joined)
+            at, made = at + batch, made + 1
         if count is not None and made >= count:
             return
+        pending, held = ([tuple(part[at:] for part in joined)] if held > at else []), held - at
     if count is None and held:
         yield tuple(torch.cat(parts) for parts in zip(*pending))
 
@@ -242,13 +261,12 @@ class StreamedInput:
         return self.rows // self.config.train.batch_size
 
     def epoch_pieces(self, epoch: int) -> list[Piece]:
-        """This worker's rows for `epoch` (see the module's docstring), as pieces of row groups."""
-        rng = np.random.default_rng([self.config.train.seed, epoch])
-        pieces = []
-        for group in rng.permutation(len(self.train.groups)):
-            piece = self.train.piece(int(group))
-            order = rng.permutation(len(piece))
-            pieces.append(Piece(piece.file, piece.group, piece.offsets[order], piece.indices[order]))
+        """This worker's rows for `epoch` (see the module's docstring), as pieces of row
+        groups: every worker computes the same order, in memory of the row groups' count."""
+        seed = self.config.train.seed
+        rng = np.random.default_rng([seed, epoch])
+        kept = self.train.kept()
+        pieces = [Piece(int(g), 0, int(kept[g]), (seed, epoch, int(g))) for g in rng.permutation(len(kept))]
         per = self.rows // self.world
         start = (int(rng.integers(self.rows)) + self.rank * per) % self.rows if self.rows else 0
         return _cut(pieces, start, per, self.rows)
@@ -260,13 +278,15 @@ class StreamedInput:
 
     def _chunks(self, stream: _Stream) -> Iterator:
         workers = min(loader_workers(self.config), len(stream.pieces))
+        stream.split.close()  # nothing open travels to the loader processes
         if not workers:
             return iter(stream)
-        return iter(DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=batch_as_is))
+        return iter(DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=batch_as_is,
+                               multiprocessing_context=_loader_context()))
 
     def share(self, split: str, batch: int) -> Iterator:
         """This worker's share of `split` (a contiguous run of rows, every row on one
-        worker), in index order, in batches of `batch`."""
+        worker) in batches of `batch`: in index order per loader process."""
         data = self.train if split == "train" else self.test
         lo, hi = _span(len(data), self.rank, self.world)
         pieces = _cut(data.pieces(), lo, hi - lo, len(data))
@@ -293,8 +313,25 @@ def _cut(pieces: list[Piece], start: int, length: int, total: int) -> list[Piece
     for piece in pieces:
         lo, hi = max(start - at, 0), min(start + length - at, len(piece))
         if lo < hi:
-            out.append(Piece(piece.file, piece.group, piece.offsets[lo:hi], piece.indices[lo:hi]))
+            out.append(Piece(piece.group, piece.lo + lo, piece.lo + hi, piece.seed))
         at += len(piece)
         if at >= start + length:
             break
     return out
+
+
+_CONTEXT = None
+
+
+def _loader_context():
+    """Loader processes start from a forkserver, not as forks of the train worker: that
+    process holds gRPC channels, Ray's threads and open files, which a forked child
+    would inherit mid-use. The server imports torch and this module once, so each start
+    is still a fork, of a clean process."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        import multiprocessing
+
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(["torch", "trainer.input"])
+    return _CONTEXT

@@ -169,7 +169,8 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
     else:
         # Per run name: another run in the same output folder must not restore these rows.
         bank = start_bank(config.bank.shards, data.train_rows, config.model.dim, config.bank.dtype,
-                          snapshot_dir=os.path.join(config.bank.snapshot_dir or str(output / "bank"), run_name),
+                          snapshot_dir=os.path.join(os.path.expanduser(config.bank.snapshot_dir or str(output / "bank")),
+                                                    run_name),
                           seed=config.bank.seed,
                           token_file=token_file, token_env=token_env,
                           name=f"{run_name}-bank", keep_snapshots=KEEP_CHECKPOINTS + 1,

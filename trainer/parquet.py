@@ -2,24 +2,26 @@
 
 ``data.root`` is a directory, a glob or a pyarrow filesystem URI (``s3://bucket/set``,
 ``gs://...``, ``file:///...``). A split's files are found by name, anywhere below the
-root (or among the glob's matches):
+root (or among the glob's matches, ``*`` matching within one path segment):
 
-- ``train.parquet`` / ``test.parquet``;
-- ``train-*.parquet`` / ``train_*.parquet`` (the Hugging Face layout
-  ``data/train-00000-of-00042.parquet``);
-- any ``*.parquet`` under a folder named ``train`` / ``test``.
+- ``train.parquet``, ``train-*.parquet`` or ``train_*.parquet`` (the Hugging Face
+  layout ``data/train-00000-of-00042.parquet``);
+- else, a ``*.parquet`` whose nearest folder named ``train`` or ``test`` is ``train``.
 
-Every file has an encoded-image column ``image`` (binary, or Hugging Face's struct
-``{bytes, path}``) and an integer column ``label``; every file of a split has the same
-types for them. An image's global index (its bank row) is its row position over the
-split's files sorted by path: file order, then row group, then row. It comes from the
-footers' row counts, so no image is read to know it, and the bank's size is the same
-sum. A subset (``data.subset``) of a split is its evenly spaced rows, ``(j * n) // s``
-for ``j < s``, which also needs no image read; subset position ``j`` is then the index.
+The file name decides first, so ``test/train-extra.parquet`` is train's. Every file
+has an encoded-image column ``image`` (binary, or Hugging Face's struct ``{bytes,
+path}`` with the bytes filled in) and an integer column ``label``, with the same types
+in every file of a split and no nulls. An image's global index (its bank row) is its
+row position over the split's files sorted by path: file order, then row group, then
+row. It comes from the footers' row counts, so no image is read to know it, and the
+bank's size is the same sum. A subset (``data.subset``) of a split is its evenly
+spaced rows, ``(j * n) // s`` for ``j < s``, which also needs no image read; subset
+position ``j`` is then the index.
 
-`ParquetSplit` is that index. Reading is by row group (`read`), and every read error
-names the file and the row group; problems the metadata shows (no file, a missing
-column, types that differ between files) are raised before training starts.
+`ParquetSplit` is that index, in memory of the order of its row groups, never of its
+rows. Reading is by row group (`read_piece`), and every read error names the file and
+the row group; what the metadata shows (no file, a missing column, types that differ,
+nulls) is refused when the split is opened, before training starts.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import io
+import os
 import posixpath
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 
-IMAGE, LABEL = "image", "label"
+IMAGE, LABEL, INDEX = "image", "label", "index"
+SPLITS = ("train", "test")
 LAYOUT_HELP = ("data.root must hold the split's Parquet files: train.parquet / test.parquet, train-*.parquet / "
                "test-*.parquet (also the Hugging Face layout data/train-00000-of-00042.parquet), or *.parquet in "
                "train/ and test/ folders; each with an encoded-image column 'image' and an integer column 'label'")
@@ -44,8 +47,9 @@ class ParquetDataError(ValueError):
 
 
 @dataclass(frozen=True)
-class ParquetFile:
+class SplitFile:
     path: str           # within the filesystem
+    relative: str       # below the listed root: what the fingerprint hashes
     size: int           # bytes
     rows: int
     group_rows: tuple   # rows per row group
@@ -53,15 +57,15 @@ class ParquetFile:
 
 @dataclass(frozen=True)
 class Piece:
-    """Some rows of one row group: the split rows at ``offsets`` (positions within the
-    row group) have global indices ``indices``."""
-    file: int
+    """Rows [lo, hi) of row group `group`'s kept rows, taken in the order `seed`
+    permutes them (None: file order). Knowing a piece costs nothing per row."""
     group: int
-    offsets: np.ndarray
-    indices: np.ndarray
+    lo: int
+    hi: int
+    seed: tuple | None = None
 
     def __len__(self):
-        return len(self.indices)
+        return self.hi - self.lo
 
 
 def _filesystem(root: str):
@@ -69,9 +73,11 @@ def _filesystem(root: str):
     import pyarrow.fs as pafs
 
     if "://" in root:
-        return pafs.FileSystem.from_uri(root)
-    import os
-
+        try:
+            return pafs.FileSystem.from_uri(root)
+        except Exception as error:  # noqa: BLE001 -- pyarrow's URI errors: ArrowInvalid, OSError
+            raise ParquetDataError(f"dataset 'parquet': data.root={root} is not a filesystem URI pyarrow can "
+                                   f"open ({error})") from error
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
 
 
@@ -79,41 +85,47 @@ def _is_glob(path: str) -> bool:
     return any(ch in path for ch in "*?[")
 
 
-def _in_split(relative: str, split: str) -> bool:
+def split_of(relative: str) -> str | None:
+    """The split a file below the root belongs to, by its name first, then by its
+    nearest folder named after a split; None for neither (or not Parquet)."""
     parts = relative.split("/")
     name = parts[-1]
     if not name.endswith(".parquet"):
-        return False
-    return (name == f"{split}.parquet" or name.startswith((f"{split}-", f"{split}_"))
-            or split in parts[:-1])
+        return None
+    for split in SPLITS:
+        if name == f"{split}.parquet" or name.startswith((f"{split}-", f"{split}_")):
+            return split
+    return next((part for part in reversed(parts[:-1]) if part in SPLITS), None)
 
 
-def find_files(root: str, split: str) -> tuple[object, list[str]]:
-    """(filesystem, the split's file paths sorted) under `root`; DatasetMissing, naming
-    where and what was looked for, when none matches."""
+def _matches(path: str, pattern: str) -> bool:
+    """A glob matched segment by segment: ``*`` never crosses a ``/``."""
+    parts, wanted = path.split("/"), pattern.split("/")
+    return len(parts) == len(wanted) and all(fnmatch.fnmatchcase(p, w) for p, w in zip(parts, wanted))
+
+
+def find_files(root: str, split: str) -> tuple[object, str, list]:
+    """(filesystem, the listed base, the split's FileInfos sorted by path) under `root`;
+    DatasetMissing, naming where and what was looked for, when none matches."""
     import pyarrow.fs as pafs
 
+    from trainer.data import DatasetMissing
+
     filesystem, path = _filesystem(root)
-    pattern = None
-    if _is_glob(path):
-        pattern, base = path, path
-        while _is_glob(base):
-            base = posixpath.dirname(base)
-    else:
-        base = path
+    pattern, base = (path, path) if _is_glob(path) else (None, path)
+    while _is_glob(base):
+        base = posixpath.dirname(base)
     try:
         infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
     except (FileNotFoundError, OSError) as error:
-        raise ParquetDataError(f"dataset 'parquet': cannot list {root} ({error}). {LAYOUT_HELP}") from error
-    files = sorted(info.path for info in infos if info.type == pafs.FileType.File
-                   and (pattern is None or fnmatch.fnmatch(info.path, pattern))
-                   and _in_split(posixpath.relpath(info.path, base), split))
+        raise DatasetMissing(f"dataset 'parquet': cannot list {root} ({error}). {LAYOUT_HELP}") from error
+    files = sorted((info for info in infos if info.type == pafs.FileType.File
+                    and (pattern is None or _matches(info.path, pattern))
+                    and split_of(posixpath.relpath(info.path, base)) == split), key=lambda info: info.path)
     if not files:
-        from trainer.data import DatasetMissing
-
         raise DatasetMissing(f"dataset 'parquet': no {split} split under {root} (looked for {split}.parquet, "
-                               f"{split}-*.parquet, {split}_*.parquet and {split}/*.parquet). {LAYOUT_HELP}")
-    return filesystem, files
+                             f"{split}-*.parquet, {split}_*.parquet and {split}/*.parquet). {LAYOUT_HELP}")
+    return filesystem, base, files
 
 
 def _column_kinds(schema, path: str) -> tuple[str, str]:
@@ -135,6 +147,12 @@ def _column_kinds(schema, path: str) -> tuple[str, str]:
     return str(image), str(label)
 
 
+def _column_paths(metadata) -> dict[str, int]:
+    """Parquet column-chunk index by dotted path ('label', 'image.bytes'): a struct
+    column is several chunks, so an Arrow field's position is not its chunk's."""
+    return {metadata.schema.column(i).path: i for i in range(metadata.num_columns)}
+
+
 class ParquetSplit:
     """One split of a Parquet dataset, indexed from its files' footers."""
 
@@ -142,9 +160,10 @@ class ParquetSplit:
         import pyarrow.parquet as pq
 
         self.root, self.split = root, split
-        self.filesystem, paths = find_files(root, split)
-        files, kinds = [], None
-        for path in paths:
+        self.filesystem, base, listed = find_files(root, split)
+        files, kinds, label_max = [], None, -1
+        for info in listed:
+            path = info.path
             try:
                 with self.filesystem.open_input_file(path) as fh:
                     metadata = pq.ParquetFile(fh).metadata
@@ -157,17 +176,19 @@ class ParquetSplit:
             elif found != kinds:
                 raise ParquetDataError(f"{path} has image/label types {found[0]} / {found[1]}, but {first} has "
                                        f"{kinds[0]} / {kinds[1]}: the files of a split must share one schema")
-            files.append(ParquetFile(path, self.filesystem.get_file_info(path).size, metadata.num_rows,
-                                     tuple(metadata.row_group(g).num_rows for g in range(metadata.num_row_groups))))
+            label_max = _check_statistics(metadata, path, label_max)
+            files.append(SplitFile(path, posixpath.relpath(path, base), info.size, metadata.num_rows,
+                                   tuple(metadata.row_group(g).num_rows for g in range(metadata.num_row_groups))))
         self.files = files
         self.total_rows = sum(f.rows for f in files)
         if subset < 0:
             raise ValueError(f"data.subset must be >= 0, got {subset}")
         self.rows = min(subset, self.total_rows) if subset else self.total_rows
-        # (file, group, first global row) of every row group, in index order.
+        # Row group r is (file, group within it); group_start[r] its first row over the split.
         self.groups = [(i, g) for i, f in enumerate(files) for g in range(len(f.group_rows))]
         sizes = [files[i].group_rows[g] for i, g in self.groups]
         self.group_start = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)])
+        self._label_max = label_max  # None: some row group had no statistics
         self._open: dict[int, object] = {}
 
     def __len__(self):
@@ -175,57 +196,57 @@ class ParquetSplit:
 
     # -- the index -----------------------------------------------------------------
 
-    def piece(self, group: int) -> Piece:
-        """The kept rows of row group `group` (all of them without a subset)."""
-        file, g = self.groups[group]
-        lo, hi = int(self.group_start[group]), int(self.group_start[group + 1])
-        if self.rows == self.total_rows:
-            indices = np.arange(lo, hi, dtype=np.int64)
-            rows = indices
-        else:  # subset position j keeps row (j * n) // s
-            n, s = self.total_rows, self.rows
-            indices = np.arange(-(-lo * s // n), -(-hi * s // n), dtype=np.int64)
-            rows = indices * n // s
-        return Piece(file, g, rows - lo, indices)
+    def _first_kept(self, row: int) -> int:
+        """The first subset position whose row is at or after global row `row`."""
+        return row if self.rows == self.total_rows else -(-row * self.rows // self.total_rows)
+
+    def kept(self) -> np.ndarray:
+        """How many kept rows each row group holds (all of them without a subset)."""
+        return np.diff([self._first_kept(int(r)) for r in self.group_start]).astype(np.int64)
 
     def pieces(self) -> list[Piece]:
-        return [self.piece(group) for group in range(len(self.groups))]
+        """Every row group whole, in index order."""
+        return [Piece(g, 0, int(n)) for g, n in enumerate(self.kept())]
+
+    def rows_of(self, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets within the row group, global indices) of a piece's rows, in its order."""
+        start = int(self.group_start[piece.group])
+        first, last = self._first_kept(start), self._first_kept(int(self.group_start[piece.group + 1]))
+        indices = np.arange(first, last, dtype=np.int64)
+        if piece.seed is not None:
+            indices = indices[np.random.default_rng(piece.seed).permutation(len(indices))]
+        indices = indices[piece.lo:piece.hi]
+        rows = indices if self.rows == self.total_rows else indices * self.total_rows // self.rows
+        return rows - start, indices
+
+    def where(self, index: int) -> str:
+        """'<file>, row group g, row r' of a global index (for error messages)."""
+        row = index if self.rows == self.total_rows else index * self.total_rows // self.rows
+        group = int(np.searchsorted(self.group_start, row, side="right") - 1)
+        file, g = self.groups[group]
+        return f"{self.files[file].path}, row group {g}, row {row - int(self.group_start[group])}"
 
     def fingerprint(self) -> dict:
-        """What identifies the split: its files (relative to the root), their sizes and
-        row counts, and the subset. A checkpoint stores it; resume compares."""
-        files = [[f.path, f.size, f.rows] for f in self.files]
+        """What identifies the split: its files (paths below the listed root), their sizes
+        and row counts, and the subset, hashed; where it was read from, for messages.
+        A checkpoint stores it; resume compares the hash."""
+        files = [[f.relative, f.size, f.rows] for f in self.files]
         digest = hashlib.sha256(repr((files, self.rows)).encode()).hexdigest()[:16]
-        return {"root": self.root, "split": self.split, "files": len(files), "rows": self.rows,
-                "total_rows": self.total_rows, "sha256": digest,
-                "file_list": files[:20] + ([["...", len(files) - 20]] if len(files) > 20 else [])}
+        return {"sha256": digest, "root": self.root, "files": len(files), "rows": self.rows}
 
-    @cached_property
+    @property
     def num_classes(self) -> int:
-        """Largest label + 1: from the row groups' statistics when every one has them,
-        else from the label column (read alone)."""
-        import pyarrow.parquet as pq
-
-        top = -1
-        for i, f in enumerate(self.files):
-            with self.filesystem.open_input_file(f.path) as fh:
-                metadata = pq.ParquetFile(fh).metadata
-                column = metadata.schema.to_arrow_schema().get_field_index(LABEL)
-                for g in range(metadata.num_row_groups):
-                    stats = metadata.row_group(g).column(column).statistics
-                    if stats is None or not stats.has_min_max:
-                        return int(max(self._labels_of_file(i).max(initial=-1) for i in range(len(self.files)))) + 1
-                    top = max(top, int(stats.max))
-        return top + 1
-
-    def _labels_of_file(self, file: int) -> np.ndarray:
-        return np.concatenate([self.read(file, g, [LABEL])[LABEL] for g in range(len(self.files[file].group_rows))])
+        """Largest label + 1: from the footers' statistics, else from the label column."""
+        if self._label_max is None:
+            self._label_max = max(int(self.read(i, g, [LABEL])[LABEL].max(initial=-1)) for i, g in self.groups)
+        return self._label_max + 1
 
     # -- reading -------------------------------------------------------------------
 
-    def read(self, file: int, group: int, columns: list[str]) -> dict:
-        """One row group's `columns` as numpy/Python values: ``label`` an int64 array,
-        ``image`` a list of encoded bytes. Errors name the file and the row group."""
+    def read(self, file: int, group: int, columns: list[str], offsets: np.ndarray | None = None) -> dict:
+        """One row group's `columns` (the rows at `offsets`, in that order, when given):
+        ``label`` an int64 array, ``image`` a list of encoded bytes. Errors name the file
+        and the row group."""
         import pyarrow.parquet as pq
 
         path = self.files[file].path
@@ -235,55 +256,97 @@ class ParquetSplit:
                 reader = pq.ParquetFile(self.filesystem.open_input_file(path))
                 self._open = {file: reader}  # one file open at a time: pieces come mostly in file order
             table = reader.read_row_group(group, columns=columns)
+            if offsets is not None:
+                table = table.take(offsets)
         except Exception as error:  # noqa: BLE001 -- whatever pyarrow or the filesystem raised
-            self._open = {}
+            self.close()
             raise ParquetDataError(f"{path}: cannot read row group {group} ({type(error).__name__}: {error})") from error
         out = {}
         if LABEL in columns:
-            out[LABEL] = table.column(LABEL).to_numpy().astype(np.int64, copy=False)
+            labels = table.column(LABEL)
+            if labels.null_count:
+                raise ParquetDataError(f"{path}: row group {group} has {labels.null_count} null label(s)")
+            out[LABEL] = labels.to_numpy().astype(np.int64, copy=False)
         if IMAGE in columns:
             images = table.column(IMAGE).combine_chunks()
             if hasattr(images.type, "get_field_index") and images.type.get_field_index("bytes") >= 0:
                 images = images.field("bytes")  # the Hugging Face layout {bytes, path}
+            if images.null_count:
+                raise ParquetDataError(f"{path}: row group {group} has {images.null_count} image(s) without bytes "
+                                       "(images stored by path are not read: embed their bytes)")
             out[IMAGE] = images.to_pylist()
         return out
 
     def read_piece(self, piece: Piece, columns=(IMAGE, LABEL)) -> dict:
-        values = self.read(piece.file, piece.group, list(columns))
-        return {k: [v[i] for i in piece.offsets] if k == IMAGE else v[piece.offsets] for k, v in values.items()}
+        """A piece's `columns`, plus ``index``: its rows' global indices."""
+        offsets, indices = self.rows_of(piece)
+        file, g = self.groups[piece.group]
+        return self.read(file, g, list(columns), offsets) | {INDEX: indices}
 
     def labels_at(self, indices: np.ndarray) -> np.ndarray:
         """Labels of global indices, reading only the label column of the row groups
         they fall in (memory: the indices asked for and one row group's labels)."""
         indices = np.asarray(indices, dtype=np.int64)
         flat = indices.reshape(-1)
+        rows = flat if self.rows == self.total_rows else flat * self.total_rows // self.rows
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
         out = np.empty(len(flat), dtype=np.int64)
-        n, s = self.total_rows, self.rows
-        rows = flat if s == n else flat * n // s
-        group_of = np.searchsorted(self.group_start, rows, side="right") - 1
-        for group in np.unique(group_of):
+        group_of = np.searchsorted(self.group_start, sorted_rows, side="right") - 1
+        bounds = np.flatnonzero(np.diff(group_of)) + 1
+        for run in np.split(np.arange(len(sorted_rows)), bounds):
+            if not len(run):
+                continue
+            group = int(group_of[run[0]])
             file, g = self.groups[group]
             labels = self.read(file, g, [LABEL])[LABEL]
-            mine = group_of == group
-            out[mine] = labels[rows[mine] - self.group_start[group]]
+            out[order[run]] = labels[sorted_rows[run] - self.group_start[group]]
         return out.reshape(indices.shape)
 
     def close(self) -> None:
         self._open = {}
 
-    def __getstate__(self):  # DataLoader processes get the index, not the open file
+    def __getstate__(self):  # loader processes get the index, not an open file
         state = self.__dict__.copy()
         state["_open"] = {}
         return state
 
 
-def decode(encoded: list[bytes], size: int) -> np.ndarray:
-    """Encoded images -> uint8 (n, 3, size, size), each by `trainer.data.image_to_chw`."""
+def _check_statistics(metadata, path: str, label_max: int | None) -> int | None:
+    """Refuse nulls that the footer's statistics show (labels, image bytes); return the
+    largest label so far, or None once a row group has no statistics for it."""
+    columns = _column_paths(metadata)
+    label = columns.get(LABEL)
+    image = columns.get(f"{IMAGE}.bytes", columns.get(IMAGE))
+    for g in range(metadata.num_row_groups):
+        group = metadata.row_group(g)
+        for name, column in (("label", label), ("image", image)):
+            stats = group.column(column).statistics if column is not None else None
+            if stats is not None and stats.has_null_count and stats.null_count:
+                raise ParquetDataError(f"{path}: row group {g} has {stats.null_count} null {name} value(s)"
+                                       + (" (images stored by path are not read: embed their bytes)"
+                                          if name == "image" else ""))
+        stats = group.column(label).statistics
+        if label_max is not None and stats is not None and stats.has_min_max:
+            label_max = max(label_max, int(stats.max))
+        else:
+            label_max = None
+    return label_max
+
+
+def decode(encoded: list[bytes], size: int, where=None) -> np.ndarray:
+    """Encoded images -> uint8 (n, 3, size, size), each by `trainer.data.image_to_chw`;
+    an image that does not decode is a ParquetDataError naming `where(i)`."""
     from PIL import Image
 
     from trainer.data import image_to_chw
 
     out = np.empty((len(encoded), 3, size, size), dtype=np.uint8)
     for i, data in enumerate(encoded):
-        out[i] = image_to_chw(Image.open(io.BytesIO(data)), size)
+        try:
+            out[i] = image_to_chw(Image.open(io.BytesIO(data)), size)
+        except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
+            raise ParquetDataError(f"{where(i) if where else f'image {i}'}: cannot decode the image ({error})") \
+                from error
     return out
+

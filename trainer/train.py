@@ -42,6 +42,11 @@ from trainer.models import Encoder
 from trainer.schedule import lr_at_step, run_length
 
 
+# kNN neighbours labelled at once (test queries x k): bounds evaluation's memory on
+# any test set, and lets a streamed dataset read each row group's labels once per lot.
+KNN_LABELS_AT_ONCE = 1 << 20
+
+
 class LoopStarts:
     """Counts the train loop's starts in one launch, as a named Ray actor that the launch
     creates and reads at the end: Ray Train restarts every worker when one fails
@@ -145,7 +150,7 @@ class Worker:
         with saved.as_directory() as folder:
             state = checkpoint.load(folder, map_location=self.device)
         trained_on, reading = state.get("dataset"), self.input.fingerprint()
-        if trained_on is not None and trained_on != reading:  # absent from checkpoints older than it
+        if trained_on is not None and trained_on["sha256"] != reading["sha256"]:  # absent from older checkpoints
             raise StopTraining(f"cannot resume: the checkpoint at epoch {state['epoch']} was trained on another "
                                f"dataset ({_dataset_words(trained_on)}) than this run reads ({_dataset_words(reading)})"
                                "; resume with the same data.* or start a new run (another --name or --output-dir)")
@@ -234,26 +239,38 @@ class Worker:
             index = self._fresh_index()
             labels = self.input.labels_at(torch.arange(self.n)).to(index.device)
         self.encoder.eval()
-        correct1 = correct5 = total = 0
-        neighbours = []  # (sims, bank rows, test labels) per batch: labelled together below
+        counts = torch.zeros(3, dtype=torch.long)  # correct top-1, correct top-5, total
+        neighbours = []  # (sims, bank rows, test labels) per batch, labelled a bounded lot at a time
         for images, _, y in self.input.share("test", 500):
             queries = embed(self.encoder, images, self.device)
             if index is None:
                 neighbours.append((*self.feed.topk(queries, k), y))
+                if sum(idx.numel() for _, idx, _ in neighbours) >= KNN_LABELS_AT_ONCE:
+                    counts += self._score_neighbours(neighbours, num_classes)
+                    neighbours = []
             else:
                 c1, c5 = knn_correct(index, labels, queries, y.to(index.device), num_classes, k, c.sigma)
-                correct1, correct5, total = correct1 + c1, correct5 + c5, total + len(y)
-        if neighbours:
-            # One read of the train labels for every neighbour found: a streamed
-            # dataset reads them from the row groups those rows are in.
-            labels = self.input.labels_at(torch.cat([idx for _, idx, _ in neighbours]))
-            for (sims, idx, y), neighbour_labels in zip(neighbours, labels.split([len(i) for _, i, _ in neighbours])):
-                scores = weighted_knn_scores(sims, neighbour_labels.to(sims.device), num_classes, c.sigma)
-                c1, c5 = correct_at(scores, y, (1, min(5, num_classes)))
-                correct1, correct5, total = correct1 + c1, correct5 + c5, total + len(y)
+                counts += torch.tensor([c1, c5, len(y)])
+        counts += self._score_neighbours(neighbours, num_classes)
         self.encoder.train()
+        correct1, correct5, total = counts.tolist()
         correct1, correct5, total = dist.all_reduce_sum([correct1, correct5, total])
         return correct1 / total, correct5 / total, time.perf_counter() - start
+
+    def _score_neighbours(self, neighbours: list[tuple], num_classes: int) -> torch.Tensor:
+        """(correct top-1, correct top-5, queries) of test batches' bank neighbours. Their
+        train labels are read in one go: a streamed dataset reads them from the row
+        groups those rows are in."""
+        if not neighbours:
+            return torch.zeros(3, dtype=torch.long)
+        labels = self.input.labels_at(torch.cat([idx.reshape(-1) for _, idx, _ in neighbours]))
+        counts = [0, 0, 0]
+        for (sims, idx, y), found in zip(neighbours, labels.split([idx.numel() for _, idx, _ in neighbours])):
+            scores = weighted_knn_scores(sims, found.reshape(idx.shape).to(sims.device), num_classes,
+                                         self.config.eval.sigma)
+            c1, c5 = correct_at(scores, y, (1, min(5, num_classes)))
+            counts = [counts[0] + c1, counts[1] + c5, counts[2] + len(y)]
+        return torch.tensor(counts)
 
     def _fresh_index(self) -> torch.Tensor:
         """(N, D) unit features of every train image in index order, on every worker:
@@ -428,7 +445,7 @@ class Worker:
 
 
 def _dataset_words(fingerprint: dict) -> str:
-    return ", ".join(f"{key} {value}" for key, value in fingerprint.items() if key != "file_list")
+    return ", ".join(f"{key} {value}" for key, value in fingerprint.items())
 
 
 def _duration(seconds: float) -> str:

@@ -30,6 +30,10 @@ def test_defaults_file_and_overrides_compose(tmp_path):
     (["eval.linear_epochs=0"], "eval.linear_epochs must be >= 1"),
     (["bank.momentum=1.0"], "bank.momentum must be in [0, 1)"),
     (["train.lr"], "is not key=value"),
+    (["bank.snapshot_dir=runs/bank"], "bank.snapshot_dir=runs/bank must be absolute"),
+    (["bank.snapshot_dir=/data/bank", "bank.addresses=127.0.0.1:1"], "bank.snapshot_dir is for the shard actors"),
+    (["data.name=parquet", "data.root=/d", "eval.source=fresh"], "eval.source=fresh holds every train image"),
+    (["data.shuffle_buffer=-1"], "data.shuffle_buffer must be >= 0"),
 ])
 def test_bad_keys_and_types_are_named(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):

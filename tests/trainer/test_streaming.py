@@ -67,7 +67,7 @@ def test_the_index_comes_from_metadata_in_file_order(dataset):
     assert split.num_classes == LABELS
     assert [f.path.rsplit("/", 1)[1] for f in split.files] == [f"train-0000{i}-of-00003.parquet" for i in range(3)]
     rows = [split.read_piece(p) for p in split.pieces()]
-    indices = np.concatenate([p.indices for p in split.pieces()])
+    indices = np.concatenate([r["index"] for r in rows])
     assert indices.tolist() == list(range(390))
     assert np.concatenate([r["label"] for r in rows]).tolist() == [i % LABELS for i in range(390)]
     asked = np.array([[389, 0], [131, 250]])
@@ -108,9 +108,9 @@ def test_the_shares_cover_each_split_exactly_once(dataset):
 
 def test_a_subset_is_evenly_spaced_and_indexed_by_its_position(dataset):
     split = ParquetSplit(str(dataset), "train", subset=100)
-    pieces = split.pieces()
-    assert np.concatenate([p.indices for p in pieces]).tolist() == list(range(100))
-    rows = [index_of(torch.from_numpy(image)) for p in pieces for image in decode(split.read_piece(p)["image"], 8)]
+    read = [split.read_piece(p) for p in split.pieces()]
+    assert np.concatenate([r["index"] for r in read]).tolist() == list(range(100))
+    rows = [index_of(torch.from_numpy(image)) for r in read for image in decode(r["image"], 8)]
     assert rows == [j * 390 // 100 for j in range(100)]
     assert split.labels_at(np.array([99])).tolist() == [(99 * 390 // 100) % LABELS]
     shape = describe(config(dataset, "data.subset=100", "data.test_subset=10"))
@@ -122,7 +122,9 @@ def test_loader_processes_stream_the_same_rows(dataset):
     rows = [idx for _, idx, _ in one.epoch_batches(3)]
     assert len(rows) == 13 and len(set(torch.cat(rows).tolist())) == 13 * 10
     in_process = StreamedInput(config(dataset), 1, 3)
-    assert set(torch.cat(rows).tolist()) <= {int(i) for p in in_process.epoch_pieces(3) for i in p.indices}
+    planned = in_process.epoch_pieces(3)
+    assert set(torch.cat(rows).tolist()) <= {int(i) for p in planned for i in in_process.train.rows_of(p)[1]}
+    assert len(planned) <= len(in_process.train.groups) + 2  # an epoch is described by row groups, not rows
 
 
 def test_one_file_per_split_and_uris_and_globs_still_work(tmp_path, dataset):
@@ -167,3 +169,42 @@ def test_a_file_unreadable_mid_epoch_is_named(tmp_path):
     broken.write_bytes(data[:4] + b"\0" * (len(data) - 4096) + data[-4092:])  # footer kept, pages gone
     with pytest.raises(ParquetDataError, match=r"train-00001-of-00002.parquet: cannot read row group"):
         list(streamed.epoch_batches(0))
+
+
+def test_split_rules_and_the_fingerprint_hold_however_the_root_is_spelled(tmp_path):
+    for path in ("a/train-00000-of-00001.parquet", "a/test.parquet", "test/train-extra.parquet",
+                 "train/part-0.parquet", "a/old/train-stale.parquet"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"image": [png(0)], "label": np.array([0], np.int64)}), tmp_path / path)
+    found = [f.relative for f in ParquetSplit(str(tmp_path), "train").files]
+    assert found == ["a/old/train-stale.parquet", "a/train-00000-of-00001.parquet", "test/train-extra.parquet",
+                     "train/part-0.parquet"]  # the file name decides before the folder
+    assert [f.relative for f in ParquetSplit(str(tmp_path), "test").files] == ["a/test.parquet"]
+    assert len(ParquetSplit(str(tmp_path / "a" / "*.parquet"), "train").files) == 1  # '*' stays in its folder
+    spellings = [str(tmp_path), f"{tmp_path}/", f"file://{tmp_path}"]
+    assert len({ParquetSplit(root, "train").fingerprint()["sha256"] for root in spellings}) == 1
+    pq.write_table(pa.table({"image": [png(0), png(1)], "label": np.array([0, 1], np.int64)}),
+                   tmp_path / "train" / "part-0.parquet")
+    assert ParquetSplit(str(tmp_path), "train").fingerprint()["sha256"] != \
+        ParquetSplit(spellings[0], "train", subset=3).fingerprint()["sha256"]
+
+
+def test_hugging_face_paths_nulls_and_undecodable_images_are_named(tmp_path):
+    # A filled-in 'path' before 'label': the label's statistics are found by column path.
+    table = pa.table({"image": [{"bytes": png(i), "path": f"img_{i}.png"} for i in range(4)],
+                      "label": np.array([0, 5, 2, 1], np.int64)})
+    pq.write_table(table, tmp_path / "train.parquet")
+    assert ParquetSplit(str(tmp_path), "train").num_classes == 6
+    pq.write_table(pa.table({"image": [png(0), png(1)], "label": pa.array([0, None], pa.int64())}),
+                   tmp_path / "test.parquet")
+    with pytest.raises(ParquetDataError, match=r"test.parquet: row group 0 has 1 null label"):
+        ParquetSplit(str(tmp_path), "test")
+    pq.write_table(pa.table({"image": [{"bytes": None, "path": "elsewhere.png"}], "label": np.array([0])}),
+                   tmp_path / "test.parquet")
+    # (A column of nulls only has no statistics: this one is caught when read.)
+    with pytest.raises(ParquetDataError, match=r"test.parquet: row group 0 has 1 image\(s\) without bytes .*embed"):
+        load_dataset("parquet", str(tmp_path), train=False, image_size=8)
+    pq.write_table(pa.table({"image": [png(0), b"not an image"], "label": np.array([0, 1])}),
+                   tmp_path / "test.parquet")
+    with pytest.raises(ParquetDataError, match=r"test.parquet, row group 0, row 1: cannot decode the image"):
+        load_dataset("parquet", str(tmp_path), train=False, image_size=8)
