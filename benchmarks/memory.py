@@ -177,10 +177,17 @@ class MemorySampler:
         sampler.peaks.per_worker, sampler.peaks.roles["bank"]
     """
 
+    TIMELINE_COLUMNS = ("seconds", "worker_pss", "worker_anon", "train_workers", "bank", "other")
+
     def __init__(self, root: int, interval: float = 0.25):
         self.root, self.interval = root, interval
         self.peaks = Peaks()
+        # Per sample: seconds since the start, the largest train worker's PSS and anonymous
+        # PSS (each with its children), and the roles' sums; to see which phase of a run
+        # holds the peak.
+        self.timeline: list[tuple[float, int, int, int, int, int]] = []
         self.errors = 0
+        self._started = time.monotonic()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"memory of pid {root}", daemon=True)
@@ -194,10 +201,14 @@ class MemorySampler:
             else:
                 with self._lock:
                     self.peaks.add(sample)
+                    self.timeline.append((sample.at - self._started, max(sample.workers.values(), default=0),
+                                          max(sample.workers_anon.values(), default=0), sample.roles[TRAIN_WORKER],
+                                          sample.roles[BANK], sample.roles[OTHER]))
             if self._stop.wait(self.interval):
                 return
 
     def start(self) -> "MemorySampler":
+        self._started = time.monotonic()
         self._thread.start()
         return self
 
@@ -216,3 +227,10 @@ class MemorySampler:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def write_timeline(self, path) -> None:
+        """The timeline as CSV, bytes."""
+        with open(path, "w") as fh:
+            fh.write(",".join(self.TIMELINE_COLUMNS) + "\n")
+            for seconds, *values in self.timeline:
+                fh.write(f"{seconds:.2f}," + ",".join(map(str, values)) + "\n")

@@ -45,6 +45,9 @@ def test_the_sampler_sees_a_tree_s_memory_and_its_peak_outlives_the_processes():
     assert 250 * MB <= peaks.total < 330 * MB, peaks
     assert peaks.roles[OTHER] == peaks.total and peaks.roles[TRAIN_WORKER] == peaks.roles[BANK] == 0
     assert peaks.per_worker == 0
+    assert len(sampler.timeline) == peaks.samples and max(t[-1] for t in sampler.timeline) == peaks.total
+    seconds = [t[0] for t in sampler.timeline]
+    assert seconds == sorted(seconds) and 0 <= seconds[0] < 1
 
 
 def test_a_process_s_anonymous_memory_is_part_of_its_pss():

@@ -47,6 +47,16 @@ def test_checks_compare_the_largest_streamed_size_with_the_smallest_and_stream_w
     assert "not measured" in checks(rows)[1]
 
 
+def test_repeats_count_with_their_size_s_largest_peak_and_mean_speed():
+    rows = [row(STREAM, 1000, 900 * MB, 300 * MB, 900), row(IN_MEMORY, 1000, 650 * MB, 250 * MB, 1000),
+            row(STREAM, 9000, 1000 * MB, 320 * MB, 900), row(STREAM, 1000, 800 * MB, 330 * MB, 1000),
+            row(IN_MEMORY, 1000, 640 * MB, 250 * MB, 1000), row(STREAM, 9000, 990 * MB, 320 * MB, 800, "timed out")]
+    lines = checks(rows)
+    assert ("peak 1,000 MB at 9,000 images against 900 MB at 1,000 (largest of 2 runs): ratio 1.11 (target <= 1.2) "
+            "PASS; without mapped files 320 MB against 330 MB: ratio 0.97") in lines[0]
+    assert "950 against 1,000 images/s (means over the runs): ratio 0.95" in lines[1]
+
+
 def test_the_reader_section_and_the_plots(tmp_path):
     readers = [{"reader": "pyarrow-2", "images": 100, "files": 1, "images_per_sec": 2000.0, "seconds": 0.05,
                 "startup_seconds": 0.1, "peak_pss_bytes": 500 * MB, "wall_seconds": 1.0, "load_avg": 1.0,
