@@ -364,21 +364,30 @@ def notes(rows: list[dict], settings: dict, overrides: list[str], generation: li
 
 
 def write_plots(output: Path, rows: list[dict]) -> list[Path]:
+    """Memory and images/s against N; with repeats, each size's largest peak and mean images/s."""
     from benchmarks.report import plot_lines
 
-    done = [r for r in rows if not r["error"]]
-    memory = []
-    for r in done:
-        label = "train worker, peak with its children" + ("" if r["reader"] == STREAM else f" ({r['reader']})")
-        memory.append({"images": r["images"], "MB": r["peak_rss_bytes"] / MB, "what": label})
-        if r["reader"] == STREAM:
-            memory += [{"images": r["images"], "MB": r["bank_pss_bytes"] / MB, "what": "bank shards, together"},
-                       {"images": r["images"], "MB": r["other_pss_bytes"] / MB, "what": "other (driver, raylet, ...)"}]
+    sizes: dict[tuple[str, int], list[dict]] = {}
+    for r in rows:
+        if not r["error"]:
+            sizes.setdefault((r["reader"], r["images"]), []).append(r)
+    memory, speed = [], []
+    for (reader, images), runs in sizes.items():
+        def peak(key):
+            return max(r[key] for r in runs) / MB
+
+        label = "train worker, peak with its children" + ("" if reader == STREAM else f" ({reader})")
+        memory.append({"images": images, "MB": peak("peak_rss_bytes"), "what": label})
+        if reader == STREAM:
+            memory += [{"images": images, "MB": peak("bank_pss_bytes"), "what": "bank shards, together"},
+                       {"images": images, "MB": peak("other_pss_bytes"), "what": "other (driver, raylet, ...)"}]
+        speed.append({"images": images, "reader": reader,
+                      "images_per_sec": sum(r["images_per_sec"] for r in runs) / len(runs)})
     return [
         plot_lines(output / "memory_vs_images.png", memory, "images", "MB", "what", logx=True,
                    title="Peak PSS vs training images (Parquet)", xlabel="training images (log scale)",
                    ylabel="peak PSS (MB)"),
-        plot_lines(output / "images_per_sec_vs_images.png", done, "images", "images_per_sec", "reader", logx=True,
+        plot_lines(output / "images_per_sec_vs_images.png", speed, "images", "images_per_sec", "reader", logx=True,
                    title="Training images/s vs training images (Parquet)", xlabel="training images (log scale)",
                    ylabel="images/s"),
     ]
