@@ -50,7 +50,8 @@ def image_to_chw(image, size: int) -> np.ndarray:
     (bilinear, antialiased), centre crop. Every decoded dataset's images go through here."""
     from PIL import Image
 
-    image = image.convert("RGB")
+    if image.mode not in ("L", "RGB"):
+        image = image.convert("RGB")
     w, h = image.size
     if (w, h) != (size, size):
         scale = size / min(w, h)
@@ -58,7 +59,10 @@ def image_to_chw(image, size: int) -> np.ndarray:
         w, h = image.size
         left, top = (w - size) // 2, (h - size) // 2
         image = image.crop((left, top, left + size, top + size))
-    return np.asarray(image).transpose(2, 0, 1)
+    pixels = np.asarray(image)
+    if pixels.ndim == 2:  # grey: the three channels PIL's convert("RGB") would make, without its copy
+        return np.broadcast_to(pixels, (3, *pixels.shape))
+    return pixels.transpose(2, 0, 1)
 
 
 def _to_chw_uint8(image, size: int) -> torch.Tensor:

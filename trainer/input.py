@@ -326,12 +326,14 @@ _CONTEXT = None
 def _loader_context():
     """Loader processes start from a forkserver, not as forks of the train worker: that
     process holds gRPC channels, Ray's threads and open files, which a forked child
-    would inherit mid-use. The server imports torch and this module once, so each start
-    is still a fork, of a clean process."""
+    would inherit mid-use. The server imports torch, this module and the readers once,
+    so each start is still a fork, of a clean process."""
     global _CONTEXT
     if _CONTEXT is None:
         import multiprocessing
 
         _CONTEXT = multiprocessing.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["torch", "trainer.input"])
+        # What a loader process needs before its first row: the first batch waits for it.
+        _CONTEXT.set_forkserver_preload(["torch", "trainer.input", "pyarrow.parquet", "PIL.PngImagePlugin",
+                                         "PIL.JpegImagePlugin"])
     return _CONTEXT

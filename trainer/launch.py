@@ -149,6 +149,9 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
         token = read_token(token_file, token_env)
     except BankTokenMissing as error:
         raise ConfigError(str(error)) from None
+    if config.data.root and "://" not in config.data.root:
+        # Train workers run in a folder of Ray's: a relative path would not be found there.
+        config.data.root = str(Path(config.data.root).expanduser().absolute())
     data = describe(config)  # a streamed dataset: from its files' metadata and one image
     print(f"data: {data.describe()}", flush=True)
     check_against_dataset(config, data.train_rows, data.side)

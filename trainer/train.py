@@ -33,7 +33,7 @@ from trainer.augment import augment
 from trainer.bank_feed import BankFeed
 from trainer.config import Config
 from trainer.evaluate import knn_correct
-from trainer.input import open_input
+from trainer.input import open_input, streamed
 from trainer.knn import correct_at, weighted_knn_scores
 from trainer.launch import below_untrained, percent
 from trainer.losses import (PartitionEstimate, accidental_hits, batch_log_z, infonce_loss, nce_loss, sampled_logits,
@@ -377,10 +377,16 @@ class Worker:
     def _untrained(self) -> None:
         """Epoch 0 of the history: the untrained encoder's kNN, the floor that training
         must stay above (a run below it is warned about, every evaluated epoch). From the
-        warm-started bank (its rows are then exactly those clean features), else fresh."""
+        warm-started bank (its rows are then exactly those clean features), else fresh;
+        a streamed dataset without a warm start has no such floor (fresh features would
+        hold N x D on every worker)."""
         c = self.config
         if c.bank.warm_start:
             self.fill_bank("warm start")
+        elif streamed(c):
+            self._log("untrained encoder: not evaluated (a streamed dataset without bank.warm_start; the kNN "
+                      "floor that runs are warned against needs the warm start)")
+            return
         top1, top5, seconds = self.evaluate("bank" if c.bank.warm_start else "fresh")
         self.history.append({"epoch": 0, "step": 0, "loss": float("nan"), "knn_top1": top1, "knn_top5": top5,
                              "images_per_sec": 0.0, "epoch_seconds": 0.0, "bank_rtt_ms": 0.0, "bank_wait_ms": 0.0,
