@@ -29,8 +29,8 @@ class DataConfig:
     test_subset: int = 0         # evaluate on this many test images, chosen the same way; 0 = all
     image_size: int = 32         # imagefolder / parquet images are resized to this
     download: bool = True
-    # Decoding processes per train worker; None: 1 for datasets decoded as they are read
-    # (streamed parquet, imagefolder), 0 for those held decoded in memory.
+    # Decoding processes per train worker; None: 1 for streamed parquet on a GPU worker,
+    # else 0 (decode in the worker: on CPU a second process competes for its cores).
     loader_workers: int | None = None
     # parquet: stream each worker's row groups (true), or decode the split into memory once (false).
     stream: bool = True

@@ -22,7 +22,7 @@ image folder, Parquet with ``data.stream=false``) are `MemoryInput`: random acce
   decoded chunks per reading process.
 - **Decoding** runs in ``data.loader_workers`` background processes (each reads every
   n-th of the worker's row groups), started from a forkserver, or in the train worker
-  itself with 0.
+  itself with 0 (the default on CPU; 1 on a GPU).
 """
 
 from __future__ import annotations
@@ -46,12 +46,14 @@ def streamed(config: Config) -> bool:
     return config.data.name == "parquet" and config.data.stream
 
 
-def loader_workers(config: Config) -> int:
-    """``data.loader_workers``; when unset, 1 background decoder for streamed Parquet,
-    none otherwise."""
+def loader_workers(config: Config, on_gpu: bool = False) -> int:
+    """``data.loader_workers``; when unset, 1 background decoder for streamed Parquet
+    on a GPU worker, none otherwise. A CPU worker's training takes its cores: there a
+    decoding process competes with it, and decoding in the worker was faster (0.94x the
+    in-memory images/s against 0.88x with a loader process, BENCHMARKS.md)."""
     workers = config.data.loader_workers
     if workers is None:
-        return 1 if streamed(config) else 0
+        return 1 if streamed(config) and on_gpu else 0
     return workers
 
 
@@ -115,8 +117,8 @@ def _first_images(split: ParquetSplit, n: int, size: int) -> torch.Tensor:
     return torch.from_numpy(decode(encoded, size, lambda i: split.where(i)))
 
 
-def open_input(config: Config, rank: int, world: int):
-    return StreamedInput(config, rank, world) if streamed(config) else MemoryInput(config, rank, world)
+def open_input(config: Config, rank: int, world: int, on_gpu: bool = False):
+    return StreamedInput(config, rank, world, on_gpu) if streamed(config) else MemoryInput(config, rank, world)
 
 
 def _span(n: int, rank: int, world: int) -> tuple[int, int]:
@@ -247,9 +249,10 @@ def _rebatch(chunks, batch: int, count: int | None) -> Iterator:
 class StreamedInput:
     """Parquet row groups streamed to each worker; see the module's docstring."""
 
-    def __init__(self, config: Config, rank: int, world: int):
+    def __init__(self, config: Config, rank: int, world: int, on_gpu: bool = False):
         d = config.data
         self.config, self.rank, self.world = config, rank, world
+        self.loader_workers = loader_workers(config, on_gpu)
         self.train = ParquetSplit(d.root, "train", d.subset)
         self.test = ParquetSplit(d.root, "test", d.test_subset)
         self.rows, self.num_classes = len(self.train), self.train.num_classes
@@ -277,7 +280,7 @@ class StreamedInput:
         return _rebatch(self._chunks(stream), self.batch, self.batches_per_epoch())
 
     def _chunks(self, stream: _Stream) -> Iterator:
-        workers = min(loader_workers(self.config), len(stream.pieces))
+        workers = min(self.loader_workers, len(stream.pieces))
         stream.split.close()  # nothing open travels to the loader processes
         if not workers:
             return iter(stream)

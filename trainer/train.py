@@ -98,7 +98,7 @@ class Worker:
         torch.manual_seed(c.train.seed + self.rank)
 
         # 1. data: in memory, or this worker's share streamed (trainer.input)
-        self.input = open_input(c, self.rank, self.world)
+        self.input = open_input(c, self.rank, self.world, on_gpu=self.device.type == "cuda")
         self.n = self.input.rows
         channels, height = self.input.channels, self.input.side
         self.image_size = int(height)
