@@ -140,6 +140,7 @@ class MemoryInput:
         self.batch = config.train.batch_size // world
         self.loader = DataLoader(self.train_set, batch_size=self.batch, sampler=self.sampler, drop_last=True,
                                  num_workers=loader_workers(config), collate_fn=batch_as_is)
+        self._fingerprint = self._identify()
 
     def batches_per_epoch(self) -> int:
         return len(self.loader)
@@ -170,8 +171,11 @@ class MemoryInput:
         return image_stats(images[:10000])
 
     def fingerprint(self) -> dict:
+        return self._fingerprint
+
+    def _identify(self) -> dict:
         """Parquet's from its files (so `data.stream` may change across a resume); else
-        the dataset's name, size and subset."""
+        the dataset's name, size and subset. Once, at start: every checkpoint records it."""
         d = self.config.data
         if d.name == "parquet":
             return ParquetSplit(d.root, "train", d.subset).fingerprint()

@@ -268,9 +268,7 @@ class ParquetSplit:
                 raise ParquetDataError(f"{path}: row group {group} has {labels.null_count} null label(s)")
             out[LABEL] = labels.to_numpy().astype(np.int64, copy=False)
         if IMAGE in columns:
-            images = table.column(IMAGE).combine_chunks()
-            if hasattr(images.type, "get_field_index") and images.type.get_field_index("bytes") >= 0:
-                images = images.field("bytes")  # the Hugging Face layout {bytes, path}
+            images = image_bytes(table.column(IMAGE))
             if images.null_count:
                 raise ParquetDataError(f"{path}: row group {group} has {images.null_count} image(s) without bytes "
                                        "(images stored by path are not read: embed their bytes)")
@@ -310,6 +308,15 @@ class ParquetSplit:
         state = self.__dict__.copy()
         state["_open"] = {}
         return state
+
+
+def image_bytes(column):
+    """The encoded images of an `image` column, as one Arrow array: binary as it is, or
+    the ``bytes`` of Hugging Face's ``{bytes, path}`` struct."""
+    images = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    if hasattr(images.type, "get_field_index") and images.type.get_field_index("bytes") >= 0:
+        images = images.field("bytes")
+    return images
 
 
 def _check_statistics(metadata, path: str, label_max: int | None) -> int | None:

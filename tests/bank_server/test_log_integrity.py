@@ -116,13 +116,19 @@ def test_a_torn_segment_that_latest_names_is_not_removed_but_refused(tmp_path):
     assert last.exists()
 
 
-def test_new_segments_leave_no_temporary_header_files(tmp_path):
+def snapshotted(tmp_path) -> tuple[Layout, object]:
+    """A one-shard bank with two logged updates and snapshot 'epoch-1', its log closed:
+    (its layout, its shard folder)."""
     layout = Layout(0, 1, N, D, "float32")
     shard, _ = open_logged(layout, tmp_path, seed=0)
     updates(shard, 2)
     shard.snapshot(tmp_path, "epoch-1")
     shard.log.close()
-    folder = snapshots.shard_dir(tmp_path, 0)
+    return layout, snapshots.shard_dir(tmp_path, 0)
+
+
+def test_new_segments_leave_no_temporary_header_files(tmp_path):
+    _, folder = snapshotted(tmp_path)
     assert not list(folder.glob(".*tmp*"))
     header = update_log.read_header(segment_files(tmp_path)[-1])
     assert (header["total_rows"], header["num_shards"], header["dim"]) == (N, 1, D)
@@ -184,12 +190,7 @@ def test_a_failed_fdatasync_breaks_the_log_the_caller_gets_data_loss_and_updates
 # -- snapshots without LATEST or log --
 
 def test_snapshots_without_latest_or_log_start_fresh_with_a_warning_naming_them(tmp_path, caplog):
-    layout = Layout(0, 1, N, D, "float32")
-    shard, _ = open_logged(layout, tmp_path, seed=0)
-    updates(shard, 2)
-    shard.snapshot(tmp_path, "epoch-1")
-    shard.log.close()
-    folder = snapshots.shard_dir(tmp_path, 0)
+    layout, folder = snapshotted(tmp_path)
     snapshots.latest_path(tmp_path, 0).unlink()
     for path in segment_files(tmp_path):
         path.unlink()
