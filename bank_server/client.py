@@ -42,6 +42,7 @@ from bank_server.errors import InvalidArgument
 from bank_server.merge import merge_partition_sums, merge_topk
 from bank_server.outages import OutageTracker
 from bank_server.server import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
+from bank_server.shard import row_items
 from protos import bank_pb2, bank_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -282,6 +283,8 @@ class BankClient:
     def _route(self, indices: np.ndarray) -> list[np.ndarray]:
         """Positions in `indices` that each shard owns (out-of-range ones are left to
         the shards to reject, so the error names the field)."""
+        if self.num_shards == 1:
+            return [np.arange(len(indices))]
         shard = np.mod(indices, self.num_shards)
         order = np.argsort(shard, kind="stable")
         bounds = np.searchsorted(shard[order], np.arange(self.num_shards + 1))
@@ -298,6 +301,8 @@ class BankClient:
     def _split_negatives(self, k: int, rng: np.random.Generator) -> np.ndarray:
         """Shares of k uniform draws per shard, multinomial in shard size, so their union
         is exactly k i.i.d. uniform draws over all N rows."""
+        if self.num_shards == 1:
+            return np.array([k])
         return rng.multinomial(k, self.shard_rows / self.rows)
 
     # -- the bank ---------------------------------------------------------------
@@ -345,14 +350,17 @@ class BankClient:
         is uniform too. A single part already is."""
         if len(indices) == 1:
             return indices[0], rows[0]
-        # Scatter each part straight to its shuffled places: one copy of the rows, not two.
+        # Scatter each part straight to its shuffled places: one copy of the rows, not two,
+        # each row moved as one opaque item (numpy's 2-d fancy assignment is slower).
         places = rng.permutation(sum(len(i) for i in indices))
         out_idx = np.empty(len(places), dtype=np.int64)
         out_rows = np.empty((len(places), rows[0].shape[1]), dtype=rows[0].dtype)
+        as_items = row_items(out_rows)
         begin = 0
         for part_idx, part_rows in zip(indices, rows):
             where = places[begin:begin + len(part_idx)]
-            out_idx[where], out_rows[where] = part_idx, part_rows
+            out_idx[where] = part_idx
+            as_items[where] = row_items(np.ascontiguousarray(part_rows))
             begin += len(part_idx)
         return out_idx, out_rows
 

@@ -145,3 +145,41 @@ def test_one_address_template_names_every_shard(make_bank):
     with BankClient(f"127.0.0.1{{shard}}:{port}") as client:
         assert client.addresses == bank.addresses == [f"127.0.0.1{s}:{port}" for s in range(3)]
         np.testing.assert_array_equal(client.lookup([0, 1, 2, 95]), reference_bank(3, N, D)[[0, 1, 2, 95]])
+
+
+def test_a_client_from_bank_proto_alone_reads_every_step_answer(make_bank):
+    """The answers the server fills in place, read by protobuf's generated stub: an
+    update applied, the same update retried (answered as not applied, at the cost of a
+    copy), and Steps with only reads or only draws."""
+    import grpc
+
+    from bank_server import tensors
+    from protos import bank_pb2, bank_pb2_grpc
+
+    bank = make_bank(1, N, D, "float32", seed=4)
+    ref = reference_bank(1, N, D, "float32", seed=4)
+    f = unit(np.ones((2, D), np.float32))
+    update = bank_pb2.UpdateRequest(indices=tensors.encode(np.array([3, 5])), features=tensors.encode(f),
+                                    momentum=0.0, client_id="proto-only", sequence=1)
+    with grpc.insecure_channel(bank.addresses[0]) as channel:
+        stub = bank_pb2_grpc.MemoryBankStub(channel)
+        step = bank_pb2.StepRequest(update=update, lookup_indices=tensors.encode(np.array([5, 6])), sample_k=7)
+        first, retried = stub.Step(step), stub.Step(step)
+        assert first.update_applied and not retried.update_applied
+        now = ref.copy()
+        now[[3, 5]] = f  # momentum 0: the update's features themselves
+        for answer in (first, retried):
+            np.testing.assert_allclose(tensors.decode(answer.rows, "rows"), now[[5, 6]], atol=1e-6)
+            drawn = tensors.decode(answer.sample_indices, "sample_indices")
+            np.testing.assert_allclose(tensors.decode(answer.sample_rows, "sample_rows"), now[drawn], atol=1e-6)
+        reads_only = stub.Step(bank_pb2.StepRequest(lookup_indices=tensors.encode(np.array([9]))))
+        assert not reads_only.update_applied and not reads_only.HasField("sample_rows")
+        np.testing.assert_array_equal(tensors.decode(reads_only.rows, "rows"), ref[[9]])
+        draws_only = stub.Step(bank_pb2.StepRequest(sample_k=4, sample_seed=2))
+        assert not draws_only.HasField("rows") and list(draws_only.sample_rows.shape) == [4, D]
+        nothing = stub.Step(bank_pb2.StepRequest(lookup_indices=tensors.encode(np.array([], np.int64))))
+        assert list(nothing.rows.shape) == [0, D] and nothing.rows.data == b""
+        sample = stub.Sample(bank_pb2.SampleRequest(k=3, seed=1))
+        np.testing.assert_array_equal(tensors.decode(sample.rows, "rows"), ref[tensors.decode(sample.indices, "i")])
+        looked_up = stub.Lookup(bank_pb2.LookupRequest(indices=tensors.encode(np.array([0, 96]))))
+        np.testing.assert_array_equal(tensors.decode(looked_up.rows, "rows"), ref[[0, 96]])

@@ -94,6 +94,8 @@ def test_k_out_of_range(bank):
     stub, client, _ = bank
     expect(stub.Sample, bank_pb2.SampleRequest(k=0), INVALID, "k must be in [1, 20]")
     expect(stub.Sample, bank_pb2.SampleRequest(k=21), INVALID, "k must be in [1, 20]")
+    expect(stub.Sample, bank_pb2.SampleRequest(k=-3), INVALID, "k must be in [1, 20]")
+    expect(stub.Step, bank_pb2.StepRequest(sample_k=-3), INVALID, "sample_k must be >= 0")
     q = tensors.encode(unit_rows(1))
     expect(stub.TopK, bank_pb2.TopKRequest(queries=q, k=0), INVALID, "k must be in [1, 10]")
     expect(stub.TopK, bank_pb2.TopKRequest(queries=q, k=11), INVALID, "k must be in [1, 10]")

@@ -89,3 +89,45 @@ def test_the_parser_reads_any_valid_encoding():
 def test_malformed_messages_are_refused(data):
     with pytest.raises(InvalidArgument, match="malformed"):
         wire.parse_step_response(data)
+
+
+def slot_of(array):
+    return None if array is None else wire.Slot(array.dtype, array.shape)
+
+
+def filled(answer, arrays):
+    for view, array in zip(answer.arrays, arrays):
+        if array is not None:
+            assert view.flags.writeable and view.shape == array.shape and view.dtype == array.dtype
+            view[...] = array
+    return answer.data
+
+
+@pytest.mark.parametrize("applied, rows, indices, sample_rows", list(itertools.product(
+    [False, True], [None, ARRAYS["float16 (3, 4)"], ARRAYS["float32 (0, 8)"], ARRAYS["float32 (300, 130)"]],
+    [None, ARRAYS["int64 (5,)"], ARRAYS["int64 (0,)"]], [None, ARRAYS["float16 (3, 4)"]])))
+def test_answers_filled_in_place_are_the_same_bytes(applied, rows, indices, sample_rows):
+    """What the server sends: the answer laid out first, its arrays written into it after."""
+    arrays = (rows, indices, sample_rows)
+    answer = wire.step_answer(applied, *map(slot_of, arrays))
+    assert filled(answer, arrays) == wire.step_response(applied, *arrays)
+    for view, array in zip(answer.arrays, arrays):
+        if array is not None and array.size:
+            assert np.shares_memory(view, np.frombuffer(answer.data, np.uint8))
+
+
+@pytest.mark.parametrize("name", ARRAYS)
+def test_lookup_and_sample_answers_filled_in_place_are_the_same_bytes(name):
+    array = np.ascontiguousarray(ARRAYS[name])
+    assert filled(wire.lookup_answer(slot_of(array)), [array]) == wire.lookup_response(array)
+    indices = ARRAYS["int64 (5,)"]
+    assert filled(wire.sample_answer(slot_of(indices), slot_of(array)), [indices, array]) == \
+        wire.sample_response(indices, array)
+
+
+def test_answers_of_the_same_shapes_do_not_share_bytes():
+    slot = wire.Slot(np.dtype(np.float32), (2, 3))
+    first, second = wire.lookup_answer(slot), wire.lookup_answer(slot)
+    first.arrays[0][...] = 1
+    second.arrays[0][...] = 2
+    assert tensors.decode(wire.parse_lookup_response(first.data).rows, "rows").tolist() == [[1] * 3] * 2
