@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from contextlib import ExitStack
@@ -39,10 +40,10 @@ import numpy as np
 
 from bank_server import update_log
 from bank_server.client import BankClient
-from bank_server.shard import Layout, Shard
+from bank_server.shard import Layout, Shard, rows_on_shard
 from benchmarks.args import comma_list, positive_int
 from benchmarks.echo import EchoCalls
-from benchmarks.processes import ServerProcess, cpu_seconds, start_bank_processes
+from benchmarks.processes import ServerProcess, cpu_seconds, pin, start_bank_processes
 from benchmarks.step_client import run_step_clients, warmup_calls
 from benchmarks.timing import percentile_ms, timed_calls, timed_pair
 from benchmarks.workload import MOMENTUM, StepWorkload, step_message_bytes
@@ -114,6 +115,47 @@ def _inprocess_seconds(work: StepWorkload, rows, dim, dtype, shards, negatives, 
     return timed_calls(inprocess, iters, warmup)
 
 
+def _throughput(servers, rows, dim, batch, negatives, clients, client_iters, duration=None, cpus=None) -> dict:
+    """Per client count: `run_step_clients`' figures, plus the busiest shard process's CPU
+    time per call (warm-up calls count too: each client makes warmup_calls(client_iters) more)."""
+    results = {}
+    for c in clients:
+        before = [cpu_seconds(s.proc.pid) for s in servers]
+        results[c] = run_step_clients([s.address for s in servers], rows, dim, batch, negatives, c, client_iters,
+                                      timeout=600, duration=duration, cpus=cpus)
+        calls = results[c]["steps"] + results[c]["errors"] + results[c]["warmup_steps"]
+        results[c]["cpu_ms_per_call"] = max(1e3 * (cpu_seconds(s.proc.pid) - b) / calls
+                                            for s, b in zip(servers, before))
+    return results
+
+
+def _own_cores(rows, dim, dtype, shards, negatives, batch, clients, client_iters) -> dict | None:
+    """Step calls/s of shard processes each pinned to a core of its own, the client
+    processes on the other cores: a shard's capacity, as on a cluster where shards do not
+    share their cores with trainers. With fewer than shards + 1 cores, one shard of the
+    bank alone: a bank of one shard holding shard 0's rows (N/S), each Step bringing what
+    each shard of the S-shard bank gets (B/S updates and reads, K/S negatives). None
+    with a single core."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < 2:
+        return None
+    alone = len(cores) < shards + 1
+    if alone:  # shard 0's part, as `step_message_bytes` splits a Step
+        rows, batch, negatives = rows_on_shard(rows, shards, 0), len(range(0, batch, shards)), \
+            len(range(0, negatives, shards))
+        shards = 1
+    with ExitStack() as stack:
+        servers = start_bank_processes(stack, shards, rows, dim, dtype)
+        for core, server in zip(cores, servers):
+            pin(server.proc.pid, {core})
+        results = _throughput(servers, rows, dim, batch, negatives, clients, client_iters, cpus=cores[shards:])
+    return {"alone": alone, "shards": shards, "rows": rows, "batch": batch, "negatives": negatives,
+            "calls_per_s": {c: r["steps_per_s"] for c, r in results.items()},
+            "step_p50_ms": {c: r["step_p50_ms"] for c, r in results.items()},
+            "step_p99_ms": {c: r["step_p99_ms"] for c, r in results.items()},
+            "cpu_ms_per_call": {c: r["cpu_ms_per_call"] for c, r in results.items()}}
+
+
 def _measure(rows, dim, dtype, shards, negatives, batch, iters, warmup, clients=(), client_iters=200,
              duration=None, fsync=None, log_dir=None) -> dict:
     work = StepWorkload(rows, dim, batch, seed=0)
@@ -135,15 +177,10 @@ def _measure(rows, dim, dtype, shards, negatives, batch, iters, warmup, clients=
             client.step(work.indices(i), work.features(i), MOMENTUM, work.indices(i + 1), negatives)
 
         step_s, echo_s = timed_pair(step, echo, iters, warmup)
-        throughput = {}
-        for c in clients:
-            before = [cpu_seconds(s.proc.pid) for s in servers]
-            throughput[c] = run_step_clients([s.address for s in servers], rows, dim, batch, negatives, c,
-                                             client_iters, timeout=600, duration=duration)
-            # Warm-up calls count too: each client makes warmup_calls(client_iters) more.
-            calls = throughput[c]["steps"] + throughput[c]["errors"] + throughput[c]["warmup_steps"]
-            throughput[c]["cpu_ms_per_call"] = max(
-                1e3 * (cpu_seconds(s.proc.pid) - b) / calls for s, b in zip(servers, before))
+        throughput = _throughput(servers, rows, dim, batch, negatives, clients, client_iters, duration)
+    # After the bank above has stopped: these shards must have their cores to themselves.
+    own_cores = _own_cores(rows, dim, dtype, shards, negatives, batch, clients, client_iters) \
+        if clients and not duration else None
 
     step_p50, echo_p50, inproc_p50 = (percentile_ms(s, 50) for s in (step_s, echo_s, inprocess_s))
     return {
@@ -164,6 +201,7 @@ def _measure(rows, dim, dtype, shards, negatives, batch, iters, warmup, clients=
         # None when the run was too short for the clock's ticks (10 ms) to see.
         "shard_calls_per_core_s": {c: 1e3 / t["cpu_ms_per_call"] if t["cpu_ms_per_call"] else None
                                    for c, t in throughput.items()},
+        "own_cores": own_cores,
         "fsync": fsync, "duration": duration,
         "clients_step_max_ms": {c: t["step_max_ms"] for c, t in throughput.items()},
         "clients_seconds": {c: t["seconds"] for c, t in throughput.items()},
@@ -250,6 +288,25 @@ def _report_load(args: argparse.Namespace, results: list[dict]) -> int:
     return 1 if failed else 0
 
 
+def _report_own_cores(args: argparse.Namespace, results: list[dict]) -> None:
+    if not any(r["own_cores"] for r in results):
+        print("\n(one core only: no shard process can have a core of its own here)")
+        return
+    print("\nThe same, each shard process on a core of its own and the clients on the other cores:")
+    print(f"{'shards':>6} " + " ".join(f"{f'{c} client(s)':>26}" for c in args.clients)
+          + "   shard CPU per call   measured on")
+    for r in results:
+        own = r["own_cores"]
+        cells = [f"{own['calls_per_s'][c]:>7,.0f}/s {own['step_p50_ms'][c]:>6.2f}/{own['step_p99_ms'][c]:>6.2f}ms"
+                 for c in args.clients]
+        cpu = ", ".join(f"{own['cpu_ms_per_call'][c]:.3f}" if own['cpu_ms_per_call'][c] else "(too short)"
+                        for c in args.clients)
+        what = (f"one shard alone, serving what each of {r['shards']} does: {own['rows']:,} rows, B={own['batch']}, "
+                f"K={own['negatives']}" if own["alone"] else "the bank itself")
+        print(f"{r['shards']:>6} " + " ".join(f"{cell:>26}" for cell in cells) + f"   {cpu} ms   {what}",
+              flush=True)
+
+
 def run_bench_bank(args: argparse.Namespace) -> int:
     if getattr(args, "fsync_modes", None):
         return run_bench_fsync(args)
@@ -278,6 +335,7 @@ def run_bench_bank(args: argparse.Namespace) -> int:
                             f"{r['shard_cpu_ms_per_call'][c]:.3f} ms ({r['shard_calls_per_core_s'][c]:,.0f}/s)"
                             for c in args.clients)
             print(f"{r['shards']:>6} " + " ".join(f"{cell:>26}" for cell in cells) + f"   {cpu}", flush=True)
+        _report_own_cores(args, results)
     if args.json_path:
         with open(args.json_path, "w") as fh:
             json.dump(results, fh, indent=2)

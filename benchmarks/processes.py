@@ -31,6 +31,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def pin(pid: int, cpus: set[int], rounds: int = 5) -> None:
+    """Every thread of process `pid` onto `cpus`; threads it starts later inherit that
+    (Linux). A thread started while the list is read is caught by the next round."""
+    for _ in range(rounds):
+        unpinned = []
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                if os.sched_getaffinity(int(tid)) != cpus:
+                    os.sched_setaffinity(int(tid), cpus)
+                    unpinned.append(tid)
+            except ProcessLookupError:  # the thread ended meanwhile
+                pass
+        if not unpinned:
+            return
+    raise RuntimeError(f"process {pid} kept starting threads; could not pin them all to cores {sorted(cpus)}")
+
+
 class ChildFailed(RuntimeError):
     """A child process exited or stalled before printing what it was expected to."""
 

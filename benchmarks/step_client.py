@@ -14,8 +14,10 @@ client, as before.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 
 import numpy as np
@@ -54,6 +56,8 @@ def _for_duration(step, first: int, seconds: float) -> tuple[list[float], int, l
 
 
 def main(spec: dict) -> None:
+    if spec.get("cpus"):  # before the client starts any thread
+        os.sched_setaffinity(0, spec["cpus"])
     work = StepWorkload(spec["rows"], spec["dim"], spec["batch"], seed=spec["seed"])
     with BankClient(spec["addresses"], timeout=spec["rpc_timeout"]) as client:
         def step(i):
@@ -76,16 +80,19 @@ def main(spec: dict) -> None:
 
 
 def run_step_clients(addresses: list[str], rows: int, dim: int, batch: int, negatives: int, clients: int,
-                     iters: int, timeout: float, duration: float | None = None) -> dict:
+                     iters: int, timeout: float, duration: float | None = None,
+                     cpus: Sequence[int] | None = None) -> dict:
     """Step latency over all calls of `clients` clients that start timing together, and
     their aggregate throughput. `timeout` bounds each client's warm-up, its timed calls
     and any one call. With `duration` each client makes Steps for that many seconds
-    (after `warmup_calls(iters)` untimed ones), counting failures instead of stopping."""
+    (after `warmup_calls(iters)` untimed ones), counting failures instead of stopping.
+    With `cpus` the clients run on those cores only."""
     with ExitStack() as stack:
         procs = []
         for c in range(clients):
             spec = {"addresses": addresses, "rows": rows, "dim": dim, "batch": batch, "negatives": negatives,
-                    "iters": iters, "seed": c, "rpc_timeout": timeout, "duration": duration}
+                    "iters": iters, "seed": c, "rpc_timeout": timeout, "duration": duration,
+                    "cpus": list(cpus) if cpus else None}
             procs.append(stack.enter_context(
                 ChildProcess(["-m", "benchmarks.step_client", json.dumps(spec)], stdin=True)))
         for proc in procs:

@@ -1,6 +1,7 @@
 """`instdisc bench bank` runs end to end on a small bank and writes its JSON."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -21,6 +22,19 @@ def test_bench_bank_prints_and_writes_numbers(tmp_path):
         assert r["step_p99_ms"] >= r["step_p50_ms"]
         assert set(r["shard_calls_per_s"]) == {"1", "2"} and min(r["shard_calls_per_s"].values()) > 0
     assert "calls/s one shard process sustains" in done.stdout
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
+        assert all(r["own_cores"] is None for r in results)
+        return
+    assert "each shard process on a core of its own" in done.stdout
+    for r in results:
+        own = r["own_cores"]
+        assert min(own["calls_per_s"].values()) > 0  # (CPU per call may be below the clock's 10 ms ticks)
+        # Too few cores for every shard and the clients: one shard serving what each of the bank's serves.
+        alone = cores < r["shards"] + 1
+        assert own["alone"] == alone
+        expected = (1, 5000 // r["shards"], 32 // r["shards"], 256 // r["shards"]) if alone else (r["shards"], 5000, 32, 256)
+        assert (own["shards"], own["rows"], own["batch"], own["negatives"]) == expected
 
 
 def test_bench_bank_load_test_runs_for_its_duration_with_logged_shards(tmp_path):

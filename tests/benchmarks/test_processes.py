@@ -1,11 +1,12 @@
 """The one helper that starts child processes: it reads their lines, honours its
 timeouts even when a child hangs in silence, and fails with the child's stderr."""
 
+import os
 import time
 
 import pytest
 
-from benchmarks.processes import ChildFailed, ChildProcess, ServerProcess
+from benchmarks.processes import ChildFailed, ChildProcess, ServerProcess, pin
 
 
 def python(code: str) -> list[str]:
@@ -57,3 +58,18 @@ def test_lines_go_both_ways():
         assert child.proc.wait(60) == 0
     assert child.lines == ["ready\n", "got go\n"]
 
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to tell pinned from not")
+def test_pin_moves_every_thread_and_the_threads_started_after():
+    code = ("import threading, time; threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); "
+            "print('one', flush=True); input(); threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); "
+            "print('two', flush=True); time.sleep(60)")
+    core = max(os.sched_getaffinity(0))
+    with ChildProcess(python(code), stdin=True) as child:
+        child.expect("^one$", 30)
+        pin(child.proc.pid, {core})
+        child.send("go")
+        child.expect("^two$", 30)
+        threads = os.listdir(f"/proc/{child.proc.pid}/task")
+        assert len(threads) == 3
+        assert all(os.sched_getaffinity(int(tid)) == {core} for tid in threads)
