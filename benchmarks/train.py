@@ -1,6 +1,8 @@
 """`instdisc bench train`: training images/s with the remote sharded bank against an
 in-process bank tensor in the worker, same model, batch and loss, measured in one
-run (the two loops: `benchmarks.train_loops`).
+run (the two loops: `benchmarks.train_loops`), in `--rounds` turns that alternate
+between them: this machine's speed drifts by more than the difference between the
+banks within a minute, and a drift would otherwise count against whichever ran second.
 
 torch is imported when the command runs, not when its arguments are declared, so
 that `instdisc --help` stays light.
@@ -29,6 +31,9 @@ def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", type=positive_int, default=2)
     parser.add_argument("--steps", type=positive_int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rounds", type=positive_int, default=4,
+                        help="the steps run in this many turns alternating between the two banks, so that the "
+                             "machine's drifts hit both alike")
     parser.add_argument("--device", default="auto", help="auto: cuda when available")
     parser.add_argument("--no-overlap", action="store_true", help="wait for each bank round trip")
     parser.add_argument("--json", dest="json_path")
@@ -38,7 +43,7 @@ def run_bench_train(args: argparse.Namespace) -> int:
     import torch
     import torch.nn.functional as F
 
-    from benchmarks.train_loops import Trainer, run_inprocess, run_remote
+    from benchmarks.train_loops import InProcessLoop, RemoteLoop, Trainer, images_per_sec
     from trainer.data import load_dataset
 
     if args.device == "auto":
@@ -52,15 +57,20 @@ def run_bench_train(args: argparse.Namespace) -> int:
     print(f"train-step benchmark: {args.data} {tuple(images.shape[1:])} x {len(images):,}, {args.arch}, "
           f"{args.loss} (K={args.negatives}), batch {args.batch}, {args.shards} shard(s), {args.device}, "
           f"overlap {'off' if args.no_overlap else 'on'}", flush=True)
-    inprocess = run_inprocess(Trainer(args, images), args.steps, args.warmup)
     with ExitStack() as stack:
         servers = start_bank_processes(stack, args.shards, len(images), 128, "float16")
-        remote, waited_ms, rtt_ms = run_remote(Trainer(args, images), [s.address for s in servers], args.steps,
-                                               args.warmup)
+        loops = {"inprocess": InProcessLoop(Trainer(args, images)),
+                 "remote": RemoteLoop(Trainer(args, images), [s.address for s in servers], args.warmup + args.steps)}
+        for loop in loops.values():
+            stack.callback(loop.close)
+        rates = images_per_sec(loops, args.steps, args.warmup, args.rounds, args.batch)
+        remote, inprocess = rates["remote"], rates["inprocess"]
+        waited_ms, rtt_ms = (1e3 * getattr(loops["remote"], f) / (args.warmup + args.steps)
+                             for f in ("waited_s", "round_trip_s"))
     result = {"remote_images_per_sec": remote, "inprocess_images_per_sec": inprocess, "ratio": remote / inprocess,
               "bank_wait_ms": waited_ms, "bank_rtt_ms": rtt_ms, "device": args.device, "arch": args.arch,
               "loss": args.loss, "negatives": args.negatives, "batch": args.batch, "shards": args.shards,
-              "rows": len(images), "overlap": not args.no_overlap}
+              "rows": len(images), "overlap": not args.no_overlap, "rounds": args.rounds}
     print(f"(a) remote sharded bank : {remote:10,.0f} images/s  (waited {waited_ms:.2f} ms/step for the bank, "
           f"round trip {rtt_ms:.1f} ms)")
     print(f"(b) in-process bank     : {inprocess:10,.0f} images/s")

@@ -65,51 +65,88 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def run_inprocess(trainer: Trainer, steps: int, warmup: int) -> float:
-    a, device = trainer.args, trainer.device
-    bank = F.normalize(torch.rand(trainer.n, 128, device=device) - 0.5, dim=1)
-    if a.loss == "softmax":
-        def partition_fn(q):
-            logits = q @ bank.T / a.temperature
-            return torch.logsumexp(logits, 1), torch.softmax(logits, 1) @ bank
-    else:
-        partition_fn = None
-    for step in range(warmup + steps):
-        if step == warmup:
-            _sync(device)
-            start = time.perf_counter()
-        idx = trainer.batch_indices().to(device)
-        positives = bank[idx]
-        negatives = bank[torch.randint(0, trainer.n, (a.negatives,), device=device)]
-        f = trainer.forward(trainer.images[idx])
-        trainer.backward(trainer.loss(f, positives, negatives, partition_fn))
-        with torch.no_grad():
-            bank[idx] = F.normalize(0.5 * positives + 0.5 * f.detach(), dim=1)
-    _sync(device)
-    return steps * a.batch / (time.perf_counter() - start)
+class InProcessLoop:
+    """(b): the bank is a tensor on the training device (the lemniscate way)."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        a, device = trainer.args, trainer.device
+        self.bank = F.normalize(torch.rand(trainer.n, 128, device=device) - 0.5, dim=1)
+        if a.loss == "softmax":
+            def partition_fn(q):
+                logits = q @ self.bank.T / a.temperature
+                return torch.logsumexp(logits, 1), torch.softmax(logits, 1) @ self.bank
+            self.partition_fn = partition_fn
+        else:
+            self.partition_fn = None
+
+    def run(self, steps: int) -> float:
+        """Make `steps` training steps; their seconds."""
+        trainer, a, bank = self.trainer, self.trainer.args, self.bank
+        _sync(trainer.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            idx = trainer.batch_indices().to(trainer.device)
+            positives = bank[idx]
+            negatives = bank[torch.randint(0, trainer.n, (a.negatives,), device=trainer.device)]
+            f = trainer.forward(trainer.images[idx])
+            trainer.backward(trainer.loss(f, positives, negatives, self.partition_fn))
+            with torch.no_grad():
+                bank[idx] = F.normalize(0.5 * positives + 0.5 * f.detach(), dim=1)
+        _sync(trainer.device)
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        pass
 
 
-def run_remote(trainer: Trainer, addresses: list[str], steps: int, warmup: int) -> tuple[float, float, float]:
-    from bank_server.client import BankClient
-    from trainer.bank_feed import BankFeed
+class RemoteLoop:
+    """(a): BankClient to real shard servers, through the trainer's BankFeed; `waited_s`
+    and `round_trip_s` add up over the steps run."""
 
-    a, device = trainer.args, trainer.device
-    client = BankClient(addresses, timeout=120)
-    negatives = a.negatives if a.loss == "nce" else 0
-    feed = BankFeed(client, negatives, 0.5, device, overlap=not a.no_overlap)
-    partition_fn = (lambda q: feed.partition_sums(q, a.temperature)) if a.loss == "softmax" else None
-    waited = rtt = 0.0
-    for i, step in enumerate(feed.steps(trainer.batch() for _ in range(warmup + steps))):
-        if i == warmup:
-            _sync(device)
-            start, waited, rtt = time.perf_counter(), 0.0, 0.0
-        waited += step.waited_s
-        rtt += step.round_trip_s
-        f = trainer.forward(step.images)
-        trainer.backward(trainer.loss(f, step.positives, step.negatives, partition_fn))
-        feed.push(step.indices, f)
-    _sync(device)
-    elapsed = time.perf_counter() - start
-    feed.close()
-    client.close()
-    return steps * a.batch / elapsed, 1e3 * waited / steps, 1e3 * rtt / steps
+    def __init__(self, trainer: Trainer, addresses: list[str], total_steps: int):
+        from bank_server.client import BankClient
+        from trainer.bank_feed import BankFeed
+
+        a = trainer.args
+        self.trainer = trainer
+        self.client = BankClient(addresses, timeout=120)
+        self.feed = BankFeed(self.client, a.negatives if a.loss == "nce" else 0, 0.5, trainer.device,
+                             overlap=not a.no_overlap)
+        self.partition_fn = (lambda q: self.feed.partition_sums(q, a.temperature)) if a.loss == "softmax" else None
+        self._steps = self.feed.steps(trainer.batch() for _ in range(total_steps))
+        self.waited_s = self.round_trip_s = 0.0
+
+    def run(self, steps: int) -> float:
+        trainer = self.trainer
+        _sync(trainer.device)
+        start = time.perf_counter()
+        for _ in range(steps):
+            step = next(self._steps)
+            self.waited_s += step.waited_s
+            self.round_trip_s += step.round_trip_s
+            f = trainer.forward(step.images)
+            trainer.backward(trainer.loss(f, step.positives, step.negatives, self.partition_fn))
+            self.feed.push(step.indices, f)
+        _sync(trainer.device)
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        next(self._steps, None)  # after the last step: its update goes out
+        self.feed.close()
+        self.client.close()
+
+
+def images_per_sec(loops: dict, steps: int, warmup: int, rounds: int, batch: int) -> dict:
+    """Each loop's images/s over `steps` steps, run in `rounds` turns that alternate
+    between the loops (which goes first alternates too), after `warmup` steps each, so
+    that the machine's drifts hit every loop alike."""
+    for loop in loops.values():
+        loop.run(warmup)
+    seconds = dict.fromkeys(loops, 0.0)
+    names = list(loops)
+    per_round = [len(range(r, steps, rounds)) for r in range(rounds)]
+    for r, n in enumerate(per_round):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            seconds[name] += loops[name].run(n)
+    return {name: steps * batch / seconds[name] for name in names}

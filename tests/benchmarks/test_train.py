@@ -12,6 +12,8 @@ def test_bench_train_compares_remote_and_inprocess_banks(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "ratio (a)/(b)" in done.stdout
+    assert "dropped" not in done.stderr  # the last step's update went out: the remote loop ended cleanly
     result = json.loads(out.read_text())
     assert result["remote_images_per_sec"] > 0 and result["inprocess_images_per_sec"] > 0
     assert abs(result["ratio"] - result["remote_images_per_sec"] / result["inprocess_images_per_sec"]) < 1e-9
+    assert result["rounds"] == 4  # the 6 steps taken in turns, 2 + 2 + 1 + 1 per bank
