@@ -352,6 +352,9 @@ class BankClient:
             return indices[0], rows[0]
         # Scatter each part straight to its shuffled places: one copy of the rows, not two,
         # each row moved as one opaque item (numpy's 2-d fancy assignment is slower).
+        if len({(r.dtype, r.shape[1:]) for r in rows}) > 1:  # opaque items would not cast: they would garble
+            raise LayoutError("the shards answered rows of different dtypes or widths: "
+                              + ", ".join(f"{r.dtype} {list(r.shape)}" for r in rows))
         places = rng.permutation(sum(len(i) for i in indices))
         out_idx = np.empty(len(places), dtype=np.int64)
         out_rows = np.empty((len(places), rows[0].shape[1]), dtype=rows[0].dtype)

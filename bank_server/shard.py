@@ -203,6 +203,7 @@ class Shard:
             return self._sample_locked(k, seed, out)
 
     def _gather(self, local: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows `local`, which the caller has checked (to_local) or drawn in range."""
         # np.take is ~3x faster than fancy indexing for random rows of a large bank.
         if out is None:
             return np.take(self._rows, local, axis=0)

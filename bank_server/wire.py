@@ -26,12 +26,18 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
+import sys
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
 from bank_server import tensors
 from bank_server.errors import InvalidArgument
+
+if sys.byteorder != "little":  # the shard writes its arrays' own bytes into the answers
+    raise ImportError("bank_server.wire fills answers with native bytes, which the wire format wants "
+                      "little-endian: this host is big-endian")
 
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
 _SIZES = {_FIXED64: 8, _FIXED32: 4}
@@ -71,7 +77,8 @@ class Slot(NamedTuple):
         return math.prod(self.shape) * np.dtype(self.dtype).itemsize
 
 
-class Answer(NamedTuple):
+@dataclass(frozen=True, eq=False)  # never hashed by value: the bytes are not filled yet
+class Answer:
     """An answer's bytes with its `Slot`s' arrays as writable views into them, in order
     (None for an absent field). Fill the arrays, then hand on `data`, and nothing else:
     from then on the bytes are immutable again."""
@@ -146,44 +153,51 @@ _bytes_address.restype, _bytes_address.argtypes = ctypes.c_void_p, (ctypes.py_ob
 def _laid_out(fields: tuple, head: bytes = b"") -> Answer:
     """The answer of `fields` ((field number, Slot or None), ...), `head` first, its
     arrays to be filled in place."""
-    size, headers, places = _layout(fields, head)
-    if size < 2:  # 0 and 1 byte objects may be CPython's shared ones: never written into
-        return Answer(_join(_fields_parts([head], fields)), tuple(_empty(c) for _, c in fields))
-    data = _new_bytes(None, size)
-    address = _bytes_address(data)
-    for at, chunk in headers:
-        ctypes.memmove(address + at, chunk, len(chunk))
-    return Answer(data, tuple(_empty(c) if at is None else np.asarray(_Memory(address + at, c))
-                              for (_, c), at in zip(fields, places)))
-
-
-@functools.lru_cache(maxsize=256)
-def _layout(fields: tuple, head: bytes) -> tuple[int, tuple, tuple]:
-    """An answer's size, its framing as (offset, bytes) chunks, and each field's array's
-    offset (None for an absent field or one of no bytes). Answers of the same shapes
-    share one."""
-    headers, places, at, chunk = [], [], 0, []
-    for part in _fields_parts([head], fields):
-        if isinstance(part, Slot):  # at most one per field, in the fields' order
-            headers.append((at - sum(map(len, chunk)), b"".join(chunk)))
+    chunks, places, at, pending = [], [], 0, head
+    for field, slot in fields:
+        if slot is None:
+            places.append(None)
+            continue
+        framing = _framing(field, slot)
+        pending += framing
+        if slot.nbytes:  # the record ends with the array's data
+            chunks.append((at, pending))
+            at += len(pending)
             places.append(at)
-            chunk = []
+            at += slot.nbytes
+            pending = b""
         else:
-            chunk.append(bytes(part))
-        at += _size(part)
-    if chunk:
-        headers.append((at - sum(map(len, chunk)), b"".join(chunk)))
-    places.reverse()
-    return at, tuple(headers), tuple(places.pop() if isinstance(c, Slot) and c.nbytes else None for _, c in fields)
+            places.append(None)
+    if pending:
+        chunks.append((at, pending))
+        at += len(pending)
+    if at < 2:  # 0 and 1 byte objects may be CPython's shared ones: never written into
+        return Answer(_join(_fields_parts([head], fields)), tuple(_empty(c) for _, c in fields))
+    data = _new_bytes(None, at)
+    address = _bytes_address(data)
+    for offset, chunk in chunks:
+        ctypes.memmove(address + offset, chunk, len(chunk))
+    return Answer(data, tuple(_empty(slot) if offset is None else np.asarray(_Memory(data, address + offset, slot))
+                              for (_, slot), offset in zip(fields, places)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _framing(field: int, slot: Slot) -> bytes:
+    """A Slot's record up to its array's data: the field's key and length, the Tensor's
+    dtype and shape, the data's key and length (all of it when the array has no bytes).
+    Cached per field, dtype and shape: a shard of an S-shard bank sees a few hundred."""
+    parts = _record(field, _tensor(slot))
+    return b"".join(bytes(p) for p in (parts[:-1] if parts[-1] is slot else parts))
 
 
 class _Memory:
-    """A Slot's array at `address`, for numpy to view (the caller keeps the bytes alive)."""
+    """A Slot's array at `address` inside `data`, for numpy to view; the view's base
+    holds `data`, so the bytes live as long as any view of them."""
 
-    def __init__(self, address: int, slot: Slot):
-        dtype = np.dtype(slot.dtype)
-        self.__array_interface__ = {"data": (address, False), "shape": slot.shape, "typestr": dtype.str,
-                                    "version": 3}
+    def __init__(self, data: bytes, address: int, slot: Slot):
+        self.data = data
+        self.__array_interface__ = {"data": (address, False), "shape": slot.shape,
+                                    "typestr": np.dtype(slot.dtype).str, "version": 3}
 
 
 def _empty(content):

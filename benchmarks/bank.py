@@ -153,7 +153,9 @@ def _own_cores(rows, dim, dtype, shards, negatives, batch, clients, client_iters
             "calls_per_s": {c: r["steps_per_s"] for c, r in results.items()},
             "step_p50_ms": {c: r["step_p50_ms"] for c, r in results.items()},
             "step_p99_ms": {c: r["step_p99_ms"] for c, r in results.items()},
-            "cpu_ms_per_call": {c: r["cpu_ms_per_call"] for c, r in results.items()}}
+            "cpu_ms_per_call": {c: r["cpu_ms_per_call"] for c, r in results.items()},
+            # The shard core's busy fraction: well under 1, the clients' cores set the pace.
+            "shard_busy": {c: r["steps_per_s"] * r["cpu_ms_per_call"] / 1e3 for c, r in results.items()}}
 
 
 def _measure(rows, dim, dtype, shards, negatives, batch, iters, warmup, clients=(), client_iters=200,
@@ -292,19 +294,19 @@ def _report_own_cores(args: argparse.Namespace, results: list[dict]) -> None:
     if not any(r["own_cores"] for r in results):
         print("\n(one core only: no shard process can have a core of its own here)")
         return
-    print("\nThe same, each shard process on a core of its own and the clients on the other cores:")
+    print("\nThe same, each shard process on a core of its own and the clients on the other cores (busy: the "
+          "shard core's share in use; well under 100%, the clients set the pace and calls/s is a floor):")
     print(f"{'shards':>6} " + " ".join(f"{f'{c} client(s)':>26}" for c in args.clients)
-          + "   shard CPU per call   measured on")
+          + "   shard CPU per call, busy   measured on")
     for r in results:
         own = r["own_cores"]
         cells = [f"{own['calls_per_s'][c]:>7,.0f}/s {own['step_p50_ms'][c]:>6.2f}/{own['step_p99_ms'][c]:>6.2f}ms"
                  for c in args.clients]
-        cpu = ", ".join(f"{own['cpu_ms_per_call'][c]:.3f}" if own['cpu_ms_per_call'][c] else "(too short)"
-                        for c in args.clients)
+        cpu = ", ".join(f"{own['cpu_ms_per_call'][c]:.3f} ms {own['shard_busy'][c]:.0%}" if own["cpu_ms_per_call"][c]
+                        else "(too short)" for c in args.clients)
         what = (f"one shard alone, serving what each of {r['shards']} does: {own['rows']:,} rows, B={own['batch']}, "
                 f"K={own['negatives']}" if own["alone"] else "the bank itself")
-        print(f"{r['shards']:>6} " + " ".join(f"{cell:>26}" for cell in cells) + f"   {cpu} ms   {what}",
-              flush=True)
+        print(f"{r['shards']:>6} " + " ".join(f"{cell:>26}" for cell in cells) + f"   {cpu}   {what}", flush=True)
 
 
 def run_bench_bank(args: argparse.Namespace) -> int:

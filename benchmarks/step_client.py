@@ -23,7 +23,7 @@ from contextlib import ExitStack
 import numpy as np
 
 from bank_server.client import BankClient
-from benchmarks.processes import ChildProcess
+from benchmarks.processes import ChildProcess, pin
 from benchmarks.timing import percentile_ms, timed_calls
 from benchmarks.workload import MOMENTUM, StepWorkload
 
@@ -56,8 +56,8 @@ def _for_duration(step, first: int, seconds: float) -> tuple[list[float], int, l
 
 
 def main(spec: dict) -> None:
-    if spec.get("cpus"):  # before the client starts any thread
-        os.sched_setaffinity(0, spec["cpus"])
+    if spec.get("cpus"):  # numpy's BLAS threads are running already: every thread
+        pin(os.getpid(), set(spec["cpus"]))
     work = StepWorkload(spec["rows"], spec["dim"], spec["batch"], seed=spec["seed"])
     with BankClient(spec["addresses"], timeout=spec["rpc_timeout"]) as client:
         def step(i):

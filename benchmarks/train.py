@@ -65,8 +65,7 @@ def run_bench_train(args: argparse.Namespace) -> int:
             stack.callback(loop.close)
         rates = images_per_sec(loops, args.steps, args.warmup, args.rounds, args.batch)
         remote, inprocess = rates["remote"], rates["inprocess"]
-        waited_ms, rtt_ms = (1e3 * getattr(loops["remote"], f) / (args.warmup + args.steps)
-                             for f in ("waited_s", "round_trip_s"))
+        waited_ms, rtt_ms = (1e3 * getattr(loops["remote"], f) / args.steps for f in ("waited_s", "round_trip_s"))
     result = {"remote_images_per_sec": remote, "inprocess_images_per_sec": inprocess, "ratio": remote / inprocess,
               "bank_wait_ms": waited_ms, "bank_rtt_ms": rtt_ms, "device": args.device, "arch": args.arch,
               "loss": args.loss, "negatives": args.negatives, "batch": args.batch, "shards": args.shards,

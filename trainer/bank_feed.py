@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from typing import NamedTuple
 
 import numpy as np
@@ -85,6 +86,8 @@ def keep_freed_heap() -> bool:
         return False
     # Setting either threshold turns off glibc's own adjustment of both: set both.
     if mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) and mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_HEAP_BYTES):
+        log.info("bank feed: this process keeps up to %d MiB of freed heap (glibc mallopt) rather than faulting "
+                 "each step's buffers back in", _KEEP_FREED_HEAP_BYTES >> 20)
         return True
     log.warning("glibc refused mallopt; each bank step may page-fault its few MB of buffers back in")
     return False
@@ -160,6 +163,12 @@ class BankFeed:
             self._pending = None  # raised or not, it is taken: close() must not report it again
         waited_s = round_trip_s if self._pool is None else time.perf_counter() - start
         return answer, round_trip_s, waited_s
+
+    def settle(self) -> None:
+        """Wait until the RPC in flight (if any) has finished; its answer stays for the
+        next step. For a pause in training that should not overlap the bank's work."""
+        if self._pending is not None:
+            futures_wait([self._pending])
 
     def close(self) -> None:
         """Wait for an RPC still in flight (a step that ended early); what it brings or

@@ -183,3 +183,15 @@ def test_a_client_from_bank_proto_alone_reads_every_step_answer(make_bank):
         np.testing.assert_array_equal(tensors.decode(sample.rows, "rows"), ref[tensors.decode(sample.indices, "i")])
         looked_up = stub.Lookup(bank_pb2.LookupRequest(indices=tensors.encode(np.array([0, 96]))))
         np.testing.assert_array_equal(tensors.decode(looked_up.rows, "rows"), ref[[0, 96]])
+
+
+def test_shards_answering_rows_of_different_dtypes_are_refused_not_garbled():
+    rng = np.random.default_rng(0)
+    indices = [np.arange(3), np.arange(3, 5)]
+    with pytest.raises(LayoutError, match="different dtypes or widths"):
+        BankClient._shuffled(indices, [np.ones((3, 4), np.float16), np.ones((2, 4), np.float32)], rng)
+    with pytest.raises(LayoutError, match="different dtypes or widths"):
+        BankClient._shuffled(indices, [np.ones((3, 4), np.float16), np.ones((2, 3), np.float16)], rng)
+    idx, rows = BankClient._shuffled(indices, [np.full((3, 4), 1, np.float16), np.full((2, 4), 2, np.float16)], rng)
+    assert sorted(idx.tolist()) == list(range(5))
+    np.testing.assert_array_equal(rows[:, 0], np.where(idx < 3, 1, 2))

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from bank_server.shard import rows_on_shard
+
 
 def test_bench_bank_prints_and_writes_numbers(tmp_path):
     out = tmp_path / "bench.json"
@@ -33,7 +35,8 @@ def test_bench_bank_prints_and_writes_numbers(tmp_path):
         # Too few cores for every shard and the clients: one shard serving what each of the bank's serves.
         alone = cores < r["shards"] + 1
         assert own["alone"] == alone
-        expected = (1, 5000 // r["shards"], 32 // r["shards"], 256 // r["shards"]) if alone else (r["shards"], 5000, 32, 256)
+        share = (1, rows_on_shard(5000, r["shards"], 0), len(range(0, 32, r["shards"])), len(range(0, 256, r["shards"])))
+        expected = share if alone else (r["shards"], 5000, 32, 256)
         assert (own["shards"], own["rows"], own["batch"], own["negatives"]) == expected
 
 

