@@ -42,8 +42,10 @@ bench: venv
 
 # On a machine with an NVIDIA GPU: ResNet-18 at 32x32 in bf16 on real Fashion-MNIST images,
 # (a) remote bank vs (b) in-process bank, then the kNN accuracy reached in a 5-epoch budget.
+# First the bank alone: such machines have the cores to give each shard one of its own.
 bench-gpu: venv
 	mkdir -p runs
+	$(VENV)/bin/instdisc bench bank --iters 500 --json runs/bench-gpu-bank.json
 	$(VENV)/bin/instdisc bench train --device cuda --arch resnet18 --image-size 32 --batch 256 \
 		--steps 200 --warmup 20 --json runs/bench-gpu-train.json
 	$(VENV)/bin/instdisc train --config fashion-mnist --output-dir runs/bench-gpu --name bench-gpu \
