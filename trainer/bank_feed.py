@@ -18,8 +18,6 @@ RPC runs to completion before the step continues (the whole round trip is waited
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
 import time
 from collections.abc import Iterable, Iterator
@@ -64,39 +62,9 @@ def rows_on(a: np.ndarray, device) -> torch.Tensor:
     return rows.to(device=device, dtype=torch.float32)
 
 
-# A step's bank traffic allocates and frees a few MB (the answers' bytes, the merged
-# negatives, their float32 copy). With glibc's defaults the freed top of the heap went
-# back to the kernel after each step and came back page by page on the next: about 560
-# page faults a step, 10% of a CPU train worker's time in the kernel (perf, `instdisc
-# bench train`). Keeping this much freed heap stops that.
-_KEEP_FREED_HEAP_BYTES = 64 << 20
-_MMAP_THRESHOLD_BYTES = 32 << 20  # glibc's largest: an allocation below it comes from the heap
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (malloc.h)
-
-
-@functools.cache
-def keep_freed_heap() -> bool:
-    """Ask glibc's malloc to keep up to _KEEP_FREED_HEAP_BYTES of freed heap in this
-    process instead of returning it to the kernel; False (logged) where that is not
-    possible. Once per process: it is the process's allocator."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
-        log.info("not glibc: the bank feed leaves the heap to the allocator's defaults")
-        return False
-    # Setting either threshold turns off glibc's own adjustment of both: set both.
-    if mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES) and mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED_HEAP_BYTES):
-        log.info("bank feed: this process keeps up to %d MiB of freed heap (glibc mallopt) rather than faulting "
-                 "each step's buffers back in", _KEEP_FREED_HEAP_BYTES >> 20)
-        return True
-    log.warning("glibc refused mallopt; each bank step may page-fault its few MB of buffers back in")
-    return False
-
-
 class BankFeed:
     def __init__(self, client: BankClient, negatives: int, momentum: float, device: torch.device,
                  overlap: bool = True):
-        keep_freed_heap()
         self.client, self.negatives, self.momentum, self.device = client, negatives, momentum, device
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bank-feed") if overlap else None
         self._pending: Future | None = None
