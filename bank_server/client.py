@@ -42,7 +42,6 @@ from bank_server.errors import InvalidArgument
 from bank_server.merge import merge_partition_sums, merge_topk
 from bank_server.outages import OutageTracker
 from bank_server.server import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
-from bank_server.shard import row_items
 from protos import bank_pb2, bank_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -85,6 +84,12 @@ def _step_message(update: tuple | None, lookup: np.ndarray | None, sample_k: int
     if sample_seed is not None:
         message.sample_seed = sample_seed
     return message
+
+
+def _row_items(rows: np.ndarray) -> np.ndarray:
+    """A C-contiguous (n, D) array as n opaque items of a row's bytes (a view): numpy
+    moves such items faster than the rows of a 2-d array."""
+    return rows.view(np.dtype((np.void, rows.shape[1] * rows.itemsize))).reshape(len(rows))
 
 
 class BankRpcError(RuntimeError):
@@ -358,12 +363,12 @@ class BankClient:
         places = rng.permutation(sum(len(i) for i in indices))
         out_idx = np.empty(len(places), dtype=np.int64)
         out_rows = np.empty((len(places), rows[0].shape[1]), dtype=rows[0].dtype)
-        as_items = row_items(out_rows)
+        as_items = _row_items(out_rows)
         begin = 0
         for part_idx, part_rows in zip(indices, rows):
             where = places[begin:begin + len(part_idx)]
             out_idx[where] = part_idx
-            as_items[where] = row_items(np.ascontiguousarray(part_rows))
+            as_items[where] = _row_items(np.ascontiguousarray(part_rows))
             begin += len(part_idx)
         return out_idx, out_rows
 

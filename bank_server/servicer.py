@@ -4,11 +4,9 @@ Semantic validation (ranges, shards, finiteness) lives in :class:`Shard`; this
 module checks only what the wire can get wrong (dtype, shape vs byte length) and
 the message-size limit of the answer, then maps domain errors to status codes.
 
-The bulk answers (Step, Lookup, Sample) are laid out in protobuf's wire format by
-`bank_server.wire` before the shard reads, and the shard writes its rows straight into
-them: no copy of the arrays between the bank and gRPC. So a count that sizes an answer
-(a Sample's k) is checked before the layout. `add_to_server` says which method uses
-which codec.
+The bulk answers (Step, Lookup, Sample) are written in protobuf's wire format by
+`bank_server.wire`, without protobuf's copies of the arrays; `add_to_server` says which
+method uses which codec.
 """
 
 from __future__ import annotations
@@ -20,7 +18,7 @@ import numpy as np
 
 import grpc
 
-from bank_server import tensors, validate, wire
+from bank_server import tensors, wire
 from bank_server.errors import BankError, DataLoss, InvalidArgument, ResourceExhausted, Unavailable, status_code
 from bank_server.shard import Shard
 from protos import bank_pb2
@@ -31,15 +29,6 @@ FLOATS = (bank_pb2.FLOAT32, bank_pb2.FLOAT16)
 INDICES = (bank_pb2.INT64,)
 # Room for the protobuf framing around the arrays of an answer.
 _ENVELOPE_BYTES = 4096
-
-
-def _rows_slot(shard: Shard, n: int) -> wire.Slot:
-    """Room in an answer for `n` of the shard's rows."""
-    return wire.Slot(np.dtype(shard.layout.dtype), (n, shard.layout.dim))
-
-
-def _indices_slot(k: int) -> wire.Slot:
-    return wire.Slot(np.dtype(np.int64), (k,))
 
 
 def _rpc(method):
@@ -102,20 +91,14 @@ class MemoryBankServicer:
         shard = self._ready()
         indices = tensors.decode(request.indices, "indices", dtypes=INDICES, ndim=1)
         self._check_answer_size(len(indices) * self._row_bytes(shard), "indices")
-        answer = wire.lookup_answer(_rows_slot(shard, len(indices)))
-        shard.lookup(indices, out=answer.arrays[0])
-        return answer.data
+        return wire.lookup_response(shard.lookup(indices))
 
     @_rpc
     def Sample(self, request, context):
         shard = self._ready()
-        # Checked before the answer is laid out for k rows (the shard checks it again).
-        validate.count(request.k, 1, shard.layout.total_rows, "k", "the bank's rows")
         self._check_answer_size(request.k * (self._row_bytes(shard) + 8), "k")
         seed = request.seed if request.HasField("seed") else None
-        answer = wire.sample_answer(_indices_slot(request.k), _rows_slot(shard, request.k))
-        shard.sample(request.k, seed, out=answer.arrays)
-        return answer.data
+        return wire.sample_response(*shard.sample(request.k, seed))
 
     @_rpc
     def Update(self, request, context):
@@ -134,14 +117,7 @@ class MemoryBankServicer:
         n_lookup = 0 if lookup is None else len(lookup)
         self._check_answer_size(n_lookup * row_bytes + request.sample_k * (row_bytes + 8), "sample_k")
         seed = request.sample_seed if request.HasField("sample_seed") else None
-        k = request.sample_k
-        # Laid out for the update's being applied: it is, unless it is a retry of one
-        # applied before, whose answer then costs a copy.
-        expected = update is not None and len(update[0]) > 0
-        answer = wire.step_answer(expected, None if lookup is None else _rows_slot(shard, n_lookup),
-                                  _indices_slot(k) if k else None, _rows_slot(shard, k) if k else None)
-        applied, *arrays = shard.step(update, lookup, k, seed, out=answer.arrays)
-        return answer.data if applied == expected else wire.step_response(applied, *arrays)
+        return wire.step_response(*shard.step(update, lookup, request.sample_k, seed))
 
     @_rpc
     def PartitionSum(self, request, context):

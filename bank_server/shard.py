@@ -118,13 +118,6 @@ def as_float32(rows: np.ndarray) -> np.ndarray:
     return rows.astype(np.float32, copy=False)
 
 
-def row_items(rows: np.ndarray) -> np.ndarray:
-    """A C-contiguous (n, D) array as n opaque items of a row's bytes (a view). numpy
-    moves such items faster than the rows of a 2-d array, and they need no alignment
-    (an answer's arrays sit at odd offsets in its bytes)."""
-    return rows.view(np.dtype((np.void, rows.shape[1] * rows.itemsize))).reshape(len(rows))
-
-
 def _normalize(x: np.ndarray) -> np.ndarray:
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     return x / np.maximum(norm, np.float32(1e-12))
@@ -187,37 +180,25 @@ class Shard:
 
     # -- operations -------------------------------------------------------------
 
-    # The reads take `out`: arrays of the result's shape and dtype to write it into (the
-    # servicer's answer bytes, so that a MB of rows is not copied again to go out).
-
-    def lookup(self, indices: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    def lookup(self, indices: np.ndarray) -> np.ndarray:
         local = self.to_local(indices)
         with self._lock:
-            return self._gather(local, out)
+            return self._gather(local)
 
-    def sample(self, k: int, seed: int | None = None, out: tuple | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """k rows drawn uniformly with replacement from this shard: (global indices, rows);
-        `out`: (indices, rows) to write them into."""
+    def sample(self, k: int, seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """k rows drawn uniformly with replacement from this shard: (global indices, rows)."""
         self._check_sample_k(k)
         with self._lock:
-            return self._sample_locked(k, seed, out)
+            return self._sample_locked(k, seed)
 
-    def _gather(self, local: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-        """Rows `local`, which the caller has checked (to_local) or drawn in range."""
+    def _gather(self, local: np.ndarray) -> np.ndarray:
         # np.take is ~3x faster than fancy indexing for random rows of a large bank.
-        if out is None:
-            return np.take(self._rows, local, axis=0)
-        # "clip" never clips (`local` is checked): mode "raise" would gather into a buffer first.
-        np.take(row_items(self._rows), local, out=row_items(out), mode="clip")
-        return out
+        return np.take(self._rows, local, axis=0)
 
-    def _sample_locked(self, k, seed, out=None):
+    def _sample_locked(self, k, seed):
         rng = self._rng if seed is None else np.random.default_rng(seed)
         local = rng.integers(0, self.layout.rows_held, size=k, dtype=np.int64)
-        indices_out, rows_out = (None, None) if out is None else out
-        indices = np.multiply(local, self.layout.num_shards, out=indices_out)
-        indices += self.layout.shard_id
-        return indices, self._gather(local, rows_out)
+        return local * self.layout.num_shards + self.layout.shard_id, self._gather(local)
 
     def momentum_update(self, indices, features, momentum: float, client_id: str = "", sequence: int = 0) -> bool:
         """``v <- normalize(m v + (1 - m) f)`` for each index; False if (client_id,
@@ -279,15 +260,12 @@ class Shard:
         self.updates_applied += 1
         self.rows_updated += len(record.local)
 
-    def step(self, update=None, lookup_indices=None, sample_k: int = 0, sample_seed: int | None = None,
-             out: tuple | None = None):
+    def step(self, update=None, lookup_indices=None, sample_k: int = 0, sample_seed: int | None = None):
         """Update, then lookup, then sample, as one request validated whole.
 
         `update` is None or ``(indices, features, momentum, client_id, sequence)``.
-        Returns (update_applied, rows or None, sample indices or None, sample rows or None);
-        `out`: (rows, sample indices, sample rows) to write the reads into.
+        Returns (update_applied, rows or None, sample indices or None, sample rows or None).
         """
-        rows_out, *sample_out = (None, None, None) if out is None else out
         prepared = None
         if update is not None and len(update[0]):
             indices, features, momentum, client_id, sequence = update
@@ -297,8 +275,8 @@ class Shard:
             self._check_sample_k(sample_k, "sample_k")
         with self._lock:
             applied, ticket = self._update_locked(*prepared) if prepared else (False, 0)
-            rows = None if local is None else self._gather(local, rows_out)
-            sample = self._sample_locked(sample_k, sample_seed, sample_out) if sample_k else (None, None)
+            rows = None if local is None else self._gather(local)
+            sample = self._sample_locked(sample_k, sample_seed) if sample_k else (None, None)
         self._wait_durable(ticket)
         return applied, rows, *sample
 

@@ -2,13 +2,10 @@
 
 Step, Lookup and Sample answer with arrays of about a MB. Protobuf's Python messages
 copy an array's bytes into the message, again to serialize it, and twice more on the
-way out of a parsed one. Here the server lays an answer out first (`step_answer`,
-`lookup_answer`, `sample_answer`: its tags and lengths, with a `Slot` of room for each
-array, the framing cached per shape) and the shard gathers its rows straight into the
-answer's bytes; `step_response` and friends join arrays that already exist, one copy.
-A parsed answer holds `memoryview`s of the received buffer, which numpy reads without
-a copy. (Requests, a tenth of the size, stay protobuf's: `instdisc bench parts`
-measured its C parser faster than a Python one on them.)
+way out of a parsed one. Here an answer is its tags, lengths and the arrays' own
+buffers joined once, and a parsed answer holds `memoryview`s of the received buffer,
+which numpy reads without a copy. (Requests, a tenth of the size, stay protobuf's:
+`instdisc bench parts` measured its C parser faster than a Python one on them.)
 
 The contract does not change: what is written is byte for byte what
 ``SerializeToString`` gives for the same message (tests/bank_server/test_wire.py
@@ -23,21 +20,12 @@ a protobuf one; an absent message field is None.
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import math
-import sys
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 
 from bank_server import tensors
 from bank_server.errors import InvalidArgument
-
-if sys.byteorder != "little":  # the shard writes its arrays' own bytes into the answers
-    raise ImportError("bank_server.wire fills answers with native bytes, which the wire format wants "
-                      "little-endian: this host is big-endian")
 
 _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
 _SIZES = {_FIXED64: 8, _FIXED32: 4}
@@ -67,25 +55,6 @@ class SampleResponse(NamedTuple):
 
 # -- writing ---------------------------------------------------------------------------
 
-class Slot(NamedTuple):
-    """Room in an answer for an array not made yet: the shard writes it in place."""
-    dtype: np.dtype
-    shape: tuple
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * np.dtype(self.dtype).itemsize
-
-
-@dataclass(frozen=True, eq=False)  # never hashed by value: the bytes are not filled yet
-class Answer:
-    """An answer's bytes with its `Slot`s' arrays as writable views into them, in order
-    (None for an absent field). Fill the arrays, then hand on `data`, and nothing else:
-    from then on the bytes are immutable again."""
-    data: bytes
-    arrays: tuple
-
-
 def _varint(value: int) -> bytes:
     if value < 0:
         value += 1 << 64  # int64: two's complement in ten bytes
@@ -101,142 +70,45 @@ def _key(field: int, wire_type: int) -> bytes:
     return _varint(field << 3 | wire_type)
 
 
-def _size(part) -> int:
-    return part.nbytes if isinstance(part, Slot) else len(part)
-
-
 def _record(field: int, parts: list) -> list:
-    """A length-delimited field around `parts` (bytes-like pieces and Slots)."""
-    return [_key(field, _LENGTH), _varint(sum(map(_size, parts))), *parts]
+    """A length-delimited field around `parts` (bytes-like pieces)."""
+    return [_key(field, _LENGTH), _varint(sum(len(p) for p in parts)), *parts]
 
 
-def _tensor(content) -> list:
-    """The pieces of a `Tensor` message holding `content`: an array (its buffer, not a
-    copy, when it is already C-contiguous little-endian of a wire dtype) or a Slot."""
-    if isinstance(content, Slot):
-        dtype, shape, body = np.dtype(content.dtype), content.shape, content
-    else:
-        array = np.asarray(content)
-        dtype, shape = array.dtype, array.shape
-    wire = tensors.WIRE_DTYPES.get(dtype.newbyteorder("<"))
+def _tensor(array: np.ndarray) -> list:
+    """The pieces of a `Tensor` message holding `array` (its buffer, not a copy, when it
+    is already C-contiguous little-endian of a wire dtype)."""
+    array = np.asarray(array)
+    wire = tensors.WIRE_DTYPES.get(array.dtype.newbyteorder("<"))
     if wire is None:
-        raise InvalidArgument(f"dtype {dtype} cannot travel; use float32, float16 or int64")
-    if not isinstance(content, Slot):
-        array = np.ascontiguousarray(array, dtype=tensors.NUMPY_DTYPES[wire])
-        body = memoryview(array).cast("B") if array.nbytes else b""
+        raise InvalidArgument(f"dtype {array.dtype} cannot travel; use float32, float16 or int64")
+    array = np.ascontiguousarray(array, dtype=tensors.NUMPY_DTYPES[wire])
     parts = [_key(1, _VARINT), _varint(wire)]
-    if shape:
-        parts += _record(2, [b"".join(_varint(n) for n in shape)])
-    if _size(body):
-        parts += _record(3, [body])
+    if array.ndim:
+        parts += _record(2, [b"".join(_varint(n) for n in array.shape)])
+    if array.nbytes:
+        parts += _record(3, [memoryview(array).cast("B")])
     return parts
-
-
-def _fields_parts(head: list, fields) -> list:
-    parts = list(head)
-    for field, content in fields:
-        if content is not None:
-            parts += _record(field, _tensor(content))
-    return parts
-
-
-# A bytes object made by the C API's PyBytes_FromStringAndSize(NULL, n) is uninitialised
-# and its maker's to fill before anyone else sees it: that is how C extensions build
-# bytes. gRPC sends only `bytes`, and an answer is about a MB: filling it in place spares
-# the copy that joining its pieces would make.
-_new_bytes = ctypes.pythonapi.PyBytes_FromStringAndSize
-_new_bytes.restype, _new_bytes.argtypes = ctypes.py_object, (ctypes.c_char_p, ctypes.c_ssize_t)
-_bytes_address = ctypes.pythonapi.PyBytes_AsString
-_bytes_address.restype, _bytes_address.argtypes = ctypes.c_void_p, (ctypes.py_object,)
-
-
-def _laid_out(fields: tuple, head: bytes = b"") -> Answer:
-    """The answer of `fields` ((field number, Slot or None), ...), `head` first, its
-    arrays to be filled in place."""
-    chunks, places, at, pending = [], [], 0, head
-    for field, slot in fields:
-        if slot is None:
-            places.append(None)
-            continue
-        framing = _framing(field, slot)
-        pending += framing
-        if slot.nbytes:  # the record ends with the array's data
-            chunks.append((at, pending))
-            at += len(pending)
-            places.append(at)
-            at += slot.nbytes
-            pending = b""
-        else:
-            places.append(None)
-    if pending:
-        chunks.append((at, pending))
-        at += len(pending)
-    if at < 2:  # 0 and 1 byte objects may be CPython's shared ones: never written into
-        return Answer(_join(_fields_parts([head], fields)), tuple(_empty(c) for _, c in fields))
-    data = _new_bytes(None, at)
-    address = _bytes_address(data)
-    for offset, chunk in chunks:
-        ctypes.memmove(address + offset, chunk, len(chunk))
-    return Answer(data, tuple(_empty(slot) if offset is None else np.asarray(_Memory(data, address + offset, slot))
-                              for (_, slot), offset in zip(fields, places)))
-
-
-@functools.lru_cache(maxsize=4096)
-def _framing(field: int, slot: Slot) -> bytes:
-    """A Slot's record up to its array's data: the field's key and length, the Tensor's
-    dtype and shape, the data's key and length (all of it when the array has no bytes).
-    Cached per field, dtype and shape: a shard of an S-shard bank sees a few hundred."""
-    parts = _record(field, _tensor(slot))
-    return b"".join(bytes(p) for p in (parts[:-1] if parts[-1] is slot else parts))
-
-
-class _Memory:
-    """A Slot's array at `address` inside `data`, for numpy to view; the view's base
-    holds `data`, so the bytes live as long as any view of them."""
-
-    def __init__(self, data: bytes, address: int, slot: Slot):
-        self.data = data
-        self.__array_interface__ = {"data": (address, False), "shape": slot.shape,
-                                    "typestr": np.dtype(slot.dtype).str, "version": 3}
-
-
-def _empty(content):
-    """What a Slot that took no bytes holds (an array of no elements); None stays None."""
-    return np.empty(content.shape, content.dtype) if isinstance(content, Slot) else content
 
 
 def _join(parts: list) -> bytes:
     return b"".join(parts)
 
 
-def _applied(update_applied: bool) -> bytes:
-    return _key(1, _VARINT) + b"\x01" if update_applied else b""
-
-
 def step_response(update_applied: bool, rows=None, sample_indices=None, sample_rows=None) -> bytes:
-    return _join(_fields_parts([_applied(update_applied)], ((2, rows), (3, sample_indices), (4, sample_rows))))
-
-
-def step_answer(update_applied: bool, rows: Slot | None, sample_indices: Slot | None,
-                sample_rows: Slot | None) -> Answer:
-    """The Step answer with room for its arrays, to be filled in place."""
-    return _laid_out(((2, rows), (3, sample_indices), (4, sample_rows)), _applied(update_applied))
+    parts = [_key(1, _VARINT), b"\x01"] if update_applied else []
+    for field, array in ((2, rows), (3, sample_indices), (4, sample_rows)):
+        if array is not None:
+            parts += _record(field, _tensor(array))
+    return _join(parts)
 
 
 def lookup_response(rows) -> bytes:
-    return _join(_fields_parts([], ((1, rows),)))
-
-
-def lookup_answer(rows: Slot) -> Answer:
-    return _laid_out(((1, rows),))
+    return _join(_record(1, _tensor(rows)))
 
 
 def sample_response(indices, rows) -> bytes:
-    return _join(_fields_parts([], ((1, indices), (2, rows))))
-
-
-def sample_answer(indices: Slot, rows: Slot) -> Answer:
-    return _laid_out(((1, indices), (2, rows)))
+    return _join(_record(1, _tensor(indices)) + _record(2, _tensor(rows)))
 
 
 # -- reading ---------------------------------------------------------------------------

@@ -2,10 +2,9 @@
 part by part, in this process (no transport: `instdisc bench bank`'s echo measures it).
 
 Each part runs the code the client and the server run, on a `StepWorkload` batch, and
-reports its median. The answer's codec is timed three ways in the same run: laid out by
-`bank_server.wire` and filled in place by the shard (what the server does), its arrays
-joined by `wire` (a retried update's answer), and protobuf's own messages (what any
-client built from bank.proto alone does), so the differences are measured, not assumed.
+reports its median. The answer's codec is timed twice in the same run: with
+`bank_server.wire` (what the bank uses) and with protobuf's own messages (what any
+client built from bank.proto alone does), so the difference is measured, not assumed.
 """
 
 from __future__ import annotations
@@ -70,10 +69,6 @@ def measure(rows: int, dim: int, dtype: str, negatives: int, batch: int, iters: 
     answer = shard.step(None, work.indices(1), negatives)
     _, looked_up, sample_idx, sample_rows = answer
     response = wire.step_response(True, looked_up, sample_idx, sample_rows)
-    # What the server does: the answer laid out first, the shard's reads written into it.
-    slots = (wire.Slot(np.dtype(dtype), (batch, dim)), wire.Slot(np.dtype(np.int64), (negatives,)),
-             wire.Slot(np.dtype(dtype), (negatives, dim)))
-    in_place = wire.step_answer(True, *slots)
     pb_request = _pb_request(work.indices(0), work.features(0), work.indices(1), negatives).SerializeToString()
     pb_response = _pb_response(looked_up, sample_idx, sample_rows).SerializeToString()
     assert response == pb_response  # the same bytes either way
@@ -101,13 +96,9 @@ def measure(rows: int, dim: int, dtype: str, negatives: int, batch: int, iters: 
         "server: validate (the shard's checks)": lambda i: shard.to_local(validate.update(
             work.indices(i), work.features(i), MOMENTUM, rows, dim)[0], "update.indices"),
         "shard: update": update,
-        "shard: lookup, into the answer": lambda i: shard.lookup(work.indices(i), out=in_place.arrays[0]),
-        "shard: sample, into the answer": lambda i: shard.sample(negatives, out=in_place.arrays[1:]),
-        "shard: lookup, into an array of its own": lambda i: shard.lookup(work.indices(i)),
-        "shard: sample, into arrays of its own": lambda i: shard.sample(negatives),
-        "server: lay out the answer (wire; the shard fills it)": lambda i: wire.step_answer(True, *slots),
-        "server: encode the answer (wire, the arrays joined)": lambda i: wire.step_response(
-            True, looked_up, sample_idx, sample_rows),
+        "shard: lookup": lambda i: shard.lookup(work.indices(i)),
+        "shard: sample": lambda i: shard.sample(negatives),
+        "server: encode the answer (wire)": lambda i: wire.step_response(True, looked_up, sample_idx, sample_rows),
         "server: encode the answer (protobuf)": lambda i: _pb_response(
             looked_up, sample_idx, sample_rows).SerializeToString(),
         "client: parse and decode (wire)": lambda i: client_decode(wire.parse_step_response(response)),

@@ -123,30 +123,3 @@ def test_the_float16_table_gives_numpys_bits_for_every_value():
     assert shard_module.as_float32(every).view(np.uint32).tobytes() == every.astype(np.float32).view(np.uint32).tobytes()
     rows = np.ones((3, 4), np.float32)
     assert shard_module.as_float32(rows) is rows
-
-
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_reads_written_into_given_arrays_are_the_same(dtype):
-    """The servicer hands the shard its answer's arrays: the same rows and draws land there."""
-    from bank_server import wire
-
-    layout = Layout(1, 3, 200, 8, dtype)
-    into, plain = Shard.create(layout, seed=2), Shard.create(layout, seed=2)
-    update = (np.array([1, 7, 97]), unit(np.ones((3, 8), np.float32)), 0.5, "c", 1)
-    lookup = np.array([4, 1, 199, 4])
-    answer = wire.step_answer(True, wire.Slot(np.dtype(dtype), (4, 8)), wire.Slot(np.dtype(np.int64), (6,)),
-                              wire.Slot(np.dtype(dtype), (6, 8)))
-    got = into.step(update, lookup, 6, None, out=answer.arrays)
-    expected = plain.step(update, lookup, 6, None)
-    assert got[0] and expected[0]
-    for written, view, want in zip(got[1:], answer.arrays, expected[1:]):
-        assert written is view
-        np.testing.assert_array_equal(written, want)
-    assert answer.data == wire.step_response(True, *expected[1:])
-    rows = np.empty((2, 8), dtype)
-    assert into.lookup(np.array([97, 4]), out=rows) is rows
-    np.testing.assert_array_equal(rows, plain.lookup(np.array([97, 4])))
-    drawn = (np.empty(5, np.int64), np.empty((5, 8), dtype))
-    into.sample(5, seed=3, out=drawn)
-    for a, b in zip(drawn, plain.sample(5, seed=3)):
-        np.testing.assert_array_equal(a, b)
