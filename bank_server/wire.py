@@ -20,6 +20,8 @@ a protobuf one; an absent message field is None.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -75,20 +77,36 @@ def _record(field: int, parts: list) -> list:
     return [_key(field, _LENGTH), _varint(sum(len(p) for p in parts)), *parts]
 
 
-def _tensor(array: np.ndarray) -> list:
-    """The pieces of a `Tensor` message holding `array` (its buffer, not a copy, when it
-    is already C-contiguous little-endian of a wire dtype)."""
+def _field(field: int, array) -> list:
+    """The pieces of `field`, a `Tensor` message holding `array`: its framing, then the
+    array's own buffer (not a copy, when it is already C-contiguous little-endian of a
+    wire dtype)."""
     array = np.asarray(array)
     wire = tensors.WIRE_DTYPES.get(array.dtype.newbyteorder("<"))
     if wire is None:
         raise InvalidArgument(f"dtype {array.dtype} cannot travel; use float32, float16 or int64")
     array = np.ascontiguousarray(array, dtype=tensors.NUMPY_DTYPES[wire])
-    parts = [_key(1, _VARINT), _varint(wire)]
-    if array.ndim:
-        parts += _record(2, [b"".join(_varint(n) for n in array.shape)])
-    if array.nbytes:
-        parts += _record(3, [memoryview(array).cast("B")])
-    return parts
+    framing = _framing(field, wire, array.shape)
+    return [framing, memoryview(array).cast("B")] if array.nbytes else [framing]
+
+
+@functools.lru_cache(maxsize=4096)
+def _framing(field: int, wire: int, shape: tuple) -> bytes:
+    """A tensor field's bytes up to its array's data (all of them when it has none):
+    the same for every array of that dtype and shape, and a shard sees a few hundred
+    shapes (its share of a batch and of the negatives), so they are made once each."""
+    itemsize = tensors.NUMPY_DTYPES[wire].itemsize
+    nbytes = math.prod(shape) * itemsize
+    body = [_key(1, _VARINT), _varint(wire)]
+    if shape:
+        body += _record(2, [b"".join(_varint(n) for n in shape)])
+    if nbytes:
+        body += [_key(3, _LENGTH), _varint(nbytes)]
+    head = b"".join(body)
+    return _key(field, _LENGTH) + _varint(len(head) + nbytes) + head
+
+
+_APPLIED = _key(1, _VARINT) + b"\x01"  # update_applied = true
 
 
 def _join(parts: list) -> bytes:
@@ -96,19 +114,19 @@ def _join(parts: list) -> bytes:
 
 
 def step_response(update_applied: bool, rows=None, sample_indices=None, sample_rows=None) -> bytes:
-    parts = [_key(1, _VARINT), b"\x01"] if update_applied else []
+    parts = [_APPLIED] if update_applied else []
     for field, array in ((2, rows), (3, sample_indices), (4, sample_rows)):
         if array is not None:
-            parts += _record(field, _tensor(array))
+            parts += _field(field, array)
     return _join(parts)
 
 
 def lookup_response(rows) -> bytes:
-    return _join(_record(1, _tensor(rows)))
+    return _join(_field(1, rows))
 
 
 def sample_response(indices, rows) -> bytes:
-    return _join(_record(1, _tensor(indices)) + _record(2, _tensor(rows)))
+    return _join(_field(1, indices) + _field(2, rows))
 
 
 # -- reading ---------------------------------------------------------------------------
