@@ -254,12 +254,12 @@ class BankClient:
         backoff = _FIRST_BACKOFF_S
         while pending:
             timeout = max(deadline - time.monotonic(), 0.001)
-            if len(pending) == 1:  # a blocking call spares the future's bookkeeping
-                shard, request = calls[pending[0]]
-                inflight = [(pending[0], getattr(self._stubs[shard], method), request)]
-            else:
-                inflight = [(i, getattr(self._stubs[calls[i][0]], method).future(
-                    calls[i][1], timeout=timeout, metadata=self._metadata).result, None) for i in pending]
+            # All but the last go out as futures; the last is a blocking call, made while they
+            # run (a future's bookkeeping costs the client 0.1-0.2 ms of CPU a Step).
+            *others, last = pending
+            started = [(i, getattr(self._stubs[calls[i][0]], method).future(
+                calls[i][1], timeout=timeout, metadata=self._metadata).result, None) for i in others]
+            inflight = [(last, getattr(self._stubs[calls[last][0]], method), calls[last][1]), *started]
             retry, failure = [], None
             outages = self._outages
             for i, call, request in inflight:
