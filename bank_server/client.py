@@ -260,7 +260,7 @@ class BankClient:
             started = [(i, getattr(self._stubs[calls[i][0]], method).future(
                 calls[i][1], timeout=timeout, metadata=self._metadata).result, None) for i in others]
             inflight = [(last, getattr(self._stubs[calls[last][0]], method), calls[last][1]), *started]
-            retry, failure = [], None
+            retry, failures = [], {}
             outages = self._outages
             for i, call, request in inflight:
                 try:
@@ -274,12 +274,12 @@ class BankClient:
                     if unavailable and time.monotonic() + backoff < deadline:
                         self._find_again(calls[i][0], deadline)
                         retry.append(i)
-                    elif failure is None:
+                    else:
                         kind = RequestRejected if error.code() == grpc.StatusCode.INVALID_ARGUMENT else BankRpcError
-                        failure = kind(error.code(), error.details() or "", self._addresses[calls[i][0]])
-            if failure is not None:
-                raise failure
-            pending = retry
+                        failures[i] = kind(error.code(), error.details() or "", self._addresses[calls[i][0]])
+            if failures:  # the first call's, whatever order the answers came in
+                raise failures[min(failures)]
+            pending = sorted(retry)
             if pending:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)

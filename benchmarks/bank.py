@@ -134,8 +134,9 @@ def _own_cores(rows, dim, dtype, shards, negatives, batch, clients, client_iters
     processes on the other cores: a shard's capacity, as on a cluster where shards do not
     share their cores with trainers. With fewer than shards + 1 cores, one shard of the
     bank alone: a bank of one shard holding shard 0's rows (N/S), each Step bringing what
-    each shard of the S-shard bank gets (B/S updates and reads, K/S negatives). None
-    with a single core."""
+    each shard of the S-shard bank gets (B/S updates and reads, K/S negatives). Being a
+    bank's only shard spares it the modulo and division of its indices (a few us of a
+    call's 0.5-0.8 ms). None with a single core."""
     cores = sorted(os.sched_getaffinity(0))
     if len(cores) < 2:
         return None
@@ -154,7 +155,7 @@ def _own_cores(rows, dim, dtype, shards, negatives, batch, clients, client_iters
             "step_p50_ms": {c: r["step_p50_ms"] for c, r in results.items()},
             "step_p99_ms": {c: r["step_p99_ms"] for c, r in results.items()},
             "cpu_ms_per_call": {c: r["cpu_ms_per_call"] for c, r in results.items()},
-            # The shard core's busy fraction: well under 1, the clients' cores set the pace.
+            # The shard core's busy fraction: below 1, the clients' cores set the pace.
             "shard_busy": {c: r["steps_per_s"] * r["cpu_ms_per_call"] / 1e3 for c, r in results.items()}}
 
 
@@ -181,8 +182,9 @@ def _measure(rows, dim, dtype, shards, negatives, batch, iters, warmup, clients=
         step_s, echo_s = timed_pair(step, echo, iters, warmup)
         throughput = _throughput(servers, rows, dim, batch, negatives, clients, client_iters, duration)
     # After the bank above has stopped: these shards must have their cores to themselves.
+    # Unlogged shards on cores of their own: not run for a load test or logged shards.
     own_cores = _own_cores(rows, dim, dtype, shards, negatives, batch, clients, client_iters) \
-        if clients and not duration else None
+        if clients and not duration and not fsync else None
 
     step_p50, echo_p50, inproc_p50 = (percentile_ms(s, 50) for s in (step_s, echo_s, inprocess_s))
     return {
@@ -292,10 +294,10 @@ def _report_load(args: argparse.Namespace, results: list[dict]) -> int:
 
 def _report_own_cores(args: argparse.Namespace, results: list[dict]) -> None:
     if not any(r["own_cores"] for r in results):
-        print("\n(one core only: no shard process can have a core of its own here)")
+        print("\n(no shard process had a core of its own: one core only, or logged shards)")
         return
     print("\nThe same, each shard process on a core of its own and the clients on the other cores (busy: the "
-          "shard core's share in use; well under 100%, the clients set the pace and calls/s is a floor):")
+          "shard core's share in use; below 100%, the clients set the pace and calls/s is a floor):")
     print(f"{'shards':>6} " + " ".join(f"{f'{c} client(s)':>26}" for c in args.clients)
           + "   shard CPU per call, busy   measured on")
     for r in results:

@@ -119,6 +119,7 @@ class RemoteLoop:
         self.partition_fn = (lambda q: self.feed.partition_sums(q, a.temperature)) if a.loss == "softmax" else None
         self._steps = self.feed.steps(trainer.batch() for _ in range(total_steps))
         self.waited_s = self.round_trip_s = 0.0
+        self._between_steps = True  # False while a turn runs: a turn that raised left a step unpushed
 
     def warm_up(self, steps: int) -> None:
         self.run(steps)
@@ -126,6 +127,7 @@ class RemoteLoop:
 
     def run(self, steps: int) -> float:
         trainer = self.trainer
+        self._between_steps = False
         _sync(trainer.device)
         start = time.perf_counter()
         for _ in range(steps):
@@ -137,12 +139,17 @@ class RemoteLoop:
             self.feed.push(step.indices, f)
         self.feed.settle()  # the RPC in flight is this loop's work, not the other loop's
         _sync(trainer.device)
+        self._between_steps = True
         return time.perf_counter() - start
 
     def close(self) -> None:
-        next(self._steps, None)  # after the last step: its update goes out
-        self.feed.close()
-        self.client.close()
+        try:
+            if self._between_steps:
+                next(self._steps, None)  # after the last step: its update goes out
+        finally:
+            self._steps.close()
+            self.feed.close()
+            self.client.close()
 
 
 def images_per_sec(loops: dict, steps: int, warmup: int, rounds: int, batch: int) -> dict:
@@ -154,7 +161,7 @@ def images_per_sec(loops: dict, steps: int, warmup: int, rounds: int, batch: int
     seconds = dict.fromkeys(loops, 0.0)
     names = list(loops)
     per_round = [len(range(r, steps, rounds)) for r in range(rounds)]
-    for r, n in enumerate(per_round):
+    for r, n in enumerate(filter(None, per_round)):
         for name in (names if r % 2 == 0 else names[::-1]):
             seconds[name] += loops[name].run(n)
     return {name: steps * batch / seconds[name] for name in names}

@@ -148,9 +148,9 @@ def test_one_address_template_names_every_shard(make_bank):
 
 
 def test_a_client_from_bank_proto_alone_reads_every_step_answer(make_bank):
-    """The answers the server fills in place, read by protobuf's generated stub: an
-    update applied, the same update retried (answered as not applied, at the cost of a
-    copy), and Steps with only reads or only draws."""
+    """The server's hand-written answers, read by protobuf's generated stub: an update
+    applied, the same update retried (answered as not applied), and Steps with only
+    reads or only draws."""
     import grpc
 
     from bank_server import tensors
@@ -195,3 +195,16 @@ def test_shards_answering_rows_of_different_dtypes_are_refused_not_garbled():
     idx, rows = BankClient._shuffled(indices, [np.full((3, 4), 1, np.float16), np.full((2, 4), 2, np.float16)], rng)
     assert sorted(idx.tolist()) == list(range(5))
     np.testing.assert_array_equal(rows[:, 0], np.where(idx < 3, 1, 2))
+
+
+def test_when_several_shards_refuse_the_first_shards_error_is_raised(make_bank):
+    """Futures and a blocking call come back in any order; the error named is shard 0's."""
+    from bank_server.client import RequestRejected
+
+    bank = make_bank(2, N, D, "float32")
+    client = bank.client()
+    for _ in range(3):
+        with pytest.raises(RequestRejected) as info:
+            client.lookup(np.array([N, N + 1]))  # N + 1 on shard 0, N on shard 1: both out of range
+        assert f"= {N + 1} is outside" in str(info.value), str(info.value)
+    client.close()

@@ -83,3 +83,16 @@ def test_an_update_dropped_by_an_early_stop_is_logged(make_bank, caplog):
     assert "dropped the update of the last step" in caplog.text
     client.close()
 
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_rows_reach_torch_as_float32_from_any_answer(dtype):
+    """A one-shard answer is a read-only view of the received bytes, at any offset."""
+    from trainer.bank_feed import rows_on
+
+    rows = np.arange(12, dtype=dtype).reshape(3, 4)
+    received = bytes(3) + rows.tobytes()
+    view = np.frombuffer(received, dtype, offset=3).reshape(3, 4)
+    assert not view.flags.writeable and not view.flags.aligned
+    for answer in (view, rows.copy()):
+        out = rows_on(answer, torch.device("cpu"))
+        assert out.dtype == torch.float32 and out.tolist() == rows.astype(np.float32).tolist()
