@@ -61,8 +61,7 @@ def run_bench_train(args: argparse.Namespace) -> int:
         servers = start_bank_processes(stack, args.shards, len(images), 128, "float16")
         loops = {"inprocess": InProcessLoop(Trainer(args, images)),
                  "remote": RemoteLoop(Trainer(args, images), [s.address for s in servers], args.warmup + args.steps)}
-        for loop in loops.values():
-            stack.callback(loop.close)
+        stack.callback(loops["remote"].close)
         rates = images_per_sec(loops, args.steps, args.warmup, args.rounds, args.batch)
         remote, inprocess = rates["remote"], rates["inprocess"]
         waited_ms, rtt_ms = (1e3 * getattr(loops["remote"], f) / args.steps for f in ("waited_s", "round_trip_s"))

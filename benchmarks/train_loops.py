@@ -99,9 +99,6 @@ class InProcessLoop:
         _sync(trainer.device)
         return time.perf_counter() - start
 
-    def close(self) -> None:
-        pass
-
 
 class RemoteLoop:
     """(a): BankClient to real shard servers, through the trainer's BankFeed; `waited_s`

@@ -73,3 +73,11 @@ def test_a_load_test_with_failed_steps_exits_1_saying_so(capsys):
     assert _report_load(args, [failed]) == 1
     printed = capsys.readouterr().out
     assert "FAILED: 2 shard(s), 2 client(s): 3 failed Step(s), e.g. BankRpcError: x: UNAVAILABLE" in printed
+
+
+def test_bench_parts_times_every_part_including_the_whole_handler():
+    from benchmarks.step_parts import measure
+
+    result = measure(rows=2000, dim=16, dtype="float16", negatives=64, batch=32, iters=5)
+    assert "server: the whole Step handler (decode, validate, update, reads, encode)" in result
+    assert all(ms > 0 for ms in result.values()), result
