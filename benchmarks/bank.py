@@ -4,11 +4,14 @@ one run so the ratios mean something on any machine:
 - ``step``: ``BankClient.step`` against real shard servers (separate processes);
 - ``inprocess``: the same update + lookup + sample on ``Shard`` objects in this process
   (the floor: no serialisation, no network);
+- ``raw``: the same Step requests, serialized before the clock starts, sent to the same
+  shards as bytes and their answers left unparsed: the shards' part of a Step, with
+  none of the client's code around the call (so ``step - raw`` is the client's part);
 - ``echo``: a raw gRPC unary call per shard moving the same request and answer bytes
   with no work on the server (the floor for any gRPC design, `benchmarks.echo`).
 
-Step and echo take turns call by call, so whatever else the machine does hits both
-alike. Then, on the same servers, `--clients` Step client processes at a time say how
+Step, raw and echo take turns call by call, so whatever else the machine does hits
+them alike. Then, on the same servers, `--clients` Step client processes at a time say how
 many Step calls per second one shard process sustains: every client's Step reaches
 every shard, so a shard serves as many calls as the clients make Steps. On a machine
 where the clients share the shards' cores, that is a floor; the shard processes' own
@@ -42,11 +45,12 @@ from bank_server import update_log
 from bank_server.client import BankClient
 from bank_server.shard import Layout, Shard, rows_on_shard
 from benchmarks.args import comma_list, positive_int
-from benchmarks.echo import EchoCalls
+from protos import bank_pb2
+from benchmarks.echo import RawCalls, echo_calls
 from benchmarks.processes import ServerProcess, cpu_seconds, pin, start_bank_processes
 from benchmarks.step_client import run_step_clients, warmup_calls
-from benchmarks.timing import percentile_ms, timed_calls, timed_pair
-from benchmarks.workload import MOMENTUM, StepWorkload, step_message_bytes
+from benchmarks.timing import percentile_ms, timed_calls, timed_turns
+from benchmarks.workload import MOMENTUM, StepWorkload, step_message_bytes, step_requests
 
 
 def _shard_counts(text: str) -> list[int]:
@@ -80,7 +84,8 @@ def add_bench_bank_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: a temporary folder; put it on the disk you mean to measure)")
 
 
-FSYNC_MODES = ("off", *update_log.FSYNC_MODES)  # off: no snapshot folder, so no log
+FSYNC_MODES = ("off", *update_log.FSYNC_MODES)
+_STEP_METHOD = f"/{bank_pb2.DESCRIPTOR.services_by_name['MemoryBank'].full_name}/Step"  # off: no snapshot folder, so no log
 
 
 def _seconds(text: str) -> float:
@@ -173,27 +178,32 @@ def _measure(rows, dim, dtype, shards, negatives, batch, iters, warmup, clients=
         servers = start_bank_processes(stack, shards, rows, dim, dtype, **logged)
         client = stack.enter_context(BankClient([s.address for s in servers], timeout=120))
         echoes = [stack.enter_context(ServerProcess(["-m", "benchmarks.echo"])) for _ in range(shards)]
-        echo = EchoCalls([e.address for e in echoes], sizes)
+        echo = echo_calls([e.address for e in echoes], sizes)
         stack.callback(echo.close)
+        raw = RawCalls([s.address for s in servers], _STEP_METHOD,
+                       [step_requests(work, i, negatives, shards) for i in range(len(work))])
+        stack.callback(raw.close)
 
         def step(i):
             client.step(work.indices(i), work.features(i), MOMENTUM, work.indices(i + 1), negatives)
 
-        step_s, echo_s = timed_pair(step, echo, iters, warmup)
+        step_s, raw_s, echo_s = timed_turns([step, raw, echo], iters, warmup)
         throughput = _throughput(servers, rows, dim, batch, negatives, clients, client_iters, duration)
     # After the bank above has stopped: these shards must have their cores to themselves.
     # Unlogged shards on cores of their own: not run for a load test or logged shards.
     own_cores = _own_cores(rows, dim, dtype, shards, negatives, batch, clients, client_iters) \
         if clients and not duration and not fsync else None
 
-    step_p50, echo_p50, inproc_p50 = (percentile_ms(s, 50) for s in (step_s, echo_s, inprocess_s))
+    step_p50, raw_p50, echo_p50, inproc_p50 = (percentile_ms(s, 50) for s in (step_s, raw_s, echo_s, inprocess_s))
     return {
         "shards": shards, "rows": rows, "dim": dim, "dtype": dtype, "negatives": negatives, "batch": batch,
         "iters": iters,
         "step_p50_ms": step_p50, "step_p99_ms": percentile_ms(step_s, 99),
+        "raw_p50_ms": raw_p50, "raw_p99_ms": percentile_ms(raw_s, 99),
         "echo_p50_ms": echo_p50, "echo_p99_ms": percentile_ms(echo_s, 99),
         "inprocess_p50_ms": inproc_p50, "inprocess_p99_ms": percentile_ms(inprocess_s, 99),
-        "step_over_echo": step_p50 / echo_p50, "step_over_inprocess": step_p50 / inproc_p50,
+        "step_over_echo": step_p50 / echo_p50, "raw_over_echo": raw_p50 / echo_p50,
+        "step_over_inprocess": step_p50 / inproc_p50,
         "rows_per_s": (2 * batch + negatives) / float(np.mean(step_s)),
         "request_bytes": sum(s[0] for s in sizes), "answer_bytes": sum(s[1] for s in sizes),
         # Every Step reaches every shard: a shard's calls/s is the clients' Steps/s.
@@ -317,14 +327,15 @@ def run_bench_bank(args: argparse.Namespace) -> int:
     results = []
     print(f"bank Step benchmark: N={args.rows:,} D={args.dim} {args.dtype} K={args.negatives} B={args.batch} "
           f"iters={args.iters}", flush=True)
-    print(f"{'shards':>6} {'step p50':>9} {'step p99':>9} {'echo p50':>9} {'inproc p50':>10} {'step/echo':>9} "
-          f"{'rows/s':>12}")
+    print(f"{'shards':>6} {'step p50':>9} {'step p99':>9} {'raw p50':>9} {'echo p50':>9} {'inproc p50':>10} "
+          f"{'step/echo':>9} {'raw/echo':>8} {'rows/s':>12}")
     for shards in args.shards:
         r = _measure(args.rows, args.dim, args.dtype, shards, args.negatives, args.batch, args.iters, args.warmup,
                      args.clients, args.client_iters, args.duration, args.fsync, args.log_dir)
         results.append(r)
-        print(f"{shards:>6} {r['step_p50_ms']:>7.2f}ms {r['step_p99_ms']:>7.2f}ms {r['echo_p50_ms']:>7.2f}ms "
-              f"{r['inprocess_p50_ms']:>8.2f}ms {r['step_over_echo']:>9.2f} {r['rows_per_s']:>12,.0f}", flush=True)
+        print(f"{shards:>6} {r['step_p50_ms']:>7.2f}ms {r['step_p99_ms']:>7.2f}ms {r['raw_p50_ms']:>7.2f}ms "
+              f"{r['echo_p50_ms']:>7.2f}ms {r['inprocess_p50_ms']:>8.2f}ms {r['step_over_echo']:>9.2f} "
+              f"{r['raw_over_echo']:>8.2f} {r['rows_per_s']:>12,.0f}", flush=True)
     if args.clients and args.duration:
         return _report_load(args, results)
     if args.clients:

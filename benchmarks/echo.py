@@ -1,7 +1,10 @@
 """The floor for any gRPC design: a server whose one method does no work but answers
 N zero bytes, N read from the request's first 8 bytes (the rest of the request only
 has to cross the wire). ``python -m benchmarks.echo`` serves it on a loopback port
-and prints ``listening on HOST:PORT``; `EchoCalls` calls a few of them at once."""
+and prints ``listening on HOST:PORT``; `echo_calls` calls a few of them at once.
+
+`RawCalls` sends ready-made request bytes to any unary method (the echo's, or a bank
+shard's Step) and takes the answers as bytes: a call with nothing of our own around it."""
 
 from __future__ import annotations
 
@@ -35,26 +38,35 @@ def serve() -> None:
     server.wait_for_termination()
 
 
-class EchoCalls:
-    """Echo servers standing in for a bank's shards: each call moves every shard's
-    (request, answer) bytes of `sizes` to and from its server, all at once."""
+class RawCalls:
+    """Call i sends ``payloads[i % len(payloads)][j]`` to server j, to all at once (the last
+    as a blocking call while the others run as futures, as BankClient does), with no
+    serializer and no parsing of the answers."""
 
-    def __init__(self, addresses: list[str], sizes: list[tuple[int, int]]):
+    def __init__(self, addresses: list[str], method: str, payloads: list[list[bytes]]):
+        if any(len(p) != len(addresses) for p in payloads):
+            raise ValueError(f"every call needs one payload per server ({len(addresses)})")
         self._channels = [grpc.insecure_channel(a, options=grpc_options(_MAX_MESSAGE)) for a in addresses]
-        self._calls = [channel.unary_unary(f"/{_SERVICE}/{_METHOD}") for channel in self._channels]
-        self._payloads = [struct.pack("<q", answer) + bytes(max(0, request - 8)) for request, answer in sizes]
+        self._calls = [channel.unary_unary(method) for channel in self._channels]
+        self._payloads = payloads
 
     def __call__(self, i: int) -> None:
-        if len(self._calls) == 1:
-            self._calls[0](self._payloads[0], timeout=_TIMEOUT_S)
-            return
-        pending = [call.future(payload, timeout=_TIMEOUT_S) for call, payload in zip(self._calls, self._payloads)]
+        *others, (last_call, last_payload) = zip(self._calls, self._payloads[i % len(self._payloads)])
+        pending = [call.future(payload, timeout=_TIMEOUT_S) for call, payload in others]
+        last_call(last_payload, timeout=_TIMEOUT_S)
         for answer in pending:
             answer.result()
 
     def close(self) -> None:
         for channel in self._channels:
             channel.close()
+
+
+def echo_calls(addresses: list[str], sizes: list[tuple[int, int]]) -> RawCalls:
+    """Echo servers standing in for a bank's shards: each call moves every shard's
+    (request, answer) bytes of `sizes` to and from its server, all at once."""
+    return RawCalls(addresses, f"/{_SERVICE}/{_METHOD}",
+                    [[struct.pack("<q", answer) + bytes(max(0, request - 8)) for request, answer in sizes]])
 
 
 if __name__ == "__main__":

@@ -20,20 +20,17 @@ def timed_calls(fn: Callable[[int], object], iters: int, warmup: int) -> list[fl
     return out
 
 
-def timed_pair(first: Callable[[int], object], second: Callable[[int], object], iters: int,
-               warmup: int) -> tuple[list[float], list[float]]:
-    """Seconds of each of `first` and `second`, called in turn, so that whatever else
-    the machine does meanwhile hits both alike."""
-    a, b = [], []
+def timed_turns(fns: list[Callable[[int], object]], iters: int, warmup: int) -> list[list[float]]:
+    """Seconds of each call of each of `fns`, called in turn (fn(i) for each, then i + 1),
+    so that whatever else the machine does meanwhile hits them all alike."""
+    seconds: list[list[float]] = [[] for _ in fns]
     for i in range(warmup + iters):
-        start = time.perf_counter()
-        first(i)
-        middle = time.perf_counter()
-        second(i)
-        if i >= warmup:
-            a.append(middle - start)
-            b.append(time.perf_counter() - middle)
-    return a, b
+        for fn, out in zip(fns, seconds):
+            start = time.perf_counter()
+            fn(i)
+            if i >= warmup:
+                out.append(time.perf_counter() - start)
+    return seconds
 
 
 def percentile_ms(seconds: list[float], q: float) -> float:

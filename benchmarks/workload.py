@@ -28,6 +28,9 @@ class StepWorkload:
         f = rng.standard_normal((count, batch, dim), dtype=np.float32)
         self._features = f / np.linalg.norm(f, axis=2, keepdims=True)
 
+    def __len__(self) -> int:
+        return len(self._indices)
+
     def indices(self, i: int) -> np.ndarray:
         return self._indices[i % len(self._indices)]
 
@@ -53,3 +56,21 @@ def step_message_bytes(batch: int, negatives: int, dim: int, dtype: str, shards:
             sample_rows=tensors.encode(np.zeros((k, dim), dtype)))
         sizes.append((request.ByteSize(), answer.ByteSize()))
     return sizes
+
+
+def step_requests(work: StepWorkload, i: int, negatives: int, shards: int) -> list[bytes]:
+    """Batch i's Step as each shard of a `shards`-shard bank gets it, serialized: its rows
+    of batch i's update and of batch i + 1's reads, its share of the negatives as
+    `step_message_bytes` splits them, and no client id, so that every call applies its
+    update (none is taken for a retry)."""
+    update, reads = work.indices(i), work.indices(i + 1)
+    features = work.features(i)
+    out = []
+    for s in range(shards):
+        mine, read = update % shards == s, reads[reads % shards == s]
+        request = bank_pb2.StepRequest(
+            update=bank_pb2.UpdateRequest(indices=tensors.encode(update[mine]), features=tensors.encode(features[mine]),
+                                          momentum=MOMENTUM),
+            lookup_indices=tensors.encode(read), sample_k=len(range(s, negatives, shards)))
+        out.append(request.SerializeToString())
+    return out

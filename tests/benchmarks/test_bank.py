@@ -19,7 +19,7 @@ def test_bench_bank_prints_and_writes_numbers(tmp_path):
     results = json.loads(out.read_text())
     assert [r["shards"] for r in results] == [1, 2]
     for r in results:
-        for key in ("step_p50_ms", "step_p99_ms", "echo_p50_ms", "inprocess_p50_ms", "rows_per_s"):
+        for key in ("step_p50_ms", "step_p99_ms", "raw_p50_ms", "echo_p50_ms", "inprocess_p50_ms", "rows_per_s"):
             assert r[key] > 0
         assert r["step_p99_ms"] >= r["step_p50_ms"]
         assert set(r["shard_calls_per_s"]) == {"1", "2"} and min(r["shard_calls_per_s"].values()) > 0
@@ -57,6 +57,42 @@ def test_bench_bank_load_test_runs_for_its_duration_with_logged_shards(tmp_path)
     assert r["shard_calls_per_s"]["2"] > 0 and r["shard_rows_per_s"]["2"] > 0
     # The shards logged their updates where they were told.
     assert list((tmp_path / "logs" / "shards-2" / "shard-00001").glob("log-*.wal"))
+
+
+def test_the_raw_step_requests_are_the_clients_own_bytes_and_each_applies_its_update():
+    """`bench bank`'s raw Steps are what BankClient sends, less the client id (so no call
+    is taken for a retry), and a shard answers them as it answers the client."""
+    import numpy as np
+
+    from bank_server import wire
+    from bank_server.client import _step_message
+    from bank_server.shard import Layout, Shard
+    from benchmarks.workload import MOMENTUM, StepWorkload, step_requests
+    from protos import bank_pb2
+
+    work = StepWorkload(rows=1000, dim=8, batch=16, seed=0, count=4)
+    for shards in (1, 3):
+        parts = step_requests(work, 5, negatives=64, shards=shards)
+        assert len(parts) == shards
+        for s, part in enumerate(parts):
+            mine = work.indices(5) % shards == s
+            reads = work.indices(6)[work.indices(6) % shards == s]
+            expected = _step_message((work.indices(5)[mine], work.features(5)[mine], MOMENTUM, "", 0), reads,
+                                     len(range(s, 64, shards)), None)
+            assert part == expected.SerializeToString()
+    from benchmarks.bank import _STEP_METHOD
+    assert _STEP_METHOD == "/" + bank_pb2.DESCRIPTOR.services_by_name["MemoryBank"].full_name + "/Step"
+
+    from bank_server.servicer import MemoryBankServicer
+
+    servicer = MemoryBankServicer(max_message_bytes=16 << 20)
+    servicer.shard = Shard.create(Layout(0, 1, 1000, 8, "float16"))
+    request = bank_pb2.StepRequest.FromString(step_requests(work, 0, 64, 1)[0])
+    for _ in range(2):  # the same bytes twice: applied twice
+        answer = wire.parse_step_response(servicer.Step(request, None))
+        assert answer.update_applied
+    assert servicer.shard.updates_applied == 2
+    assert len(np.frombuffer(answer.sample_indices.data, np.int64)) == 64
 
 
 def test_a_load_test_with_failed_steps_exits_1_saying_so(capsys):
