@@ -4,14 +4,16 @@ one run so the ratios mean something on any machine:
 - ``step``: ``BankClient.step`` against real shard servers (separate processes);
 - ``inprocess``: the same update + lookup + sample on ``Shard`` objects in this process
   (the floor: no serialisation, no network);
-- ``raw``: the same Step requests, serialized before the clock starts, sent to the same
-  shards as bytes and their answers left unparsed: the shards' part of a Step, with
-  none of the client's code around the call (so ``step - raw`` is the client's part);
+- ``raw``: the client's own Step requests, recorded while it makes its warm-up Steps
+  (`recorded_step_requests`), sent again to the same shards as bytes, their answers left
+  unparsed: the shards' part of a Step with none of the client's code around the call
+  (so ``step - raw`` is the client's part). Not measured when a Step does not fit one
+  message per shard;
 - ``echo``: a raw gRPC unary call per shard moving the same request and answer bytes
   with no work on the server (the floor for any gRPC design, `benchmarks.echo`).
 
-Step, raw and echo take turns call by call, so whatever else the machine does hits
-them alike. Then, on the same servers, `--clients` Step client processes at a time say how
+Step, echo and raw take turns call by call, who goes first rotating, so whatever else
+the machine does hits them alike. Then, on the same servers, `--clients` Step client processes at a time say how
 many Step calls per second one shard process sustains: every client's Step reaches
 every shard, so a shard serves as many calls as the clients make Steps. On a machine
 where the clients share the shards' cores, that is a floor; the shard processes' own
@@ -38,6 +40,7 @@ import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -45,12 +48,12 @@ from bank_server import update_log
 from bank_server.client import BankClient
 from bank_server.shard import Layout, Shard, rows_on_shard
 from benchmarks.args import comma_list, positive_int
-from protos import bank_pb2
 from benchmarks.echo import RawCalls, echo_calls
 from benchmarks.processes import ServerProcess, cpu_seconds, pin, start_bank_processes
 from benchmarks.step_client import run_step_clients, warmup_calls
 from benchmarks.timing import percentile_ms, timed_calls, timed_turns
-from benchmarks.workload import MOMENTUM, StepWorkload, step_message_bytes, step_requests
+from benchmarks.workload import MOMENTUM, StepWorkload, step_message_bytes
+from protos import bank_pb2
 
 
 def _shard_counts(text: str) -> list[int]:
@@ -84,8 +87,8 @@ def add_bench_bank_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: a temporary folder; put it on the disk you mean to measure)")
 
 
-FSYNC_MODES = ("off", *update_log.FSYNC_MODES)
-_STEP_METHOD = f"/{bank_pb2.DESCRIPTOR.services_by_name['MemoryBank'].full_name}/Step"  # off: no snapshot folder, so no log
+FSYNC_MODES = ("off", *update_log.FSYNC_MODES)  # off: no snapshot folder, so no log
+_STEP_METHOD = f"/{bank_pb2.DESCRIPTOR.services_by_name['MemoryBank'].full_name}/Step"
 
 
 def _seconds(text: str) -> float:
@@ -118,6 +121,37 @@ def _inprocess_seconds(work: StepWorkload, rows, dim, dtype, shards, negatives, 
             shard.step((prev[up], f[up], MOMENTUM, "bench", i), nxt[look], int(shares[s]))
 
     return timed_calls(inprocess, iters, warmup)
+
+
+def recorded_step_requests(client: BankClient, work: StepWorkload, negatives: int) -> list[list[bytes]] | None:
+    """The Step requests `client` sends to its shards for each batch of `work`, recorded
+    while it makes those Steps on its bank (routing, negatives' split and all), each less
+    its client id and sequence so that a raw call of it applies its update every time
+    (none is taken for a retry). None when a Step does not go out as one Step per shard
+    (parts over a message, sent in a second wave): raw calls of the first wave would not
+    be the same work."""
+    sent: list[tuple[str, list]] = []
+    fan_out = client._fan_out
+
+    def recording(method, calls):
+        sent.append((method, calls))
+        return fan_out(method, calls)
+
+    with mock.patch.object(client, "_fan_out", recording):
+        for i in range(len(work)):
+            client.step(work.indices(i), work.features(i), MOMENTUM, work.indices(i + 1), negatives)
+    if any(method != "Step" for method, _ in sent) or any(len(calls) != client.num_shards for _, calls in sent):
+        return None
+    steps = []
+    for _, calls in sent:
+        requests = []
+        for _, request in sorted(calls, key=lambda call: call[0]):
+            request = bank_pb2.StepRequest.FromString(request.SerializeToString())
+            request.update.ClearField("client_id")
+            request.update.ClearField("sequence")
+            requests.append(request.SerializeToString())
+        steps.append(requests)
+    return steps
 
 
 def _throughput(servers, rows, dim, batch, negatives, clients, client_iters, duration=None, cpus=None) -> dict:
@@ -180,29 +214,36 @@ def _measure(rows, dim, dtype, shards, negatives, batch, iters, warmup, clients=
         echoes = [stack.enter_context(ServerProcess(["-m", "benchmarks.echo"])) for _ in range(shards)]
         echo = echo_calls([e.address for e in echoes], sizes)
         stack.callback(echo.close)
-        raw = RawCalls([s.address for s in servers], _STEP_METHOD,
-                       [step_requests(work, i, negatives, shards) for i in range(len(work))])
-        stack.callback(raw.close)
+        recorded = recorded_step_requests(client, work, negatives)
+        if recorded is None:
+            print(f"(no raw Step with {shards} shard(s): a Step of this size goes out in more than one message "
+                  "per shard)", flush=True)
+            raw = None
+        else:
+            raw = RawCalls([s.address for s in servers], _STEP_METHOD, recorded)
+            stack.callback(raw.close)
 
         def step(i):
             client.step(work.indices(i), work.features(i), MOMENTUM, work.indices(i + 1), negatives)
 
-        step_s, raw_s, echo_s = timed_turns([step, raw, echo], iters, warmup)
+        step_s, echo_s, *raw_s = timed_turns([step, echo] + ([raw] if raw is not None else []), iters, warmup)
+        raw_s = raw_s[0] if raw_s else None
         throughput = _throughput(servers, rows, dim, batch, negatives, clients, client_iters, duration)
     # After the bank above has stopped: these shards must have their cores to themselves.
     # Unlogged shards on cores of their own: not run for a load test or logged shards.
     own_cores = _own_cores(rows, dim, dtype, shards, negatives, batch, clients, client_iters) \
         if clients and not duration and not fsync else None
 
-    step_p50, raw_p50, echo_p50, inproc_p50 = (percentile_ms(s, 50) for s in (step_s, raw_s, echo_s, inprocess_s))
+    step_p50, echo_p50, inproc_p50 = (percentile_ms(s, 50) for s in (step_s, echo_s, inprocess_s))
+    raw_p50 = percentile_ms(raw_s, 50) if raw_s else None
     return {
         "shards": shards, "rows": rows, "dim": dim, "dtype": dtype, "negatives": negatives, "batch": batch,
         "iters": iters,
         "step_p50_ms": step_p50, "step_p99_ms": percentile_ms(step_s, 99),
-        "raw_p50_ms": raw_p50, "raw_p99_ms": percentile_ms(raw_s, 99),
+        "raw_p50_ms": raw_p50, "raw_p99_ms": percentile_ms(raw_s, 99) if raw_s else None,
         "echo_p50_ms": echo_p50, "echo_p99_ms": percentile_ms(echo_s, 99),
         "inprocess_p50_ms": inproc_p50, "inprocess_p99_ms": percentile_ms(inprocess_s, 99),
-        "step_over_echo": step_p50 / echo_p50, "raw_over_echo": raw_p50 / echo_p50,
+        "step_over_echo": step_p50 / echo_p50, "raw_over_echo": raw_p50 / echo_p50 if raw_s else None,
         "step_over_inprocess": step_p50 / inproc_p50,
         "rows_per_s": (2 * batch + negatives) / float(np.mean(step_s)),
         "request_bytes": sum(s[0] for s in sizes), "answer_bytes": sum(s[1] for s in sizes),
@@ -333,9 +374,11 @@ def run_bench_bank(args: argparse.Namespace) -> int:
         r = _measure(args.rows, args.dim, args.dtype, shards, args.negatives, args.batch, args.iters, args.warmup,
                      args.clients, args.client_iters, args.duration, args.fsync, args.log_dir)
         results.append(r)
-        print(f"{shards:>6} {r['step_p50_ms']:>7.2f}ms {r['step_p99_ms']:>7.2f}ms {r['raw_p50_ms']:>7.2f}ms "
+        raw_p50, raw_ratio = (f"{r['raw_p50_ms']:>7.2f}ms", f"{r['raw_over_echo']:>8.2f}") if r["raw_p50_ms"] else \
+            (f"{'-':>9}", f"{'-':>8}")
+        print(f"{shards:>6} {r['step_p50_ms']:>7.2f}ms {r['step_p99_ms']:>7.2f}ms {raw_p50} "
               f"{r['echo_p50_ms']:>7.2f}ms {r['inprocess_p50_ms']:>8.2f}ms {r['step_over_echo']:>9.2f} "
-              f"{r['raw_over_echo']:>8.2f} {r['rows_per_s']:>12,.0f}", flush=True)
+              f"{raw_ratio} {r['rows_per_s']:>12,.0f}", flush=True)
     if args.clients and args.duration:
         return _report_load(args, results)
     if args.clients:

@@ -44,7 +44,7 @@ class RawCalls:
     serializer and no parsing of the answers."""
 
     def __init__(self, addresses: list[str], method: str, payloads: list[list[bytes]]):
-        if any(len(p) != len(addresses) for p in payloads):
+        if not addresses or not payloads or any(len(p) != len(addresses) for p in payloads):
             raise ValueError(f"every call needs one payload per server ({len(addresses)})")
         self._channels = [grpc.insecure_channel(a, options=grpc_options(_MAX_MESSAGE)) for a in addresses]
         self._calls = [channel.unary_unary(method) for channel in self._channels]
@@ -53,9 +53,13 @@ class RawCalls:
     def __call__(self, i: int) -> None:
         *others, (last_call, last_payload) = zip(self._calls, self._payloads[i % len(self._payloads)])
         pending = [call.future(payload, timeout=_TIMEOUT_S) for call, payload in others]
-        last_call(last_payload, timeout=_TIMEOUT_S)
-        for answer in pending:
-            answer.result()
+        try:
+            last_call(last_payload, timeout=_TIMEOUT_S)
+            for answer in pending:
+                answer.result()
+        finally:
+            for answer in pending:
+                answer.cancel()  # a no-op once answered; stops the rest when one failed
 
     def close(self) -> None:
         for channel in self._channels:

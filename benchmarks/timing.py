@@ -21,15 +21,17 @@ def timed_calls(fn: Callable[[int], object], iters: int, warmup: int) -> list[fl
 
 
 def timed_turns(fns: list[Callable[[int], object]], iters: int, warmup: int) -> list[list[float]]:
-    """Seconds of each call of each of `fns`, called in turn (fn(i) for each, then i + 1),
-    so that whatever else the machine does meanwhile hits them all alike."""
+    """Seconds of each call of each of `fns` (one list per fn), all called with i before
+    any with i + 1, so that whatever else the machine does meanwhile hits them all alike.
+    Who goes first rotates with i: none always follows the same one."""
     seconds: list[list[float]] = [[] for _ in fns]
     for i in range(warmup + iters):
-        for fn, out in zip(fns, seconds):
+        turn = i % len(fns)
+        for k in [*range(turn, len(fns)), *range(turn)]:
             start = time.perf_counter()
-            fn(i)
+            fns[k](i)
             if i >= warmup:
-                out.append(time.perf_counter() - start)
+                seconds[k].append(time.perf_counter() - start)
     return seconds
 
 

@@ -57,20 +57,3 @@ def step_message_bytes(batch: int, negatives: int, dim: int, dtype: str, shards:
         sizes.append((request.ByteSize(), answer.ByteSize()))
     return sizes
 
-
-def step_requests(work: StepWorkload, i: int, negatives: int, shards: int) -> list[bytes]:
-    """Batch i's Step as each shard of a `shards`-shard bank gets it, serialized: its rows
-    of batch i's update and of batch i + 1's reads, its share of the negatives as
-    `step_message_bytes` splits them, and no client id, so that every call applies its
-    update (none is taken for a retry)."""
-    update, reads = work.indices(i), work.indices(i + 1)
-    features = work.features(i)
-    out = []
-    for s in range(shards):
-        mine, read = update % shards == s, reads[reads % shards == s]
-        request = bank_pb2.StepRequest(
-            update=bank_pb2.UpdateRequest(indices=tensors.encode(update[mine]), features=tensors.encode(features[mine]),
-                                          momentum=MOMENTUM),
-            lookup_indices=tensors.encode(read), sample_k=len(range(s, negatives, shards)))
-        out.append(request.SerializeToString())
-    return out

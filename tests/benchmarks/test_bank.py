@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from bank_server.shard import rows_on_shard
 
 
@@ -59,40 +61,67 @@ def test_bench_bank_load_test_runs_for_its_duration_with_logged_shards(tmp_path)
     assert list((tmp_path / "logs" / "shards-2" / "shard-00001").glob("log-*.wal"))
 
 
-def test_the_raw_step_requests_are_the_clients_own_bytes_and_each_applies_its_update():
-    """`bench bank`'s raw Steps are what BankClient sends, less the client id (so no call
-    is taken for a retry), and a shard answers them as it answers the client."""
+@pytest.mark.parametrize("shards", [1, 2])
+def test_raw_steps_are_the_clients_own_requests_and_each_call_applies_its_update(shards):
+    """`bench bank`'s raw Steps are what BankClient sent for each batch, less the client
+    id and sequence; sent as bytes (RawCalls) every call applies its update."""
     import numpy as np
 
-    from bank_server import wire
-    from bank_server.client import _step_message
-    from bank_server.shard import Layout, Shard
-    from benchmarks.workload import MOMENTUM, StepWorkload, step_requests
+    from bank_server.client import BankClient
+    from bank_server.server import BankServer, ServerConfig
+    from benchmarks.bank import _STEP_METHOD, recorded_step_requests
+    from benchmarks.echo import RawCalls
+    from benchmarks.workload import StepWorkload
     from protos import bank_pb2
 
-    work = StepWorkload(rows=1000, dim=8, batch=16, seed=0, count=4)
-    for shards in (1, 3):
-        parts = step_requests(work, 5, negatives=64, shards=shards)
-        assert len(parts) == shards
-        for s, part in enumerate(parts):
-            mine = work.indices(5) % shards == s
-            reads = work.indices(6)[work.indices(6) % shards == s]
-            expected = _step_message((work.indices(5)[mine], work.features(5)[mine], MOMENTUM, "", 0), reads,
-                                     len(range(s, 64, shards)), None)
-            assert part == expected.SerializeToString()
-    from benchmarks.bank import _STEP_METHOD
-    assert _STEP_METHOD == "/" + bank_pb2.DESCRIPTOR.services_by_name["MemoryBank"].full_name + "/Step"
+    rows, dim, negatives = 1000, 8, 64
+    servers = [BankServer(ServerConfig(shard_id=s, num_shards=shards, rows=rows, dim=dim, port=0)).start()
+               for s in range(shards)]
+    try:
+        for server in servers:
+            server.load()
+        work = StepWorkload(rows, dim, batch=16, seed=0, count=4)
+        with BankClient([server.address for server in servers]) as client:
+            recorded = recorded_step_requests(client, work, negatives)
+            assert len(recorded) == len(work) and all(len(step) == shards for step in recorded)
+            for i, step in enumerate(recorded):
+                requests = [bank_pb2.StepRequest.FromString(b) for b in step]
+                assert sum(r.sample_k for r in requests) == negatives
+                for s, r in enumerate(requests):
+                    assert (r.update.client_id, r.update.sequence) == ("", 0)
+                    mine = work.indices(i) % shards == s
+                    got = np.frombuffer(r.update.indices.data, np.int64)
+                    assert sorted(got) == sorted(work.indices(i)[mine])
+                    features = np.frombuffer(r.update.features.data, np.float32).reshape(-1, dim)
+                    by_index = dict(zip(work.indices(i)[mine], work.features(i)[mine]))
+                    assert all((features[j] == by_index[g]).all() for j, g in enumerate(got))
+                    reads = np.frombuffer(r.lookup_indices.data, np.int64)
+                    assert sorted(reads) == sorted(work.indices(i + 1)[work.indices(i + 1) % shards == s])
+            before = [d["updates_applied"] for d in client.describe()]
+            raw = RawCalls([server.address for server in servers], _STEP_METHOD, recorded)
+            try:
+                raw(0)
+                raw(0)  # the same bytes again: applied again, not taken for a retry
+            finally:
+                raw.close()
+            assert [d["updates_applied"] for d in client.describe()] == [b + 2 for b in before]
+        # Negatives over one message go out in a second wave: no raw Step stands for that.
+        with BankClient([server.address for server in servers], chunk_bytes=1024) as small:
+            assert recorded_step_requests(small, work, negatives=200) is None
+    finally:
+        for server in servers:
+            server.stop(grace=0, final_snapshot=False)
 
-    from bank_server.servicer import MemoryBankServicer
 
-    servicer = MemoryBankServicer(max_message_bytes=16 << 20)
-    servicer.shard = Shard.create(Layout(0, 1, 1000, 8, "float16"))
-    request = bank_pb2.StepRequest.FromString(step_requests(work, 0, 64, 1)[0])
-    for _ in range(2):  # the same bytes twice: applied twice
-        answer = wire.parse_step_response(servicer.Step(request, None))
-        assert answer.update_applied
-    assert servicer.shard.updates_applied == 2
-    assert len(np.frombuffer(answer.sample_indices.data, np.int64)) == 64
+def test_timed_turns_calls_everything_with_i_before_i_plus_1_rotating_who_goes_first():
+    from benchmarks.timing import timed_turns
+
+    order = []
+    fns = [lambda i, name=name: order.append((name, i)) for name in "abc"]
+    seconds = timed_turns(fns, iters=4, warmup=2)
+    assert [len(s) for s in seconds] == [4, 4, 4]  # warm-up calls are not timed
+    assert order == [("a", 0), ("b", 0), ("c", 0), ("b", 1), ("c", 1), ("a", 1), ("c", 2), ("a", 2), ("b", 2),
+                     ("a", 3), ("b", 3), ("c", 3), ("b", 4), ("c", 4), ("a", 4), ("c", 5), ("a", 5), ("b", 5)]
 
 
 def test_a_load_test_with_failed_steps_exits_1_saying_so(capsys):
