@@ -303,12 +303,21 @@ class BankClient:
     def _indices(indices, field: str = "indices") -> np.ndarray:
         return validate.integers(np.asarray(indices), field).astype(np.int64, copy=False)
 
-    def _split_negatives(self, k: int, rng: np.random.Generator) -> np.ndarray:
-        """Shares of k uniform draws per shard, multinomial in shard size, so their union
-        is exactly k i.i.d. uniform draws over all N rows."""
+    def _negative_places(self, k: int, rng: np.random.Generator) -> list[np.ndarray] | None:
+        """Which of k i.i.d. uniform draws over all N rows each shard makes: place j goes
+        to shard g % S of a uniform global row g, i.e. to shard s with probability
+        rows_s / N, independently of every other place (so the shares are multinomial).
+        Shard s's own uniform draws then fill its places in order, and every place is an
+        independent uniform row of the bank: any prefix is uniform too. None with one
+        shard: its k draws are the answer as they come."""
         if self.num_shards == 1:
-            return np.array([k])
-        return rng.multinomial(k, self.shard_rows / self.rows)
+            return None
+        shard = rng.integers(0, self.rows, size=k, dtype=np.int64) % self.num_shards
+        return [np.flatnonzero(shard == s) for s in range(self.num_shards)]
+
+    @staticmethod
+    def _shares(k: int, places: list[np.ndarray] | None) -> list[int]:
+        return [k] if places is None else [len(p) for p in places]
 
     # -- the bank ---------------------------------------------------------------
 
@@ -337,39 +346,50 @@ class BankClient:
         """k rows drawn uniformly with replacement over all N rows: (indices, rows)."""
         validate.count(k, 1, self.rows, "k", "the bank's rows")
         rng = self._rng if seed is None else np.random.default_rng(seed)
+        places = self._negative_places(k, rng)
         calls = []
         per = max(1, self.chunk_bytes // (self._row_bytes + 8))
-        for s, share in enumerate(self._split_negatives(k, rng)):
+        for s, share in enumerate(self._shares(k, places)):
             for begin in range(0, share, per):
                 request = bank_pb2.SampleRequest(k=min(per, share - begin))
                 if seed is not None:
                     request.seed = int(rng.integers(2**63))
                 calls.append((s, request))
-        answers = [wire.parse_sample_response(a) for a in self._fan_out("Sample", calls)]
-        return self._shuffled([tensors.decode(a.indices, "indices") for a in answers],
-                              [tensors.decode(a.rows, "rows") for a in answers], rng)
+        draws: dict[int, list] = {}
+        for (s, _), answer in zip(calls, self._fan_out("Sample", calls)):
+            answer = wire.parse_sample_response(answer)
+            draws.setdefault(s, []).append((tensors.decode(answer.indices, "indices"), tensors.decode(answer.rows, "rows")))
+        return self._placed(k, places, draws, self._addresses)
 
     @staticmethod
-    def _shuffled(indices: list[np.ndarray], rows: list[np.ndarray], rng: np.random.Generator):
-        """Join per-shard draws into one i.i.d. sequence: shuffled, so that any prefix
-        is uniform too. A single part already is."""
-        if len(indices) == 1:
-            return indices[0], rows[0]
-        # Scatter each part straight to its shuffled places: one copy of the rows, not two,
-        # each row moved as one opaque item (numpy's 2-d fancy assignment is slower).
-        if len({(r.dtype, r.shape[1:]) for r in rows}) > 1:  # opaque items would not cast: they would garble
+    def _placed(k: int, places: list[np.ndarray] | None, draws: dict[int, list[tuple[np.ndarray, np.ndarray]]],
+                addresses: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Every shard's draws ((indices, rows) parts, in the order they came) in its
+        `places` (see `_negative_places`): one copy of the rows, each moved as one opaque
+        item (numpy's 2-d fancy assignment is slower). A shard answering another number of
+        draws than it was asked for is an error, not a short answer."""
+        for s, asked in enumerate(BankClient._shares(k, places)):
+            answered = sum(len(idx) for idx, _ in draws.get(s, ()))
+            if answered != asked:
+                raise BankRpcError(grpc.StatusCode.INTERNAL,
+                                   f"shard {s} answered {answered} draws for the {asked} it was asked for", addresses[s])
+        parts = [part for s in sorted(draws) for part in draws[s]]
+        if len({(rows.dtype, rows.shape[1:]) for _, rows in parts}) > 1:  # opaque items would not cast: they would garble
             raise LayoutError("the shards answered rows of different dtypes or widths: "
-                              + ", ".join(f"{r.dtype} {list(r.shape)}" for r in rows))
-        places = rng.permutation(sum(len(i) for i in indices))
-        out_idx = np.empty(len(places), dtype=np.int64)
-        out_rows = np.empty((len(places), rows[0].shape[1]), dtype=rows[0].dtype)
+                              + ", ".join(f"{rows.dtype} {list(rows.shape)}" for _, rows in parts))
+        if places is None:  # one shard: its draws in the order they came
+            return parts[0] if len(parts) == 1 else (np.concatenate([i for i, _ in parts]),
+                                                     np.concatenate([r for _, r in parts]))
+        out_idx = np.empty(k, dtype=np.int64)
+        out_rows = np.empty((k, parts[0][1].shape[1]), dtype=parts[0][1].dtype)
         as_items = _row_items(out_rows)
-        begin = 0
-        for part_idx, part_rows in zip(indices, rows):
-            where = places[begin:begin + len(part_idx)]
-            out_idx[where] = part_idx
-            as_items[where] = _row_items(np.ascontiguousarray(part_rows))
-            begin += len(part_idx)
+        for s, where in enumerate(places):
+            begin = 0
+            for idx, rows in draws.get(s, ()):
+                at = where[begin:begin + len(idx)]
+                out_idx[at] = idx
+                as_items[at] = _row_items(np.ascontiguousarray(rows))
+                begin += len(idx)
         return out_idx, out_rows
 
     def _update_parts(self, idx: np.ndarray, features: np.ndarray, momentum: float) -> list[tuple[int, tuple]]:
@@ -440,7 +460,8 @@ class BankClient:
                         extra.append(("Lookup", s, bank_pb2.LookupRequest(indices=tensors.encode(reads[chunk])), chunk))
         if negatives:
             per = max(1, self.chunk_bytes // (self._row_bytes + 8))
-            for s, share in enumerate(self._split_negatives(negatives, rng)):
+            places = self._negative_places(negatives, rng)
+            for s, share in enumerate(self._shares(negatives, places)):
                 for begin in range(0, share, per):
                     k = min(per, share - begin)
                     seed_s = None if seed is None else int(rng.integers(2**63))
@@ -453,30 +474,31 @@ class BankClient:
         requests = [(s, _step_message(updates.get(s), reads[lookups[s]] if s in lookups else None,
                                       *samples.get(s, (0, None)))) for s in shards]
         rows = np.empty((n_lookup, self.dim), dtype=self.dtype)
-        neg_idx, neg_rows, applied = [], [], 0
+        draws: dict[int, list] = {}  # shard -> its (indices, rows) parts, in order
+        applied = 0
         for s, answer in zip(shards, self._fan_out("Step", requests)):
             answer = wire.parse_step_response(answer)
             applied += answer.update_applied
             if s in lookups:
                 rows[lookups[s]] = tensors.decode(answer.rows, "rows")
             if answer.sample_indices is not None:
-                neg_idx.append(tensors.decode(answer.sample_indices, "sample_indices"))
-                neg_rows.append(tensors.decode(answer.sample_rows, "sample_rows"))
+                draws.setdefault(s, []).append((tensors.decode(answer.sample_indices, "sample_indices"),
+                                                tensors.decode(answer.sample_rows, "sample_rows")))
         for method in ("Update", "Lookup", "Sample"):  # the second wave, after the fused updates
-            batch = [(s, req, places) for m, s, req, places in extra if m == method]
+            batch = [(s, req, positions) for m, s, req, positions in extra if m == method]
             if not batch:
                 continue
-            for (s, req, places), answer in zip(batch, self._fan_out(method, [(s, r) for s, r, _ in batch])):
+            for (s, req, positions), answer in zip(batch, self._fan_out(method, [(s, r) for s, r, _ in batch])):
                 if method == "Update":
                     applied += answer.applied
                 elif method == "Lookup":
-                    rows[places] = tensors.decode(wire.parse_lookup_response(answer).rows, "rows")
+                    rows[positions] = tensors.decode(wire.parse_lookup_response(answer).rows, "rows")
                 else:
                     answer = wire.parse_sample_response(answer)
-                    neg_idx.append(tensors.decode(answer.indices, "indices"))
-                    neg_rows.append(tensors.decode(answer.rows, "rows"))
+                    draws.setdefault(s, []).append((tensors.decode(answer.indices, "indices"),
+                                                    tensors.decode(answer.rows, "rows")))
         if negatives:
-            neg_i, neg_r = self._shuffled(neg_idx, neg_rows, rng)
+            neg_i, neg_r = self._placed(negatives, places, draws, self._addresses)
         else:
             neg_i = np.empty(0, dtype=np.int64)
             neg_r = np.empty((0, self.dim), dtype=self.dtype)

@@ -186,15 +186,48 @@ def test_a_client_from_bank_proto_alone_reads_every_step_answer(make_bank):
 
 
 def test_shards_answering_rows_of_different_dtypes_are_refused_not_garbled():
-    rng = np.random.default_rng(0)
-    indices = [np.arange(3), np.arange(3, 5)]
+    places = [np.array([0, 2, 4]), np.array([1, 3])]
+    addresses = ["a:1", "b:2"]
+
+    def draws(first, second):
+        return {0: [(np.arange(3), first)], 1: [(np.arange(3, 5), second)]}
+
     with pytest.raises(LayoutError, match="different dtypes or widths"):
-        BankClient._shuffled(indices, [np.ones((3, 4), np.float16), np.ones((2, 4), np.float32)], rng)
+        BankClient._placed(5, places, draws(np.ones((3, 4), np.float16), np.ones((2, 4), np.float32)), addresses)
     with pytest.raises(LayoutError, match="different dtypes or widths"):
-        BankClient._shuffled(indices, [np.ones((3, 4), np.float16), np.ones((2, 3), np.float16)], rng)
-    idx, rows = BankClient._shuffled(indices, [np.full((3, 4), 1, np.float16), np.full((2, 4), 2, np.float16)], rng)
-    assert sorted(idx.tolist()) == list(range(5))
-    np.testing.assert_array_equal(rows[:, 0], np.where(idx < 3, 1, 2))
+        BankClient._placed(5, places, draws(np.ones((3, 4), np.float16), np.ones((2, 3), np.float16)), addresses)
+    idx, rows = BankClient._placed(5, places, draws(np.full((3, 4), 1, np.float16), np.full((2, 4), 2, np.float16)),
+                                   addresses)
+    assert idx.tolist() == [0, 3, 1, 4, 2]  # each shard's draws in its places, in order
+    np.testing.assert_array_equal(rows[:, 0], [1, 2, 1, 2, 1])
+
+
+def test_a_shard_answering_fewer_draws_than_asked_is_an_error_not_a_short_answer():
+    from bank_server.client import BankRpcError
+
+    places = [np.array([0, 2, 4]), np.array([1, 3])]
+    short = {0: [(np.arange(3), np.ones((3, 4), np.float16))], 1: [(np.arange(1), np.ones((1, 4), np.float16))]}
+    with pytest.raises(BankRpcError, match="shard 1 answered 1 draws for the 2 it was asked for"):
+        BankClient._placed(5, places, short, ["a:1", "b:2"])
+    with pytest.raises(BankRpcError, match="shard 0 answered 3 draws for the 4"):
+        BankClient._placed(4, None, {0: [(np.arange(3), np.ones((3, 4), np.float16))]}, ["a:1"])
+
+
+def test_every_place_of_a_draw_is_uniform_over_the_shards_not_only_the_whole(bank):
+    """Shards' draws are interleaved at random: the first and the last negative of a Step
+    each come from shard s with probability rows_s / N (a concatenation would always
+    start with shard 0's)."""
+    client, _ = bank
+    if client.num_shards == 1:
+        return
+    first, last = [], []
+    for seed in range(400):
+        idx = client.step(lookup_indices=[0], negatives=6, seed=seed).negative_indices
+        first.append(idx[0] % client.num_shards)
+        last.append(idx[-1] % client.num_shards)
+    expected = 400 * client.shard_rows / N
+    for seen in (first, last):
+        assert stats.chisquare(np.bincount(seen, minlength=client.num_shards), expected).pvalue > 1e-4
 
 
 def test_when_several_shards_refuse_the_first_shards_error_is_raised(make_bank):
