@@ -116,6 +116,54 @@ class LayoutError(ValueError):
     """The addresses do not form one complete bank."""
 
 
+def negative_places(k: int, total_rows: int, num_shards: int, rng: np.random.Generator) -> list[np.ndarray] | None:
+    """Which of k i.i.d. uniform draws over all N rows each shard makes: place j goes to
+    shard g % S of a uniform global row g, i.e. to shard s with probability rows_s / N,
+    independently of every other place (so the shares are multinomial). Shard s's own
+    uniform draws then fill its places in order (`placed_draws`), and every place is an
+    independent uniform row of the bank: any prefix is uniform too. None with one shard:
+    its k draws are the answer as they come."""
+    if num_shards == 1:
+        return None
+    shard = rng.integers(0, total_rows, size=k, dtype=np.int64) % num_shards
+    return [np.flatnonzero(shard == s) for s in range(num_shards)]
+
+
+def _shares(k: int, places: list[np.ndarray] | None) -> list[int]:
+    return [k] if places is None else [len(where) for where in places]
+
+
+def placed_draws(k: int, places: list[np.ndarray] | None, draws: dict[int, list[tuple[np.ndarray, np.ndarray]]],
+                 addresses: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Every shard's draws ((indices, rows) parts, in the order they came) in its
+    `places` (see `negative_places`): one copy of the rows, each moved as one opaque item
+    (numpy's 2-d fancy assignment is slower). A shard answering another number of draws
+    than it was asked for is an error, not a short answer."""
+    for s, asked in enumerate(_shares(k, places)):
+        answered = sum(len(idx) for idx, _ in draws.get(s, ()))
+        if answered != asked:
+            raise BankRpcError(grpc.StatusCode.INTERNAL,
+                               f"shard {s} answered {answered} draws for the {asked} it was asked for", addresses[s])
+    parts = [part for s in sorted(draws) for part in draws[s]]
+    if len({(rows.dtype, rows.shape[1:]) for _, rows in parts}) > 1:  # opaque items would not cast: they would garble
+        raise LayoutError("the shards answered rows of different dtypes or widths: "
+                          + ", ".join(f"{rows.dtype} {list(rows.shape)}" for _, rows in parts))
+    if places is None:  # one shard: its draws in the order they came
+        return parts[0] if len(parts) == 1 else (np.concatenate([i for i, _ in parts]),
+                                                 np.concatenate([r for _, r in parts]))
+    out_idx = np.empty(k, dtype=np.int64)
+    out_rows = np.empty((k, parts[0][1].shape[1]), dtype=parts[0][1].dtype)
+    as_items = _row_items(out_rows)
+    for s, where in enumerate(places):
+        begin = 0
+        for idx, rows in draws.get(s, ()):
+            at = where[begin:begin + len(idx)]
+            out_idx[at] = idx
+            as_items[at] = _row_items(np.ascontiguousarray(rows))
+            begin += len(idx)
+    return out_idx, out_rows
+
+
 @dataclass
 class StepResult:
     rows: np.ndarray              # (len(lookup_indices), D) positives, caller's order
@@ -303,22 +351,6 @@ class BankClient:
     def _indices(indices, field: str = "indices") -> np.ndarray:
         return validate.integers(np.asarray(indices), field).astype(np.int64, copy=False)
 
-    def _negative_places(self, k: int, rng: np.random.Generator) -> list[np.ndarray] | None:
-        """Which of k i.i.d. uniform draws over all N rows each shard makes: place j goes
-        to shard g % S of a uniform global row g, i.e. to shard s with probability
-        rows_s / N, independently of every other place (so the shares are multinomial).
-        Shard s's own uniform draws then fill its places in order, and every place is an
-        independent uniform row of the bank: any prefix is uniform too. None with one
-        shard: its k draws are the answer as they come."""
-        if self.num_shards == 1:
-            return None
-        shard = rng.integers(0, self.rows, size=k, dtype=np.int64) % self.num_shards
-        return [np.flatnonzero(shard == s) for s in range(self.num_shards)]
-
-    @staticmethod
-    def _shares(k: int, places: list[np.ndarray] | None) -> list[int]:
-        return [k] if places is None else [len(p) for p in places]
-
     # -- the bank ---------------------------------------------------------------
 
     def describe(self) -> list[dict]:
@@ -346,10 +378,10 @@ class BankClient:
         """k rows drawn uniformly with replacement over all N rows: (indices, rows)."""
         validate.count(k, 1, self.rows, "k", "the bank's rows")
         rng = self._rng if seed is None else np.random.default_rng(seed)
-        places = self._negative_places(k, rng)
+        places = negative_places(k, self.rows, self.num_shards, rng)
         calls = []
         per = max(1, self.chunk_bytes // (self._row_bytes + 8))
-        for s, share in enumerate(self._shares(k, places)):
+        for s, share in enumerate(_shares(k, places)):
             for begin in range(0, share, per):
                 request = bank_pb2.SampleRequest(k=min(per, share - begin))
                 if seed is not None:
@@ -359,38 +391,7 @@ class BankClient:
         for (s, _), answer in zip(calls, self._fan_out("Sample", calls)):
             answer = wire.parse_sample_response(answer)
             draws.setdefault(s, []).append((tensors.decode(answer.indices, "indices"), tensors.decode(answer.rows, "rows")))
-        return self._placed(k, places, draws, self._addresses)
-
-    @staticmethod
-    def _placed(k: int, places: list[np.ndarray] | None, draws: dict[int, list[tuple[np.ndarray, np.ndarray]]],
-                addresses: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Every shard's draws ((indices, rows) parts, in the order they came) in its
-        `places` (see `_negative_places`): one copy of the rows, each moved as one opaque
-        item (numpy's 2-d fancy assignment is slower). A shard answering another number of
-        draws than it was asked for is an error, not a short answer."""
-        for s, asked in enumerate(BankClient._shares(k, places)):
-            answered = sum(len(idx) for idx, _ in draws.get(s, ()))
-            if answered != asked:
-                raise BankRpcError(grpc.StatusCode.INTERNAL,
-                                   f"shard {s} answered {answered} draws for the {asked} it was asked for", addresses[s])
-        parts = [part for s in sorted(draws) for part in draws[s]]
-        if len({(rows.dtype, rows.shape[1:]) for _, rows in parts}) > 1:  # opaque items would not cast: they would garble
-            raise LayoutError("the shards answered rows of different dtypes or widths: "
-                              + ", ".join(f"{rows.dtype} {list(rows.shape)}" for _, rows in parts))
-        if places is None:  # one shard: its draws in the order they came
-            return parts[0] if len(parts) == 1 else (np.concatenate([i for i, _ in parts]),
-                                                     np.concatenate([r for _, r in parts]))
-        out_idx = np.empty(k, dtype=np.int64)
-        out_rows = np.empty((k, parts[0][1].shape[1]), dtype=parts[0][1].dtype)
-        as_items = _row_items(out_rows)
-        for s, where in enumerate(places):
-            begin = 0
-            for idx, rows in draws.get(s, ()):
-                at = where[begin:begin + len(idx)]
-                out_idx[at] = idx
-                as_items[at] = _row_items(np.ascontiguousarray(rows))
-                begin += len(idx)
-        return out_idx, out_rows
+        return placed_draws(k, places, draws, self._addresses)
 
     def _update_parts(self, idx: np.ndarray, features: np.ndarray, momentum: float) -> list[tuple[int, tuple]]:
         """(shard, (indices, features, momentum, client_id, sequence)) per message, each
@@ -460,8 +461,8 @@ class BankClient:
                         extra.append(("Lookup", s, bank_pb2.LookupRequest(indices=tensors.encode(reads[chunk])), chunk))
         if negatives:
             per = max(1, self.chunk_bytes // (self._row_bytes + 8))
-            places = self._negative_places(negatives, rng)
-            for s, share in enumerate(self._shares(negatives, places)):
+            places = negative_places(negatives, self.rows, self.num_shards, rng)
+            for s, share in enumerate(_shares(negatives, places)):
                 for begin in range(0, share, per):
                     k = min(per, share - begin)
                     seed_s = None if seed is None else int(rng.integers(2**63))
@@ -498,7 +499,7 @@ class BankClient:
                     draws.setdefault(s, []).append((tensors.decode(answer.indices, "indices"),
                                                     tensors.decode(answer.rows, "rows")))
         if negatives:
-            neg_i, neg_r = self._placed(negatives, places, draws, self._addresses)
+            neg_i, neg_r = placed_draws(negatives, places, draws, self._addresses)
         else:
             neg_i = np.empty(0, dtype=np.int64)
             neg_r = np.empty((0, self.dim), dtype=self.dtype)

@@ -50,7 +50,7 @@ from bank_server.shard import Layout, Shard, rows_on_shard
 from benchmarks.args import comma_list, positive_int
 from benchmarks.echo import RawCalls, echo_calls
 from benchmarks.processes import ServerProcess, cpu_seconds, pin, start_bank_processes
-from benchmarks.step_client import run_step_clients, warmup_calls
+from benchmarks.step_client import run_step_clients
 from benchmarks.timing import percentile_ms, timed_calls, timed_turns
 from benchmarks.workload import MOMENTUM, StepWorkload, step_message_bytes
 from protos import bank_pb2

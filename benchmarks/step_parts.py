@@ -16,6 +16,7 @@ import time
 import numpy as np
 
 from bank_server import tensors, validate, wire
+from bank_server.client import negative_places, placed_draws
 from bank_server.servicer import MemoryBankServicer
 from bank_server.shard import Layout, Shard
 from benchmarks.args import positive_int
@@ -113,6 +114,14 @@ def measure(rows: int, dim: int, dtype: str, negatives: int, batch: int, iters: 
         "client: parse and decode (wire)": lambda i: client_decode(wire.parse_step_response(response)),
         "client: parse and decode (protobuf)": lambda i: client_decode(bank_pb2.StepResponse.FromString(pb_response)),
     }
+    # What a client adds with two shards: where each shard's negatives go, and the merge
+    # of their two answers into one i.i.d. sequence.
+    rng = np.random.default_rng(0)
+    places = negative_places(negatives, rows, 2, rng)
+    halves = {s: [(sample_idx[:len(where)], sample_rows[:len(where)])] for s, where in enumerate(places)}
+    parts["client, 2 shards: the negatives' places"] = lambda i: negative_places(negatives, rows, 2, rng)
+    parts["client, 2 shards: merge the answers' negatives"] = lambda i: placed_draws(
+        negatives, places, halves, ["", ""])
     result = {name: _median_ms(fn, iters) for name, fn in parts.items()}
     f32 = work.features(0).astype(np.float32)
     f16 = f32.astype(np.float16)

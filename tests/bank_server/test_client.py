@@ -5,7 +5,7 @@ import pytest
 import torch
 from scipy import stats
 
-from bank_server.client import BankClient, LayoutError
+from bank_server.client import BankClient, LayoutError, placed_draws
 from tests.conftest import free_port, reference_bank
 
 N, D = 97, 16
@@ -193,10 +193,10 @@ def test_shards_answering_rows_of_different_dtypes_are_refused_not_garbled():
         return {0: [(np.arange(3), first)], 1: [(np.arange(3, 5), second)]}
 
     with pytest.raises(LayoutError, match="different dtypes or widths"):
-        BankClient._placed(5, places, draws(np.ones((3, 4), np.float16), np.ones((2, 4), np.float32)), addresses)
+        placed_draws(5, places, draws(np.ones((3, 4), np.float16), np.ones((2, 4), np.float32)), addresses)
     with pytest.raises(LayoutError, match="different dtypes or widths"):
-        BankClient._placed(5, places, draws(np.ones((3, 4), np.float16), np.ones((2, 3), np.float16)), addresses)
-    idx, rows = BankClient._placed(5, places, draws(np.full((3, 4), 1, np.float16), np.full((2, 4), 2, np.float16)),
+        placed_draws(5, places, draws(np.ones((3, 4), np.float16), np.ones((2, 3), np.float16)), addresses)
+    idx, rows = placed_draws(5, places, draws(np.full((3, 4), 1, np.float16), np.full((2, 4), 2, np.float16)),
                                    addresses)
     assert idx.tolist() == [0, 3, 1, 4, 2]  # each shard's draws in its places, in order
     np.testing.assert_array_equal(rows[:, 0], [1, 2, 1, 2, 1])
@@ -208,9 +208,9 @@ def test_a_shard_answering_fewer_draws_than_asked_is_an_error_not_a_short_answer
     places = [np.array([0, 2, 4]), np.array([1, 3])]
     short = {0: [(np.arange(3), np.ones((3, 4), np.float16))], 1: [(np.arange(1), np.ones((1, 4), np.float16))]}
     with pytest.raises(BankRpcError, match="shard 1 answered 1 draws for the 2 it was asked for"):
-        BankClient._placed(5, places, short, ["a:1", "b:2"])
+        placed_draws(5, places, short, ["a:1", "b:2"])
     with pytest.raises(BankRpcError, match="shard 0 answered 3 draws for the 4"):
-        BankClient._placed(4, None, {0: [(np.arange(3), np.ones((3, 4), np.float16))]}, ["a:1"])
+        placed_draws(4, None, {0: [(np.arange(3), np.ones((3, 4), np.float16))]}, ["a:1"])
 
 
 def test_every_place_of_a_draw_is_uniform_over_the_shards_not_only_the_whole(bank):

@@ -145,4 +145,5 @@ def test_bench_parts_times_every_part_including_the_whole_handler():
 
     result = measure(rows=2000, dim=16, dtype="float16", negatives=64, batch=32, iters=5)
     assert "server: the whole Step handler (decode, validate, update, reads, encode)" in result
+    assert "client, 2 shards: merge the answers' negatives" in result
     assert all(ms > 0 for ms in result.values()), result
