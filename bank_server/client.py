@@ -93,7 +93,8 @@ def _row_items(rows: np.ndarray) -> np.ndarray:
 
 
 class BankRpcError(RuntimeError):
-    """A shard answered with an error status (after retries, for UNAVAILABLE)."""
+    """A shard answered with an error status (after retries, for UNAVAILABLE), or with an
+    answer the client cannot use (INTERNAL: e.g. another number of draws than asked)."""
 
     def __init__(self, code: grpc.StatusCode, details: str, address: str):
         super().__init__(f"{address}: {code.name}: {details}")
@@ -116,6 +117,11 @@ class LayoutError(ValueError):
     """The addresses do not form one complete bank."""
 
 
+# Up to this many shards a scan per shard finds the places faster than one sort does
+# (K = 4,096: 24 against 39 us with 2 shards, 221 against 66 us with 64; the sort wins from about 8).
+_PLACES_BY_SCAN = 8
+
+
 def negative_places(k: int, total_rows: int, num_shards: int, rng: np.random.Generator) -> list[np.ndarray] | None:
     """Which of k i.i.d. uniform draws over all N rows each shard makes: place j goes to
     shard g % S of a uniform global row g, i.e. to shard s with probability rows_s / N,
@@ -126,7 +132,11 @@ def negative_places(k: int, total_rows: int, num_shards: int, rng: np.random.Gen
     if num_shards == 1:
         return None
     shard = rng.integers(0, total_rows, size=k, dtype=np.int64) % num_shards
-    return [np.flatnonzero(shard == s) for s in range(num_shards)]
+    if num_shards <= _PLACES_BY_SCAN:
+        return [np.flatnonzero(shard == s) for s in range(num_shards)]
+    # One stable (radix) sort instead of a scan per shard; each shard's places stay in order.
+    order = np.argsort(shard.astype(np.uint32), kind="stable")
+    return np.split(order, np.cumsum(np.bincount(shard, minlength=num_shards))[:-1])
 
 
 def _shares(k: int, places: list[np.ndarray] | None) -> list[int]:

@@ -1,5 +1,6 @@
 """`instdisc bench parts`: where one shard's `Step` spends its time outside the network,
-part by part, in this process (no transport: `instdisc bench bank`'s echo measures it).
+part by part, in this process (no transport: `instdisc bench bank`'s echo measures it),
+and what a two-shard client adds: placing and merging the shards' negatives.
 
 Each part runs the code the client and the server run, on a `StepWorkload` batch, and
 reports its median. The answer's codec is timed twice in the same run: with
@@ -131,7 +132,7 @@ def measure(rows: int, dim: int, dtype: str, negatives: int, batch: int, iters: 
 
 
 def run_bench_parts(args: argparse.Namespace) -> int:
-    print(f"Step parts, one shard: N={args.rows:,} D={args.dim} {args.dtype} K={args.negatives} B={args.batch}, "
+    print(f"Step parts, one shard (and a two-shard client's negatives): N={args.rows:,} D={args.dim} {args.dtype} K={args.negatives} B={args.batch}, "
           f"medians of {args.iters} calls", flush=True)
     result = measure(args.rows, args.dim, args.dtype, args.negatives, args.batch, args.iters)
     width = max(map(len, result))

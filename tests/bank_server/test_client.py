@@ -211,6 +211,31 @@ def test_a_shard_answering_fewer_draws_than_asked_is_an_error_not_a_short_answer
         placed_draws(5, places, short, ["a:1", "b:2"])
     with pytest.raises(BankRpcError, match="shard 0 answered 3 draws for the 4"):
         placed_draws(4, None, {0: [(np.arange(3), np.ones((3, 4), np.float16))]}, ["a:1"])
+    too_many = {0: [(np.arange(4), np.ones((4, 4), np.float16))], 1: [(np.arange(2), np.ones((2, 4), np.float16))]}
+    with pytest.raises(BankRpcError, match="shard 0 answered 4 draws for the 3"):
+        placed_draws(5, places, too_many, ["a:1", "b:2"])
+    unasked = {0: [(np.arange(5), np.ones((5, 4), np.float16))], 1: [(np.arange(1), np.ones((1, 4), np.float16))]}
+    with pytest.raises(BankRpcError, match="shard 1 answered 1 draws for the 0"):
+        placed_draws(5, [np.arange(5), np.arange(0)], unasked, ["a:1", "b:2"])
+
+
+@pytest.mark.parametrize("rows, shards", [(5, 4), (13, 12)], ids=["a scan per shard", "one sort"])
+def test_each_negative_goes_to_a_shard_in_proportion_to_its_rows(rows, shards):
+    """Shards of unequal size (5 rows on 4 shards: 2, 1, 1, 1) get their share of the
+    places, every place exactly once, in increasing order within a shard."""
+    from bank_server.client import negative_places
+    from bank_server.shard import rows_on_shard
+
+    rng = np.random.default_rng(0)
+    counts = np.zeros(shards)
+    for _ in range(200):
+        places = negative_places(100, rows, shards, rng)
+        assert sorted(np.concatenate(places).tolist()) == list(range(100))
+        assert all((np.diff(where) > 0).all() for where in places)
+        counts += [len(where) for where in places]
+    expected = 20_000 * np.array([rows_on_shard(rows, shards, s) for s in range(shards)]) / rows
+    assert stats.chisquare(counts, expected).pvalue > 1e-4
+    assert negative_places(100, rows, 1, rng) is None
 
 
 def test_every_place_of_a_draw_is_uniform_over_the_shards_not_only_the_whole(bank):
@@ -219,7 +244,7 @@ def test_every_place_of_a_draw_is_uniform_over_the_shards_not_only_the_whole(ban
     start with shard 0's)."""
     client, _ = bank
     if client.num_shards == 1:
-        return
+        pytest.skip("one shard: its draws are the answer as they come")
     first, last = [], []
     for seed in range(400):
         idx = client.step(lookup_indices=[0], negatives=6, seed=seed).negative_indices
