@@ -238,6 +238,14 @@ def test_each_negative_goes_to_a_shard_in_proportion_to_its_rows(rows, shards):
     assert negative_places(100, rows, 1, rng) is None
 
 
+def test_places_over_more_shards_than_16_bits_count():
+    from bank_server.client import negative_places
+
+    places = negative_places(1000, 70_001, 70_000, np.random.default_rng(0))
+    assert len(places) == 70_000 and sorted(np.concatenate(places).tolist()) == list(range(1000))
+    assert all((np.diff(where) > 0).all() for where in places if len(where) > 1)
+
+
 def test_every_place_of_a_draw_is_uniform_over_the_shards_not_only_the_whole(bank):
     """Shards' draws are interleaved at random: the first and the last negative of a Step
     each come from shard s with probability rows_s / N (a concatenation would always
