@@ -91,6 +91,12 @@ def measure(rows: int, dim: int, dtype: str, negatives: int, batch: int, iters: 
         out[np.arange(batch)] = tensors.decode(parsed.rows, "rows")
         return out, tensors.decode(parsed.sample_indices, "s"), tensors.decode(parsed.sample_rows, "r")
 
+    # What a client adds with two shards: where each shard's negatives go, and the merge
+    # of their two answers into one i.i.d. sequence.
+    rng = np.random.default_rng(0)
+    places = negative_places(negatives, rows, 2, rng)
+    halves = {s: [(sample_idx[:len(where)], sample_rows[:len(where)])] for s, where in enumerate(places)}
+
     def update(i):
         idx = work.indices(i)
         shard.momentum_update(idx, work.features(i), MOMENTUM)
@@ -114,15 +120,9 @@ def measure(rows: int, dim: int, dtype: str, negatives: int, batch: int, iters: 
             handled[i % len(handled)], None),
         "client: parse and decode (wire)": lambda i: client_decode(wire.parse_step_response(response)),
         "client: parse and decode (protobuf)": lambda i: client_decode(bank_pb2.StepResponse.FromString(pb_response)),
+        "client, 2 shards: the negatives' places": lambda i: negative_places(negatives, rows, 2, rng),
+        "client, 2 shards: merge the answers' negatives": lambda i: placed_draws(negatives, places, halves, ["", ""]),
     }
-    # What a client adds with two shards: where each shard's negatives go, and the merge
-    # of their two answers into one i.i.d. sequence.
-    rng = np.random.default_rng(0)
-    places = negative_places(negatives, rows, 2, rng)
-    halves = {s: [(sample_idx[:len(where)], sample_rows[:len(where)])] for s, where in enumerate(places)}
-    parts["client, 2 shards: the negatives' places"] = lambda i: negative_places(negatives, rows, 2, rng)
-    parts["client, 2 shards: merge the answers' negatives"] = lambda i: placed_draws(
-        negatives, places, halves, ["", ""])
     result = {name: _median_ms(fn, iters) for name, fn in parts.items()}
     f32 = work.features(0).astype(np.float32)
     f16 = f32.astype(np.float16)
@@ -132,8 +132,8 @@ def measure(rows: int, dim: int, dtype: str, negatives: int, batch: int, iters: 
 
 
 def run_bench_parts(args: argparse.Namespace) -> int:
-    print(f"Step parts, one shard (and a two-shard client's negatives): N={args.rows:,} D={args.dim} {args.dtype} K={args.negatives} B={args.batch}, "
-          f"medians of {args.iters} calls", flush=True)
+    print(f"Step parts, one shard (and a two-shard client's negatives): N={args.rows:,} D={args.dim} {args.dtype} "
+          f"K={args.negatives} B={args.batch}, medians of {args.iters} calls", flush=True)
     result = measure(args.rows, args.dim, args.dtype, args.negatives, args.batch, args.iters)
     width = max(map(len, result))
     for name, ms in result.items():

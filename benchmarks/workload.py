@@ -56,4 +56,3 @@ def step_message_bytes(batch: int, negatives: int, dim: int, dtype: str, shards:
             sample_rows=tensors.encode(np.zeros((k, dim), dtype)))
         sizes.append((request.ByteSize(), answer.ByteSize()))
     return sizes
-
