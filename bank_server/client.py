@@ -1,10 +1,11 @@
 """`BankClient`: the whole sharded bank behind one object, in global indices.
 
 It routes index g to shard ``g % S`` (local row ``g // S``), fans the per-shard
-requests out in parallel (gRPC futures, no threads), reassembles answers in the
-caller's order, splits requests whose messages would be large, and retries
-UNAVAILABLE with exponential backoff inside the call's deadline. Updates carry
-``(client_id, sequence)`` so a retried update is applied once.
+requests out in parallel (the last on the caller's thread, the others on threads the
+client keeps from call to call), reassembles answers in the caller's order, splits
+requests whose messages would be large, and retries UNAVAILABLE with exponential
+backoff inside the call's deadline. Updates carry ``(client_id, sequence)`` so a
+retried update is applied once.
 
 A shard that stops answering is logged once (WARNING: shard, address, status), again
 only every few seconds while it stays out, and once when it answers again (INFO: how
@@ -31,6 +32,7 @@ import logging
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -51,6 +53,8 @@ log = logging.getLogger(__name__)
 SHARD_PLACEHOLDER = "{shard}"
 _FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 1.0
+# A fan-out's calls at once on threads (the last goes on the caller's): more wait for one.
+_CALL_THREADS = 64
 
 
 def _stub(channel: grpc.Channel) -> bank_pb2_grpc.MemoryBankStub:
@@ -205,6 +209,8 @@ class BankClient:
             ca = tls_ca if isinstance(tls_ca, bytes) else open(tls_ca, "rb").read()
             self._credentials = grpc.ssl_channel_credentials(root_certificates=ca)
         self._channels, self._addresses, self._stubs = [], [], []
+        # Threads for the calls of a fan-out but its last, made when first needed and kept.
+        self._calls = ThreadPoolExecutor(max_workers=_CALL_THREADS, thread_name_prefix="bank-client")
         self._moved = threading.Lock()
         self._retired: list[grpc.Channel] = []  # channels of shards that moved: calls may still be on them
         # Outages are tracked once positions are shard ids (a bank still starting is not an outage).
@@ -312,18 +318,17 @@ class BankClient:
         pending = list(range(len(calls)))
         backoff = _FIRST_BACKOFF_S
         while pending:
-            timeout = max(deadline - time.monotonic(), 0.001)
-            # All but the last go out as futures; the last is a blocking call, made while they
-            # run (a future's bookkeeping costs the client 0.1-0.2 ms of CPU a Step).
+            # All but the last go out on the client's threads; the last is a blocking call
+            # on this one, made while they run. (A gRPC future starts a thread of its own
+            # whenever its channel has no other call in flight: every Step, here.)
             *others, last = pending
-            started = [(i, getattr(self._stubs[calls[i][0]], method).future(
-                calls[i][1], timeout=timeout, metadata=self._metadata).result, None) for i in others]
-            inflight = [(last, getattr(self._stubs[calls[last][0]], method), calls[last][1]), *started]
+            started = [(i, self._calls.submit(self._call, method, *calls[i], deadline)) for i in others]
+            inflight = [(last, None), *started]  # None: this thread's call, made in the loop
             retry, failures = [], {}
             outages = self._outages
-            for i, call, request in inflight:
+            for i, running in inflight:
                 try:
-                    answers[i] = call() if request is None else call(request, timeout=timeout, metadata=self._metadata)
+                    answers[i] = self._call(method, *calls[i], deadline) if running is None else running.result()
                     if outages is not None:
                         outages.answered(calls[i][0])
                 except grpc.RpcError as error:
@@ -343,6 +348,10 @@ class BankClient:
                 time.sleep(backoff)
                 backoff = min(backoff * 2, _MAX_BACKOFF_S)
         return answers
+
+    def _call(self, method: str, shard: int, request, deadline: float):
+        stub = self._stubs[shard]  # read now: a shard found again has a new one
+        return getattr(stub, method)(request, timeout=max(deadline - time.monotonic(), 0.001), metadata=self._metadata)
 
     def _route(self, indices: np.ndarray) -> list[np.ndarray]:
         """Positions in `indices` that each shard owns (out-of-range ones are left to
@@ -565,7 +574,8 @@ class BankClient:
 
     def close(self) -> None:
         for channel in self._channels + self._retired:
-            channel.close()
+            channel.close()  # ends the calls in flight, so the threads' wait is short
+        self._calls.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self):
         return self

@@ -40,7 +40,7 @@ def serve() -> None:
 
 class RawCalls:
     """Call i sends ``payloads[i % len(payloads)][j]`` to server j, to all at once (the last
-    as a blocking call while the others run as futures, as BankClient does), with no
+    as a blocking call while the others run on threads, as BankClient does), with no
     serializer and no parsing of the answers."""
 
     def __init__(self, addresses: list[str], method: str, payloads: list[list[bytes]]):
@@ -49,21 +49,19 @@ class RawCalls:
         self._channels = [grpc.insecure_channel(a, options=grpc_options(_MAX_MESSAGE)) for a in addresses]
         self._calls = [channel.unary_unary(method) for channel in self._channels]
         self._payloads = payloads
+        self._threads = futures.ThreadPoolExecutor(max_workers=max(1, len(addresses) - 1))
 
     def __call__(self, i: int) -> None:
         *others, (last_call, last_payload) = zip(self._calls, self._payloads[i % len(self._payloads)])
-        pending = [call.future(payload, timeout=_TIMEOUT_S) for call, payload in others]
-        try:
-            last_call(last_payload, timeout=_TIMEOUT_S)
-            for answer in pending:
-                answer.result()
-        finally:
-            for answer in pending:
-                answer.cancel()  # a no-op once answered; stops the rest when one failed
+        pending = [self._threads.submit(call, payload, timeout=_TIMEOUT_S) for call, payload in others]
+        last_call(last_payload, timeout=_TIMEOUT_S)
+        for answer in pending:
+            answer.result()
 
     def close(self) -> None:
         for channel in self._channels:
             channel.close()
+        self._threads.shutdown(wait=True, cancel_futures=True)
 
 
 def echo_calls(addresses: list[str], sizes: list[tuple[int, int]]) -> RawCalls:

@@ -1,5 +1,7 @@
 """Every RPC through BankClient and real servers on loopback, against a numpy reference."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -122,6 +124,25 @@ def test_small_messages_give_the_same_answers(make_bank):
     np.testing.assert_allclose(result.rows, f, atol=1e-6)
     assert result.negative_rows.shape == (90, D)
     assert result.updates_applied > 2  # it took several messages
+
+
+def test_a_step_over_several_shards_starts_no_thread_and_close_ends_its_threads(make_bank, monkeypatch):
+    """A fan-out's calls but the last run on the client's own threads, kept from Step to
+    Step (a gRPC future starts a thread whenever its channel has no call in flight)."""
+    client = make_bank(3, N, D, "float32").client()
+    f = unit(np.ones((4, D), np.float32))
+
+    def step():
+        client.step(update_indices=[1, 2, 3, 4], update_features=f, lookup_indices=[5, 6, 7], negatives=20)
+
+    step()  # the first may start the client's threads
+    started, start = [], threading.Thread.start
+    monkeypatch.setattr(threading.Thread, "start", lambda thread: (started.append(thread.name), start(thread))[-1])
+    for _ in range(20):
+        step()
+    assert started == []
+    client.close()
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("bank-client")]
 
 
 def test_client_refuses_an_incomplete_or_mixed_layout(make_bank):
@@ -264,7 +285,8 @@ def test_every_place_of_a_draw_is_uniform_over_the_shards_not_only_the_whole(ban
 
 
 def test_when_several_shards_refuse_the_first_shards_error_is_raised(make_bank):
-    """Futures and a blocking call come back in any order; the error named is shard 0's."""
+    """Calls on the client's threads and on the caller's come back in any order; the error
+    named is shard 0's."""
     from bank_server.client import RequestRejected
 
     bank = make_bank(2, N, D, "float32")
