@@ -210,7 +210,10 @@ class BankClient:
             self._credentials = grpc.ssl_channel_credentials(root_certificates=ca)
         self._channels, self._addresses, self._stubs = [], [], []
         # Threads for the calls of a fan-out but its last, made when first needed and kept.
-        self._calls = ThreadPoolExecutor(max_workers=_CALL_THREADS, thread_name_prefix="bank-client")
+        # Python joins them at exit: a client left open with a call in flight to a stuck
+        # shard holds the exit up to the call's deadline (close() ends such calls at once).
+        self._calls = ThreadPoolExecutor(max_workers=_CALL_THREADS,
+                                         thread_name_prefix=f"bank-client-{self.client_id[:8]}")
         self._moved = threading.Lock()
         self._retired: list[grpc.Channel] = []  # channels of shards that moved: calls may still be on them
         # Outages are tracked once positions are shard ids (a bank still starting is not an outage).

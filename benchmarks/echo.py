@@ -54,7 +54,10 @@ class RawCalls:
     def __call__(self, i: int) -> None:
         *others, (last_call, last_payload) = zip(self._calls, self._payloads[i % len(self._payloads)])
         pending = [self._threads.submit(call, payload, timeout=_TIMEOUT_S) for call, payload in others]
-        last_call(last_payload, timeout=_TIMEOUT_S)
+        try:
+            last_call(last_payload, timeout=_TIMEOUT_S)
+        finally:
+            futures.wait(pending)  # none outlives this call, whichever failed
         for answer in pending:
             answer.result()
 
