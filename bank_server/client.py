@@ -179,6 +179,12 @@ def placed_draws(k: int, places: list[np.ndarray] | None, draws: dict[int, list[
     return out_idx, out_rows
 
 
+def _sample_draws(answer: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """A Sample answer's (indices, rows), views of its bytes."""
+    answer = wire.parse_sample_response(answer)
+    return tensors.decode(answer.indices, "indices"), tensors.decode(answer.rows, "rows")
+
+
 @dataclass
 class StepResult:
     rows: np.ndarray              # (len(lookup_indices), D) positives, caller's order
@@ -401,20 +407,21 @@ class BankClient:
         """k rows drawn uniformly with replacement over all N rows: (indices, rows)."""
         validate.count(k, 1, self.rows, "k", "the bank's rows")
         rng = self._rng if seed is None else np.random.default_rng(seed)
-        places = negative_places(k, self.rows, self.num_shards, rng)
-        calls = []
-        per = max(1, self.chunk_bytes // (self._row_bytes + 8))
-        for s, share in enumerate(_shares(k, places)):
-            for begin in range(0, share, per):
-                request = bank_pb2.SampleRequest(k=min(per, share - begin))
-                if seed is not None:
-                    request.seed = int(rng.integers(2**63))
-                calls.append((s, request))
+        places, parts = self._draw_parts(k, rng, seeded=seed is not None)
+        calls = [(s, bank_pb2.SampleRequest(k=n, seed=seed_s)) for s, n, seed_s, _ in parts]
         draws: dict[int, list] = {}
         for (s, _), answer in zip(calls, self._fan_out("Sample", calls)):
-            answer = wire.parse_sample_response(answer)
-            draws.setdefault(s, []).append((tensors.decode(answer.indices, "indices"), tensors.decode(answer.rows, "rows")))
+            draws.setdefault(s, []).append(_sample_draws(answer))
         return placed_draws(k, places, draws, self._addresses)
+
+    def _draw_parts(self, k: int, rng: np.random.Generator, seeded: bool) -> tuple[list | None, list[tuple]]:
+        """Where k uniform draws go (`negative_places`), and the messages they take:
+        (shard, draws, seed or None, first of its shard) each, a shard's share split so
+        that its answer fits a message."""
+        places = negative_places(k, self.rows, self.num_shards, rng)
+        per = max(1, self.chunk_bytes // (self._row_bytes + 8))
+        return places, [(s, min(per, share - begin), int(rng.integers(2**63)) if seeded else None, begin == 0)
+                        for s, share in enumerate(_shares(k, places)) for begin in range(0, share, per)]
 
     def _update_parts(self, idx: np.ndarray, features: np.ndarray, momentum: float) -> list[tuple[int, tuple]]:
         """(shard, (indices, features, momentum, client_id, sequence)) per message, each
@@ -483,16 +490,12 @@ class BankClient:
                     else:
                         extra.append(("Lookup", s, bank_pb2.LookupRequest(indices=tensors.encode(reads[chunk])), chunk))
         if negatives:
-            per = max(1, self.chunk_bytes // (self._row_bytes + 8))
-            places = negative_places(negatives, self.rows, self.num_shards, rng)
-            for s, share in enumerate(_shares(negatives, places)):
-                for begin in range(0, share, per):
-                    k = min(per, share - begin)
-                    seed_s = None if seed is None else int(rng.integers(2**63))
-                    if begin == 0 and fuse:
-                        samples[s] = (k, seed_s)
-                    else:
-                        extra.append(("Sample", s, bank_pb2.SampleRequest(k=k, seed=seed_s), None))
+            places, parts = self._draw_parts(negatives, rng, seeded=seed is not None)
+            for s, k, seed_s, first in parts:
+                if first and fuse:
+                    samples[s] = (k, seed_s)
+                else:
+                    extra.append(("Sample", s, bank_pb2.SampleRequest(k=k, seed=seed_s), None))
 
         shards = sorted(set(updates) | set(lookups) | set(samples))
         requests = [(s, _step_message(updates.get(s), reads[lookups[s]] if s in lookups else None,
@@ -518,9 +521,7 @@ class BankClient:
                 elif method == "Lookup":
                     rows[positions] = tensors.decode(wire.parse_lookup_response(answer).rows, "rows")
                 else:
-                    answer = wire.parse_sample_response(answer)
-                    draws.setdefault(s, []).append((tensors.decode(answer.indices, "indices"),
-                                                    tensors.decode(answer.rows, "rows")))
+                    draws.setdefault(s, []).append(_sample_draws(answer))
         if negatives:
             neg_i, neg_r = placed_draws(negatives, places, draws, self._addresses)
         else:
