@@ -4,6 +4,12 @@ run (the two loops: `benchmarks.train_loops`), in `--rounds` turns that alternat
 between them: this machine's speed drifts by more than the difference between the
 banks within a minute, and a drift would otherwise count against whichever ran second.
 
+By default the trainer and the shard processes share every core, as bank actors beside
+train workers on one node do: the ratio then also counts the bank's CPU taken from
+training. ``--bank-cores N`` gives the shards cores of their own, as on a cluster where
+the bank runs on its own CPUs: the ratio is then what the remote bank itself costs a
+step (the client's work, and any round trip the overlap does not hide).
+
 torch is imported when the command runs, not when its arguments are declared, so
 that `instdisc --help` stays light.
 """
@@ -12,10 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from contextlib import ExitStack
 
 from benchmarks.args import positive_int
-from benchmarks.processes import start_bank_processes
+from benchmarks.processes import pin, start_bank_processes
 
 
 def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +43,22 @@ def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
                              "machine's drifts hit both alike")
     parser.add_argument("--device", default="auto", help="auto: cuda when available")
     parser.add_argument("--no-overlap", action="store_true", help="wait for each bank round trip")
+    parser.add_argument("--bank-cores", type=int, default=0,
+                        help="run the shard processes on the last N of this process's cores and both training loops "
+                             "on the others (torch gets that many threads), as on a cluster where the bank has CPUs "
+                             "of its own; 0: everything shares every core")
     parser.add_argument("--json", dest="json_path")
+
+
+def split_cores(cores: list[int], bank_cores: int) -> tuple[set[int], set[int]]:
+    """(the bank's cores, training's): the last `bank_cores` of `cores` and the rest;
+    both empty for 0 (nothing is pinned)."""
+    if bank_cores == 0:
+        return set(), set()
+    if not 0 < bank_cores < len(cores):
+        raise SystemExit(f"--bank-cores must be in [0, {len(cores) - 1}]: this process may use {len(cores)} core(s), "
+                         f"and training needs at least one")
+    return set(cores[-bank_cores:]), set(cores[:-bank_cores])
 
 
 def run_bench_train(args: argparse.Namespace) -> int:
@@ -48,6 +70,7 @@ def run_bench_train(args: argparse.Namespace) -> int:
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    bank_cores, train_cores = split_cores(sorted(os.sched_getaffinity(0)), args.bank_cores)
     dataset = load_dataset(args.data, args.data_root, train=True)
     images = dataset.images if hasattr(dataset, "images") else torch.stack(
         [dataset[i][0] for i in range(min(len(dataset), 20000))])
@@ -59,6 +82,13 @@ def run_bench_train(args: argparse.Namespace) -> int:
           f"overlap {'off' if args.no_overlap else 'on'}", flush=True)
     with ExitStack() as stack:
         servers = start_bank_processes(stack, args.shards, len(images), 128, "float16")
+        if bank_cores:
+            for server in servers:
+                pin(server.proc.pid, bank_cores)
+            pin(os.getpid(), train_cores)
+            torch.set_num_threads(len(train_cores))
+            print(f"the bank on core(s) {sorted(bank_cores)}; training on core(s) {sorted(train_cores)} with "
+                  f"{len(train_cores)} torch thread(s)", flush=True)
         loops = {"inprocess": InProcessLoop(Trainer(args, images)),
                  "remote": RemoteLoop(Trainer(args, images), [s.address for s in servers], args.warmup + args.steps)}
         stack.callback(loops["remote"].close)
@@ -68,7 +98,8 @@ def run_bench_train(args: argparse.Namespace) -> int:
     result = {"remote_images_per_sec": remote, "inprocess_images_per_sec": inprocess, "ratio": remote / inprocess,
               "bank_wait_ms": waited_ms, "bank_rtt_ms": rtt_ms, "device": args.device, "arch": args.arch,
               "loss": args.loss, "negatives": args.negatives, "batch": args.batch, "shards": args.shards,
-              "rows": len(images), "overlap": not args.no_overlap, "rounds": args.rounds}
+              "rows": len(images), "overlap": not args.no_overlap, "rounds": args.rounds,
+              "bank_cores": args.bank_cores}
     print(f"(a) remote sharded bank : {remote:10,.0f} images/s  (waited {waited_ms:.2f} ms/step for the bank, "
           f"round trip {rtt_ms:.1f} ms)")
     print(f"(b) in-process bank     : {inprocess:10,.0f} images/s")

@@ -1,8 +1,11 @@
 """`instdisc bench train` runs both banks on real images and writes its JSON."""
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 
 def test_bench_train_compares_remote_and_inprocess_banks(tmp_path):
@@ -39,3 +42,26 @@ def test_the_banks_take_turns_and_share_the_steps():
     assert calls == [("a", "warm-up", 3), ("b", "warm-up", 3), ("a", "run", 3), ("b", "run", 3), ("b", "run", 3),
                      ("a", "run", 3), ("a", "run", 2), ("b", "run", 2), ("b", "run", 2), ("a", "run", 2)]
     assert rates == {"a": 8.0, "b": 4.0}
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs a core for the bank and one for training")
+def test_bench_train_can_give_the_bank_cores_of_its_own(tmp_path):
+    out = tmp_path / "train.json"
+    done = subprocess.run([sys.executable, "-m", "trainer.cli", "bench", "train", "--steps", "4", "--warmup", "1",
+                           "--batch", "32", "--negatives", "256", "--width", "8", "--bank-cores", "1",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    cores = sorted(os.sched_getaffinity(0))
+    assert f"the bank on core(s) {cores[-1:]}; training on core(s) {cores[:-1]}" in done.stdout
+    assert json.loads(out.read_text())["bank_cores"] == 1
+
+
+def test_the_bank_cores_are_the_last_and_training_keeps_at_least_one():
+    from benchmarks.train import split_cores
+
+    assert split_cores([0, 1, 2, 3], 0) == (set(), set())
+    assert split_cores([0, 1, 2, 3], 1) == ({3}, {0, 1, 2})
+    assert split_cores([2, 5, 7], 2) == ({5, 7}, {2})
+    for bad in (-1, 3):
+        with pytest.raises(SystemExit, match=r"--bank-cores must be in \[0, 2\]"):
+            split_cores([2, 5, 7], bad)
