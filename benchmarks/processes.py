@@ -48,6 +48,17 @@ def pin(pid: int, cpus: set[int], rounds: int = 5) -> None:
     raise RuntimeError(f"process {pid} kept starting threads; could not pin them all to cores {sorted(cpus)}")
 
 
+def affinity(pid: int) -> set[int]:
+    """The cores any thread of process `pid` may run on (Linux)."""
+    cores: set[int] = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            cores |= os.sched_getaffinity(int(tid))
+        except ProcessLookupError:  # the thread ended meanwhile
+            pass
+    return cores
+
+
 class ChildFailed(RuntimeError):
     """A child process exited or stalled before printing what it was expected to."""
 

@@ -22,7 +22,7 @@ import os
 from contextlib import ExitStack
 
 from benchmarks.args import positive_int
-from benchmarks.processes import pin, start_bank_processes
+from benchmarks.processes import affinity, pin, start_bank_processes
 
 
 def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,21 +44,22 @@ def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto: cuda when available")
     parser.add_argument("--no-overlap", action="store_true", help="wait for each bank round trip")
     parser.add_argument("--bank-cores", type=int, default=0,
-                        help="run the shard processes on the last N of this process's cores and both training loops "
-                             "on the others (torch gets that many threads), as on a cluster where the bank has CPUs "
-                             "of its own; 0: everything shares every core")
+                        help="run the shard processes on the first N of this process's cores and both training "
+                             "loops on the others, one torch thread per training core, as on a cluster where the bank "
+                             "has CPUs of its own; 0: everything shares every core")
     parser.add_argument("--json", dest="json_path")
 
 
 def split_cores(cores: list[int], bank_cores: int) -> tuple[set[int], set[int]]:
-    """(the bank's cores, training's): the last `bank_cores` of `cores` and the rest;
-    both empty for 0 (nothing is pinned)."""
+    """(the bank's cores, training's): the first `bank_cores` of `cores` (as `bench
+    bank` gives its shards the first cores) and the rest; both empty for 0 (nothing is
+    pinned)."""
     if bank_cores == 0:
         return set(), set()
     if not 0 < bank_cores < len(cores):
         raise SystemExit(f"--bank-cores must be in [0, {len(cores) - 1}]: this process may use {len(cores)} core(s), "
                          f"and training needs at least one")
-    return set(cores[-bank_cores:]), set(cores[:-bank_cores])
+    return set(cores[:bank_cores]), set(cores[bank_cores:])
 
 
 def run_bench_train(args: argparse.Namespace) -> int:
@@ -82,13 +83,17 @@ def run_bench_train(args: argparse.Namespace) -> int:
           f"overlap {'off' if args.no_overlap else 'on'}", flush=True)
     with ExitStack() as stack:
         servers = start_bank_processes(stack, args.shards, len(images), 128, "float16")
+        placement = {}
         if bank_cores:
             for server in servers:
                 pin(server.proc.pid, bank_cores)
             pin(os.getpid(), train_cores)
             torch.set_num_threads(len(train_cores))
-            print(f"the bank on core(s) {sorted(bank_cores)}; training on core(s) {sorted(train_cores)} with "
-                  f"{len(train_cores)} torch thread(s)", flush=True)
+            # Read back, not assumed: what the report says is where the threads are.
+            placement = {"bank_cpus": sorted(set().union(*(affinity(s.proc.pid) for s in servers))),
+                         "train_cpus": sorted(affinity(os.getpid())), "torch_threads": torch.get_num_threads()}
+            print(f"the bank on core(s) {placement['bank_cpus']}; training on core(s) {placement['train_cpus']} "
+                  f"with {placement['torch_threads']} torch thread(s)", flush=True)
         loops = {"inprocess": InProcessLoop(Trainer(args, images)),
                  "remote": RemoteLoop(Trainer(args, images), [s.address for s in servers], args.warmup + args.steps)}
         stack.callback(loops["remote"].close)
@@ -99,7 +104,7 @@ def run_bench_train(args: argparse.Namespace) -> int:
               "bank_wait_ms": waited_ms, "bank_rtt_ms": rtt_ms, "device": args.device, "arch": args.arch,
               "loss": args.loss, "negatives": args.negatives, "batch": args.batch, "shards": args.shards,
               "rows": len(images), "overlap": not args.no_overlap, "rounds": args.rounds,
-              "bank_cores": args.bank_cores}
+              "bank_cores": args.bank_cores, **placement}
     print(f"(a) remote sharded bank : {remote:10,.0f} images/s  (waited {waited_ms:.2f} ms/step for the bank, "
           f"round trip {rtt_ms:.1f} ms)")
     print(f"(b) in-process bank     : {inprocess:10,.0f} images/s")

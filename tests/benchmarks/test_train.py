@@ -52,16 +52,19 @@ def test_bench_train_can_give_the_bank_cores_of_its_own(tmp_path):
                            "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     cores = sorted(os.sched_getaffinity(0))
-    assert f"the bank on core(s) {cores[-1:]}; training on core(s) {cores[:-1]}" in done.stdout
-    assert json.loads(out.read_text())["bank_cores"] == 1
+    result = json.loads(out.read_text())
+    # Read back from the processes' threads by the command, not echoed from its arguments.
+    assert (result["bank_cores"], result["bank_cpus"], result["train_cpus"]) == (1, cores[:1], cores[1:])
+    assert result["torch_threads"] == len(cores) - 1
+    assert f"the bank on core(s) {cores[:1]}; training on core(s) {cores[1:]}" in done.stdout
 
 
-def test_the_bank_cores_are_the_last_and_training_keeps_at_least_one():
+def test_the_bank_cores_are_the_first_and_training_keeps_at_least_one():
     from benchmarks.train import split_cores
 
     assert split_cores([0, 1, 2, 3], 0) == (set(), set())
-    assert split_cores([0, 1, 2, 3], 1) == ({3}, {0, 1, 2})
-    assert split_cores([2, 5, 7], 2) == ({5, 7}, {2})
+    assert split_cores([0, 1, 2, 3], 1) == ({0}, {1, 2, 3})
+    assert split_cores([2, 5, 7], 2) == ({2, 5}, {7})
     for bad in (-1, 3):
         with pytest.raises(SystemExit, match=r"--bank-cores must be in \[0, 2\]"):
             split_cores([2, 5, 7], bad)
