@@ -71,7 +71,9 @@ def run_bench_train(args: argparse.Namespace) -> int:
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    bank_cores, train_cores = split_cores(sorted(os.sched_getaffinity(0)), args.bank_cores)
+    # Only asked for when used: sched_getaffinity is Linux's, and the default pins nothing.
+    cores = sorted(os.sched_getaffinity(0)) if args.bank_cores else []
+    bank_cores, train_cores = split_cores(cores, args.bank_cores)
     dataset = load_dataset(args.data, args.data_root, train=True)
     images = dataset.images if hasattr(dataset, "images") else torch.stack(
         [dataset[i][0] for i in range(min(len(dataset), 20000))])
