@@ -146,8 +146,7 @@ def recorded_step_requests(client: BankClient, work: StepWorkload, negatives: in
     for _, calls in sent:
         requests = []
         for _, request in sorted(calls, key=lambda call: call[0]):
-            request = bank_pb2.StepRequest.FromString(request.SerializeToString())
-            request.update.ClearField("client_id")
+            request.update.ClearField("client_id")  # the client is done with these messages: sent and answered
             request.update.ClearField("sequence")
             requests.append(request.SerializeToString())
         steps.append(requests)
