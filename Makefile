@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 # The torch pair that installs from this machine's disk (x86_64, Python 3.11).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: venv data test demo bench bench-gpu protos clean
+.PHONY: venv data check test demo bench bench-gpu protos clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ venv: $(VENV)/.installed
 DEBIAN_DATA ?=
 data: venv
 	$(PY) -m trainer.fetch_data $(if $(DEBIAN_DATA),--debian-dir '$(DEBIAN_DATA)')
+
+# Lint and format check (ruff; `ruff format .` and `ruff check --fix .` mend most of it).
+check: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: venv data
 	$(PY) -m pytest
