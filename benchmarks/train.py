@@ -1,17 +1,14 @@
-"""`instdisc bench train`: training images/s with the remote sharded bank against an
-in-process bank tensor in the worker, same model, batch and loss, measured in one
-run (the two loops: `benchmarks.train_loops`), in `--rounds` turns that alternate
-between them: this machine's speed drifts by more than the difference between the
-banks within a minute, and a drift would otherwise count against whichever ran second.
+"""`instdisc bench train`: what does the remote bank cost training? Images/s of the same
+model, batch and loss with (a) `BankClient` to real shard servers (separate processes),
+through the trainer's `BankFeed`, which overlaps each step's round trip with compute,
+and (b) the bank as a tensor on the training device, positives, negatives and the
+momentum update being index operations on it (the lemniscate way). The steps run in
+`--rounds` turns alternating between the two, so that the machine's drifts hit both alike.
 
 By default the trainer and the shard processes share every core, as bank actors beside
 train workers on one node do: the ratio then also counts the bank's CPU taken from
 training. ``--bank-cores N`` gives the shards cores of their own, as on a cluster where
-the bank runs on its own CPUs: the ratio is then what the remote bank itself costs a
-step (the client's work, and any round trip the overlap does not hide).
-
-torch is imported when the command runs, not when its arguments are declared, so
-that `instdisc --help` stays light.
+the bank has its own CPUs: the ratio is then what the remote bank itself costs a step.
 """
 
 from __future__ import annotations
@@ -19,15 +16,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import time
 from contextlib import ExitStack
 
+import torch
+import torch.nn.functional as F
+
+from bank_server.client import BankClient
 from benchmarks.args import positive_int
-from benchmarks.processes import affinity, pin, start_bank_processes
+from benchmarks.servers import affinity, pin, start_shards
+from trainer.augment import augment
+from trainer.bank_feed import BankFeed
+from trainer.data import load_dataset
+from trainer.losses import PartitionEstimate, batch_log_z, nce_loss, sampled_logits, softmax_loss
+from trainer.models import Encoder
 
 
-def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, mnist, cifar10, ...")
-    parser.add_argument("--data-root", default=None)
     parser.add_argument("--arch", default="small")
     parser.add_argument("--width", type=positive_int, default=32)
     parser.add_argument("--image-size", type=int, default=0, help="resize images to this side (0: native)")
@@ -39,54 +45,149 @@ def add_bench_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=positive_int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rounds", type=positive_int, default=4,
-                        help="the steps run in this many turns alternating between the two banks, so that the "
-                             "machine's drifts hit both alike")
+                        help="turns the steps run in, alternating between the two banks")
     parser.add_argument("--device", default="auto", help="auto: cuda when available")
-    parser.add_argument("--no-overlap", action="store_true", help="wait for each bank round trip")
     parser.add_argument("--bank-cores", type=int, default=0,
-                        help="run the shard processes on the first N of this process's cores and both training "
-                             "loops on the others, one torch thread per training core, as on a cluster where the bank "
-                             "has CPUs of its own; 0: everything shares every core")
+                        help="run the shard processes on the first N of this process's cores and training on the "
+                             "others, one torch thread per core; 0: everything shares every core")
     parser.add_argument("--json", dest="json_path")
 
 
 def split_cores(cores: list[int], bank_cores: int) -> tuple[set[int], set[int]]:
-    """(the bank's cores, training's): the first `bank_cores` of `cores` (as `bench
-    bank` gives its shards the first cores) and the rest; both empty for 0 (nothing is
-    pinned)."""
-    if bank_cores == 0:
-        return set(), set()
+    """(the bank's cores, training's): the first `bank_cores` of `cores` and the rest."""
     if not 0 < bank_cores < len(cores):
         raise SystemExit(f"--bank-cores must be in [0, {len(cores) - 1}]: this process may use {len(cores)} core(s), "
-                         f"and training needs at least one")
+                         "and training needs at least one")
     return set(cores[:bank_cores]), set(cores[bank_cores:])
 
 
-def run_bench_train(args: argparse.Namespace) -> int:
-    import torch
-    import torch.nn.functional as F
+class Trainer:
+    """A training step's parts shared by both banks: the model, augmentation, the loss."""
 
-    from benchmarks.train_loops import InProcessLoop, RemoteLoop, Trainer, images_per_sec
-    from trainer.data import load_dataset
+    def __init__(self, args, images):
+        self.args, self.images, self.n = args, images, len(images)
+        self.device = torch.device(args.device)
+        self.model = Encoder(args.arch, images.shape[1], 128, args.width, True).to(self.device)
+        self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        self.model = self.model.to(memory_format=self.memory_format)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.03, momentum=0.9, weight_decay=5e-4)
+        self.z = PartitionEstimate("ema")
+        self.generator = torch.Generator().manual_seed(0)
 
+    def batch_indices(self):
+        return torch.randperm(self.n, generator=self.generator)[: self.args.batch]
+
+    def step(self, images, positives, negatives, partition_fn):
+        """Forward, loss, backward, optimizer step; the features, for the bank's update."""
+        a = self.args
+        x = augment(images.to(self.device, non_blocking=True).float().div_(255))
+        x = x.contiguous(memory_format=self.memory_format)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            f = self.model(x).float()
+        if a.loss == "softmax":
+            loss = softmax_loss(f, positives, a.temperature, partition_fn)
+        else:
+            pos, neg = sampled_logits(f, positives, negatives, a.temperature)
+            loss = nce_loss(pos, neg, self.z.update(float(batch_log_z(pos, neg, self.n))), self.n)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return f.detach()
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+
+class InProcessLoop:
+    """(b): the bank is a tensor on the training device."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer, a = trainer, trainer.args
+        self.bank = F.normalize(torch.rand(trainer.n, 128, device=trainer.device) - 0.5, dim=1)
+
+        def partition_fn(q):  # log Z and the softmax-weighted row of every query, exactly
+            logits = q @ self.bank.T / a.temperature
+            return torch.logsumexp(logits, 1), torch.softmax(logits, 1) @ self.bank
+
+        self.partition_fn = partition_fn
+
+    def run(self, steps: int) -> float:
+        t, bank = self.trainer, self.bank
+        t.sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            idx = t.batch_indices().to(t.device)
+            positives = bank[idx]
+            negatives = bank[torch.randint(0, t.n, (t.args.negatives,), device=t.device)]
+            f = t.step(t.images[idx], positives, negatives, self.partition_fn)
+            with torch.no_grad():
+                bank[idx] = F.normalize(0.5 * positives + 0.5 * f, dim=1)
+        t.sync()
+        return time.perf_counter() - start
+
+
+class RemoteLoop:
+    """(a): the remote bank through `BankFeed`; `waited_s` and `round_trip_s` add up
+    over the steps run."""
+
+    def __init__(self, trainer: Trainer, client: BankClient, total_steps: int):
+        a = trainer.args
+        self.trainer, self.client = trainer, client
+        self.feed = BankFeed(client, a.negatives if a.loss == "nce" else 0, 0.5, trainer.device)
+        self._steps = self.feed.steps((trainer.images[i], i, torch.zeros(len(i), dtype=torch.long))
+                                      for i in (trainer.batch_indices() for _ in range(total_steps)))
+        self.waited_s = self.round_trip_s = 0.0
+
+    def partition_fn(self, q):
+        log_z, expected = self.client.partition_sums(q.detach().float().cpu().numpy(), self.trainer.args.temperature)
+        return torch.from_numpy(log_z).to(q.device), torch.from_numpy(expected).to(q.device)
+
+    def run(self, steps: int) -> float:
+        t = self.trainer
+        t.sync()
+        start = time.perf_counter()
+        for _ in range(steps):
+            step = next(self._steps)
+            self.waited_s += step.waited_s
+            self.round_trip_s += step.round_trip_s
+            self.feed.push(step.indices, t.step(step.images, step.positives, step.negatives, self.partition_fn))
+        t.sync()
+        return time.perf_counter() - start
+
+    def close(self) -> None:
+        try:
+            next(self._steps, None)  # after the last step: its update goes out
+        finally:
+            self._steps.close()
+            self.feed.close()
+
+
+def images_per_sec(loops: dict, steps: int, rounds: int, batch: int) -> dict:
+    """Each loop's images/s over `steps` steps run in `rounds` turns that alternate
+    between the loops (which goes first alternates too)."""
+    seconds = dict.fromkeys(loops, 0.0)
+    names = list(loops)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else names[::-1]:
+            seconds[name] += loops[name].run(len(range(r, steps, rounds)))
+    return {name: steps * batch / seconds[name] for name in names}
+
+
+def run(args: argparse.Namespace) -> int:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    # Only asked for when used: sched_getaffinity is Linux's, and the default pins nothing.
-    cores = sorted(os.sched_getaffinity(0)) if args.bank_cores else []
-    bank_cores, train_cores = split_cores(cores, args.bank_cores)
-    dataset = load_dataset(args.data, args.data_root, train=True)
-    images = dataset.images if hasattr(dataset, "images") else torch.stack(
-        [dataset[i][0] for i in range(min(len(dataset), 20000))])
+    images = load_dataset(args.data, train=True).images
     if args.image_size:
         images = F.interpolate(images.float(), size=args.image_size, mode="bilinear").round().clamp(0, 255).byte()
     torch.manual_seed(0)
     print(f"train-step benchmark: {args.data} {tuple(images.shape[1:])} x {len(images):,}, {args.arch}, "
-          f"{args.loss} (K={args.negatives}), batch {args.batch}, {args.shards} shard(s), {args.device}, "
-          f"overlap {'off' if args.no_overlap else 'on'}", flush=True)
+          f"{args.loss} (K={args.negatives}), batch {args.batch}, {args.shards} shard(s), {args.device}", flush=True)
+    placement = {}
     with ExitStack() as stack:
-        servers = start_bank_processes(stack, args.shards, len(images), 128, "float16")
-        placement = {}
-        if bank_cores:
+        servers = start_shards(stack, args.shards, len(images), 128, "float16")
+        if args.bank_cores:
+            bank_cores, train_cores = split_cores(sorted(os.sched_getaffinity(0)), args.bank_cores)
             for server in servers:
                 pin(server.proc.pid, bank_cores)
             pin(os.getpid(), train_cores)
@@ -96,21 +197,25 @@ def run_bench_train(args: argparse.Namespace) -> int:
                          "train_cpus": sorted(affinity(os.getpid())), "torch_threads": torch.get_num_threads()}
             print(f"the bank on core(s) {placement['bank_cpus']}; training on core(s) {placement['train_cpus']} "
                   f"with {placement['torch_threads']} torch thread(s)", flush=True)
-        loops = {"inprocess": InProcessLoop(Trainer(args, images)),
-                 "remote": RemoteLoop(Trainer(args, images), [s.address for s in servers], args.warmup + args.steps)}
-        stack.callback(loops["remote"].close)
-        rates = images_per_sec(loops, args.steps, args.warmup, args.rounds, args.batch)
-        remote, inprocess = rates["remote"], rates["inprocess"]
-        waited_ms, rtt_ms = (1e3 * getattr(loops["remote"], f) / args.steps for f in ("waited_s", "round_trip_s"))
-    result = {"remote_images_per_sec": remote, "inprocess_images_per_sec": inprocess, "ratio": remote / inprocess,
-              "bank_wait_ms": waited_ms, "bank_rtt_ms": rtt_ms, "device": args.device, "arch": args.arch,
-              "loss": args.loss, "negatives": args.negatives, "batch": args.batch, "shards": args.shards,
-              "rows": len(images), "overlap": not args.no_overlap, "rounds": args.rounds,
-              "bank_cores": args.bank_cores, **placement}
-    print(f"(a) remote sharded bank : {remote:10,.0f} images/s  (waited {waited_ms:.2f} ms/step for the bank, "
-          f"round trip {rtt_ms:.1f} ms)")
-    print(f"(b) in-process bank     : {inprocess:10,.0f} images/s")
-    print(f"ratio (a)/(b)           : {remote / inprocess:10.3f}", flush=True)
+        client = stack.enter_context(BankClient([s.address for s in servers], timeout=120))
+        remote = RemoteLoop(Trainer(args, images), client, args.warmup + args.steps)
+        stack.callback(remote.close)
+        loops = {"inprocess": InProcessLoop(Trainer(args, images)), "remote": remote}
+        for loop in loops.values():
+            loop.run(args.warmup)
+        remote.waited_s = remote.round_trip_s = 0.0  # the figures are of the timed steps
+        rates = images_per_sec(loops, args.steps, args.rounds, args.batch)
+    waited_ms, rtt_ms = (1e3 * seconds / args.steps for seconds in (remote.waited_s, remote.round_trip_s))
+    ratio = rates["remote"] / rates["inprocess"]
+    result = {"remote_images_per_sec": rates["remote"], "inprocess_images_per_sec": rates["inprocess"],
+              "ratio": ratio, "bank_wait_ms": waited_ms, "bank_rtt_ms": rtt_ms, "device": args.device,
+              "arch": args.arch, "loss": args.loss, "negatives": args.negatives, "batch": args.batch,
+              "shards": args.shards, "rows": len(images), "rounds": args.rounds, "bank_cores": args.bank_cores,
+              **placement}
+    print(f"(a) remote sharded bank : {rates['remote']:10,.0f} images/s  (waited {waited_ms:.2f} ms/step for the "
+          f"bank, round trip {rtt_ms:.1f} ms)")
+    print(f"(b) in-process bank     : {rates['inprocess']:10,.0f} images/s")
+    print(f"ratio (a)/(b)           : {ratio:10.3f}", flush=True)
     if args.json_path:
         with open(args.json_path, "w") as fh:
             json.dump(result, fh, indent=2)

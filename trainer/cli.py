@@ -6,10 +6,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The parser of `instdisc`; a benchmark's options are added only when `argv` names it."""
     parser = argparse.ArgumentParser(prog="instdisc", description="Instance Discrimination with a sharded memory bank.")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -54,34 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where linear.json and the cached features go (default: the encoder's folder)")
     linear.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.linear_epochs=50 data.name=mnist")
 
-    bench = commands.add_parser("bench", help="benchmarks that print numbers").add_subparsers(
-        dest="bench_command", required=True)
-    from benchmarks.bank import add_bench_bank_arguments
-    from benchmarks.defaults import add_bench_defaults_arguments
-    from benchmarks.durability import add_durability_arguments
-    from benchmarks.step_parts import add_bench_parts_arguments
-    from benchmarks.train import add_bench_train_arguments
-
-    add_bench_bank_arguments(bench.add_parser("bank", help="Step latency vs in-process bank and raw gRPC echo"))
-    add_bench_train_arguments(bench.add_parser("train", help="training images/s: remote bank vs in-process bank"))
-    add_bench_parts_arguments(bench.add_parser("parts", help="one shard's Step part by part, wire vs protobuf codec"))
-    add_durability_arguments(bench.add_parser(
-        "durability", help="recovery s/GB and per logged row, Step p99 while a shard snapshots"))
-    add_bench_defaults_arguments(bench.add_parser(
-        "defaults", help="the default recipe on image sets nobody tuned it for, against raw pixels"))
-
-    scale = commands.add_parser("scale", help="scaling sweeps that write results.parquet, results.md and plots")
-    scale_commands = scale.add_subparsers(dest="scale_command", required=True)
-    from benchmarks.scale_bank import add_scale_bank_arguments
-    from benchmarks.scale_data import add_scale_data_arguments
-    from benchmarks.scale_train import add_scale_train_arguments
-
-    add_scale_bank_arguments(scale_commands.add_parser(
-        "bank", help="bank cost vs rows, shards, negatives, dtype and clients on real servers"))
-    add_scale_train_arguments(scale_commands.add_parser(
-        "train", help="kNN accuracy vs negatives (and the exact softmax) and vs bank size"))
-    add_scale_data_arguments(scale_commands.add_parser(
-        "data", help="Parquet reading vs set size: train worker memory and images/s, and a reader comparison"))
+    for group, title in (("bench", "benchmarks that print numbers"),
+                         ("scale", "scaling sweeps that write results.parquet, results.md and plots")):
+        chosen = commands.add_parser(group, help=title).add_subparsers(dest=f"{group}_command", required=True)
+        for (kind, name), (module, help_text) in BENCHMARKS.items():
+            if kind == group:
+                sub = chosen.add_parser(name, help=help_text)
+                if list(argv[:2]) == [group, name]:  # only the command that runs imports its module
+                    importlib.import_module(module).add_arguments(sub)
     return parser
 
 
@@ -156,22 +138,22 @@ def run_eval_knn(args) -> int:
     return 0
 
 
-# `instdisc bench ...` and `instdisc scale ...`: (command, subcommand) -> where its runner
-# lives, imported only when it runs (the parser is built without torch or Ray).
+# `instdisc bench ...` and `instdisc scale ...`: (command, subcommand) -> the module that
+# holds its `add_arguments(parser)` and `run(args)`, and its help line.
 BENCHMARKS = {
-    ("bench", "train"): ("benchmarks.train", "run_bench_train"),
-    ("bench", "parts"): ("benchmarks.step_parts", "run_bench_parts"),
-    ("bench", "durability"): ("benchmarks.durability", "run_durability"),
-    ("bench", "defaults"): ("benchmarks.defaults", "run_bench_defaults"),
-    ("bench", "bank"): ("benchmarks.bank", "run_bench_bank"),
-    ("scale", "bank"): ("benchmarks.scale_bank", "run_scale_bank"),
-    ("scale", "train"): ("benchmarks.scale_train", "run_scale_train"),
-    ("scale", "data"): ("benchmarks.scale_data", "run_scale_data"),
+    ("bench", "bank"): ("benchmarks.bank", "Step latency vs a gRPC echo and an in-process bank; calls/s per shard"),
+    ("bench", "train"): ("benchmarks.train", "training images/s: remote bank vs in-process bank"),
+    ("bench", "defaults"): ("benchmarks.defaults",
+                            "the default recipe on image sets nobody tuned it for, against raw pixels"),
+    ("scale", "bank"): ("benchmarks.scale_bank", "Step cost and memory vs rows, shards, negatives, dtype and clients"),
+    ("scale", "train"): ("benchmarks.scale_train", "kNN accuracy vs negatives (and the exact softmax) and bank size"),
+    ("scale", "data"): ("benchmarks.scale_data", "Parquet reading vs set size: train worker memory and images/s"),
 }
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     if args.command == "bank":
         from bank_server.cli import run_serve
 
@@ -187,8 +169,8 @@ def main(argv=None) -> int:
         return run_eval_linear(args)
     if args.command == "eval":
         return run_eval_knn(args)
-    module, function = BENCHMARKS[(args.command, getattr(args, f"{args.command}_command"))]
-    return getattr(importlib.import_module(module), function)(args)
+    module, _ = BENCHMARKS[(args.command, getattr(args, f"{args.command}_command"))]
+    return importlib.import_module(module).run(args)
 
 
 if __name__ == "__main__":

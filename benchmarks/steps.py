@@ -1,0 +1,132 @@
+"""What a training step asks of the bank, replayed: batches of distinct rows with unit
+features, timed Step loops, Step clients in processes of their own (threads would share
+one GIL and flatten a throughput-vs-clients curve), and the bytes a Step moves."""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from bank_server.client import BankClient
+from protos import bank_pb2
+
+MOMENTUM = 0.5  # the bank's update v <- normalize(m v + (1 - m) f), the paper's m
+_WIRE = {"float16": bank_pb2.FLOAT16, "float32": bank_pb2.FLOAT32, "int64": bank_pb2.INT64}
+
+
+class StepWorkload:
+    """A cycle of batches, each `batch` distinct rows in [0, rows) and `batch` unit
+    float32 features of `dim`, drawn up front from `seed` so that a timed loop only
+    calls the bank. Step i updates batch i and reads batch i + 1, as training does."""
+
+    def __init__(self, rows: int, dim: int, batch: int, seed: int, count: int = 64):
+        if not 1 <= batch <= rows:
+            raise ValueError(f"the batch ({batch}) must be between 1 and the rows ({rows})")
+        rng = np.random.default_rng(seed)
+        self._indices = [rng.choice(rows, batch, replace=False) for _ in range(count)]
+        f = rng.standard_normal((count, batch, dim), dtype=np.float32)
+        self._features = f / np.linalg.norm(f, axis=2, keepdims=True)
+
+    def indices(self, i: int) -> np.ndarray:
+        return self._indices[i % len(self._indices)]
+
+    def features(self, i: int) -> np.ndarray:
+        return self._features[i % len(self._features)]
+
+    def step(self, client: BankClient, i: int, negatives: int) -> None:
+        client.step(self.indices(i), self.features(i), MOMENTUM, self.indices(i + 1), negatives)
+
+
+def timed_calls(fn: Callable[[int], object], iters: int, warmup: int) -> list[float]:
+    """Seconds of each of `iters` calls fn(i), after `warmup` untimed ones."""
+    for i in range(warmup):
+        fn(i)
+    seconds = []
+    for i in range(warmup, warmup + iters):
+        start = time.perf_counter()
+        fn(i)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
+def percentile_ms(seconds, q: float) -> float:
+    return float(np.percentile(seconds, q)) * 1e3
+
+
+def warmup_calls(iters: int) -> int:
+    """Untimed calls before `iters` timed ones: enough for connections and caches."""
+    return max(3, iters // 10)
+
+
+def step_bytes(batch: int, negatives: int, dim: int, dtype: str, shards: int) -> list[tuple[int, int]]:
+    """(request, answer) bytes of each shard's Step as protobuf encodes them: float32
+    features in, rows in the bank's `dtype` out, the batch and the negatives split over
+    the shards as evenly as `g % shards` splits them."""
+
+    def tensor(dtype: str, *shape: int) -> bank_pb2.Tensor:
+        itemsize = 8 if dtype == "int64" else np.dtype(dtype).itemsize
+        return bank_pb2.Tensor(dtype=_WIRE[dtype], shape=shape, data=bytes(itemsize * int(np.prod(shape))))
+
+    sizes = []
+    for s in range(shards):
+        b, k = len(range(s, batch, shards)), len(range(s, negatives, shards))
+        update = bank_pb2.UpdateRequest(indices=tensor("int64", b), features=tensor("float32", b, dim),
+                                        momentum=MOMENTUM, client_id="0" * 32, sequence=1)
+        request = bank_pb2.StepRequest(update=update, lookup_indices=tensor("int64", b), sample_k=k)
+        answer = bank_pb2.StepResponse(update_applied=True, rows=tensor(dtype, b, dim),
+                                       sample_indices=tensor("int64", k), sample_rows=tensor(dtype, k, dim))
+        sizes.append((request.ByteSize(), answer.ByteSize()))
+    return sizes
+
+
+def _client(addresses, rows, dim, batch, negatives, iters, seed, ready, answers) -> None:
+    try:
+        work = StepWorkload(rows, dim, batch, seed)
+        with BankClient(addresses, timeout=600) as client:
+            for i in range(warmup_calls(iters)):
+                work.step(client, i, negatives)
+            ready.wait()
+            start = time.monotonic()
+            seconds = timed_calls(lambda i: work.step(client, i, negatives), iters, 0)
+            answers.put((seconds, start, time.monotonic()))
+    except BaseException:
+        ready.abort()  # the others stop waiting for this one
+        answers.put(None)
+        raise
+
+
+def run_step_clients(addresses: list[str], rows: int, dim: int, batch: int, negatives: int, clients: int,
+                     iters: int, timeout: float = 600.0) -> dict:
+    """`clients` processes that make Steps on the bank at `addresses`, after
+    `warmup_calls(iters)` untimed ones each, all starting `iters` timed ones together:
+    the latency over all their calls and their aggregate throughput."""
+    context = multiprocessing.get_context("spawn")  # the caller may hold threads (gRPC's) that fork would copy
+    ready, answers = context.Barrier(clients + 1, timeout=timeout), context.Queue()
+    procs = [context.Process(target=_client, daemon=True,
+                             args=(addresses, rows, dim, batch, negatives, iters, seed, ready, answers))
+             for seed in range(clients)]
+    for proc in procs:
+        proc.start()
+    try:
+        ready.wait()
+        got = [answers.get(timeout=timeout) for _ in procs]
+        if None in got:
+            raise threading.BrokenBarrierError
+    except (threading.BrokenBarrierError, queue.Empty):
+        raise RuntimeError(f"a Step client failed or stalled (exit codes {[p.exitcode for p in procs]}); "
+                           "its traceback is above") from None
+    finally:
+        for proc in procs:
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+    latencies = np.concatenate([seconds for seconds, _, _ in got])
+    wall = max(end for _, _, end in got) - min(start for _, start, _ in got)
+    return {"step_p50_ms": percentile_ms(latencies, 50), "step_p99_ms": percentile_ms(latencies, 99),
+            "steps": len(latencies), "warmup_steps": clients * warmup_calls(iters),
+            "steps_per_s": len(latencies) / wall, "rows_per_s": len(latencies) * (2 * batch + negatives) / wall}
