@@ -30,8 +30,6 @@ from benchmarks.echo import EchoCalls
 from benchmarks.servers import Server, cpu_seconds, start_shards
 from benchmarks.steps import MOMENTUM, StepWorkload, percentile_ms, run_step_clients, step_bytes, timed_calls
 
-FSYNC_MODES = ("no", "everysec", "always")
-
 
 def _counts(text: str) -> list[int]:
     return comma_list(text, positive_int)
@@ -46,11 +44,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=positive_int, default=256)
     parser.add_argument("--iters", type=positive_int, default=300)
     parser.add_argument("--warmup", type=int, default=30)
-    parser.add_argument("--clients", type=_counts, default="1,4,8",
-                        help="comma-separated counts of concurrent Step client processes for calls/s per shard")
+    clients = "comma-separated counts of concurrent Step client processes, for calls/s per shard"
+    parser.add_argument("--clients", type=_counts, default="1,4,8", help=clients)
     parser.add_argument("--client-iters", type=positive_int, default=200, help="timed Steps per client")
-    parser.add_argument("--fsync", choices=FSYNC_MODES, default=None,
-                        help="run the shards with their update log in this mode, as deployed (default: no log)")
+    fsync = "the shards keep their update log in this mode, as deployed (default: no log)"
+    parser.add_argument("--fsync", choices=("no", "everysec", "always"), help=fsync)
     parser.add_argument("--json", dest="json_path", help="also write the results here as a JSON list")
 
 
@@ -72,8 +70,9 @@ def inprocess_seconds(work: StepWorkload, rows, dim, dtype, shards, negatives, i
     return timed_calls(step, iters, warmup)
 
 
-def step_and_echo_seconds(client: BankClient, echo: EchoCalls, work: StepWorkload, negatives: int, iters: int,
-                          warmup: int) -> tuple[list[float], list[float]]:
+def step_and_echo_seconds(
+    client: BankClient, echo: EchoCalls, work: StepWorkload, negatives: int, iters: int, warmup: int
+) -> tuple[list[float], list[float]]:
     """Seconds of each Step and each echo call, taking turns, who goes first alternating."""
     calls = [lambda i: work.step(client, i, negatives), echo]
     seconds: list[list[float]] = [[], []]
@@ -89,8 +88,9 @@ def step_and_echo_seconds(client: BankClient, echo: EchoCalls, work: StepWorkloa
 def measure(args: argparse.Namespace, shards: int) -> dict:
     work = StepWorkload(args.rows, args.dim, args.batch, seed=0)
     # Before the servers start, so that the in-process copies are freed by then.
-    inprocess = inprocess_seconds(work, args.rows, args.dim, args.dtype, shards, args.negatives, args.iters,
-                                  args.warmup)
+    inprocess = inprocess_seconds(
+        work, args.rows, args.dim, args.dtype, shards, args.negatives, args.iters, args.warmup
+    )
     sizes = step_bytes(args.batch, args.negatives, args.dim, args.dtype, shards)
     with ExitStack() as stack:
         servers = start_shards(stack, shards, args.rows, args.dim, args.dtype, args.fsync)
@@ -105,46 +105,51 @@ def measure(args: argparse.Namespace, shards: int) -> dict:
         clients = {}
         for count in args.clients:
             before = [cpu_seconds(s.proc.pid) for s in servers]
-            load = run_step_clients(addresses, args.rows, args.dim, args.batch, args.negatives, count,
-                                    args.client_iters)
+            load = run_step_clients(
+                addresses, args.rows, args.dim, args.batch, args.negatives, count, args.client_iters
+            )
             calls = load["steps"] + load["warmup_steps"]
             # The busiest shard's CPU per call; 0 when the run was shorter than the clock's 10 ms ticks.
             cpu_ms = max(1e3 * (cpu_seconds(s.proc.pid) - b) / calls for s, b in zip(servers, before))
-            clients[count] = {"calls_per_s": load["steps_per_s"], "step_p50_ms": load["step_p50_ms"],
-                              "step_p99_ms": load["step_p99_ms"], "shard_cpu_ms_per_call": cpu_ms,
-                              "calls_per_core_s": 1e3 / cpu_ms if cpu_ms else None}
-    p50 = {name: percentile_ms(s, 50) for name, s in (("step", step), ("echo", echoed), ("inprocess", inprocess))}
-    return {"shards": shards, "rows": args.rows, "dim": args.dim, "dtype": args.dtype, "negatives": args.negatives,
-            "batch": args.batch, "iters": args.iters, "fsync": args.fsync,
-            "step_p50_ms": p50["step"], "step_p99_ms": percentile_ms(step, 99),
-            "echo_p50_ms": p50["echo"], "echo_p99_ms": percentile_ms(echoed, 99),
-            "inprocess_p50_ms": p50["inprocess"], "inprocess_p99_ms": percentile_ms(inprocess, 99),
-            "step_over_echo": p50["step"] / p50["echo"], "step_over_inprocess": p50["step"] / p50["inprocess"],
-            "rows_per_s": (2 * args.batch + args.negatives) / float(np.mean(step)),
-            "request_bytes": sum(s[0] for s in sizes), "answer_bytes": sum(s[1] for s in sizes),
-            "clients": clients}
+            clients[count] = dict(calls_per_s=load["steps_per_s"], step_p50_ms=load["step_p50_ms"])
+            clients[count] |= dict(step_p99_ms=load["step_p99_ms"], shard_cpu_ms_per_call=cpu_ms)
+            clients[count]["calls_per_core_s"] = 1e3 / cpu_ms if cpu_ms else None
+    result = {key: getattr(args, key) for key in ("rows", "dim", "dtype", "negatives", "batch", "iters", "fsync")}
+    for name, seconds in (("step", step), ("echo", echoed), ("inprocess", inprocess)):
+        result |= {f"{name}_p50_ms": percentile_ms(seconds, 50), f"{name}_p99_ms": percentile_ms(seconds, 99)}
+    result["step_over_echo"] = result["step_p50_ms"] / result["echo_p50_ms"]
+    result["step_over_inprocess"] = result["step_p50_ms"] / result["inprocess_p50_ms"]
+    result["rows_per_s"] = (2 * args.batch + args.negatives) / float(np.mean(step))
+    result |= dict(request_bytes=sum(s[0] for s in sizes), answer_bytes=sum(s[1] for s in sizes), clients=clients)
+    return {"shards": shards, **result}
 
 
 def run(args: argparse.Namespace) -> int:
-    print(f"bank Step: N={args.rows:,} D={args.dim} {args.dtype} K={args.negatives} B={args.batch} "
-          f"iters={args.iters}" + (f", update log fsync {args.fsync}" if args.fsync else ""), flush=True)
-    print(f"{'shards':>6} {'step p50':>9} {'step p99':>9} {'echo p50':>9} {'inproc p50':>10} {'step/echo':>9} "
-          f"{'step/inproc':>11} {'rows/s':>12}")
+    print(f"bank Step: N={args.rows:,} D={args.dim} {args.dtype} K={args.negatives} B={args.batch}, fsync {args.fsync}")
+    print("shards  step p50  step p99  echo p50  inproc p50  step/echo  step/inproc      rows/s", flush=True)
     results = []
     for shards in args.shards:
         r = measure(args, shards)
         results.append(r)
-        print(f"{shards:>6} {r['step_p50_ms']:>7.2f}ms {r['step_p99_ms']:>7.2f}ms {r['echo_p50_ms']:>7.2f}ms "
-              f"{r['inprocess_p50_ms']:>8.2f}ms {r['step_over_echo']:>9.2f} {r['step_over_inprocess']:>11.2f} "
-              f"{r['rows_per_s']:>12,.0f}", flush=True)
-    print(f"\nStep calls/s one shard process serves ({args.client_iters} Steps per client; p50/p99 of the clients' "
-          "Steps), and the shard's CPU per call (calls/s on a core of its own):")
+        print(
+            f"{shards:>6} {r['step_p50_ms']:>7.2f}ms {r['step_p99_ms']:>7.2f}ms {r['echo_p50_ms']:>7.2f}ms "
+            f"{r['inprocess_p50_ms']:>9.2f}ms {r['step_over_echo']:>10.2f} {r['step_over_inprocess']:>12.2f} "
+            f"{r['rows_per_s']:>11,.0f}",
+            flush=True,
+        )
+    print("\nStep calls/s one shard process serves (p50/p99 of the clients' Steps; its CPU per call: calls/s per core)")
     for r in results:
         for count, c in r["clients"].items():
-            own = "too short to measure" if c["calls_per_core_s"] is None else \
+            own = (
                 f"{c['shard_cpu_ms_per_call']:.3f} ms ({c['calls_per_core_s']:,.0f}/s)"
-            print(f"{r['shards']:>3} shard(s), {count:>2} client(s): {c['calls_per_s']:>7,.0f}/s "
-                  f"{c['step_p50_ms']:>6.2f}/{c['step_p99_ms']:.2f} ms   CPU {own}", flush=True)
+                if c["calls_per_core_s"]
+                else "-"
+            )
+            print(
+                f"{r['shards']:>3} shard(s), {count:>2} client(s): {c['calls_per_s']:>7,.0f}/s "
+                f"{c['step_p50_ms']:>6.2f}/{c['step_p99_ms']:.2f} ms   CPU {own}",
+                flush=True,
+            )
     if args.json_path:
         with open(args.json_path, "w") as fh:
             json.dump(results, fh, indent=2)

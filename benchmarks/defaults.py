@@ -9,33 +9,45 @@ encoder and within ``--tolerance`` points of raw pixels.
 
 The sets are the Parquet sets of `benchmarks.image_sets` (written into
 ``DIR/data/``) and a 2,000-image Fashion-MNIST subset. Each run goes into
-``DIR/points/<set>/``; a set that finished before with the same config is read back.
+``DIR/points/<set>/`` (`benchmarks.runs`); a set that finished there before is read back.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 
-from benchmarks.image_sets import SETS
+import torch
+
+from benchmarks import runs
+from benchmarks.image_sets import SETS, write_set
+from benchmarks.report import write_table
+from trainer.config import ConfigError, load_config, resolve_config_path
+from trainer.evaluate import embed_all, knn_accuracy
+from trainer.input import load_datasets
 
 FASHION_2K = "fashion-mnist-2k"
 ALL_SETS = (*SETS, FASHION_2K)
-POINT_CONFIG = "point.json"
 
 
-def add_bench_defaults_arguments(parser: argparse.ArgumentParser) -> None:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n")[0].replace("`", "")
-    parser.add_argument("--output-dir", default="runs/defaults", help="data/, points/<set>/, results.parquet, results.md")
+    parser.add_argument(
+        "--output-dir", default="runs/defaults", help="data/, points/<set>/, results.parquet, results.md"
+    )
     parser.add_argument("--sets", default=",".join(ALL_SETS), help=f"comma-separated, from {', '.join(ALL_SETS)}")
-    parser.add_argument("--config", default=None, help="a config to start every run from (default: the defaults, "
-                                                       "as `instdisc train` without --config)")
-    parser.add_argument("--tolerance", type=float, default=3.0, help="points below raw-pixel kNN still counted as holding")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="extra overrides for every run (the check itself gives none)")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="a config to start every run from (default: the defaults, as `instdisc train` without --config)",
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=3.0, help="points below raw-pixel kNN still counted as holding"
+    )
+    parser.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="extra overrides for every run (the check itself gives none)"
+    )
 
 
 def data_overrides(name: str, data_dir: Path) -> list[str]:
@@ -47,52 +59,49 @@ def data_overrides(name: str, data_dir: Path) -> list[str]:
 
 def pixel_knn(config) -> dict:
     """Weighted kNN on raw pixels, over the splits the run itself uses."""
-    import torch
-
-    from trainer.evaluate import embed_all, knn_accuracy
-    from trainer.input import load_datasets
-
     train_set, test_set = load_datasets(config)
     pixels = torch.nn.Flatten()
     train_features, train_labels = embed_all(pixels, train_set)
     test_features, test_labels = embed_all(pixels, test_set)
-    top1, _ = knn_accuracy(train_features, train_labels, test_features, test_labels, train_set.num_classes,
-                           config.eval.k, config.eval.sigma)
-    return {"train_images": len(train_set), "test_images": len(test_set), "classes": train_set.num_classes,
-            "knn_top1_pixels": top1}
-
-
-def run_set(config, folder: Path, name: str) -> dict:
-    """The run's summary: read back when this config finished here before, else trained."""
-    from trainer.launch import launch
-
-    recorded, summary = folder / POINT_CONFIG, folder / "summary.json"
-    if recorded.exists() and summary.exists() and json.loads(recorded.read_text()) == config.to_dict():
-        return json.loads(summary.read_text())
-    folder.mkdir(parents=True, exist_ok=True)
-    recorded.write_text(json.dumps(config.to_dict(), indent=2))
-    with open(folder / "log.txt", "a", buffering=1) as log, redirect_stdout(log), redirect_stderr(log):
-        return launch(config, folder, run_name=f"defaults-{name}")
+    top1, _ = knn_accuracy(
+        train_features,
+        train_labels,
+        test_features,
+        test_labels,
+        train_set.num_classes,
+        config.eval.k,
+        config.eval.sigma,
+    )
+    return {
+        "train_images": len(train_set),
+        "test_images": len(test_set),
+        "classes": train_set.num_classes,
+        "knn_top1_pixels": top1,
+    }
 
 
 def result_row(name: str, pixels: dict, summary: dict, tolerance: float) -> dict:
     trained, untrained, raw = summary["knn_top1"], summary["knn_top1_untrained"], pixels["knn_top1_pixels"]
     holds = trained > untrained and trained >= raw - tolerance / 100
-    return {"set": name, **pixels, "knn_top1_untrained": untrained, "knn_top1": trained,
-            "vs_pixels_points": 100 * (trained - raw), "vs_untrained_points": 100 * (trained - untrained),
-            "steps": summary["steps"], "epochs": summary["epochs"], "train_seconds": summary["train_seconds"],
-            "holds": holds}
+    return {
+        "set": name,
+        **pixels,
+        "knn_top1_untrained": untrained,
+        "knn_top1": trained,
+        "vs_pixels_points": 100 * (trained - raw),
+        "vs_untrained_points": 100 * (trained - untrained),
+        "steps": summary["steps"],
+        "epochs": summary["epochs"],
+        "train_seconds": summary["train_seconds"],
+        "holds": holds,
+    }
 
 
 def _percent(value: float) -> str:
     return f"{100 * value:.2f} %"
 
 
-def run_bench_defaults(args: argparse.Namespace) -> int:
-    from benchmarks.image_sets import write_set
-    from benchmarks.report import write_table
-    from trainer.config import load_config, resolve_config_path
-
+def run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.sets.split(",") if n.strip()]
     unknown = [n for n in names if n not in ALL_SETS]
     if unknown:
@@ -100,20 +109,29 @@ def run_bench_defaults(args: argparse.Namespace) -> int:
         return 2
     output, config_path = Path(args.output_dir), resolve_config_path(args.config)
     rows = []
-    for name in names:
-        if name in SETS and not (output / "data" / name / "test.parquet").exists():
-            write_set(name, output / "data" / name)
-        config = load_config(config_path, [*data_overrides(name, output / "data"), *args.overrides])
-        pixels = pixel_knn(config)
-        summary = run_set(config, output / "points" / name, name)
-        rows.append(result_row(name, pixels, summary, args.tolerance))
-        row = rows[-1]
-        print(f"{name}: kNN {_percent(row['knn_top1'])} | untrained {_percent(row['knn_top1_untrained'])} | "
-              f"pixels {_percent(row['knn_top1_pixels'])} | {row['steps']} steps | "
-              f"{'holds' if row['holds'] else 'DOES NOT HOLD'}", flush=True)
-    notes = [f"Config `{args.config or 'defaults'}` with only the data keys" + (f" and {' '.join(args.overrides)}" if args.overrides
-                                                                  else "") + f"; holds = above the untrained "
-             f"encoder and within {args.tolerance:g} points of raw-pixel kNN (same k and sigma)."]
+    try:
+        for name in names:
+            if name in SETS and not (output / "data" / name / "test.parquet").exists():
+                write_set(name, output / "data" / name)
+            config = load_config(config_path, [*data_overrides(name, output / "data"), *args.overrides])
+            pixels = pixel_knn(config)
+            folder = output / "points" / name
+            summary = runs.finished(folder, config) or runs.train(config, folder, f"defaults-{name}")
+            rows.append(result_row(name, pixels, summary, args.tolerance))
+            print(
+                f"{name}: kNN {_percent(summary['knn_top1'])} | untrained "
+                f"{_percent(summary['knn_top1_untrained'])} | pixels {_percent(pixels['knn_top1_pixels'])} | "
+                f"{summary['steps']} steps | {'holds' if rows[-1]['holds'] else 'DOES NOT HOLD'}",
+                flush=True,
+            )
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    notes = [
+        f"Config `{args.config or 'defaults'}` with only the data keys and `{' '.join(args.overrides) or '-'}`; "
+        f"holds = above the untrained encoder and within {args.tolerance:g} points of raw-pixel kNN (same k and "
+        "sigma)."
+    ]
     _, markdown = write_table(rows, output, "The defaults on unseen image sets", notes)
     print(markdown.read_text())
     return 0 if all(row["holds"] for row in rows) else 1

@@ -17,7 +17,6 @@ Every set is seeded: the same command writes the same bytes.
 
 from __future__ import annotations
 
-import argparse
 import io
 import math
 import sys
@@ -55,8 +54,11 @@ def _digits(rng: np.random.Generator, count: int):
 def _fonts() -> list[Path | None]:
     fonts = sorted(FONT_DIR.glob("*.ttf"))
     if not fonts:  # None: Pillow's own font, so the set still builds, with less variety
-        print(f"warning: no DejaVu fonts in {FONT_DIR} (apt-get install fonts-dejavu-core); the glyphs set "
-              "is drawn in Pillow's built-in font alone, so it is not the set BENCHMARKS.md measured", file=sys.stderr)
+        print(
+            f"warning: no DejaVu fonts in {FONT_DIR} (apt-get install fonts-dejavu-core); the glyphs set "
+            "is drawn in Pillow's built-in font alone, so it is not the set BENCHMARKS.md measured",
+            file=sys.stderr,
+        )
         return [None]
     return fonts
 
@@ -71,10 +73,12 @@ def _glyphs(rng: np.random.Generator, count: int):
         label = int(rng.integers(len(GLYPHS)))
         font = _font(fonts[rng.integers(len(fonts))], int(rng.integers(16, 25)))
         canvas = Image.new("L", (48, 48), 0)
-        ImageDraw.Draw(canvas).text((24, 24), GLYPHS[label], fill=int(rng.integers(170, 256)), font=font,
-                                    anchor="mm")
-        canvas = canvas.rotate(float(rng.uniform(-12, 12)), resample=Image.BILINEAR,
-                               translate=tuple(int(t) for t in rng.integers(-4, 5, 2)))
+        ImageDraw.Draw(canvas).text((24, 24), GLYPHS[label], fill=int(rng.integers(170, 256)), font=font, anchor="mm")
+        canvas = canvas.rotate(
+            float(rng.uniform(-12, 12)),
+            resample=Image.BILINEAR,
+            translate=tuple(int(t) for t in rng.integers(-4, 5, 2)),
+        )
         canvas = canvas.crop((10, 10, 38, 38))
         noise = rng.normal(0, 12, (28, 28))
         pixels = (np.asarray(canvas, np.float64) + noise).clip(0, 255).astype(np.uint8)
@@ -82,8 +86,13 @@ def _glyphs(rng: np.random.Generator, count: int):
 
 
 def _star(cx, cy, r, points=5):
-    return [(cx + (r if k % 2 == 0 else r / 2.5) * math.sin(k * math.pi / points),
-             cy - (r if k % 2 == 0 else r / 2.5) * math.cos(k * math.pi / points)) for k in range(2 * points)]
+    return [
+        (
+            cx + (r if k % 2 == 0 else r / 2.5) * math.sin(k * math.pi / points),
+            cy - (r if k % 2 == 0 else r / 2.5) * math.cos(k * math.pi / points),
+        )
+        for k in range(2 * points)
+    ]
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, colour) -> None:
@@ -141,22 +150,3 @@ def write_set(name: str, folder: Path, *, count: int = 0, test_fraction: float =
         table = pa.table({"image": pa.array(images[part], pa.binary()), "label": pa.array(labels[part], pa.int64())})
         pq.write_table(table, folder / f"{split}.parquet")
     return {"set": name, "train": len(labels) - test, "test": test, "classes": len(set(labels))}
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--output-dir", required=True, type=Path)
-    parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, from {', '.join(SETS)}")
-    parser.add_argument("--count", type=int, default=0, help="images per set, train and test together (0: the set's own)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    for name in args.sets.split(","):
-        if name not in SETS:
-            parser.error(f"unknown set {name!r}; choose from {', '.join(SETS)}")
-        counts = write_set(name, args.output_dir / name, count=args.count, seed=args.seed)
-        print(f"{args.output_dir / name}: {counts['train']} train, {counts['test']} test, {counts['classes']} classes")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

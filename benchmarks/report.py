@@ -1,8 +1,5 @@
-"""Outputs of a sweep (`instdisc scale bank`, `instdisc scale train`): one row per
-point in ``results.parquet``, the same table in ``results.md``, and line plots.
-
-matplotlib is imported when the first plot is drawn, not with this module.
-"""
+"""Outputs of a sweep (`instdisc scale ...`, `instdisc bench defaults`): one row per
+point in ``results.parquet``, the same table in ``results.md``, and line plots."""
 
 from __future__ import annotations
 
@@ -12,13 +9,14 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from matplotlib.figure import Figure
 
 
-def write_table(rows: list[dict], output_dir: str | Path, title: str, notes: Iterable[str] = (),
-                columns: Sequence[str] | None = None) -> tuple[Path, Path]:
+def write_table(
+    rows: list[dict], output: Path, title: str, notes: Iterable[str] = (), columns=None
+) -> tuple[Path, Path]:
     """Write ``results.parquet`` (every key of every row) and ``results.md`` (``columns``,
     default all) into ``output_dir``; returns both paths."""
-    output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     parquet_path, markdown_path = output / "results.parquet", output / "results.md"
     pq.write_table(pa.Table.from_pylist(rows), parquet_path)
@@ -28,14 +26,8 @@ def write_table(rows: list[dict], output_dir: str | Path, title: str, notes: Ite
 
 def markdown(rows: list[dict], title: str, notes: Iterable[str] = (), columns: Sequence[str] | None = None) -> str:
     columns = list(columns or dict.fromkeys(k for row in rows for k in row))
-    lines = [f"# {title}", ""]
-    lines += [f"{note}" for note in notes]
-    if notes:
-        lines.append("")
-    lines.append("| " + " | ".join(columns) + " |")
-    lines.append("|" + "|".join("---:" for _ in columns) + "|")
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    lines = [f"# {title}", "", *notes, "", "| " + " | ".join(columns) + " |", "|" + "---:|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -56,33 +48,21 @@ def _cell(value) -> str:
     return f"{value:.3g}"
 
 
-def plot_lines(path: str | Path, rows: list[dict], x: str, y: str, series: str | Sequence[str] | None = None,
-               title: str = "", xlabel: str | None = None, ylabel: str | None = None,
-               logx: bool = False, logy: bool = False) -> Path:
-    """One line of ``y`` against ``x`` per distinct value of ``series`` (a key or keys)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [series] if isinstance(series, str) else list(series or [])
+def plot_lines(path: Path, rows: list[dict], x: str, y: str, series=(), title="", ylabel=None, logx=False) -> Path:
+    """One line of `y` against `x` per distinct value of `series` (a key or keys)."""
+    keys = [series] if isinstance(series, str) else list(series)
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
-        if row.get(y) is None or row.get(x) is None:
-            continue
-        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+        if row.get(y) is not None and row.get(x) is not None:
+            groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    fig = Figure(figsize=(6.4, 4.2))
+    ax = fig.subplots()
     for label, members in sorted(groups.items(), key=lambda item: tuple(map(str, item[0]))):
         members.sort(key=lambda row: row[x])
         ax.plot([m[x] for m in members], [m[y] for m in members], marker="o", label=", ".join(map(str, label)))
-    ax.set(xlabel=xlabel or x, ylabel=ylabel or y, title=title)
-    if logx:
-        ax.set_xscale("log")
-    if logy:
-        ax.set_yscale("log")
+    ax.set(xlabel=x, ylabel=ylabel or y, title=title, xscale="log" if logx else "linear")
     if keys and groups:  # beside the axes, where it cannot hide a line
         ax.legend(title=", ".join(keys), fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     ax.grid(alpha=0.3)
     fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return Path(path)
+    return path

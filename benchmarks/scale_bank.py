@@ -21,7 +21,6 @@ import os
 import re
 import sys
 import time
-from argparse import ArgumentTypeError
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -32,14 +31,11 @@ from benchmarks.servers import start_shards
 from benchmarks.steps import run_step_clients
 
 GIB, GB = 1 << 30, 1e9
-PRESETS = {
-    "default": {"rows": "1e4,1e5,1e6,1e7,3e7,1e8", "shards": "1,2,4", "negatives": "256,1024,4096,16384,65536",
-                "dtypes": "float16,float32", "clients": "1,2,4", "iters": 300},
-    "quick": {"rows": "1e4,1e5,1e6", "shards": "1,2", "negatives": "4096,16384", "dtypes": "float16,float32",
-              "clients": "1,2", "iters": 50},
-}
-COLUMNS = ("rows", "shards", "negatives", "dtype", "clients", "step_p50_ms", "step_p99_ms", "steps_per_s",
-           "rows_per_s", "startup_s", "bytes_per_row", "raw_bytes_per_row")
+DEFAULT = dict(rows="1e4,1e5,1e6,1e7,3e7,1e8", shards="1,2,4", negatives="256,1024,4096,16384,65536", iters=300)
+DEFAULT |= dict(dtypes="float16,float32", clients="1,2,4")
+QUICK = dict(DEFAULT, rows="1e4,1e5,1e6", shards="1,2", negatives="4096,16384", clients="1,2", iters=50)
+COLUMNS = "rows shards negatives dtype clients step_p50_ms step_p99_ms steps_per_s rows_per_s startup_s".split()
+COLUMNS += ["bytes_per_row", "raw_bytes_per_row"]
 # Below this many bytes of rows a bank's RSS is mostly the process itself: the capacity
 # model then counts the raw bytes.
 _MIN_MEASURED_BYTES = 100_000_000
@@ -52,7 +48,7 @@ def _counts(text: str) -> list[int]:
 def _dtypes(text: str) -> list[str]:
     dtypes = comma_list(text, str.strip)
     if unknown := [d for d in dtypes if d not in DTYPES]:
-        raise ArgumentTypeError(f"{', '.join(unknown)}: not among {', '.join(DTYPES)}")
+        raise argparse.ArgumentTypeError(f"{', '.join(unknown)}: not among {', '.join(DTYPES)}")
     return dtypes
 
 
@@ -60,23 +56,21 @@ LISTS = {"rows": _counts, "shards": _counts, "negatives": _counts, "dtypes": _dt
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    default = PRESETS["default"]
     for name, kind in LISTS.items():
-        parser.add_argument(f"--{name}", type=kind, help=f"comma-separated (default {default[name]})")
-    parser.add_argument("--iters", type=positive_int, help=f"timed Steps per client and point (default "
-                                                           f"{default['iters']})")
+        parser.add_argument(f"--{name}", type=kind, help=f"comma-separated (default {DEFAULT[name]})")
+    parser.add_argument("--iters", type=positive_int, help="timed Steps per client and point (default 300)")
     parser.add_argument("--dim", type=positive_int, default=128)
     parser.add_argument("--batch", type=positive_int, default=256, help="B: rows updated and looked up per Step")
-    parser.add_argument("--shard-memory-gb", type=float, default=64.0,
-                        help="one shard's memory in the capacity model (GB)")
+    parser.add_argument(
+        "--shard-memory-gb", type=float, default=64.0, help="one shard's memory in the capacity model (GB)"
+    )
     parser.add_argument("--output-dir", default="runs/scale-bank")
-    parser.add_argument("--quick", action="store_true", help="a small grid: " + ", ".join(
-        f"{key} {value}" for key, value in PRESETS["quick"].items()))
+    parser.add_argument("--quick", action="store_true", help=f"a small grid: {QUICK}")
 
 
 def settings(args: argparse.Namespace) -> dict:
     """Each list and --iters: as given, else --quick's, else the default."""
-    preset = PRESETS["quick" if args.quick else "default"]
+    preset = QUICK if args.quick else DEFAULT
     chosen = {name: getattr(args, name) or kind(preset[name]) for name, kind in LISTS.items()}
     return chosen | {"iters": args.iters or preset["iters"]}
 
@@ -88,8 +82,8 @@ def plan(s: dict) -> tuple[dict[tuple, list[tuple]], tuple]:
     def median(values):
         return sorted(values)[(len(values) - 1) // 2]
 
-    n, shards, k, dtype, c = (median(s["rows"]), median(s["shards"]), median(s["negatives"]), s["dtypes"][0],
-                              min(s["clients"]))
+    n, shards, k = (median(s[key]) for key in ("rows", "shards", "negatives"))
+    dtype, c = s["dtypes"][0], min(s["clients"])
     points = [(rows, count, dtype, k, c) for rows in s["rows"] for count in s["shards"]]
     points += [(n, shards, dtype, negatives, c) for negatives in s["negatives"]]
     points += [(n, shards, other, k, c) for other in s["dtypes"]]
@@ -111,13 +105,15 @@ def refusal(bank: tuple, points: list[tuple], dim: int, batch: int) -> str | Non
     rows, shards, dtype = bank
     if rows < max(batch, shards, *(k for k, _ in points)):
         return f"skipping N={rows:,} S={shards}: N must be at least the batch, the shards and the negatives"
-    need = RESTORE_COPIES * rows * dim * DTYPES[dtype].itemsize + (shards + max(c for _, c in points) + 1) \
-        * PROCESS_BYTES
+    processes = shards + max(c for _, c in points) + 1
+    need = RESTORE_COPIES * rows * dim * DTYPES[dtype].itemsize + processes * PROCESS_BYTES
     available = memory_available()
     usable = available - max(GIB, available // 10)
     if need > usable:
-        return (f"skipping N={rows:,} S={shards} {dtype}: needs {need / GIB:.1f} GiB, {usable / GIB:.1f} GiB "
-                f"available (MemAvailable {available / GIB:.1f} GiB less a safety margin)")
+        return (
+            f"skipping N={rows:,} S={shards} {dtype}: needs {need / GIB:.1f} GiB, {usable / GIB:.1f} GiB "
+            f"available (MemAvailable {available / GIB:.1f} GiB less a safety margin)"
+        )
     return None
 
 
@@ -137,14 +133,12 @@ def measure_bank(bank: tuple, points: list[tuple], dim: int, batch: int, iters: 
         results = []
         for negatives, clients in points:
             load = run_step_clients([s.address for s in servers], rows, dim, batch, negatives, clients, iters)
-            results.append({"rows": rows, "shards": shards, "negatives": negatives, "dtype": dtype,
-                            "clients": clients, "dim": dim, "batch": batch, "iters": iters,
-                            **{key: load[key] for key in ("step_p50_ms", "step_p99_ms", "steps_per_s", "rows_per_s")},
-                            "startup_s": startup_s, "rss_bytes": rss,
-                            "bytes_per_row": (rss - shards * idle_rss) / rows,
-                            "raw_bytes_per_row": dim * DTYPES[dtype].itemsize, "load_1m": os.getloadavg()[0]})
-            print(f"N={rows:,} S={shards} {dtype} K={negatives} C={clients}: Step p50 "
-                  f"{load['step_p50_ms']:.2f} ms, {load['rows_per_s']:,.0f} rows/s", flush=True)
+            row = dict(rows=rows, shards=shards, negatives=negatives, dtype=dtype, clients=clients, dim=dim)
+            row |= {key: load[key] for key in ("step_p50_ms", "step_p99_ms", "steps_per_s", "rows_per_s")}
+            row |= dict(batch=batch, iters=iters, startup_s=startup_s, rss_bytes=rss, load_1m=os.getloadavg()[0])
+            row |= dict(bytes_per_row=(rss - shards * idle_rss) / rows, raw_bytes_per_row=dim * DTYPES[dtype].itemsize)
+            results.append(row)
+            print(f"N={rows:,} S={shards} {dtype} K={negatives} C={clients}: Step p50 {row['step_p50_ms']:.2f} ms")
     return results
 
 
@@ -152,75 +146,63 @@ def capacity(results: list[dict], idle_rss: int, shard_memory_gb: float, target:
     """The shards a bank of `target` rows needs per dtype, at the memory per row of the
     largest bank measured."""
     budget = shard_memory_gb * GB - idle_rss
-    lines = [f"Shards of {shard_memory_gb:g} GB each that a bank of {target:,} rows needs (an idle shard process "
-             f"holds {idle_rss / 1e6:.0f} MB; a Restore holds {RESTORE_COPIES}x the rows):", "",
-             "| dtype | measured at N | bytes/row | raw bytes/row | shards | with Restore headroom |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Shards of {shard_memory_gb:g} GB each that a bank of {target:,} rows needs (an idle shard process "
+        f"holds {idle_rss / 1e6:.0f} MB; a Restore holds {RESTORE_COPIES}x the rows):",
+        "",
+        "| dtype | measured at N | bytes/row | raw bytes/row | shards | with Restore headroom |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for dtype in sorted({r["dtype"] for r in results}):
         row = max((r for r in results if r["dtype"] == dtype), key=lambda r: (r["rows"], -r["shards"]))
         raw = row["raw_bytes_per_row"]
         per_row = max(row["bytes_per_row"], raw) if row["rows"] * raw >= _MIN_MEASURED_BYTES else raw
-        lines.append(f"| {dtype} | {row['rows']:,} | {row['bytes_per_row']:.1f} | {raw} "
-                     f"| {math.ceil(target * per_row / budget)} "
-                     f"| {math.ceil(RESTORE_COPIES * target * per_row / budget)} |")
+        lines.append(
+            f"| {dtype} | {row['rows']:,} | {row['bytes_per_row']:.1f} | {raw} "
+            f"| {math.ceil(target * per_row / budget)} "
+            f"| {math.ceil(RESTORE_COPIES * target * per_row / budget)} |"
+        )
     return lines
 
 
 def write_plots(output: Path, results: list[dict], base: tuple) -> list[Path]:
-    keys = ("rows", "shards", "dtype", "negatives", "clients")
-
-    def around(*free):  # the points where every other axis is at the base
-        return [r for r in results if all(r[k] == v for k, v in zip(keys, base) if k not in free)]
-
-    n, shards, dtype, k, c = base
-    return [
-        plot_lines(output / "latency_vs_rows.png", around("rows", "shards"), "rows", "step_p50_ms", "shards",
-                   title=f"Step p50 vs bank rows (K={k}, {dtype}, {c} client)", xlabel="rows N",
-                   ylabel="Step p50 (ms)", logx=True),
-        plot_lines(output / "throughput_vs_clients.png", around("clients"), "clients", "rows_per_s",
-                   title=f"Step throughput (N={n:,} S={shards} {dtype}, K={k})", xlabel="concurrent clients",
-                   ylabel="rows/s (2B + K per Step)"),
-        plot_lines(output / "latency_vs_negatives.png", around("negatives"), "negatives", "step_p50_ms",
-                   title=f"Step p50 vs negatives (N={n:,} S={shards} {dtype})", xlabel="negatives K",
-                   ylabel="Step p50 (ms)", logx=True),
-    ]
+    """Step p50 against N (a line per S), throughput against C, Step p50 against K."""
+    axes = ("rows", "shards", "dtype", "negatives", "clients")
+    plots = [("latency_vs_rows", "rows", "step_p50_ms", "shards"), ("throughput_vs_clients", "clients", "rows_per_s")]
+    plots += [("latency_vs_negatives", "negatives", "step_p50_ms")]
+    written = []
+    for name, x, y, *series in plots:
+        free = (x, *series)  # the other axes at the base point
+        rows = [r for r in results if all(r[a] == v for a, v in zip(axes, base) if a not in free)]
+        title = f"{y} vs {x}, " + " ".join(f"{a}={v}" for a, v in zip(axes, base) if a not in free)
+        written.append(plot_lines(output / f"{name}.png", rows, x, y, series, title=title, logx=x != "clients"))
+    return written
 
 
 def run(args: argparse.Namespace) -> int:
     s = settings(args)
     banks, base = plan(s)
-    skipped = []
-    for bank, points in list(banks.items()):
-        if reason := refusal(bank, points, args.dim, args.batch):
-            skipped.append(reason)
-            print(reason, flush=True)
-            del banks[bank]
-    if not banks:
-        print("error: no point of this grid can run on this machine", file=sys.stderr)
-        return 2
-    print(f"instdisc scale bank: {sum(map(len, banks.values()))} points on {len(banks)} banks; base N={base[0]:,} "
-          f"S={base[1]} {base[2]} K={base[3]} C={base[4]}; D={args.dim}, B={args.batch}, {s['iters']} Steps per "
-          "client and point", flush=True)
+    print(f"{sum(map(len, banks.values()))} points on {len(banks)} banks; base (N, S, dtype, K, C) = {base}")
     with ExitStack() as stack:
         idle_rss = rss_bytes(start_shards(stack, 1, 1, 1, "float32")[0].proc.pid)
-    results = []
+    results, skipped = [], []
     for bank, points in banks.items():
-        # Checked again just before it starts: memory the earlier banks freed, or others took.
+        # Checked just before it starts: memory the earlier banks freed, or others took, counts.
         if reason := refusal(bank, points, args.dim, args.batch):
-            skipped.append(reason)
             print(reason, flush=True)
-            continue
-        results += measure_bank(bank, points, args.dim, args.batch, s["iters"], idle_rss)
+            skipped.append(f"- {reason}")
+        else:
+            results += measure_bank(bank, points, args.dim, args.batch, s["iters"], idle_rss)
     if not results:
-        print("error: every bank was skipped", file=sys.stderr)
+        print("error: no point of this grid can run on this machine", file=sys.stderr)
         return 2
+    notes = [
+        f"Base point (N, S, dtype, K, C) = {base}; D={args.dim}, B={args.batch}. Each axis is swept alone around "
+        "it. rows_per_s counts 2B + K rows per Step over all clients. bytes_per_row is the shards' RSS after "
+        f"start-up less an idle shard's, per row. {os.cpu_count()} CPUs; other work shows as latency (load_1m).",
+    ]
+    notes += ["", *capacity(results, idle_rss, args.shard_memory_gb), "", *skipped, "", "## Points"]
     output = Path(args.output_dir)
-    notes = [f"Base point N={base[0]:,} S={base[1]} {base[2]} K={base[3]} C={base[4]}; D={args.dim}, "
-             f"B={args.batch}. Each axis is swept alone around it. rows_per_s counts 2B + K rows per Step over all "
-             f"clients. bytes_per_row is the shards' RSS after start-up less an idle shard's, per row. "
-             f"{os.cpu_count()} CPUs; other work on the machine shows as latency (load_1m).", "",
-             *capacity(results, idle_rss, args.shard_memory_gb), "",
-             *(f"- {line}" for line in skipped), "", "## Points"]
     parquet, markdown = write_table(results, output, "instdisc scale bank", notes, COLUMNS)
     plots = write_plots(output, results, base)
     print(markdown.read_text())

@@ -16,6 +16,7 @@ from bank_server.client import BankClient
 from protos import bank_pb2
 
 MOMENTUM = 0.5  # the bank's update v <- normalize(m v + (1 - m) f), the paper's m
+_TIMEOUT_S = 600.0  # a client's start, its calls and any one call
 _WIRE = {"float16": bank_pb2.FLOAT16, "float32": bank_pb2.FLOAT32, "int64": bank_pb2.INT64}
 
 
@@ -75,11 +76,11 @@ def step_bytes(batch: int, negatives: int, dim: int, dtype: str, shards: int) ->
     sizes = []
     for s in range(shards):
         b, k = len(range(s, batch, shards)), len(range(s, negatives, shards))
-        update = bank_pb2.UpdateRequest(indices=tensor("int64", b), features=tensor("float32", b, dim),
-                                        momentum=MOMENTUM, client_id="0" * 32, sequence=1)
+        update = dict(indices=tensor("int64", b), features=tensor("float32", b, dim), momentum=MOMENTUM)
+        update = bank_pb2.UpdateRequest(**update, client_id="0" * 32, sequence=1)  # as long as a client's
         request = bank_pb2.StepRequest(update=update, lookup_indices=tensor("int64", b), sample_k=k)
-        answer = bank_pb2.StepResponse(update_applied=True, rows=tensor(dtype, b, dim),
-                                       sample_indices=tensor("int64", k), sample_rows=tensor(dtype, k, dim))
+        answer = dict(rows=tensor(dtype, b, dim), sample_indices=tensor("int64", k), sample_rows=tensor(dtype, k, dim))
+        answer = bank_pb2.StepResponse(update_applied=True, **answer)
         sizes.append((request.ByteSize(), answer.ByteSize()))
     return sizes
 
@@ -87,7 +88,7 @@ def step_bytes(batch: int, negatives: int, dim: int, dtype: str, shards: int) ->
 def _client(addresses, rows, dim, batch, negatives, iters, seed, ready, answers) -> None:
     try:
         work = StepWorkload(rows, dim, batch, seed)
-        with BankClient(addresses, timeout=600) as client:
+        with BankClient(addresses, timeout=_TIMEOUT_S) as client:
             for i in range(warmup_calls(iters)):
                 work.step(client, i, negatives)
             ready.wait()
@@ -100,26 +101,26 @@ def _client(addresses, rows, dim, batch, negatives, iters, seed, ready, answers)
         raise
 
 
-def run_step_clients(addresses: list[str], rows: int, dim: int, batch: int, negatives: int, clients: int,
-                     iters: int, timeout: float = 600.0) -> dict:
+def run_step_clients(addresses: list[str], rows: int, dim: int, batch: int, negatives: int, clients: int, iters: int):
     """`clients` processes that make Steps on the bank at `addresses`, after
     `warmup_calls(iters)` untimed ones each, all starting `iters` timed ones together:
     the latency over all their calls and their aggregate throughput."""
     context = multiprocessing.get_context("spawn")  # the caller may hold threads (gRPC's) that fork would copy
-    ready, answers = context.Barrier(clients + 1, timeout=timeout), context.Queue()
-    procs = [context.Process(target=_client, daemon=True,
-                             args=(addresses, rows, dim, batch, negatives, iters, seed, ready, answers))
-             for seed in range(clients)]
+    ready, answers = context.Barrier(clients + 1, timeout=_TIMEOUT_S), context.Queue()
+    spec = (addresses, rows, dim, batch, negatives, iters)
+    procs = [
+        context.Process(target=_client, args=(*spec, seed, ready, answers), daemon=True) for seed in range(clients)
+    ]
     for proc in procs:
         proc.start()
     try:
         ready.wait()
-        got = [answers.get(timeout=timeout) for _ in procs]
+        got = [answers.get(timeout=_TIMEOUT_S) for _ in procs]
         if None in got:
             raise threading.BrokenBarrierError
     except (threading.BrokenBarrierError, queue.Empty):
-        raise RuntimeError(f"a Step client failed or stalled (exit codes {[p.exitcode for p in procs]}); "
-                           "its traceback is above") from None
+        codes = [p.exitcode for p in procs]
+        raise RuntimeError(f"a Step client failed or stalled (exit codes {codes}); its traceback is above") from None
     finally:
         for proc in procs:
             proc.join(10)
@@ -127,6 +128,6 @@ def run_step_clients(addresses: list[str], rows: int, dim: int, batch: int, nega
                 proc.kill()
     latencies = np.concatenate([seconds for seconds, _, _ in got])
     wall = max(end for _, _, end in got) - min(start for _, start, _ in got)
-    return {"step_p50_ms": percentile_ms(latencies, 50), "step_p99_ms": percentile_ms(latencies, 99),
-            "steps": len(latencies), "warmup_steps": clients * warmup_calls(iters),
-            "steps_per_s": len(latencies) / wall, "rows_per_s": len(latencies) * (2 * batch + negatives) / wall}
+    result = dict(step_p50_ms=percentile_ms(latencies, 50), step_p99_ms=percentile_ms(latencies, 99))
+    result |= dict(steps=len(latencies), warmup_steps=clients * warmup_calls(iters), steps_per_s=len(latencies) / wall)
+    return result | {"rows_per_s": result["steps_per_s"] * (2 * batch + negatives)}

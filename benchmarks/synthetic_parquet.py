@@ -1,34 +1,25 @@
 """A synthetic image set of any size in the Hugging Face Parquet layout, for measuring
-the data path (`instdisc scale data`) at sizes no downloaded set has here.
-
-    python -m benchmarks.synthetic_parquet --images 600000 --test-images 10000 --output DIR
-
-writes ``DIR/data/train-00000-of-00006.parquet`` ... and ``DIR/data/test-00000-of-00001.parquet``:
-an ``image`` column of structs ``{bytes, path}`` holding grayscale PNGs (16x16 by default)
-and an integer ``label`` column, 100,000 rows per file in row groups of 10,000, and the
-schema metadata that lets ``datasets.load_dataset("parquet")`` see an Image and a ClassLabel.
+the data path (`instdisc scale data`) at sizes no downloaded set has here:
+``DIR/data/train-00000-of-00006.parquet`` ... and ``DIR/data/test-00000-of-00001.parquet``,
+an ``image`` column of structs ``{bytes, path}`` holding grayscale PNGs and an integer
+``label`` column, 100,000 rows per file in row groups of 10,000, with the schema
+metadata that lets ``datasets.load_dataset("parquet")`` see an Image and a ClassLabel.
 
 The ten classes are shapes (bars at four angles, plus, X, ring, disc, square outline,
 triangle) with random position, size, thickness, small rotation, contrast and pixel
 noise: a kNN on raw pixels gets some of them, an encoder learns more. Every row group
-is drawn from its own seeded generator, so the same arguments write the same bytes
-whatever the number of processes.
-
-Files are written one row group at a time by a pool of processes (one file per task,
-renamed into place when whole), so memory stays at a few row groups however many
-images are asked for. ``DIR/synthetic.json`` is written last; a second run with the
-same arguments finds it, checks the files against it and writes nothing.
+is drawn from its own seeded generator, so the same spec writes the same bytes whatever
+the number of processes. ``DIR/synthetic.json`` (the spec) is written last: a set that
+has it is complete and is not written again.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import re
+import shutil
 import struct
-import sys
 import time
 import zlib
 from concurrent.futures import ProcessPoolExecutor
@@ -40,54 +31,45 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.args import positive_int
-
 MANIFEST = "synthetic.json"
-VERSION = 1  # part of the manifest: a change to the images must not reuse old files
-CLASSES = ("horizontal bar", "vertical bar", "diagonal", "anti-diagonal", "plus", "x", "ring", "disc",
-           "square outline", "triangle")
-SPLITS = {"train": 0, "test": 1}  # also the split's part of each row group's seed
-FILE_NAME = re.compile(r"^(train|test)-\d{5}-of-\d{5}\.parquet$")
+CLASSES = (
+    "horizontal bar",
+    "vertical bar",
+    "diagonal",
+    "anti-diagonal",
+    "plus",
+    "x",
+    "ring",
+    "disc",
+    "square outline",
+    "triangle",
+)
 SCHEMA = pa.schema(
     [("image", pa.struct([("bytes", pa.binary()), ("path", pa.string())])), ("label", pa.int64())],
-    metadata={b"huggingface": json.dumps({"info": {"features": {
-        "image": {"_type": "Image"}, "label": {"names": list(CLASSES), "_type": "ClassLabel"}}}}).encode()})
+    metadata={
+        b"huggingface": json.dumps(
+            {
+                "info": {
+                    "features": {"image": {"_type": "Image"}, "label": {"names": list(CLASSES), "_type": "ClassLabel"}}
+                }
+            }
+        ).encode()
+    },
+)
 
 
 @dataclass(frozen=True)
 class Spec:
-    """Everything that decides the bytes written; the manifest records it."""
+    """Everything that decides the bytes written."""
+
     images: int
     test_images: int
     image_size: int = 16
     seed: int = 0
     rows_per_file: int = 100_000
     rows_per_group: int = 10_000
-    version: int = VERSION
+    version: int = 1  # a change to the images must not reuse old files
 
-
-@dataclass(frozen=True)
-class FileTask:
-    split: str
-    index: int
-    of: int
-    rows: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.split}-{self.index:05d}-of-{self.of:05d}.parquet"
-
-
-def plan(spec: Spec) -> list[FileTask]:
-    tasks = []
-    for split, total in (("train", spec.images), ("test", spec.test_images)):
-        files = max(1, math.ceil(total / spec.rows_per_file))
-        for index in range(files):
-            tasks.append(FileTask(split, index, files, min(spec.rows_per_file, total - index * spec.rows_per_file)))
-    return tasks
-
-
-# -- the images ----------------------------------------------------------------------
 
 def _distances(label: int, u: np.ndarray, v: np.ndarray, s: np.ndarray, t: np.ndarray) -> np.ndarray:
     """Approximate signed distance in pixels to class `label`'s shape (negative inside);
@@ -95,10 +77,12 @@ def _distances(label: int, u: np.ndarray, v: np.ndarray, s: np.ndarray, t: np.nd
     root2, root5 = math.sqrt(2), math.sqrt(5)
     a, b = (u - v) / root2, (u + v) / root2  # the diagonal axes
     r = np.sqrt(u * u + v * v)
-    bars = {0: lambda: np.maximum(np.abs(v) - t, np.abs(u) - s),
-            1: lambda: np.maximum(np.abs(u) - t, np.abs(v) - s),
-            2: lambda: np.maximum(np.abs(a) - t, np.abs(b) - s),
-            3: lambda: np.maximum(np.abs(b) - t, np.abs(a) - s)}
+    bars = {
+        0: lambda: np.maximum(np.abs(v) - t, np.abs(u) - s),
+        1: lambda: np.maximum(np.abs(u) - t, np.abs(v) - s),
+        2: lambda: np.maximum(np.abs(a) - t, np.abs(b) - s),
+        3: lambda: np.maximum(np.abs(b) - t, np.abs(a) - s),
+    }
     if label in bars:
         return bars[label]()
     if label == 4:
@@ -168,106 +152,45 @@ def encode_pngs(images: np.ndarray) -> list[bytes]:
     return [encode(one) for one in scanlines]
 
 
-def row_group(spec: Spec, task: FileTask, group: int, rows: int) -> pa.Table:
-    rng = np.random.default_rng([spec.seed, SPLITS[task.split], task.index, group])
-    labels = rng.integers(0, len(CLASSES), rows)
-    pngs = encode_pngs(draw(rng, labels, spec.image_size))
-    images = pa.StructArray.from_arrays([pa.array(pngs, pa.binary()), pa.nulls(rows, pa.string())],
-                                        fields=list(SCHEMA.field("image").type))
-    return pa.Table.from_arrays([images, pa.array(labels, pa.int64())], schema=SCHEMA)
-
-
-def write_file(spec: Spec, task: FileTask, folder: Path) -> dict:
-    """One file, row group by row group, renamed into place when complete."""
-    final = folder / task.name
-    partial = folder / f".{task.name}.partial"
+def write_file(spec: Spec, split: int, index: int, files: int, rows: int, folder: Path) -> int:
+    """One file, row group by row group (memory stays at a group), renamed into place
+    when whole; its rows."""
+    name = f"{('train', 'test')[split]}-{index:05d}-of-{files:05d}.parquet"
+    partial = folder / f".{name}.partial"
     with pq.ParquetWriter(partial, SCHEMA, compression="none") as writer:  # PNG bytes do not compress further
-        for group, start in enumerate(range(0, task.rows, spec.rows_per_group)):
-            writer.write_table(row_group(spec, task, group, min(spec.rows_per_group, task.rows - start)),
-                               row_group_size=spec.rows_per_group)
-    os.replace(partial, final)
-    return {"rows": task.rows, "bytes": final.stat().st_size}
+        for group, start in enumerate(range(0, rows, spec.rows_per_group)):
+            n = min(spec.rows_per_group, rows - start)
+            rng = np.random.default_rng([spec.seed, split, index, group])
+            labels = rng.integers(0, len(CLASSES), n)
+            pngs = encode_pngs(draw(rng, labels, spec.image_size))
+            images = pa.StructArray.from_arrays(
+                [pa.array(pngs, pa.binary()), pa.nulls(n, pa.string())], fields=list(SCHEMA.field("image").type)
+            )
+            writer.write_table(pa.Table.from_arrays([images, pa.array(labels, pa.int64())], schema=SCHEMA))
+    os.replace(partial, folder / name)
+    return rows
 
 
-# -- the dataset ---------------------------------------------------------------------
-
-def read_manifest(output: Path) -> dict | None:
-    try:
-        return json.loads((output / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def is_complete(output: Path, spec: Spec) -> bool:
-    """Whether `output` holds exactly what `spec` writes: the manifest says so and every
-    file it lists is there with its recorded size."""
-    manifest = read_manifest(output)
-    if manifest is None or manifest.get("spec") != asdict(spec):
-        return False
-    for name, facts in manifest["files"].items():
-        path = output / "data" / name
-        if not path.is_file() or path.stat().st_size != facts["bytes"]:
-            return False
-    return True
-
-
-def generate(output: str | Path, spec: Spec, workers: int | None = None, log=print) -> dict:
-    """Write the dataset into `output` (or find it already there); returns the manifest."""
-    output = Path(output)
-    if is_complete(output, spec):
-        manifest = read_manifest(output)
-        log(f"{output}: already holds {spec.images:,} + {spec.test_images:,} synthetic images; nothing written")
-        return manifest
+def generate(output: Path, spec: Spec) -> str:
+    """Write the set into `output` unless it is there already; says what it did."""
+    manifest = output / MANIFEST
+    if manifest.exists() and json.loads(manifest.read_text()) == asdict(spec):
+        return f"{output}: found, nothing written"
+    shutil.rmtree(output, ignore_errors=True)  # an unfinished or other set: its files would join the globs
     folder = output / "data"
-    folder.mkdir(parents=True, exist_ok=True)
-    (output / MANIFEST).unlink(missing_ok=True)
-    tasks = plan(spec)
-    wanted = {task.name for task in tasks}
-    for stale in folder.iterdir():  # an earlier size's files would join the split's glob
-        if stale.name not in wanted and (FILE_NAME.match(stale.name) or stale.name.endswith(".partial")):
-            stale.unlink()
-    workers = max(1, min(workers or os.cpu_count() or 1, len(tasks)))
+    folder.mkdir(parents=True)
+    tasks = []
+    for split, total in enumerate((spec.images, spec.test_images)):
+        files = max(1, math.ceil(total / spec.rows_per_file))
+        tasks += [
+            (spec, split, i, files, min(spec.rows_per_file, total - i * spec.rows_per_file), folder)
+            for i in range(files)
+        ]
     start = time.perf_counter()
-    if workers == 1:
-        facts = [write_file(spec, task, folder) for task in tasks]
-    else:
-        # spawn, not fork: the caller may have threads (a sampler, Ray's) that fork would copy mid-lock.
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            facts = list(pool.map(write_file, [spec] * len(tasks), tasks, [folder] * len(tasks)))
+    workers = max(1, min(os.cpu_count() or 1, len(tasks)))
+    # spawn, not fork: the caller may have threads that fork would copy mid-lock.
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        written = sum(pool.map(write_file, *zip(*tasks)))
+    manifest.write_text(json.dumps(asdict(spec)))
     seconds = time.perf_counter() - start
-    manifest = {"generator": "benchmarks.synthetic_parquet", "spec": asdict(spec), "classes": list(CLASSES),
-                "files": {task.name: fact for task, fact in zip(tasks, facts)}, "seconds": seconds,
-                "processes": workers}
-    temporary = output / f".{MANIFEST}.partial"
-    temporary.write_text(json.dumps(manifest, indent=2))
-    os.replace(temporary, output / MANIFEST)
-    total = spec.images + spec.test_images
-    log(f"{output}: wrote {total:,} images in {len(tasks)} files "
-        f"({sum(f['bytes'] for f in facts) / 1e6:,.0f} MB) in {seconds:.1f} s with {workers} processes "
-        f"({total / seconds:,.0f} images/s)")
-    return manifest
-
-
-def train_files(output: str | Path) -> list[Path]:
-    return sorted((Path(output) / "data").glob("train-*.parquet"))
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.synthetic_parquet",
-                                     description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=positive_int, default=600_000, help="training images (default 600,000)")
-    parser.add_argument("--test-images", type=positive_int, default=10_000, help="test images (default 10,000)")
-    parser.add_argument("--output", required=True, help="the dataset folder (data/ goes inside it)")
-    parser.add_argument("--image-size", type=positive_int, default=16, help="side in pixels (default 16)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rows-per-file", type=positive_int, default=100_000)
-    parser.add_argument("--rows-per-group", type=positive_int, default=10_000)
-    parser.add_argument("--workers", type=positive_int, default=None, help="processes (default: one per CPU)")
-    args = parser.parse_args(argv)
-    spec = Spec(args.images, args.test_images, args.image_size, args.seed, args.rows_per_file, args.rows_per_group)
-    generate(args.output, spec, args.workers)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return f"{output}: wrote {written:,} images in {len(tasks)} files in {seconds:.1f} s with {workers} processes"

@@ -44,20 +44,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shards", type=positive_int, default=2)
     parser.add_argument("--steps", type=positive_int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--rounds", type=positive_int, default=4,
-                        help="turns the steps run in, alternating between the two banks")
+    parser.add_argument("--rounds", type=positive_int, default=4, help="turns, alternating between the banks")
     parser.add_argument("--device", default="auto", help="auto: cuda when available")
-    parser.add_argument("--bank-cores", type=int, default=0,
-                        help="run the shard processes on the first N of this process's cores and training on the "
-                             "others, one torch thread per core; 0: everything shares every core")
+    cores = "the shards on the first N of this process's cores, training on the rest; 0: all share every core"
+    parser.add_argument("--bank-cores", type=int, default=0, help=cores)
     parser.add_argument("--json", dest="json_path")
 
 
 def split_cores(cores: list[int], bank_cores: int) -> tuple[set[int], set[int]]:
     """(the bank's cores, training's): the first `bank_cores` of `cores` and the rest."""
     if not 0 < bank_cores < len(cores):
-        raise SystemExit(f"--bank-cores must be in [0, {len(cores) - 1}]: this process may use {len(cores)} core(s), "
-                         "and training needs at least one")
+        raise SystemExit(f"--bank-cores must be in [0, {len(cores) - 1}]: training needs one of the {len(cores)}")
     return set(cores[:bank_cores]), set(cores[bank_cores:])
 
 
@@ -135,8 +132,10 @@ class RemoteLoop:
         a = trainer.args
         self.trainer, self.client = trainer, client
         self.feed = BankFeed(client, a.negatives if a.loss == "nce" else 0, 0.5, trainer.device)
-        self._steps = self.feed.steps((trainer.images[i], i, torch.zeros(len(i), dtype=torch.long))
-                                      for i in (trainer.batch_indices() for _ in range(total_steps)))
+        self._steps = self.feed.steps(
+            (trainer.images[i], i, torch.zeros(len(i), dtype=torch.long))
+            for i in (trainer.batch_indices() for _ in range(total_steps))
+        )
         self.waited_s = self.round_trip_s = 0.0
 
     def partition_fn(self, q):
@@ -181,8 +180,7 @@ def run(args: argparse.Namespace) -> int:
     if args.image_size:
         images = F.interpolate(images.float(), size=args.image_size, mode="bilinear").round().clamp(0, 255).byte()
     torch.manual_seed(0)
-    print(f"train-step benchmark: {args.data} {tuple(images.shape[1:])} x {len(images):,}, {args.arch}, "
-          f"{args.loss} (K={args.negatives}), batch {args.batch}, {args.shards} shard(s), {args.device}", flush=True)
+    print(f"bench train: {args.data} {tuple(images.shape[1:])} x {len(images):,}, {args.arch}, {args.loss}", flush=True)
     placement = {}
     with ExitStack() as stack:
         servers = start_shards(stack, args.shards, len(images), 128, "float16")
@@ -193,10 +191,10 @@ def run(args: argparse.Namespace) -> int:
             pin(os.getpid(), train_cores)
             torch.set_num_threads(len(train_cores))
             # Read back, not assumed: what the report says is where the threads are.
-            placement = {"bank_cpus": sorted(set().union(*(affinity(s.proc.pid) for s in servers))),
-                         "train_cpus": sorted(affinity(os.getpid())), "torch_threads": torch.get_num_threads()}
-            print(f"the bank on core(s) {placement['bank_cpus']}; training on core(s) {placement['train_cpus']} "
-                  f"with {placement['torch_threads']} torch thread(s)", flush=True)
+            bank_cpus = sorted(set().union(*(affinity(s.proc.pid) for s in servers)))
+            placement = dict(bank_cpus=bank_cpus, train_cpus=sorted(affinity(os.getpid())))
+            placement["torch_threads"] = torch.get_num_threads()
+            print(f"the bank on core(s) {bank_cpus}; training: {placement}", flush=True)
         client = stack.enter_context(BankClient([s.address for s in servers], timeout=120))
         remote = RemoteLoop(Trainer(args, images), client, args.warmup + args.steps)
         stack.callback(remote.close)
@@ -207,13 +205,10 @@ def run(args: argparse.Namespace) -> int:
         rates = images_per_sec(loops, args.steps, args.rounds, args.batch)
     waited_ms, rtt_ms = (1e3 * seconds / args.steps for seconds in (remote.waited_s, remote.round_trip_s))
     ratio = rates["remote"] / rates["inprocess"]
-    result = {"remote_images_per_sec": rates["remote"], "inprocess_images_per_sec": rates["inprocess"],
-              "ratio": ratio, "bank_wait_ms": waited_ms, "bank_rtt_ms": rtt_ms, "device": args.device,
-              "arch": args.arch, "loss": args.loss, "negatives": args.negatives, "batch": args.batch,
-              "shards": args.shards, "rows": len(images), "rounds": args.rounds, "bank_cores": args.bank_cores,
-              **placement}
-    print(f"(a) remote sharded bank : {rates['remote']:10,.0f} images/s  (waited {waited_ms:.2f} ms/step for the "
-          f"bank, round trip {rtt_ms:.1f} ms)")
+    result = dict(remote_images_per_sec=rates["remote"], inprocess_images_per_sec=rates["inprocess"], ratio=ratio)
+    result |= dict(bank_wait_ms=waited_ms, bank_rtt_ms=rtt_ms, rows=len(images), **placement)
+    result |= {key: getattr(args, key) for key in "device arch loss negatives batch shards rounds bank_cores".split()}
+    print(f"(a) remote sharded bank : {rates['remote']:10,.0f} images/s  (waited {waited_ms:.2f} ms/step for it)")
     print(f"(b) in-process bank     : {rates['inprocess']:10,.0f} images/s")
     print(f"ratio (a)/(b)           : {ratio:10.3f}", flush=True)
     if args.json_path:

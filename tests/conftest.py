@@ -13,7 +13,7 @@ import pytest
 from bank_server.client import BankClient
 from bank_server.server import BankServer, ServerConfig
 from bank_server.shard import Layout, initial_rows
-from benchmarks.processes import ServerProcess
+from tests.processes import ServerProcess
 
 # Every Ray the tests start (here and in child processes) binds loopback: on Linux Ray
 # otherwise swaps 127.0.0.1 for the machine's network address.

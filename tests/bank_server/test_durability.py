@@ -13,8 +13,8 @@ import pytest
 from bank_server import snapshot as snapshots
 from bank_server import tensors, update_log
 from bank_server.shard import Layout, Shard
-from benchmarks.processes import ChildFailed, ServerProcess
 from protos import bank_pb2, bank_pb2_grpc
+from tests.processes import ChildFailed, ServerProcess
 
 N, D, DTYPE = 200, 16, "float16"
 MOMENTUM = 0.5

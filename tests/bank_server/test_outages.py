@@ -10,8 +10,8 @@ import time
 import numpy as np
 
 from bank_server.client import BankClient
-from benchmarks.processes import ServerProcess
 from tests.conftest import free_port
+from tests.processes import ServerProcess
 
 N, D, SHARDS = 400, 16, 2
 STEPS = 150          # the stream's length: bounded

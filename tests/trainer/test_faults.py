@@ -24,8 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.processes import ServerProcess
 from tests.conftest import free_port, wait_until
+from tests.processes import ServerProcess
 
 # Small and quick, but long enough (64 steps an epoch) to be hit in the middle of one.
 SMALL = ["data.subset=2048", "data.test_subset=500", "train.batch_size=32", "train.workers=2", "bank.shards=2",

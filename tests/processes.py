@@ -1,5 +1,5 @@
-"""Python child processes that the benchmarks (and the tests) talk to through their
-output lines: bank shard servers, echo servers, Step clients.
+"""Python child processes that the tests talk to through their output lines: bank
+shard servers (``python -m bank_server``) and small scripts.
 
 Each child's stdout is read on a thread, so waiting for a line honours its timeout
 even when the child hangs without printing; a child that fails to say what was
@@ -8,7 +8,6 @@ expected in time is killed, and the error carries the end of its stderr.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -16,47 +15,10 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from contextlib import ExitStack
 from pathlib import Path
 
 _STDERR_TAIL_CHARS = 4000
-# Initialising rows runs at about 500,000 a second on one core here; a shard gets five
-# times as long, on top of the interpreter's start.
-_START_S, _ROWS_PER_S = 60.0, 100_000
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time the process has used so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def pin(pid: int, cpus: set[int], rounds: int = 5) -> None:
-    """Every thread of process `pid` onto `cpus`; threads it starts later inherit that
-    (Linux). A thread started while the list is read is caught by the next round."""
-    for _ in range(rounds):
-        unpinned = []
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                if os.sched_getaffinity(int(tid)) != cpus:
-                    os.sched_setaffinity(int(tid), cpus)
-                    unpinned.append(tid)
-            except ProcessLookupError:  # the thread ended meanwhile
-                pass
-        if not unpinned:
-            return
-    raise RuntimeError(f"process {pid} kept starting threads; could not pin them all to cores {sorted(cpus)}")
-
-
-def affinity(pid: int) -> set[int]:
-    """The cores any thread of process `pid` may run on (Linux)."""
-    cores: set[int] = set()
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            cores |= os.sched_getaffinity(int(tid))
-        except ProcessLookupError:  # the thread ended meanwhile
-            pass
-    return cores
+_START_S = 60.0
 
 
 class ChildFailed(RuntimeError):
@@ -175,29 +137,3 @@ class ServerProcess(ChildProcess):
         if not self._serving:
             self.expect(r"\bSERVING\b", timeout)
             self._serving = True
-
-
-def start_bank_processes(stack: ExitStack, shards: int, rows: int, dim: int, dtype: str, *,
-               snapshot_dir: Path | None = None, log_dir: Path | None = None,
-               timeout: float | None = None, extra: Sequence[str] = ()) -> list[ServerProcess]:
-    """The `shards` ``python -m bank_server`` processes of one bank on loopback, started
-    together; returns once every one serves. Each runs one BLAS thread, the server's
-    default, as the Ray actors do. They are killed when `stack` closes: a server told
-    to stop with SIGTERM would first write a final snapshot, which costs seconds per
-    GB and measures nothing. Their stderr goes to ``log_dir/server-<shard>.log`` when
-    `log_dir` is given. `timeout` (default: by the rows to initialise) bounds the start.
-    `extra` goes on every server's command line (``--fsync always``)."""
-    timeout = _START_S + rows / _ROWS_PER_S if timeout is None else timeout
-    deadline = time.monotonic() + timeout
-    servers = []
-    for shard in range(shards):
-        args = ["-m", "bank_server", "--shard-id", str(shard), "--num-shards", str(shards), "--rows", str(rows),
-                "--dim", str(dim), "--dtype", dtype, "--port", "0"]
-        if snapshot_dir is not None:
-            args += ["--snapshot-dir", str(snapshot_dir)]
-        args += list(extra)
-        log = log_dir / f"server-{shard}.log" if log_dir is not None else None
-        servers.append(stack.enter_context(ServerProcess(args, stderr=log, timeout=timeout)))
-    for server in servers:
-        server.wait_serving(max(0.0, deadline - time.monotonic()))
-    return servers

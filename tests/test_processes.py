@@ -1,12 +1,11 @@
-"""The one helper that starts child processes: it reads their lines, honours its
+"""The tests' helper that starts child processes: it reads their lines, honours its
 timeouts even when a child hangs in silence, and fails with the child's stderr."""
 
-import os
 import time
 
 import pytest
 
-from benchmarks.processes import ChildFailed, ChildProcess, ServerProcess, pin
+from tests.processes import ChildFailed, ChildProcess, ServerProcess
 
 
 def python(code: str) -> list[str]:
@@ -57,19 +56,3 @@ def test_lines_go_both_ways():
         assert child.expect(r"^got (\w+)$", 60).group(1) == "go"
         assert child.proc.wait(60) == 0
     assert child.lines == ["ready\n", "got go\n"]
-
-
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores to tell pinned from not")
-def test_pin_moves_every_thread_and_the_threads_started_after():
-    code = ("import threading, time; threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); "
-            "print('one', flush=True); input(); threading.Thread(target=time.sleep, args=(60,), daemon=True).start(); "
-            "print('two', flush=True); time.sleep(60)")
-    core = max(os.sched_getaffinity(0))
-    with ChildProcess(python(code), stdin=True) as child:
-        child.expect("^one$", 30)
-        pin(child.proc.pid, {core})
-        child.send("go")
-        child.expect("^two$", 30)
-        threads = os.listdir(f"/proc/{child.proc.pid}/task")
-        assert len(threads) == 3
-        assert all(os.sched_getaffinity(int(tid)) == {core} for tid in threads)
