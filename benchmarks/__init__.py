@@ -1,6 +1,4 @@
-"""Benchmarks and scaling sweeps of the memory bank and of training with it:
-`instdisc bench bank`, `instdisc bench train`, `instdisc scale bank` and
-`instdisc scale train`. They drive the service from outside, as separate processes,
-so the service itself (`bank_server`) carries none of this code. Results and plots:
-BENCHMARKS.md beside this file.
-"""
+"""The benchmarks users run: `instdisc bench bank|train|defaults` print numbers,
+`instdisc scale bank|train|data` sweep and write results.parquet, results.md and plots.
+They drive the service from outside, as separate processes, so `bank_server` carries
+none of this code. Results: BENCHMARKS.md beside this file."""

@@ -33,21 +33,11 @@ ALL_SETS = (*SETS, FASHION_2K)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.split("\n\n")[0].replace("`", "")
-    parser.add_argument(
-        "--output-dir", default="runs/defaults", help="data/, points/<set>/, results.parquet, results.md"
-    )
-    parser.add_argument("--sets", default=",".join(ALL_SETS), help=f"comma-separated, from {', '.join(ALL_SETS)}")
-    parser.add_argument(
-        "--config",
-        default=None,
-        help="a config to start every run from (default: the defaults, as `instdisc train` without --config)",
-    )
-    parser.add_argument(
-        "--tolerance", type=float, default=3.0, help="points below raw-pixel kNN still counted as holding"
-    )
-    parser.add_argument(
-        "overrides", nargs="*", metavar="key=value", help="extra overrides for every run (the check itself gives none)"
-    )
+    parser.add_argument("--output-dir", default="runs/defaults", help="data/, points/<set>/ and the results")
+    parser.add_argument("--sets", default=",".join(ALL_SETS), help="comma-separated (default: all of them)")
+    parser.add_argument("--config", help="a config to start every run from (default: the defaults)")
+    parser.add_argument("--tolerance", type=float, default=3.0, help="points below raw pixels still holding")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="for every run (the check gives none)")
 
 
 def data_overrides(name: str, data_dir: Path) -> list[str]:
@@ -61,40 +51,18 @@ def pixel_knn(config) -> dict:
     """Weighted kNN on raw pixels, over the splits the run itself uses."""
     train_set, test_set = load_datasets(config)
     pixels = torch.nn.Flatten()
-    train_features, train_labels = embed_all(pixels, train_set)
-    test_features, test_labels = embed_all(pixels, test_set)
-    top1, _ = knn_accuracy(
-        train_features,
-        train_labels,
-        test_features,
-        test_labels,
-        train_set.num_classes,
-        config.eval.k,
-        config.eval.sigma,
-    )
-    return {
-        "train_images": len(train_set),
-        "test_images": len(test_set),
-        "classes": train_set.num_classes,
-        "knn_top1_pixels": top1,
-    }
+    e = config.eval
+    classes = train_set.num_classes
+    top1, _ = knn_accuracy(*embed_all(pixels, train_set), *embed_all(pixels, test_set), classes, e.k, e.sigma)
+    return dict(train_images=len(train_set), test_images=len(test_set), classes=classes, knn_top1_pixels=top1)
 
 
 def result_row(name: str, pixels: dict, summary: dict, tolerance: float) -> dict:
     trained, untrained, raw = summary["knn_top1"], summary["knn_top1_untrained"], pixels["knn_top1_pixels"]
     holds = trained > untrained and trained >= raw - tolerance / 100
-    return {
-        "set": name,
-        **pixels,
-        "knn_top1_untrained": untrained,
-        "knn_top1": trained,
-        "vs_pixels_points": 100 * (trained - raw),
-        "vs_untrained_points": 100 * (trained - untrained),
-        "steps": summary["steps"],
-        "epochs": summary["epochs"],
-        "train_seconds": summary["train_seconds"],
-        "holds": holds,
-    }
+    row = dict(set=name, **pixels, knn_top1_untrained=untrained, knn_top1=trained, holds=holds)
+    row |= dict(vs_pixels_points=100 * (trained - raw), vs_untrained_points=100 * (trained - untrained))
+    return row | {key: summary[key] for key in ("steps", "epochs", "train_seconds")}
 
 
 def _percent(value: float) -> str:

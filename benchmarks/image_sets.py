@@ -54,11 +54,7 @@ def _digits(rng: np.random.Generator, count: int):
 def _fonts() -> list[Path | None]:
     fonts = sorted(FONT_DIR.glob("*.ttf"))
     if not fonts:  # None: Pillow's own font, so the set still builds, with less variety
-        print(
-            f"warning: no DejaVu fonts in {FONT_DIR} (apt-get install fonts-dejavu-core); the glyphs set "
-            "is drawn in Pillow's built-in font alone, so it is not the set BENCHMARKS.md measured",
-            file=sys.stderr,
-        )
+        print(f"warning: no fonts in {FONT_DIR}: the glyphs set is drawn in Pillow's own", file=sys.stderr)
         return [None]
     return fonts
 
@@ -74,47 +70,30 @@ def _glyphs(rng: np.random.Generator, count: int):
         font = _font(fonts[rng.integers(len(fonts))], int(rng.integers(16, 25)))
         canvas = Image.new("L", (48, 48), 0)
         ImageDraw.Draw(canvas).text((24, 24), GLYPHS[label], fill=int(rng.integers(170, 256)), font=font, anchor="mm")
-        canvas = canvas.rotate(
-            float(rng.uniform(-12, 12)),
-            resample=Image.BILINEAR,
-            translate=tuple(int(t) for t in rng.integers(-4, 5, 2)),
-        )
+        angle, shift = float(rng.uniform(-12, 12)), tuple(int(t) for t in rng.integers(-4, 5, 2))
+        canvas = canvas.rotate(angle, resample=Image.BILINEAR, translate=shift)
         canvas = canvas.crop((10, 10, 38, 38))
         noise = rng.normal(0, 12, (28, 28))
         pixels = (np.asarray(canvas, np.float64) + noise).clip(0, 255).astype(np.uint8)
         yield Image.fromarray(pixels, "L"), label
 
 
-def _star(cx, cy, r, points=5):
-    return [
-        (
-            cx + (r if k % 2 == 0 else r / 2.5) * math.sin(k * math.pi / points),
-            cy - (r if k % 2 == 0 else r / 2.5) * math.cos(k * math.pi / points),
-        )
-        for k in range(2 * points)
-    ]
-
-
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, colour) -> None:
-    box = (cx - r, cy - r, cx + r, cy + r)
-    if shape == "disc":
+    box, w = (cx - r, cy - r, cx + r, cy + r), r / 3
+    radii = [r if k % 2 == 0 else r / 2.5 for k in range(10)]
+    star = [(cx + q * math.sin(k * math.pi / 5), cy - q * math.cos(k * math.pi / 5)) for k, q in enumerate(radii)]
+    polygons = dict(star=star, triangle=[(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)])
+    polygons["diamond"] = [(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)]
+    rectangles = dict(square=[box], bar=[(cx - r, cy - w, cx + r, cy + w)])
+    rectangles["cross"] = [(cx - w, cy - r, cx + w, cy + r), (cx - r, cy - w, cx + r, cy + w)]
+    if shape in polygons:
+        draw.polygon(polygons[shape], fill=colour)
+    elif shape == "disc":
         draw.ellipse(box, fill=colour)
-    elif shape == "square":
-        draw.rectangle(box, fill=colour)
-    elif shape == "triangle":
-        draw.polygon([(cx, cy - r), (cx + r, cy + r), (cx - r, cy + r)], fill=colour)
-    elif shape == "cross":
-        w = r / 3
-        draw.rectangle((cx - w, cy - r, cx + w, cy + r), fill=colour)
-        draw.rectangle((cx - r, cy - w, cx + r, cy + w), fill=colour)
     elif shape == "ring":
         draw.ellipse(box, outline=colour, width=max(2, int(r / 3)))
-    elif shape == "bar":
-        draw.rectangle((cx - r, cy - r / 3, cx + r, cy + r / 3), fill=colour)
-    elif shape == "star":
-        draw.polygon(_star(cx, cy, r), fill=colour)
-    elif shape == "diamond":
-        draw.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=colour)
+    for rectangle in rectangles.get(shape, ()):
+        draw.rectangle(rectangle, fill=colour)
 
 
 def _shapes(rng: np.random.Generator, count: int):

@@ -1,15 +1,11 @@
 """Peak memory of a process tree by role: Ray Train workers, bank shards, the rest.
 
-A `MemorySampler` thread wakes every ``interval`` seconds, lists the processes under a
-root pid and reads each one's PSS from ``/proc/PID/smaps_rollup``. PSS, not RSS: pages
-that several processes map (the object store, a loader process's copy-on-write pages
-of its parent) are split between them, so the sums add up to what the tree holds.
-
-A process belongs to the role its nearest ancestor-or-self's title names
-(``ray::RayTrainWorker...``: a train worker, with its loader processes;
-``ray::BankShardActor...``: a bank shard); anything else (the driver, raylet, GCS, idle
-Ray workers) is "other". A train worker's memory is its own PSS plus its descendants'.
-Processes that vanish between listing and reading are skipped for that sample. Linux only.
+`MemorySampler` reads, every ``interval`` seconds, the PSS (``/proc/PID/smaps_rollup``)
+of every process under a root pid. PSS, not RSS: pages several processes map (the
+object store, a loader's copy-on-write pages of its parent) are split between them, so
+the sums add up to what the tree holds. A process has the role its nearest
+ancestor-or-self's title names (``ray::RayTrainWorker``: a train worker, with its
+loader processes; ``ray::BankShardActor``: a bank shard), else "other". Linux only.
 """
 
 from __future__ import annotations

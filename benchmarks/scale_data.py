@@ -77,9 +77,7 @@ def watched(command: list[str], log: Path, timeout: float) -> tuple[int | None, 
     return status, time.monotonic() - start, sampler.peaks
 
 
-def train_point(
-    name: str, root: Path, images: int, steps: int, output: Path, overrides: list[str], timeout: float
-) -> dict:
+def train_point(name: str, root: Path, images: int, steps: int, output: Path, overrides: list, timeout) -> dict:
     folder = output / "points" / name
     shutil.rmtree(folder, ignore_errors=True)  # rerunning a name in the same folder would resume it, not measure
     folder.mkdir(parents=True)
@@ -94,13 +92,10 @@ def train_point(
     row |= dict(train_workers_pss_bytes=peaks.roles["train_worker"], bank_pss_bytes=peaks.roles["bank"])
     row |= dict(other_pss_bytes=peaks.roles["other"], total_pss_bytes=peaks.total, samples=peaks.samples)
     row |= dict(wall_seconds=wall, load_avg=max(load_before, os.getloadavg()[0]), error=None)
-    row |= dict.fromkeys(("images_per_sec", "train_seconds", "knn_top1"))
     summary = folder / "summary.json"
-    if status == 0 and summary.exists():
-        row.update(
-            {key: json.loads(summary.read_text())[key] for key in ("images_per_sec", "train_seconds", "knn_top1")}
-        )
-    else:
+    done = json.loads(summary.read_text()) if status == 0 and summary.exists() else {}
+    row |= {key: done.get(key) for key in ("images_per_sec", "train_seconds", "knn_top1")}
+    if not done:
         tail = " | ".join((folder / "log.txt").read_text(errors="replace").strip().splitlines()[-5:])
         row["error"] = ("timed out" if status is None else f"exit status {status}") + f": {tail}"
     return row

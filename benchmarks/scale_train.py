@@ -41,23 +41,9 @@ class Grid:
 
 # K is swept on the whole training set: on a 20,000-image subset NCE stayed below the
 # untrained encoder at every K after 3 epochs, which says nothing about K.
-GRIDS = {
-    "default": Grid(
-        negatives=(1, 16, 256, 4096, SOFTMAX),
-        fixed_subset=ALL,
-        subsets=(5000, 10000, 20000, ALL),
-        fixed_negatives=4096,
-        epochs=3,
-        infonce_negatives=(256, 4096, 16384),
-    ),
-    "quick": Grid(
-        negatives=(16, SOFTMAX),
-        fixed_subset=2000,
-        subsets=(1000, 2000),
-        fixed_negatives=16,
-        epochs=1,
-        overrides=("data.test_subset=1000",),
-    ),
+GRIDS = {  # (negatives, fixed_subset, subsets, fixed_negatives, epochs, infonce_negatives, overrides)
+    "default": Grid((1, 16, 256, 4096, SOFTMAX), ALL, (5000, 10000, 20000, ALL), 4096, 3, (256, 4096, 16384)),
+    "quick": Grid((16, SOFTMAX), 2000, (1000, 2000), 16, 1, (), ("data.test_subset=1000",)),
 }
 
 
@@ -80,11 +66,8 @@ class TrainPoint:
         return f"{loss}-rows{self.rows}-e{self.epochs}"
 
     def overrides(self, train_rows: int) -> list[str]:
-        keys = [
-            f"loss.kind={self.loss}",
-            f"data.subset={self.rows if self.rows < train_rows else 0}",
-            f"train.epochs={self.epochs}",
-        ]
+        subset = self.rows if self.rows < train_rows else 0
+        keys = [f"loss.kind={self.loss}", f"data.subset={subset}", f"train.epochs={self.epochs}"]
         return keys if self.negatives is None else [*keys, f"loss.negatives={self.negatives}"]
 
 

@@ -4,6 +4,7 @@ bank_server``) and the gRPC echo; and where a process's threads may run (Linux).
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import queue
 import re
@@ -14,6 +15,7 @@ import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from subprocess import DEVNULL, PIPE, STDOUT
 
 # A shard's start: the interpreter, then initialising its rows (about 500,000 a second
 # on one core; five times as long is allowed).
@@ -27,13 +29,7 @@ class Server:
 
     def __init__(self, args: list[str], timeout: float = START_S):
         self.args = args
-        self.proc = subprocess.Popen(
-            [sys.executable, *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
+        self.proc = subprocess.Popen([sys.executable, *args], stdin=DEVNULL, stdout=PIPE, stderr=STDOUT, text=True)
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._tail: collections.deque[str] = collections.deque(maxlen=30)
         threading.Thread(target=self._read, daemon=True).start()
@@ -69,9 +65,7 @@ class Server:
         self.proc.wait()
 
 
-def start_shards(
-    stack: ExitStack, shards: int, rows: int, dim: int, dtype: str, fsync: str | None = None
-) -> list[Server]:
+def start_shards(stack: ExitStack, shards: int, rows: int, dim: int, dtype: str, fsync=None) -> list[Server]:
     """The `shards` processes of one bank on loopback, started together, each with one
     BLAS thread (the server's default); returns once every one serves; killed when
     `stack` closes. With `fsync` each keeps its update log in that mode, in a
@@ -113,29 +107,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def pin(pid: int, cpus: set[int], rounds: int = 5) -> None:
-    """Every thread of process `pid` onto `cpus` (threads it starts later inherit that);
-    a thread started while the list is read is caught by the next round."""
-    for _ in range(rounds):
-        moved = False
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                if os.sched_getaffinity(int(tid)) != cpus:
-                    os.sched_setaffinity(int(tid), cpus)
-                    moved = True
-            except ProcessLookupError:  # the thread ended meanwhile
-                pass
-        if not moved:
-            return
-    raise RuntimeError(f"process {pid} kept starting threads; could not pin them all to cores {sorted(cpus)}")
+def threads(pid: int) -> list[int]:
+    return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of process `pid` onto `cpus`; threads it starts later inherit that.
+    Twice over, for a thread started while the first round listed them."""
+    for _ in range(2):
+        for tid in threads(pid):
+            with contextlib.suppress(ProcessLookupError):  # the thread ended meanwhile
+                os.sched_setaffinity(tid, cpus)
 
 
 def affinity(pid: int) -> set[int]:
     """The cores any thread of process `pid` may run on."""
     cores: set[int] = set()
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            cores |= os.sched_getaffinity(int(tid))
-        except ProcessLookupError:
-            pass
+    for tid in threads(pid):
+        with contextlib.suppress(ProcessLookupError):
+            cores |= os.sched_getaffinity(tid)
     return cores
