@@ -1,4 +1,6 @@
-"""Parquet image datasets of one file or many, known from their metadata alone.
+"""The Parquet dataset kind: which files make a split, the index from their footers,
+reading by row group, decoding, and a split decoded into memory (`load_split`, for
+``data.stream=false`` and `instdisc eval`). Streaming it to workers is `trainer.streaming`'s.
 
 ``data.root`` is a directory, a glob or a pyarrow filesystem URI (``s3://bucket/set``,
 ``gs://...``, ``file:///...``). A split's files are found by name, anywhere below the
@@ -34,6 +36,10 @@ import posixpath
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from PIL import Image
+
+from trainer.images import DatasetMissing, InMemoryImages, image_to_chw
 
 IMAGE, LABEL, INDEX = "image", "label", "index"
 SPLITS = ("train", "test")
@@ -108,8 +114,6 @@ def find_files(root: str, split: str) -> tuple[object, str, list]:
     """(filesystem, the listed base, the split's FileInfos sorted by path) under `root`;
     DatasetMissing, naming where and what was looked for, when none matches."""
     import pyarrow.fs as pafs
-
-    from trainer.data import DatasetMissing
 
     filesystem, path = _filesystem(root)
     pattern, base = (path, path) if _is_glob(path) else (None, path)
@@ -342,12 +346,8 @@ def _check_statistics(metadata, path: str, label_max: int | None) -> int | None:
 
 
 def decode(encoded: list[bytes], size: int, where=None) -> np.ndarray:
-    """Encoded images -> uint8 (n, 3, size, size), each by `trainer.data.image_to_chw`;
-    an image that does not decode is a ParquetDataError naming `where(i)`."""
-    from PIL import Image
-
-    from trainer.data import image_to_chw
-
+    """Encoded images -> uint8 (n, 3, size, size), each by `image_to_chw`; an image
+    that does not decode is a ParquetDataError naming `where(i)`."""
     out = np.empty((len(encoded), 3, size, size), dtype=np.uint8)
     for i, data in enumerate(encoded):
         try:
@@ -357,3 +357,16 @@ def decode(encoded: list[bytes], size: int, where=None) -> np.ndarray:
                 from error
     return out
 
+
+
+def load_split(root: str, split: str, size: int, subset: int = 0) -> InMemoryImages:
+    """The split (or its evenly spaced `subset`, as streaming takes it) decoded into
+    memory once: what ``data.stream=false`` and `instdisc eval` hold, N images."""
+    data = ParquetSplit(root, split, subset)
+    images = np.empty((len(data), 3, size, size), dtype=np.uint8)
+    labels = np.empty(len(data), dtype=np.int64)
+    for piece in data.pieces():
+        values = data.read_piece(piece)
+        images[values[INDEX]] = decode(values[IMAGE], size, lambda i, at=values[INDEX]: data.where(int(at[i])))
+        labels[values[INDEX]] = values[LABEL]
+    return InMemoryImages(torch.from_numpy(images), torch.from_numpy(labels), data.num_classes)

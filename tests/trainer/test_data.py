@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from trainer import fetch_data
-from trainer.data import DatasetMissing, load_dataset, seeded_subset
+from trainer.data import load_dataset
+from trainer.images import DatasetMissing, seeded_subset
 
 SIZE = 16  # image_size the decoded layouts are loaded at
 # (height, width): one already at SIZE (its PNG pixels must come back unchanged), one wide, one tall.

@@ -13,9 +13,11 @@ import torch
 from PIL import Image
 
 from trainer.config import Config, ConfigError
-from trainer.data import DatasetMissing, load_dataset
-from trainer.input import StreamedInput, describe
+from trainer.data import load_dataset
+from trainer.images import DatasetMissing
+from trainer.input import describe
 from trainer.parquet import ParquetDataError, ParquetSplit, decode
+from trainer.streaming import StreamedInput
 
 LABELS = 7
 
