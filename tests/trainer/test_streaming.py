@@ -1,5 +1,5 @@
-"""Streamed Parquet datasets: the index from metadata, each worker's share, bounded
-reading, and bad input named by file. Every image written here carries its own
+"""Streamed Parquet datasets: the index from metadata, each worker's share (also of
+Parquet decoded into memory), bounded reading, and bad input named by file. Every image written here carries its own
 global index in its pixels, so a test can tell which row a reader really returned."""
 
 import io
@@ -15,7 +15,7 @@ from PIL import Image
 from trainer.config import Config, ConfigError
 from trainer.data import load_dataset
 from trainer.images import DatasetMissing
-from trainer.input import describe
+from trainer.input import describe, open_input
 from trainer.parquet import ParquetDataError, ParquetSplit, decode
 from trainer.streaming import StreamedInput
 
@@ -59,8 +59,13 @@ def config(root, *overrides) -> Config:
                           "train": {"batch_size": 30, "workers": 3}})
     for key, value in (o.split("=") for o in overrides):
         section, name = key.split(".")
+        value = {"true": True, "false": False}.get(value, value)
         setattr(getattr(c, section), name, type(getattr(getattr(c, section), name))(value))
     return c
+
+
+# The same tests hold for both forms a worker reads Parquet in: streamed, and decoded into memory.
+FORMS = {"streamed": ("data.stream=true",), "in-memory": ("data.stream=false",)}
 
 
 def test_the_index_comes_from_metadata_in_file_order(dataset):
@@ -78,9 +83,10 @@ def test_the_index_comes_from_metadata_in_file_order(dataset):
     assert (shape.train_rows, shape.test_rows, shape.channels, shape.side, shape.num_classes) == (390, 90, 3, 8, 7)
 
 
-def test_every_worker_takes_the_same_steps_and_each_row_at_most_once_per_epoch(dataset):
-    c = config(dataset)
-    workers = [StreamedInput(c, rank, 3) for rank in range(3)]
+@pytest.mark.parametrize("form", FORMS)
+def test_every_worker_takes_the_same_steps_and_each_row_at_most_once_per_epoch(dataset, form):
+    c = config(dataset, *FORMS[form])
+    workers = [open_input(c, rank, 3) for rank in range(3)]
     assert {w.batches_per_epoch() for w in workers} == {390 // 30}
     orders = []
     for epoch in range(2):
@@ -95,14 +101,18 @@ def test_every_worker_takes_the_same_steps_and_each_row_at_most_once_per_epoch(d
         assert len(seen) == len(set(seen)) == 13 * 30
         orders.append(seen)
     assert orders[0] != orders[1]  # a new order each epoch
+    again = [idx for _, idx, _ in open_input(c, 1, 3).epoch_batches(1)]
+    assert torch.cat(again).tolist() == orders[1][130:260]  # a function of the seed and the epoch: a resume replays it
 
 
-def test_the_shares_cover_each_split_exactly_once(dataset):
-    c = config(dataset)
+@pytest.mark.parametrize("form", FORMS)
+def test_the_shares_cover_each_split_exactly_once(dataset, form):
+    # In memory through a loader process (the streamed ones have a test of their own).
+    c = config(dataset, *FORMS[form], *(["data.loader_workers=1"] if form == "in-memory" else []))
     for split, n in (("train", 390), ("test", 90)):
         seen = []
         for rank in range(3):
-            for images, idx, labels in StreamedInput(c, rank, 3).share(split, 25):
+            for images, idx, labels in open_input(c, rank, 3).share(split, 25):
                 assert [index_of(im) for im in images] == idx.tolist()
                 seen += idx.tolist()
         assert sorted(seen) == list(range(n))
