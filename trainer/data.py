@@ -10,8 +10,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -38,7 +38,7 @@ def _read_idx(path: Path) -> np.ndarray:
     """An IDX file (the MNIST format), gzipped or not."""
     raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
     ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -98,14 +98,22 @@ def _imagefolder(root: Path, train: bool, size: int) -> DecodedImages:
 
     folder = root / ("train" if train else "test")
     if not folder.is_dir():
-        raise DatasetMissing(f"dataset 'imagefolder': no folder {folder}; data.root must hold train/ and test/, "
-                             "each with one sub-folder of images per class")
+        raise DatasetMissing(
+            f"dataset 'imagefolder': no folder {folder}; data.root must hold train/ and test/, "
+            "each with one sub-folder of images per class"
+        )
     ds = ImageFolder(str(folder))
     return DecodedImages(lambda i: ds.loader(ds.samples[i][0]), [t for _, t in ds.samples], len(ds.classes), size)
 
 
-def load_dataset(name: str, root: str | None = None, train: bool = True, download: bool = True,
-                 image_size: int = 32, parquet_subset: int = 0):
+def load_dataset(
+    name: str,
+    root: str | None = None,
+    train: bool = True,
+    download: bool = True,
+    image_size: int = 32,
+    parquet_subset: int = 0,
+):
     """A split as a random-access dataset. `parquet_subset`: a Parquet split's evenly
     spaced subset (what `data.subset` takes of Parquet, streamed or not)."""
     if name not in NAMES:
@@ -127,8 +135,10 @@ def load_datasets(config: Config):
     and what `instdisc eval` embeds."""
     d = config.data
     if d.name == "parquet":  # evenly spaced subsets, as streaming takes them
-        return tuple(load_dataset(d.name, d.root, train=train, image_size=d.image_size, parquet_subset=subset)
-                     for train, subset in ((True, d.subset), (False, d.test_subset)))
+        return tuple(
+            load_dataset(d.name, d.root, train=train, image_size=d.image_size, parquet_subset=subset)
+            for train, subset in ((True, d.subset), (False, d.test_subset))
+        )
     train = load_dataset(d.name, d.root, train=True, download=d.download, image_size=d.image_size)
     test = load_dataset(d.name, d.root, train=False, download=d.download, image_size=d.image_size)
     return seeded_subset(train, d.subset, config.train.seed), seeded_subset(test, d.test_subset, config.train.seed + 1)
@@ -146,11 +156,18 @@ class MemoryInput:
         self.channels, self.side = self.train_set[0][0].shape[:2]
         self.form = "in memory"
         self.workers = 0 if config.data.loader_workers is None else config.data.loader_workers
-        self.sampler = DistributedSampler(self.train_set, num_replicas=world, rank=rank, shuffle=True,
-                                          seed=config.train.seed, drop_last=True)
+        self.sampler = DistributedSampler(
+            self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=config.train.seed, drop_last=True
+        )
         self.batch = config.train.batch_size // world
-        self.loader = DataLoader(self.train_set, batch_size=self.batch, sampler=self.sampler, drop_last=True,
-                                 num_workers=self.workers, collate_fn=batch_as_is)
+        self.loader = DataLoader(
+            self.train_set,
+            batch_size=self.batch,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=self.workers,
+            collate_fn=batch_as_is,
+        )
         self._fingerprint = self._identify()
 
     def batches_per_epoch(self) -> int:
@@ -165,7 +182,7 @@ class MemoryInput:
         reassembles the whole by that stride)."""
         dataset = self.train_set if split == "train" else self.test_set
         indices = list(range(self.rank, len(dataset), self.world))
-        chunks = [indices[i:i + batch] for i in range(0, len(indices), batch)]
+        chunks = [indices[i : i + batch] for i in range(0, len(indices), batch)]
         if self.workers:
             return iter(DataLoader(dataset, batch_sampler=chunks, num_workers=self.workers, collate_fn=batch_as_is))
         return (dataset.__getitems__(chunk) for chunk in chunks)
@@ -188,6 +205,10 @@ class MemoryInput:
         d = self.config.data
         if d.name == "parquet":
             return ParquetSplit(d.root, "train", d.subset).fingerprint()
-        what = {"name": d.name, "rows": self.rows, "subset": d.subset,
-                "subset_seed": self.config.train.seed if d.subset else None}
+        what = {
+            "name": d.name,
+            "rows": self.rows,
+            "subset": d.subset,
+            "subset_seed": self.config.train.seed if d.subset else None,
+        }
         return {"sha256": hashlib.sha256(repr(sorted(what.items())).encode()).hexdigest()[:16], "root": d.root} | what

@@ -10,8 +10,9 @@ kind shares).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 
@@ -24,12 +25,12 @@ class Input(Protocol):
     """A worker's view of the dataset. Batches are ``(uint8 images (B, C, H, W), global
     indices (B,), labels (B,))``; an image's global index is its bank row."""
 
-    rows: int          # training images: the bank's size
+    rows: int  # training images: the bank's size
     test_rows: int
     channels: int
-    side: int          # images are side x side
+    side: int  # images are side x side
     num_classes: int
-    form: str          # how it is read, for the driver's log: "in memory", "streamed from ..."
+    form: str  # how it is read, for the driver's log: "in memory", "streamed from ..."
 
     def batches_per_epoch(self) -> int:
         """Steps per epoch, the same on every worker."""
@@ -75,8 +76,10 @@ class DataShape:
     form: str
 
     def describe(self) -> str:
-        return (f"{self.train_rows:,} train / {self.test_rows:,} test images, {self.channels}x{self.side}x{self.side}, "
-                f"{self.num_classes} classes, {self.form}")
+        return (
+            f"{self.train_rows:,} train / {self.test_rows:,} test images, {self.channels}x{self.side}x{self.side}, "
+            f"{self.num_classes} classes, {self.form}"
+        )
 
 
 def describe(config: Config) -> DataShape:

@@ -25,7 +25,7 @@ the decoding are `trainer.parquet`'s; this module owns who reads which rows when
 from __future__ import annotations
 
 import multiprocessing
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -36,6 +36,7 @@ from trainer.images import STATS_IMAGES, batch_as_is, image_stats
 from trainer.parquet import IMAGE, INDEX, LABEL, ParquetSplit, Piece, decode
 
 _CHUNK = 256  # rows decoded together, and handed over from a loader process at once
+
 
 class StreamedInput:
     """Parquet row groups streamed to each worker; see the module's docstring."""
@@ -69,8 +70,13 @@ class StreamedInput:
         return _cut(pieces, start, per, self.rows)
 
     def epoch_batches(self, epoch: int) -> Iterator:
-        stream = _Stream(self.train, self.epoch_pieces(epoch), self.config.data.image_size,
-                         self.config.data.shuffle_buffer, (self.config.train.seed, epoch, self.rank))
+        stream = _Stream(
+            self.train,
+            self.epoch_pieces(epoch),
+            self.config.data.image_size,
+            self.config.data.shuffle_buffer,
+            (self.config.train.seed, epoch, self.rank),
+        )
         return _rebatch(self._chunks(stream), self.batch, self.batches_per_epoch())
 
     def _chunks(self, stream: _Stream) -> Iterator:
@@ -78,8 +84,15 @@ class StreamedInput:
         stream.split.close()  # nothing open travels to the loader processes
         if not workers:
             return iter(stream)
-        return iter(DataLoader(stream, batch_size=None, num_workers=workers, collate_fn=batch_as_is,
-                               multiprocessing_context=_loader_context()))
+        return iter(
+            DataLoader(
+                stream,
+                batch_size=None,
+                num_workers=workers,
+                collate_fn=batch_as_is,
+                multiprocessing_context=_loader_context(),
+            )
+        )
 
     def share(self, split: str, batch: int) -> Iterator:
         """This worker's share of `split` (a contiguous run of rows, every row on one
@@ -138,8 +151,11 @@ class _Stream(IterableDataset):
         else:
             encoded, idx, y = images[:n], indices[:n], labels[:n]
             del images[:n], indices[:n], labels[:n]
-        return (torch.from_numpy(decode(list(encoded), self.size, lambda i: self.split.where(idx[i]))),
-                torch.tensor(idx, dtype=torch.long), torch.tensor(y, dtype=torch.long))
+        return (
+            torch.from_numpy(decode(list(encoded), self.size, lambda i: self.split.where(idx[i]))),
+            torch.tensor(idx, dtype=torch.long),
+            torch.tensor(y, dtype=torch.long),
+        )
 
 
 def _rebatch(chunks, batch: int, count: int | None) -> Iterator:
@@ -155,7 +171,7 @@ def _rebatch(chunks, batch: int, count: int | None) -> Iterator:
         joined = [torch.cat(parts) for parts in zip(*pending)]
         at = 0
         while held - at >= batch and (count is None or made < count):
-            yield tuple(part[at:at + batch] for part in joined)
+            yield tuple(part[at : at + batch] for part in joined)
             at, made = at + batch, made + 1
         if count is not None and made >= count:
             return
@@ -210,6 +226,7 @@ def _loader_context():
     if _CONTEXT is None:
         _CONTEXT = multiprocessing.get_context("forkserver")
         # What a loader process needs before its first row: the first batch waits for it.
-        _CONTEXT.set_forkserver_preload(["torch", "trainer.streaming", "pyarrow.parquet", "PIL.PngImagePlugin",
-                                         "PIL.JpegImagePlugin"])
+        _CONTEXT.set_forkserver_preload(
+            ["torch", "trainer.streaming", "pyarrow.parquet", "PIL.PngImagePlugin", "PIL.JpegImagePlugin"]
+        )
     return _CONTEXT
