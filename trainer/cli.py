@@ -75,7 +75,7 @@ def run_train(args) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from trainer.data import DatasetMissing
+    from trainer.images import DatasetMissing
     from trainer.launch import TrainingStopped, launch
 
     from bank_server.ray_bank import BankDidNotStart, BankDoesNotFit
@@ -93,7 +93,7 @@ def run_train(args) -> int:
 
 def run_eval_linear(args) -> int:
     from trainer.config import ConfigError, load_config, resolve_config_path
-    from trainer.data import DatasetMissing
+    from trainer.images import DatasetMissing
     from trainer.export import NotAnExport
     from trainer.linear import RESULT, evaluate_linear
 
@@ -119,7 +119,7 @@ def run_eval_linear(args) -> int:
 
 def run_eval_knn(args) -> int:
     from trainer.config import ConfigError, load_config, resolve_config_path
-    from trainer.data import DatasetMissing
+    from trainer.images import DatasetMissing
     from trainer.evaluate import evaluate_knn
     from trainer.export import NotAnExport
 

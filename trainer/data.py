@@ -1,105 +1,44 @@
-"""Datasets that yield ``(image uint8 (C, H, W), index, label)``.
-
-Small datasets live in memory as one uint8 tensor (Parquet ones decoded once, resized to
-``image_size``); ImageFolder images are decoded on demand and resized to ``image_size``.
-Training streams Parquet instead by default (``trainer.input``). Every dataset also fetches
-whole batches (``__getitems__``), so a DataLoader with ``collate_fn=batch_as_is``
-hands over stacked tensors without per-image collation.
+"""Datasets held in memory, every kind by name, and `MemoryInput`, the worker's input
+over them. The torchvision sets (Fashion-MNIST, MNIST, CIFAR, STL-10) and ImageFolder
+are loaded here; a Parquet split decoded into memory comes from `trainer.parquet`
+(``data.stream=false``). The torchvision sets live in memory as one uint8 tensor;
+ImageFolder images are decoded on access, resized to ``image_size``.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, DistributedSampler
+
+from trainer.config import Config
+from trainer.images import (
+    STATS_IMAGES,
+    DatasetMissing,
+    DecodedImages,
+    InMemoryImages,
+    batch_as_is,
+    image_stats,
+    seeded_subset,
+)
+from trainer.parquet import ParquetSplit, load_split
 
 NAMES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "imagefolder", "parquet")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 DEFAULT_ROOT = Path(os.environ.get("INSTDISC_DATA", Path.home() / ".cache" / "instdisc" / "data"))
 
 
-class DatasetMissing(FileNotFoundError):
-    """The files are not there; the message says where we looked and how to get them."""
-
-
-class InMemoryImages(Dataset):
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: int):
-        self.images, self.labels, self.num_classes = images.contiguous(), labels.long(), classes
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return self.images[i], i, int(self.labels[i])
-
-    def __getitems__(self, indices):
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return self.images[idx], idx, self.labels[idx]
-
-    def subset(self, indices) -> "InMemoryImages":
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return InMemoryImages(self.images[idx], self.labels[idx], self.num_classes)
-
-
-def image_to_chw(image, size: int) -> np.ndarray:
-    """PIL image -> uint8 (3, size, size): RGB, the shorter side resized to `size`
-    (bilinear, antialiased), centre crop. Every decoded dataset's images go through here."""
-    from PIL import Image
-
-    if image.mode not in ("L", "RGB"):
-        image = image.convert("RGB")
-    w, h = image.size
-    if (w, h) != (size, size):
-        scale = size / min(w, h)
-        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), Image.BILINEAR)
-        w, h = image.size
-        left, top = (w - size) // 2, (h - size) // 2
-        image = image.crop((left, top, left + size, top + size))
-    pixels = np.asarray(image)
-    if pixels.ndim == 2:  # grey: the three channels PIL's convert("RGB") would make, without its copy
-        return np.broadcast_to(pixels, (3, *pixels.shape))
-    return pixels.transpose(2, 0, 1)
-
-
-def _to_chw_uint8(image, size: int) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(image_to_chw(image, size)))
-
-
-class DecodedImages(Dataset):
-    """Images decoded per access from `load(i) -> PIL image`."""
-
-    def __init__(self, loader, labels, classes: int, size: int):
-        self._load, self.labels, self.num_classes, self.size = loader, torch.as_tensor(labels).long(), classes, size
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return _to_chw_uint8(self._load(int(i)), self.size), int(i), int(self.labels[i])
-
-    def __getitems__(self, indices):
-        idx = torch.as_tensor(indices, dtype=torch.long)
-        return torch.stack([_to_chw_uint8(self._load(int(i)), self.size) for i in idx]), idx, self.labels[idx]
-
-    def subset(self, indices) -> "DecodedImages":
-        idx = [int(i) for i in indices]
-        return DecodedImages(lambda j, load=self._load: load(idx[j]), self.labels[idx], self.num_classes, self.size)
-
-
-def batch_as_is(batch):
-    """collate_fn for datasets whose ``__getitems__`` already returns a batch."""
-    return batch
-
-
 def _read_idx(path: Path) -> np.ndarray:
     """An IDX file (the MNIST format), gzipped or not."""
     raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
     ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -159,30 +98,22 @@ def _imagefolder(root: Path, train: bool, size: int) -> DecodedImages:
 
     folder = root / ("train" if train else "test")
     if not folder.is_dir():
-        raise DatasetMissing(f"dataset 'imagefolder': no folder {folder}; data.root must hold train/ and test/, "
-                             "each with one sub-folder of images per class")
+        raise DatasetMissing(
+            f"dataset 'imagefolder': no folder {folder}; data.root must hold train/ and test/, "
+            "each with one sub-folder of images per class"
+        )
     ds = ImageFolder(str(folder))
     return DecodedImages(lambda i: ds.loader(ds.samples[i][0]), [t for _, t in ds.samples], len(ds.classes), size)
 
 
-def _parquet(root: str, train: bool, size: int, subset: int) -> InMemoryImages:
-    """The split (or its evenly spaced `subset`, as streaming takes it) decoded into
-    memory once: `data.stream=false` and `instdisc eval`, which hold N images. Training
-    streams Parquet by default (`trainer.input`)."""
-    from trainer.parquet import IMAGE, INDEX, LABEL, ParquetSplit, decode
-
-    split = ParquetSplit(root, "train" if train else "test", subset)
-    images = np.empty((len(split), 3, size, size), dtype=np.uint8)
-    labels = np.empty(len(split), dtype=np.int64)
-    for piece in split.pieces():
-        values = split.read_piece(piece)
-        images[values[INDEX]] = decode(values[IMAGE], size, lambda i, at=values[INDEX]: split.where(int(at[i])))
-        labels[values[INDEX]] = values[LABEL]
-    return InMemoryImages(torch.from_numpy(images), torch.from_numpy(labels), split.num_classes)
-
-
-def load_dataset(name: str, root: str | None = None, train: bool = True, download: bool = True,
-                 image_size: int = 32, parquet_subset: int = 0):
+def load_dataset(
+    name: str,
+    root: str | None = None,
+    train: bool = True,
+    download: bool = True,
+    image_size: int = 32,
+    parquet_subset: int = 0,
+):
     """A split as a random-access dataset. `parquet_subset`: a Parquet split's evenly
     spaced subset (what `data.subset` takes of Parquet, streamed or not)."""
     if name not in NAMES:
@@ -196,12 +127,88 @@ def load_dataset(name: str, root: str | None = None, train: bool = True, downloa
         raise ValueError(f"data.root is required for data.name={name!r}")
     if name == "imagefolder":
         return _imagefolder(path, train, image_size)
-    return _parquet(root, train, image_size, parquet_subset)
+    return load_split(root, "train" if train else "test", image_size, parquet_subset)
 
 
-def seeded_subset(dataset, n: int | None, seed: int):
-    """The first `n` of a seeded permutation (all of it when n is falsy)."""
-    if not n or n >= len(dataset):
-        return dataset
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n]
-    return dataset.subset(order.sort().values)
+def load_datasets(config: Config):
+    """(train, test) as random-access datasets, subsets applied: `MemoryInput`'s data,
+    and what `instdisc eval` embeds."""
+    d = config.data
+    if d.name == "parquet":  # evenly spaced subsets, as streaming takes them
+        return tuple(
+            load_dataset(d.name, d.root, train=train, image_size=d.image_size, parquet_subset=subset)
+            for train, subset in ((True, d.subset), (False, d.test_subset))
+        )
+    train = load_dataset(d.name, d.root, train=True, download=d.download, image_size=d.image_size)
+    test = load_dataset(d.name, d.root, train=False, download=d.download, image_size=d.image_size)
+    return seeded_subset(train, d.subset, config.train.seed), seeded_subset(test, d.test_subset, config.train.seed + 1)
+
+
+class MemoryInput:
+    """`trainer.input.Input` over a random-access dataset, all of it on every worker:
+    a ``DistributedSampler`` deals each epoch's batches."""
+
+    def __init__(self, config: Config, rank: int, world: int):
+        self.config, self.rank, self.world = config, rank, world
+        self.train_set, self.test_set = load_datasets(config)
+        self.rows, self.test_rows = len(self.train_set), len(self.test_set)
+        self.num_classes = self.train_set.num_classes
+        self.channels, self.side = self.train_set[0][0].shape[:2]
+        self.form = "in memory"
+        self.workers = 0 if config.data.loader_workers is None else config.data.loader_workers
+        self.sampler = DistributedSampler(
+            self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=config.train.seed, drop_last=True
+        )
+        self.batch = config.train.batch_size // world
+        self.loader = DataLoader(
+            self.train_set,
+            batch_size=self.batch,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=self.workers,
+            collate_fn=batch_as_is,
+        )
+        self._fingerprint = self._identify()
+
+    def batches_per_epoch(self) -> int:
+        return len(self.loader)
+
+    def epoch_batches(self, epoch: int) -> Iterator:
+        self.sampler.set_epoch(epoch)
+        return iter(self.loader)
+
+    def share(self, split: str, batch: int) -> Iterator:
+        """Rows rank, rank + W, ... of `split` in batches of `batch` (``eval.source=fresh``
+        reassembles the whole by that stride)."""
+        dataset = self.train_set if split == "train" else self.test_set
+        indices = list(range(self.rank, len(dataset), self.world))
+        chunks = [indices[i : i + batch] for i in range(0, len(indices), batch)]
+        if self.workers:
+            return iter(DataLoader(dataset, batch_sampler=chunks, num_workers=self.workers, collate_fn=batch_as_is))
+        return (dataset.__getitems__(chunk) for chunk in chunks)
+
+    def labels_at(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.train_set.labels[indices.cpu()]
+
+    def stats(self) -> tuple[list[float], list[float]]:
+        images = getattr(self.train_set, "images", None)
+        if images is None:
+            images = self.train_set.__getitems__(list(range(min(self.rows, STATS_IMAGES))))[0]
+        return image_stats(images[:10000])
+
+    def fingerprint(self) -> dict:
+        return self._fingerprint
+
+    def _identify(self) -> dict:
+        """Parquet's from its files (so `data.stream` may change across a resume); else
+        the dataset's name, size and subset. Once, at start: every checkpoint records it."""
+        d = self.config.data
+        if d.name == "parquet":
+            return ParquetSplit(d.root, "train", d.subset).fingerprint()
+        what = {
+            "name": d.name,
+            "rows": self.rows,
+            "subset": d.subset,
+            "subset_seed": self.config.train.seed if d.subset else None,
+        }
+        return {"sha256": hashlib.sha256(repr(sorted(what.items())).encode()).hexdigest()[:16], "root": d.root} | what

@@ -60,7 +60,7 @@ def load_for_eval(encoder_path: str, config: Config):
     not an instdisc export or the images are not what it takes. `instdisc eval knn` and
     `instdisc eval linear` both start here."""
     from trainer.export import load_export
-    from trainer.input import load_datasets
+    from trainer.data import load_datasets
 
     module, metadata = load_export(encoder_path)
     train_set, test_set = load_datasets(config)

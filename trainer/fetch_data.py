@@ -18,7 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from trainer.data import DEBIAN_FASHION_MNIST, DEFAULT_ROOT, DatasetMissing, load_dataset
+from trainer.data import DEBIAN_FASHION_MNIST, DEFAULT_ROOT, load_dataset
+from trainer.images import DatasetMissing
 
 NAME = "fashion-mnist"
 PACKAGE = "dataset-fashion-mnist"

@@ -1,4 +1,6 @@
-"""Parquet image datasets of one file or many, known from their metadata alone.
+"""The Parquet dataset kind: which files make a split, the index from their footers,
+reading by row group, decoding, and a split decoded into memory (`load_split`, for
+``data.stream=false`` and `instdisc eval`). Streaming it to workers is `trainer.streaming`'s.
 
 ``data.root`` is a directory, a glob or a pyarrow filesystem URI (``s3://bucket/set``,
 ``gs://...``, ``file:///...``). A split's files are found by name, anywhere below the
@@ -34,12 +36,18 @@ import posixpath
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from PIL import Image
+
+from trainer.images import DatasetMissing, InMemoryImages, image_to_chw
 
 IMAGE, LABEL, INDEX = "image", "label", "index"
 SPLITS = ("train", "test")
-LAYOUT_HELP = ("data.root must hold the split's Parquet files: train.parquet / test.parquet, train-*.parquet / "
-               "test-*.parquet (also the Hugging Face layout data/train-00000-of-00042.parquet), or *.parquet in "
-               "train/ and test/ folders; each with an encoded-image column 'image' and an integer column 'label'")
+LAYOUT_HELP = (
+    "data.root must hold the split's Parquet files: train.parquet / test.parquet, train-*.parquet / "
+    "test-*.parquet (also the Hugging Face layout data/train-00000-of-00042.parquet), or *.parquet in "
+    "train/ and test/ folders; each with an encoded-image column 'image' and an integer column 'label'"
+)
 
 
 class ParquetDataError(ValueError):
@@ -48,17 +56,18 @@ class ParquetDataError(ValueError):
 
 @dataclass(frozen=True)
 class SplitFile:
-    path: str           # within the filesystem
-    relative: str       # below the listed root: what the fingerprint hashes
-    size: int           # bytes
+    path: str  # within the filesystem
+    relative: str  # below the listed root: what the fingerprint hashes
+    size: int  # bytes
     rows: int
-    group_rows: tuple   # rows per row group
+    group_rows: tuple  # rows per row group
 
 
 @dataclass(frozen=True)
 class Piece:
     """Rows [lo, hi) of row group `group`'s kept rows, taken in the order `seed`
     permutes them (None: file order). Knowing a piece costs nothing per row."""
+
     group: int
     lo: int
     hi: int
@@ -76,8 +85,9 @@ def _filesystem(root: str):
         try:
             return pafs.FileSystem.from_uri(root)
         except Exception as error:  # noqa: BLE001 -- pyarrow's URI errors: ArrowInvalid, OSError
-            raise ParquetDataError(f"dataset 'parquet': data.root={root} is not a filesystem URI pyarrow can "
-                                   f"open ({error})") from error
+            raise ParquetDataError(
+                f"dataset 'parquet': data.root={root} is not a filesystem URI pyarrow can open ({error})"
+            ) from error
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(root))
 
 
@@ -109,8 +119,6 @@ def find_files(root: str, split: str) -> tuple[object, str, list]:
     DatasetMissing, naming where and what was looked for, when none matches."""
     import pyarrow.fs as pafs
 
-    from trainer.data import DatasetMissing
-
     filesystem, path = _filesystem(root)
     pattern, base = (path, path) if _is_glob(path) else (None, path)
     while _is_glob(base):
@@ -119,12 +127,21 @@ def find_files(root: str, split: str) -> tuple[object, str, list]:
         infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
     except (FileNotFoundError, OSError) as error:
         raise DatasetMissing(f"dataset 'parquet': cannot list {root} ({error}). {LAYOUT_HELP}") from error
-    files = sorted((info for info in infos if info.type == pafs.FileType.File
-                    and (pattern is None or _matches(info.path, pattern))
-                    and split_of(posixpath.relpath(info.path, base)) == split), key=lambda info: info.path)
+    files = sorted(
+        (
+            info
+            for info in infos
+            if info.type == pafs.FileType.File
+            and (pattern is None or _matches(info.path, pattern))
+            and split_of(posixpath.relpath(info.path, base)) == split
+        ),
+        key=lambda info: info.path,
+    )
     if not files:
-        raise DatasetMissing(f"dataset 'parquet': no {split} split under {root} (looked for {split}.parquet, "
-                             f"{split}-*.parquet, {split}_*.parquet and {split}/*.parquet). {LAYOUT_HELP}")
+        raise DatasetMissing(
+            f"dataset 'parquet': no {split} split under {root} (looked for {split}.parquet, "
+            f"{split}-*.parquet, {split}_*.parquet and {split}/*.parquet). {LAYOUT_HELP}"
+        )
     return filesystem, base, files
 
 
@@ -137,11 +154,16 @@ def _column_kinds(schema, path: str) -> tuple[str, str]:
         if column not in names:
             raise ParquetDataError(f"{path} has no column {column!r} (columns: {names}). {LAYOUT_HELP}")
     image, label = schema.field(IMAGE).type, schema.field(LABEL).type
-    encoded = (pa.types.is_binary(image) or pa.types.is_large_binary(image)
-               or (pa.types.is_struct(image) and image.get_field_index("bytes") >= 0))
+    encoded = (
+        pa.types.is_binary(image)
+        or pa.types.is_large_binary(image)
+        or (pa.types.is_struct(image) and image.get_field_index("bytes") >= 0)
+    )
     if not encoded:
-        raise ParquetDataError(f"{path}: column 'image' is {image}; it must hold encoded images (binary, or a "
-                               "struct with a 'bytes' field as Hugging Face writes it)")
+        raise ParquetDataError(
+            f"{path}: column 'image' is {image}; it must hold encoded images (binary, or a "
+            "struct with a 'bytes' field as Hugging Face writes it)"
+        )
     if not pa.types.is_integer(label):
         raise ParquetDataError(f"{path}: column 'label' is {label}; it must be an integer class index")
     return str(image), str(label)
@@ -174,11 +196,20 @@ class ParquetSplit:
             if kinds is None:
                 kinds, first = found, path
             elif found != kinds:
-                raise ParquetDataError(f"{path} has image/label types {found[0]} / {found[1]}, but {first} has "
-                                       f"{kinds[0]} / {kinds[1]}: the files of a split must share one schema")
+                raise ParquetDataError(
+                    f"{path} has image/label types {found[0]} / {found[1]}, but {first} has "
+                    f"{kinds[0]} / {kinds[1]}: the files of a split must share one schema"
+                )
             label_max = _check_statistics(metadata, path, label_max)
-            files.append(SplitFile(path, posixpath.relpath(path, base), info.size, metadata.num_rows,
-                                   tuple(metadata.row_group(g).num_rows for g in range(metadata.num_row_groups))))
+            files.append(
+                SplitFile(
+                    path,
+                    posixpath.relpath(path, base),
+                    info.size,
+                    metadata.num_rows,
+                    tuple(metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)),
+                )
+            )
         self.files = files
         self.total_rows = sum(f.rows for f in files)
         if subset < 0:
@@ -215,7 +246,7 @@ class ParquetSplit:
         indices = np.arange(first, last, dtype=np.int64)
         if piece.seed is not None:
             indices = indices[np.random.default_rng(piece.seed).permutation(len(indices))]
-        indices = indices[piece.lo:piece.hi]
+        indices = indices[piece.lo : piece.hi]
         rows = indices if self.rows == self.total_rows else indices * self.total_rows // self.rows
         return rows - start, indices
 
@@ -260,7 +291,9 @@ class ParquetSplit:
                 table = table.take(offsets)
         except Exception as error:  # noqa: BLE001 -- whatever pyarrow or the filesystem raised
             self.close()
-            raise ParquetDataError(f"{path}: cannot read row group {group} ({type(error).__name__}: {error})") from error
+            raise ParquetDataError(
+                f"{path}: cannot read row group {group} ({type(error).__name__}: {error})"
+            ) from error
         out = {}
         if LABEL in columns:
             labels = table.column(LABEL)
@@ -270,8 +303,10 @@ class ParquetSplit:
         if IMAGE in columns:
             images = image_bytes(table.column(IMAGE))
             if images.null_count:
-                raise ParquetDataError(f"{path}: row group {group} has {images.null_count} image(s) without bytes "
-                                       "(images stored by path are not read: embed their bytes)")
+                raise ParquetDataError(
+                    f"{path}: row group {group} has {images.null_count} image(s) without bytes "
+                    "(images stored by path are not read: embed their bytes)"
+                )
             out[IMAGE] = images.to_pylist()
         return out
 
@@ -330,9 +365,10 @@ def _check_statistics(metadata, path: str, label_max: int | None) -> int | None:
         for name, column in (("label", label), ("image", image)):
             stats = group.column(column).statistics if column is not None else None
             if stats is not None and stats.has_null_count and stats.null_count:
-                raise ParquetDataError(f"{path}: row group {g} has {stats.null_count} null {name} value(s)"
-                                       + (" (images stored by path are not read: embed their bytes)"
-                                          if name == "image" else ""))
+                raise ParquetDataError(
+                    f"{path}: row group {g} has {stats.null_count} null {name} value(s)"
+                    + (" (images stored by path are not read: embed their bytes)" if name == "image" else "")
+                )
         stats = group.column(label).statistics
         if label_max is not None and stats is not None and stats.has_min_max:
             label_max = max(label_max, int(stats.max))
@@ -342,18 +378,27 @@ def _check_statistics(metadata, path: str, label_max: int | None) -> int | None:
 
 
 def decode(encoded: list[bytes], size: int, where=None) -> np.ndarray:
-    """Encoded images -> uint8 (n, 3, size, size), each by `trainer.data.image_to_chw`;
-    an image that does not decode is a ParquetDataError naming `where(i)`."""
-    from PIL import Image
-
-    from trainer.data import image_to_chw
-
+    """Encoded images -> uint8 (n, 3, size, size), each by `image_to_chw`; an image
+    that does not decode is a ParquetDataError naming `where(i)`."""
     out = np.empty((len(encoded), 3, size, size), dtype=np.uint8)
     for i, data in enumerate(encoded):
         try:
             out[i] = image_to_chw(Image.open(io.BytesIO(data)), size)
         except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
-            raise ParquetDataError(f"{where(i) if where else f'image {i}'}: cannot decode the image ({error})") \
-                from error
+            raise ParquetDataError(
+                f"{where(i) if where else f'image {i}'}: cannot decode the image ({error})"
+            ) from error
     return out
 
+
+def load_split(root: str, split: str, size: int, subset: int = 0) -> InMemoryImages:
+    """The split (or its evenly spaced `subset`, as streaming takes it) decoded into
+    memory once: what ``data.stream=false`` and `instdisc eval` hold, N images."""
+    data = ParquetSplit(root, split, subset)
+    images = np.empty((len(data), 3, size, size), dtype=np.uint8)
+    labels = np.empty(len(data), dtype=np.int64)
+    for piece in data.pieces():
+        values = data.read_piece(piece)
+        images[values[INDEX]] = decode(values[IMAGE], size, lambda i, at=values[INDEX]: data.where(int(at[i])))
+        labels[values[INDEX]] = values[LABEL]
+    return InMemoryImages(torch.from_numpy(images), torch.from_numpy(labels), data.num_classes)

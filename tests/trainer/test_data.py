@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from trainer import fetch_data
-from trainer.data import DatasetMissing, load_dataset, seeded_subset
+from trainer.data import load_dataset
+from trainer.images import DatasetMissing, seeded_subset
 
 SIZE = 16  # image_size the decoded layouts are loaded at
 # (height, width): one already at SIZE (its PNG pixels must come back unchanged), one wide, one tall.
@@ -90,9 +91,9 @@ def write_parquet(path: Path, samples: list[Sample], hugging_face: bool = False)
 @pytest.mark.parametrize("hugging_face", [False, True], ids=["bytes", "hugging-face-struct"])
 def test_parquet_tables(tmp_path, samples, hugging_face):
     write_parquet(tmp_path / "train.parquet", samples, hugging_face)
-    write_parquet(tmp_path / "test.parquet", samples[:CLASSES + 1], hugging_face)
+    write_parquet(tmp_path / "test.parquet", samples[: CLASSES + 1], hugging_face)
     check_decoded(load_dataset("parquet", str(tmp_path), train=True, image_size=SIZE), samples)
-    check_decoded(load_dataset("parquet", str(tmp_path), train=False, image_size=SIZE), samples[:CLASSES + 1])
+    check_decoded(load_dataset("parquet", str(tmp_path), train=False, image_size=SIZE), samples[: CLASSES + 1])
 
 
 def test_a_subset_of_decoded_images_maps_to_the_chosen_rows(tmp_path, samples):
@@ -114,8 +115,9 @@ def test_imagefolder(tmp_path, samples):
             folder.mkdir(parents=True, exist_ok=True)
             (folder / f"{i:02d}.{s.format.lower()}").write_bytes(s.encoded())
     by_class = sorted(range(len(samples)), key=lambda i: (samples[i].label, i))
-    check_decoded(load_dataset("imagefolder", str(tmp_path), train=True, image_size=SIZE),
-                  [samples[i] for i in by_class])
+    check_decoded(
+        load_dataset("imagefolder", str(tmp_path), train=True, image_size=SIZE), [samples[i] for i in by_class]
+    )
     check_decoded(load_dataset("imagefolder", str(tmp_path), train=False, image_size=SIZE), samples[:CLASSES])
 
 
@@ -129,6 +131,7 @@ def write_idx(path: Path, array: np.ndarray):
 @pytest.fixture
 def write_mnist_like():
     """write(folder, gz) -> {train: (images, labels)}: tiny random IDX files named as MNIST names them."""
+
     def write(folder: Path, gz: bool) -> dict:
         rng = np.random.default_rng(0)
         folder.mkdir(parents=True, exist_ok=True)
@@ -148,8 +151,7 @@ def write_mnist_like():
 @pytest.mark.parametrize("gz", [True, False], ids=["gzipped", "plain"])
 @pytest.mark.parametrize("layout", ["flat", "torchvision"])
 @pytest.mark.parametrize("name", ["fashion-mnist", "mnist"])
-def test_idx_files_flat_or_in_torchvisions_download_layout_load_offline(tmp_path, write_mnist_like, name,
-                                                                         layout, gz):
+def test_idx_files_flat_or_in_torchvisions_download_layout_load_offline(tmp_path, write_mnist_like, name, layout, gz):
     # flat: Debian's package; torchvision: root/FashionMNIST/raw/, as deploy/Dockerfile bakes them in.
     folder = "FashionMNIST" if name == "fashion-mnist" else "MNIST"
     splits = write_mnist_like(tmp_path if layout == "flat" else tmp_path / folder / "raw", gz)
@@ -176,6 +178,7 @@ def test_missing_files_say_where_and_how(tmp_path):
 # `make data` (trainer/fetch_data.py): its fetch steps are replaced here, the real ones need
 # root or a network; Makefile comments say how to rehearse those.
 
+
 @pytest.fixture
 def steps(monkeypatch):
     """Each fetch step returns what `outcomes` says for it (a reason, or a callable run instead)."""
@@ -186,6 +189,7 @@ def steps(monkeypatch):
             calls.append(name)
             outcome = outcomes[name]
             return outcome(*args) if callable(outcome) else outcome
+
         return run
 
     for name in ("apt_install", "torchvision_download", "unpack_deb"):
@@ -202,8 +206,7 @@ def test_fetch_data_does_nothing_when_the_files_are_there(tmp_path, write_mnist_
     assert steps[1] == [] and f"found in {tmp_path / 'cache'}" in capsys.readouterr().out
 
 
-def test_fetch_data_stops_at_the_first_step_that_puts_the_files_in_place(tmp_path, write_mnist_like, steps,
-                                                                           capsys):
+def test_fetch_data_stops_at_the_first_step_that_puts_the_files_in_place(tmp_path, write_mnist_like, steps, capsys):
     outcomes, calls = steps
 
     def download(cache):

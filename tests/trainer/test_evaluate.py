@@ -13,7 +13,7 @@ from trainer.config import load_config
 from trainer.evaluate import evaluate_knn, knn_accuracy
 from trainer.export import export_encoder
 from trainer.models import Encoder
-from trainer.input import load_datasets
+from trainer.data import load_datasets
 
 DATA = ["data.subset=2000", "data.test_subset=300"]
 

@@ -1,6 +1,7 @@
-"""Streamed Parquet datasets: the index from metadata, each worker's share, bounded
-reading, and bad input named by file. Every image written here carries its own
-global index in its pixels, so a test can tell which row a reader really returned."""
+"""Streamed Parquet datasets: the index from metadata, each worker's share (also of
+Parquet decoded into memory), bounded reading, and bad input named by file. Every
+image written here carries its own global index in its pixels, so a test can tell
+which row a reader really returned."""
 
 import io
 from pathlib import Path
@@ -13,9 +14,11 @@ import torch
 from PIL import Image
 
 from trainer.config import Config, ConfigError
-from trainer.data import DatasetMissing, load_dataset
-from trainer.input import StreamedInput, describe
+from trainer.data import load_dataset
+from trainer.images import DatasetMissing
+from trainer.input import describe, open_input
 from trainer.parquet import ParquetDataError, ParquetSplit, decode
+from trainer.streaming import StreamedInput
 
 LABELS = 7
 
@@ -37,10 +40,15 @@ def write_split(folder: Path, split: str, sizes: list[int], group_rows: int, sta
     (folder / "data").mkdir(parents=True, exist_ok=True)
     for i, size in enumerate(sizes):
         rows = range(start, start + size)
-        table = pa.table({"image": [{"bytes": png(r), "path": None} for r in rows],
-                          "label": np.array([r % LABELS for r in rows], np.int64)})
-        pq.write_table(table, folder / "data" / f"{split}-{i:05d}-of-{len(sizes):05d}.parquet",
-                       row_group_size=group_rows)
+        table = pa.table(
+            {
+                "image": [{"bytes": png(r), "path": None} for r in rows],
+                "label": np.array([r % LABELS for r in rows], np.int64),
+            }
+        )
+        pq.write_table(
+            table, folder / "data" / f"{split}-{i:05d}-of-{len(sizes):05d}.parquet", row_group_size=group_rows
+        )
         start += size
 
 
@@ -53,12 +61,21 @@ def dataset(tmp_path_factory) -> Path:
 
 
 def config(root, *overrides) -> Config:
-    c = Config.from_dict({"data": {"name": "parquet", "root": str(root), "image_size": 8, "loader_workers": 0},
-                          "train": {"batch_size": 30, "workers": 3}})
+    c = Config.from_dict(
+        {
+            "data": {"name": "parquet", "root": str(root), "image_size": 8, "loader_workers": 0},
+            "train": {"batch_size": 30, "workers": 3},
+        }
+    )
     for key, value in (o.split("=") for o in overrides):
         section, name = key.split(".")
+        value = {"true": True, "false": False}.get(value, value)
         setattr(getattr(c, section), name, type(getattr(getattr(c, section), name))(value))
     return c
+
+
+# The same tests hold for both forms a worker reads Parquet in: streamed, and decoded into memory.
+FORMS = {"streamed": ("data.stream=true",), "in-memory": ("data.stream=false",)}
 
 
 def test_the_index_comes_from_metadata_in_file_order(dataset):
@@ -76,9 +93,10 @@ def test_the_index_comes_from_metadata_in_file_order(dataset):
     assert (shape.train_rows, shape.test_rows, shape.channels, shape.side, shape.num_classes) == (390, 90, 3, 8, 7)
 
 
-def test_every_worker_takes_the_same_steps_and_each_row_at_most_once_per_epoch(dataset):
-    c = config(dataset)
-    workers = [StreamedInput(c, rank, 3) for rank in range(3)]
+@pytest.mark.parametrize("form", FORMS)
+def test_every_worker_takes_the_same_steps_and_each_row_at_most_once_per_epoch(dataset, form):
+    c = config(dataset, *FORMS[form])
+    workers = [open_input(c, rank, 3) for rank in range(3)]
     assert {w.batches_per_epoch() for w in workers} == {390 // 30}
     orders = []
     for epoch in range(2):
@@ -93,14 +111,18 @@ def test_every_worker_takes_the_same_steps_and_each_row_at_most_once_per_epoch(d
         assert len(seen) == len(set(seen)) == 13 * 30
         orders.append(seen)
     assert orders[0] != orders[1]  # a new order each epoch
+    again = [idx for _, idx, _ in open_input(c, 1, 3).epoch_batches(1)]
+    assert torch.cat(again).tolist() == orders[1][130:260]  # a function of the seed and the epoch: a resume replays it
 
 
-def test_the_shares_cover_each_split_exactly_once(dataset):
-    c = config(dataset)
+@pytest.mark.parametrize("form", FORMS)
+def test_the_shares_cover_each_split_exactly_once(dataset, form):
+    # In memory through a loader process (the streamed ones have a test of their own).
+    c = config(dataset, *FORMS[form], *(["data.loader_workers=1"] if form == "in-memory" else []))
     for split, n in (("train", 390), ("test", 90)):
         seen = []
         for rank in range(3):
-            for images, idx, labels in StreamedInput(c, rank, 3).share(split, 25):
+            for images, idx, _ in open_input(c, rank, 3).share(split, 25):
                 assert [index_of(im) for im in images] == idx.tolist()
                 seen += idx.tolist()
         assert sorted(seen) == list(range(n))
@@ -141,17 +163,25 @@ def test_bad_input_is_named_before_training(tmp_path):
     (tmp_path / "data").mkdir()
     good = pa.table({"image": [png(0)], "label": np.array([0], np.int64)})
     pq.write_table(good, tmp_path / "data" / "train-00000-of-00002.parquet")
-    pq.write_table(pa.table({"image": [png(1)], "label": np.array([0.5])}),
-                   tmp_path / "data" / "train-00001-of-00002.parquet")
+    pq.write_table(
+        pa.table({"image": [png(1)], "label": np.array([0.5])}), tmp_path / "data" / "train-00001-of-00002.parquet"
+    )
     with pytest.raises(ParquetDataError, match=r"train-00001-of-00002.parquet: column 'label' is double"):
         ParquetSplit(str(tmp_path), "train")
-    pq.write_table(pa.table({"image": [png(1)], "label": np.array([1], np.int32)}),
-                   tmp_path / "data" / "train-00001-of-00002.parquet")
-    with pytest.raises(ParquetDataError, match=r"train-00001-of-00002.parquet has image/label types .* int32.*"
-                                               r"train-00000-of-00002.parquet has .* int64"):
+    pq.write_table(
+        pa.table({"image": [png(1)], "label": np.array([1], np.int32)}),
+        tmp_path / "data" / "train-00001-of-00002.parquet",
+    )
+    with pytest.raises(
+        ParquetDataError,
+        match=r"train-00001-of-00002.parquet has image/label types .* int32.*"
+        r"train-00000-of-00002.parquet has .* int64",
+    ):
         ParquetSplit(str(tmp_path), "train")
-    pq.write_table(pa.table({"picture": [png(1)], "label": np.array([1], np.int64)}),
-                   tmp_path / "data" / "train-00001-of-00002.parquet")
+    pq.write_table(
+        pa.table({"picture": [png(1)], "label": np.array([1], np.int64)}),
+        tmp_path / "data" / "train-00001-of-00002.parquet",
+    )
     with pytest.raises(ParquetDataError, match=r"train-00001-of-00002.parquet has no column 'image'"):
         ParquetSplit(str(tmp_path), "train")
     with pytest.raises(DatasetMissing, match=r"no test split under .*test-\*.parquet"):
@@ -172,39 +202,58 @@ def test_a_file_unreadable_mid_epoch_is_named(tmp_path):
 
 
 def test_split_rules_and_the_fingerprint_hold_however_the_root_is_spelled(tmp_path):
-    for path in ("a/train-00000-of-00001.parquet", "a/test.parquet", "test/train-extra.parquet",
-                 "train/part-0.parquet", "a/old/train-stale.parquet"):
+    for path in (
+        "a/train-00000-of-00001.parquet",
+        "a/test.parquet",
+        "test/train-extra.parquet",
+        "train/part-0.parquet",
+        "a/old/train-stale.parquet",
+    ):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         pq.write_table(pa.table({"image": [png(0)], "label": np.array([0], np.int64)}), tmp_path / path)
     found = [f.relative for f in ParquetSplit(str(tmp_path), "train").files]
-    assert found == ["a/old/train-stale.parquet", "a/train-00000-of-00001.parquet", "test/train-extra.parquet",
-                     "train/part-0.parquet"]  # the file name decides before the folder
+    assert found == [
+        "a/old/train-stale.parquet",
+        "a/train-00000-of-00001.parquet",
+        "test/train-extra.parquet",
+        "train/part-0.parquet",
+    ]  # the file name decides before the folder
     assert [f.relative for f in ParquetSplit(str(tmp_path), "test").files] == ["a/test.parquet"]
     assert len(ParquetSplit(str(tmp_path / "a" / "*.parquet"), "train").files) == 1  # '*' stays in its folder
     spellings = [str(tmp_path), f"{tmp_path}/", f"file://{tmp_path}"]
     assert len({ParquetSplit(root, "train").fingerprint()["sha256"] for root in spellings}) == 1
-    pq.write_table(pa.table({"image": [png(0), png(1)], "label": np.array([0, 1], np.int64)}),
-                   tmp_path / "train" / "part-0.parquet")
-    assert ParquetSplit(str(tmp_path), "train").fingerprint()["sha256"] != \
-        ParquetSplit(spellings[0], "train", subset=3).fingerprint()["sha256"]
+    pq.write_table(
+        pa.table({"image": [png(0), png(1)], "label": np.array([0, 1], np.int64)}),
+        tmp_path / "train" / "part-0.parquet",
+    )
+    assert (
+        ParquetSplit(str(tmp_path), "train").fingerprint()["sha256"]
+        != ParquetSplit(spellings[0], "train", subset=3).fingerprint()["sha256"]
+    )
 
 
 def test_hugging_face_paths_nulls_and_undecodable_images_are_named(tmp_path):
     # A filled-in 'path' before 'label': the label's statistics are found by column path.
-    table = pa.table({"image": [{"bytes": png(i), "path": f"img_{i}.png"} for i in range(4)],
-                      "label": np.array([0, 5, 2, 1], np.int64)})
+    table = pa.table(
+        {
+            "image": [{"bytes": png(i), "path": f"img_{i}.png"} for i in range(4)],
+            "label": np.array([0, 5, 2, 1], np.int64),
+        }
+    )
     pq.write_table(table, tmp_path / "train.parquet")
     assert ParquetSplit(str(tmp_path), "train").num_classes == 6
-    pq.write_table(pa.table({"image": [png(0), png(1)], "label": pa.array([0, None], pa.int64())}),
-                   tmp_path / "test.parquet")
+    pq.write_table(
+        pa.table({"image": [png(0), png(1)], "label": pa.array([0, None], pa.int64())}), tmp_path / "test.parquet"
+    )
     with pytest.raises(ParquetDataError, match=r"test.parquet: row group 0 has 1 null label"):
         ParquetSplit(str(tmp_path), "test")
-    pq.write_table(pa.table({"image": [{"bytes": None, "path": "elsewhere.png"}], "label": np.array([0])}),
-                   tmp_path / "test.parquet")
+    pq.write_table(
+        pa.table({"image": [{"bytes": None, "path": "elsewhere.png"}], "label": np.array([0])}),
+        tmp_path / "test.parquet",
+    )
     # (A column of nulls only has no statistics: this one is caught when read.)
     with pytest.raises(ParquetDataError, match=r"test.parquet: row group 0 has 1 image\(s\) without bytes .*embed"):
         load_dataset("parquet", str(tmp_path), train=False, image_size=8)
-    pq.write_table(pa.table({"image": [png(0), b"not an image"], "label": np.array([0, 1])}),
-                   tmp_path / "test.parquet")
+    pq.write_table(pa.table({"image": [png(0), b"not an image"], "label": np.array([0, 1])}), tmp_path / "test.parquet")
     with pytest.raises(ParquetDataError, match=r"test.parquet, row group 0, row 1: cannot decode the image"):
         load_dataset("parquet", str(tmp_path), train=False, image_size=8)
