@@ -24,8 +24,8 @@ from benchmarks import runs
 from benchmarks.image_sets import SETS, write_set
 from benchmarks.report import write_table
 from trainer.config import ConfigError, load_config, resolve_config_path
+from trainer.data import load_datasets
 from trainer.evaluate import embed_all, knn_accuracy
-from trainer.input import load_datasets
 
 FASHION_2K = "fashion-mnist-2k"
 ALL_SETS = (*SETS, FASHION_2K)

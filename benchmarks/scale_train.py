@@ -17,7 +17,8 @@ from benchmarks import runs
 from benchmarks.args import positive_int
 from benchmarks.report import plot_lines, write_table
 from trainer.config import ConfigError, load_config, resolve_config_path
-from trainer.data import DatasetMissing, load_dataset
+from trainer.data import load_dataset
+from trainer.images import DatasetMissing
 from trainer.launch import TrainingStopped
 
 SOFTMAX = "softmax"  # in place of a number of negatives: the exact full softmax

@@ -34,9 +34,21 @@ class Bank:
     def __init__(self, num_shards, rows, dim, dtype="float32", seed=0, port=0, hosts=None, **config):
         hosts = hosts or ["127.0.0.1"] * num_shards
         self.servers = [
-            BankServer(ServerConfig(shard_id=s, num_shards=num_shards, rows=rows, dim=dim, dtype=dtype,
-                                    host=hosts[s], port=port, seed=seed, **config)).start()
-            for s in range(num_shards)]
+            BankServer(
+                ServerConfig(
+                    shard_id=s,
+                    num_shards=num_shards,
+                    rows=rows,
+                    dim=dim,
+                    dtype=dtype,
+                    host=hosts[s],
+                    port=port,
+                    seed=seed,
+                    **config,
+                )
+            ).start()
+            for s in range(num_shards)
+        ]
         for server in self.servers:
             server.load()
         self.addresses = [s.address for s in self.servers]
@@ -67,6 +79,7 @@ def spawn_server():
     """Start ``python -m bank_server ARGS...``; returns once it says where it listens
     (``.wait_serving(timeout)`` waits for its rows). Killed at the end of the test."""
     with ExitStack() as stack:
+
         def spawn(*args: str) -> ServerProcess:
             return stack.enter_context(ServerProcess(["-m", "bank_server", *args]))
 

@@ -38,8 +38,12 @@ class ChildProcess:
         self._stderr_path = stderr
         self._stderr_file = open(stderr, "w") if stderr is not None else None
         self.proc = subprocess.Popen(
-            [sys.executable, *self.args], stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=self._stderr_file or subprocess.PIPE, text=True)
+            [sys.executable, *self.args],
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr_file or subprocess.PIPE,
+            text=True,
+        )
         self.lines: list[str] = []
         self._cursor = 0  # lines before it were looked at by expect()
         self._ended = False

@@ -12,8 +12,10 @@ def python(code: str) -> list[str]:
     return ["-c", code]
 
 
-LISTENS_THEN_HANGS = ("import sys, time; print('listening on 127.0.0.1:1234', flush=True); "
-                      "print('still loading', file=sys.stderr, flush=True); time.sleep(120)")
+LISTENS_THEN_HANGS = (
+    "import sys, time; print('listening on 127.0.0.1:1234', flush=True); "
+    "print('still loading', file=sys.stderr, flush=True); time.sleep(120)"
+)
 
 
 def test_a_server_says_where_it_listens_and_when_it_serves(spawn_server):
@@ -38,8 +40,11 @@ def test_waiting_to_serve_gives_up_at_its_timeout_with_the_stderr():
 def test_a_silent_child_cannot_block_the_start_past_its_timeout(tmp_path):
     start = time.monotonic()
     with pytest.raises(ChildFailed, match=r"(?s)within 1 s.*about to hang"):
-        ServerProcess(python("import sys, time; print('about to hang', file=sys.stderr, flush=True); "
-                             "time.sleep(120)"), stderr=tmp_path / "err.log", timeout=1)
+        ServerProcess(
+            python("import sys, time; print('about to hang', file=sys.stderr, flush=True); time.sleep(120)"),
+            stderr=tmp_path / "err.log",
+            timeout=1,
+        )
     assert time.monotonic() - start < 10
 
 

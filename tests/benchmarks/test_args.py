@@ -7,8 +7,10 @@ import pytest
 from benchmarks.args import comma_list, positive_int
 
 
-@pytest.mark.parametrize("text, value", [("1", 1), ("4096", 4096), (" 256 ", 256), ("1e6", 10**6), ("3e7", 3 * 10**7),
-                                         ("2.5e3", 2500), ("1E4", 10**4)])
+@pytest.mark.parametrize(
+    "text, value",
+    [("1", 1), ("4096", 4096), (" 256 ", 256), ("1e6", 10**6), ("3e7", 3 * 10**7), ("2.5e3", 2500), ("1E4", 10**4)],
+)
 def test_counts_are_integers_or_scientific_notation(text, value):
     assert positive_int(text) == value
 
