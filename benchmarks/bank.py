@@ -125,7 +125,8 @@ def measure(args: argparse.Namespace, shards: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    print(f"bank Step: N={args.rows:,} D={args.dim} {args.dtype} K={args.negatives} B={args.batch}, fsync {args.fsync}")
+    log = args.fsync or "none"
+    print(f"bank Step: N={args.rows:,} D={args.dim} {args.dtype} K={args.negatives} B={args.batch}, update log: {log}")
     print("shards  step p50  step p99  echo p50  inproc p50  step/echo  step/inproc      rows/s", flush=True)
     results = []
     for shards in args.shards:
