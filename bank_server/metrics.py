@@ -15,14 +15,14 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from bank_server.protocol import SERVICE_NAME
+
 # Step's p50 is about a millisecond on loopback; a Snapshot or Restore takes seconds.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60)
 
 
 class BankMetrics:
     def __init__(self, server):
-        from bank_server.server import SERVICE_NAME  # the server imports this module lazily
-
         self._server = server
         self._prefix = f"/{SERVICE_NAME}/"
         self.registry = CollectorRegistry()

@@ -79,10 +79,3 @@ class OutageTracker:
         with self._lock:
             ongoing = [Outage(**{**o.as_dict(), "seconds": now - began}) for o, began, _ in self._open.values()]
             return [o.as_dict() for o in sorted(self._closed + ongoing, key=lambda o: o.started)]
-
-    def counts(self) -> dict[int, int]:
-        """Outages per shard (ongoing ones included)."""
-        counts: dict[int, int] = {}
-        for outage in self.outages():
-            counts[outage["shard"]] = counts.get(outage["shard"], 0) + 1
-        return counts

@@ -49,7 +49,8 @@ from bank_server.client import BankClient
 from bank_server.recovery import RecoveryRefused
 from bank_server.server import BankServer, ServerConfig, limit_blas_threads
 from bank_server.shard import PROCESS_BYTES, memory_bytes, rows_on_shard
-from bank_server.token_source import BankTokenMissing, read_token  # noqa: F401 (imported from here too)
+from bank_server.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from bank_server.token_source import BankTokenMissing, read_token
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,6 @@ def free_memory_by_node() -> dict[str, int]:
 
 class BankShardActor:
     def __init__(self, config: ServerConfig, token_file: str | None = None, token_env: str | None = None):
-        # What Ray handed this constructor, as Ray keeps it (for the test that no secret is in it).
-        self._arguments = (config, token_file, token_env)
         if config.token:
             raise ValueError("a shard actor must not be given the token itself (Ray records constructor "
                              "arguments): pass token_file or token_env")
@@ -147,10 +146,6 @@ class BankShardActor:
 
     def pid(self) -> int:
         return os.getpid()
-
-    def constructor_arguments(self) -> tuple:
-        """The arguments this actor was constructed with: what Ray keeps of it."""
-        return self._arguments
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -205,10 +200,10 @@ class BankHandle:
 
 def start_bank(num_shards: int, rows: int, dim: int = 128, dtype: str = "float16", *,
                snapshot_dir: str | None = None, seed: int = 0, host: str | None = None,
-               token_file: str | None = None, token_env: str | None = None, token: str | None = None,
+               token_file: str | None = None, token_env: str | None = None,
                name: str = "instdisc-bank", num_cpus: float = 0,
                placement: str = "spread", keep_snapshots: int = 0, threads: int = 1,
-               timeout: float = 600.0) -> BankHandle:
+               max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, timeout: float = 600.0) -> BankHandle:
     """Start `num_shards` named shard actors, placed as `placement` says, and wait until
     they serve (at most `timeout` seconds).
 
@@ -220,17 +215,15 @@ def start_bank(num_shards: int, rows: int, dim: int = 128, dtype: str = "float16
     (``$LOCAL_DISK/bank``) are expanded on each shard's node. Without it a temporary one
     is made, so restarts still restore.
     `threads` caps each shard's numpy BLAS pool (`instdisc bank serve --threads`).
+    `max_message_bytes` is the shards' gRPC message limit (`protocol.message_limit`
+    sizes it for a run's Steps).
     `token_file` / `token_env`: where each shard reads the bearer token on its node (a
-    file path, or an environment variable's name); the token itself is never passed
-    (`token` is refused: Ray would keep it). This process reads it too, first, so a
-    missing token fails here rather than in every shard.
+    file path, or an environment variable's name); the token itself is never passed:
+    Ray keeps actor arguments in its control store. This process reads it too, first,
+    so a missing token fails here rather than in every shard.
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-    if token is not None:
-        raise ValueError("start_bank does not take the token itself: Ray keeps actor arguments in its control "
-                         "store; pass token_file= (a path every node has) or token_env= (a variable every node's "
-                         "Ray processes inherit)")
     read_token(token_file, token_env)  # fail fast, here, on a missing or empty one
     snapshot_dir = snapshot_dir or tempfile.mkdtemp(prefix="instdisc-bank-")
     needs = [memory_bytes(rows_on_shard(rows, num_shards, s), dim, dtype) for s in range(num_shards)]
@@ -242,7 +235,7 @@ def start_bank(num_shards: int, rows: int, dim: int = 128, dtype: str = "float16
     actor_class = ray.remote(BankShardActor)
     base = ServerConfig(shard_id=0, num_shards=num_shards, rows=rows, dim=dim, dtype=dtype, host=host or "",
                         port=0, snapshot_dir=snapshot_dir, keep_snapshots=keep_snapshots, seed=seed, token=None,
-                        threads=threads)
+                        threads=threads, max_message_bytes=max_message_bytes)
     names = [f"{name}-{shard_id}" for shard_id in range(num_shards)]
     actors = [actor_class.options(name=actor_name, max_restarts=-1, max_task_retries=-1,
                                   num_cpus=num_cpus, memory=needs[shard_id],

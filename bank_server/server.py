@@ -24,32 +24,24 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from threadpoolctl import threadpool_limits
 
+from bank_server.metrics import BankMetrics
+from bank_server.protocol import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, grpc_options
 from bank_server.recovery import Recovery, open_logged
-from bank_server.servicer import MemoryBankServicer, add_to_server
+from bank_server.servicer import MemoryBankServicer
 from bank_server.shard import PERIODIC_KEPT, Layout, Shard
-from protos import bank_pb2
+from protos import bank_pb2_grpc
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME = bank_pb2.DESCRIPTOR.services_by_name["MemoryBank"].full_name
-DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
 
 
 def limit_blas_threads(threads: int) -> None:
     """Cap numpy's BLAS pool for the rest of this process, whenever numpy was loaded
     (environment variables only work before it is: not in a Ray actor)."""
-    from threadpoolctl import threadpool_limits
-
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     threadpool_limits(limits=threads, user_api="blas")
-
-
-def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Message-size options, set explicitly and identically on both ends."""
-    return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
 
 
 @dataclass
@@ -114,8 +106,6 @@ class BankServer:
         interceptors = [_BearerToken(config.token)] if config.token else []
         self.metrics = None
         if config.metrics_port:
-            from bank_server.metrics import BankMetrics  # prometheus-client only where asked for
-
             self.metrics = BankMetrics(self)
             interceptors.insert(0, self.metrics.interceptor)
         self._server = grpc.server(
@@ -126,7 +116,7 @@ class BankServer:
         self.recovery: Recovery | None = None
         self._stopping = threading.Event()
         self._periodic: threading.Thread | None = None
-        add_to_server(self.servicer, self._server)
+        bank_pb2_grpc.add_MemoryBankServicer_to_server(self.servicer, self._server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(

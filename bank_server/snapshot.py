@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from bank_server.errors import DataLoss, InvalidArgument, NotFound
-from bank_server.update_log import fsync_path
+from bank_server import update_log
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +60,9 @@ def snapshot_path(directory: str | os.PathLike, shard_id: int, tag: str) -> Path
 
 
 def _replace_durably(tmp: Path, final: Path) -> None:
-    fsync_path(tmp)
+    update_log.fsync_path(tmp)
     os.replace(tmp, final)
-    fsync_path(final.parent)
+    update_log.fsync_path(final.parent)
 
 
 def write(directory: str | os.PathLike, shard_id: int, tag: str, metadata: dict, dim: int, dtype,
@@ -220,8 +220,6 @@ def read(directory: str | os.PathLike, shard_id: int, tag: str | None = None) ->
     metadata, _ = read_into(path, rows)
     segment, end = metadata.get("log_segment"), metadata["log_end"]
     if segment and end:
-        from bank_server import update_log  # the log's module needs nothing of this one
-
         def apply(record):
             rows[record.local] = record.rows
 

@@ -509,8 +509,3 @@ class UpdateLog:
                 if self._fd >= 0:
                     os.close(self._fd)
                 self._fd = -1
-
-
-def iter_segments(folder: Path) -> Iterator[tuple[int, dict]]:
-    for number in segment_numbers(folder):
-        yield number, read_header(segment_path(folder, number))

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import grpc
 import ray
-import ray.cloudpickle
 
 from bank_server.client import BankClient, BankRpcError
 from bank_server.ray_bank import BankTokenMissing, start_bank
@@ -135,12 +134,8 @@ def test_the_token_stays_out_of_rays_records(local_ray, tmp_path):
             with pytest.raises(BankRpcError) as refused:
                 BankClient(handle.addresses, timeout=20)
             assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
-            for actor in handle.actors:  # what Ray was given to construct (and restart) each shard
-                given = ray.get(actor.constructor_arguments.remote())
-                assert secret.encode() not in ray.cloudpickle.dumps(given)
-                assert given[0].token is None
         # Nothing Ray wrote holds either token: its session folder (logs, GCS files), nor
-        # the GCS's actor table.
+        # the GCS's actor table (which keeps what each shard was constructed with).
         session = ray._private.worker._global_node.get_session_dir_path()
         for secret in (token, ENV_TOKEN):
             assert _files_holding(session, secret.encode()) == []
@@ -153,9 +148,7 @@ def test_the_token_stays_out_of_rays_records(local_ray, tmp_path):
             handle.stop()
 
 
-def test_the_token_itself_or_a_missing_one_is_refused_before_any_shard_starts(local_ray, tmp_path):
-    with pytest.raises(ValueError, match="does not take the token itself.*token_file"):
-        start_bank(1, 40, 4, "float32", snapshot_dir=str(tmp_path), name="no-bank", token="s3cret")
+def test_a_missing_token_is_refused_before_any_shard_starts(local_ray, tmp_path):
     with pytest.raises(BankTokenMissing, match="cannot read the bank token file .*missing"):
         start_bank(1, 40, 4, "float32", snapshot_dir=str(tmp_path), name="no-bank",
                    token_file=str(tmp_path / "missing"))
