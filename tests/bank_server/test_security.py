@@ -58,6 +58,7 @@ def test_serve_refuses_an_empty_or_missing_token_file_with_the_shared_reader(tmp
     empty.write_text("\n")
     base = ["--shard-id", "0", "--num-shards", "1", "--rows", "10", "--port", "0"]
     assert main([*base, "--token-file", str(empty)]) == 2
-    assert f"the bank token file {empty} is empty" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert str(empty) in err and "empty" in err
     assert main([*base, "--token-file", str(tmp_path / "missing")]) == 2
-    assert "cannot read the bank token file" in capsys.readouterr().err
+    assert str(tmp_path / "missing") in capsys.readouterr().err
