@@ -31,7 +31,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-file", help="require 'authorization: Bearer <token>' with this file's token")
     parser.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key)")
     parser.add_argument("--tls-key", help="PEM private key")
-    parser.add_argument("--max-message-mb", type=float, default=16.0)
+    parser.add_argument("--max-message-mb", type=float, default=16.0,
+                        help="gRPC message limit: a client's Step to this shard is one message (its update, reads "
+                             "and negatives), and a client refuses a Step that might not fit, saying how much it needs")
     parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get at SIGTERM")
     parser.add_argument("--threads", type=_positive_int, default=1, help=THREADS_HELP)
     parser.add_argument("--fsync", choices=FSYNC_MODES, default="everysec",
