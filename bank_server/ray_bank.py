@@ -3,8 +3,9 @@
 Placement. With ``placement="spread"`` the shards are dealt out over the cluster's
 nodes before anything starts (:func:`plan_placement`): each shard reserves the memory
 it will hold (Ray's ``memory`` resource: its rows once, as a Restore reads into the live
-rows, a snapshot block, plus the process: ``shard.memory_bytes``), they go one per node while nodes last, and a bank that does not fit is
-refused up front with what each node would need and has. Each shard is then
+rows, a snapshot block, plus the process: ``shard.memory_bytes``), they go one per node
+while nodes last, and a bank that does not fit is refused up front with what each node
+would need and has. Each shard is then
 pinned to its node (hard node affinity), for two reasons: Ray's own SPREAD strategy
 would restart a crashed shard on any node, away from the snapshots on its node's disk;
 and a node that is gone makes its shards fail loudly rather than come back empty
@@ -20,9 +21,10 @@ Restarts. Actors restart forever; the constructor recovers the shard (its snapsh
 update log) before the server reports SERVING. A shard whose stored state cannot be read
 does not serve: its constructor raises :class:`ShardRefused`, which Ray does not retry
 (an actor whose constructor raises is dead), so `start_bank` fails with the reason, and
-a client asking for a dead shard's address logs it at each retry until its deadline. Each start binds a port of its own choosing (port 0) on its
-node's address, so a restart never waits for, or fights over, the port it had: the
-named actor says where it serves now, and a ``BankClient`` built with :func:`resolver`
+a client asking for a dead shard's address logs it at each retry until its deadline.
+Each start binds a port of its own choosing (port 0) on its node's address, so a
+restart never waits for, or fights over, the port it had: the named actor says where
+it serves now, and a ``BankClient`` built with :func:`resolver`
 asks it whenever a shard stops answering. Actors take no whole CPU by default: on a
 2-core machine the train workers need both.
 
@@ -46,10 +48,10 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from bank_server.client import BankClient
+from bank_server.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from bank_server.recovery import RecoveryRefused
 from bank_server.server import BankServer, ServerConfig, limit_blas_threads
 from bank_server.shard import PROCESS_BYTES, memory_bytes, rows_on_shard
-from bank_server.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from bank_server.token_source import BankTokenMissing, read_token
 
 log = logging.getLogger(__name__)

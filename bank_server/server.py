@@ -101,7 +101,7 @@ class BankServer:
     shard up, ``stop()`` drains and snapshots."""
 
     def __init__(self, config: ServerConfig):
-        config.layout  # validates the layout before binding anything
+        _ = config.layout  # validates the layout before binding anything
         self.config = config
         interceptors = [_BearerToken(config.token)] if config.token else []
         self.metrics = None
@@ -142,7 +142,7 @@ class BankServer:
         for service in ("", SERVICE_NAME):
             self.health.set(service, status)
 
-    def start(self) -> "BankServer":
+    def start(self) -> BankServer:
         self._server.start()
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)

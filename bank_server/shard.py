@@ -146,7 +146,7 @@ class Shard:
         self.last_snapshot_seconds: float | None = None
 
     @classmethod
-    def create(cls, layout: Layout, seed: int = 0) -> "Shard":
+    def create(cls, layout: Layout, seed: int = 0) -> Shard:
         return cls(layout, initial_rows(layout, seed), seed=seed)
 
     @property
@@ -470,7 +470,7 @@ class Shard:
         return path, metadata
 
     @classmethod
-    def restore(cls, layout: Layout, directory: str | Path, tag: str | None = None, seed: int = 0) -> "Shard":
+    def restore(cls, layout: Layout, directory: str | Path, tag: str | None = None, seed: int = 0) -> Shard:
         """A new shard holding snapshot `tag` (default: the one LATEST names), exactly as
         it was when the snapshot ended. FailedPrecondition if its layout differs from
         `layout`; NotFound if there is no such snapshot; DataLoss if it fails its checks."""

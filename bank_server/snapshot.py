@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from bank_server.errors import DataLoss, InvalidArgument, NotFound
 from bank_server import update_log
+from bank_server.errors import DataLoss, InvalidArgument, NotFound
 
 log = logging.getLogger(__name__)
 

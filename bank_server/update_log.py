@@ -53,7 +53,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -411,7 +411,8 @@ class UpdateLog:
                 raise OSError(f"short write: {written} of {total} bytes")
         except OSError as error:
             self._undo(error)
-            raise Unavailable(f"cannot write the update log {self.path}: {error}; the update was not applied") from error
+            raise Unavailable(
+                f"cannot write the update log {self.path}: {error}; the update was not applied") from error
         self._offset += total
         self.bytes_written += total
         self.records += 1

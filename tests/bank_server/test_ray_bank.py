@@ -6,15 +6,14 @@ import socket
 import uuid
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
-import grpc
 import ray
 
 from bank_server.client import BankClient, BankRpcError
 from bank_server.ray_bank import BankTokenMissing, start_bank
 from tests.conftest import wait_until
-
 
 # Set before Ray starts, so its processes inherit it, as a Ray pod's env from a Secret.
 TOKEN_ENV, ENV_TOKEN = "INSTDISC_TEST_BANK_TOKEN", "env-token-" + uuid.uuid4().hex
@@ -128,7 +127,7 @@ def test_the_token_stays_out_of_rays_records(local_ray, tmp_path):
                start_bank(1, 40, 4, "float32", snapshot_dir=str(tmp_path / "b"), name="token-env-bank",
                           token_env=TOKEN_ENV)]
     try:
-        for handle, secret in zip(handles, (token, ENV_TOKEN)):
+        for handle in handles:
             with handle.client(timeout=20) as client:  # the shards read it, and require it
                 assert client.lookup([1, 2]).shape == (2, 4)
             with pytest.raises(BankRpcError) as refused:
