@@ -146,6 +146,15 @@ def test_a_step_is_one_message_per_shard_and_one_that_might_not_fit_is_refused_b
     client.close()
 
 
+def test_the_message_limit_for_a_run_holds_its_largest_step():
+    from bank_server.protocol import DEFAULT_MAX_MESSAGE_BYTES, message_limit, step_message_bytes
+
+    assert message_limit(256, 4096, 128, "float16") == DEFAULT_MAX_MESSAGE_BYTES  # the usual run: 1.1 MB
+    # 65,536 float32 negatives of 128: 34 MB, should they all come from one shard.
+    assert message_limit(256, 65536, 128, "float32") == 65536 * (8 + 512) + 256 * 512 + 4096
+    assert step_message_bytes(1000, 0, 0, 8, "float16") == 1000 * (8 + 8 * 4) + 4096  # an update's request
+
+
 def test_a_step_over_several_shards_starts_no_thread_and_close_ends_its_threads(make_bank, monkeypatch):
     """A fan-out's calls but the last run on the client's own threads, kept from Step to
     Step (a gRPC future starts a thread whenever its channel has no call in flight)."""

@@ -45,10 +45,12 @@ def _bind(sock: socket.socket, host: str, port: int) -> bool:
 
 
 def test_actor_shards_serve_and_restore_after_a_crash(local_ray, tmp_path):
-    handle = start_bank(2, 100, 8, "float32", snapshot_dir=str(tmp_path), name="test-bank")
+    handle = start_bank(2, 100, 8, "float32", snapshot_dir=str(tmp_path), name="test-bank",
+                        max_message_bytes=32 << 20)
     try:
         assert ray.get_actor("test-bank-1") is not None
         client = handle.client(timeout=20)  # within the waits below
+        assert client.max_message_bytes == 32 << 20  # the shards' limit, which the client follows
         f = np.full((10, 8), 8 ** -0.5, np.float32)
         client.update(np.arange(10), f, 0.0)
         saved = client.lookup(np.arange(100)).copy()
