@@ -19,7 +19,8 @@ Addresses are listed in any order, or given as one template with ``{shard}`` in 
 another port) is found again through ``resolve(shard, timeout_s) -> address``.
 
 It speaks numpy: array-likes go in (anything ``np.asarray`` takes, CPU torch tensors
-included), numpy arrays come out. Updates and reads are checked whole by
+included), numpy arrays come out; the bulk answers are read by :mod:`bank_server.wire`
+as views of the received bytes. Updates and reads are checked whole by
 :mod:`bank_server.validate`, the shards' own checks, before they go out: the shards
 validate only their own parts, and a request must be accepted by all or none. A
 mistake reads the same whichever side catches it: `InvalidArgument`, the same message.
@@ -41,11 +42,11 @@ from typing import Any
 import grpc
 import numpy as np
 
-from bank_server import tensors, validate
+from bank_server import tensors, validate, wire
 from bank_server.errors import InvalidArgument
 from bank_server.merge import merge_partition_sums, merge_topk
 from bank_server.outages import OutageTracker
-from bank_server.protocol import DEFAULT_MAX_MESSAGE_BYTES, grpc_options, step_message_bytes
+from bank_server.protocol import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, grpc_options, step_message_bytes
 from protos import bank_pb2, bank_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,18 @@ _MAX_BACKOFF_S = 1.0
 # A fan-out's calls at once on threads (the last goes on the caller's): more wait for one.
 _CALL_THREADS = 64
 _MIB = 1 << 20
+
+
+def _stub(channel: grpc.Channel) -> bank_pb2_grpc.MemoryBankStub:
+    """The generated stub, with the bulk methods returning their answers' bytes for
+    `bank_server.wire` to read (as numpy views, without protobuf's copies)."""
+    stub = bank_pb2_grpc.MemoryBankStub(channel)
+    for method, request in (("Step", bank_pb2.StepRequest), ("Lookup", bank_pb2.LookupRequest),
+                            ("Sample", bank_pb2.SampleRequest)):
+        setattr(stub, method, channel.unary_unary(f"/{SERVICE_NAME}/{method}",
+                                                  request_serializer=request.SerializeToString,
+                                                  response_deserializer=None))
+    return stub
 
 
 def _shard_seed(rng: np.random.Generator, seed: int | None) -> int | None:
@@ -204,7 +217,7 @@ class BankClient:
             channel = self._channel(address)
             self._channels.append(channel)
             self._addresses.append(address)
-            self._stubs.append(bank_pb2_grpc.MemoryBankStub(channel))
+            self._stubs.append(_stub(channel))
         return self._fan_out("Describe", [(i, bank_pb2.DescribeRequest()) for i in range(first, len(self._stubs))])
 
     def _channel(self, address: str) -> grpc.Channel:
@@ -228,7 +241,7 @@ class BankClient:
             log.info("bank shard %d moved from %s to %s", shard, self._addresses[shard], address)
             self._retired.append(self._channels[shard])
             self._channels[shard] = self._channel(address)
-            self._stubs[shard] = bank_pb2_grpc.MemoryBankStub(self._channels[shard])
+            self._stubs[shard] = _stub(self._channels[shard])
             self._addresses[shard] = address
 
     @property
@@ -335,7 +348,7 @@ class BankClient:
                 places.append(chunk)
         rows = np.empty((len(idx), self.dim), dtype=self.dtype)
         for chunk, answer in zip(places, self._fan_out("Lookup", calls)):
-            rows[chunk] = tensors.decode(answer.rows, "rows")
+            rows[chunk] = tensors.decode(wire.parse_lookup_response(answer).rows, "rows")
         return rows
 
     def sample(self, k: int, seed: int | None = None):
@@ -348,6 +361,7 @@ class BankClient:
                  for s, where in enumerate(places) for begin in range(0, len(where), per)]
         draws: dict[int, list] = {}
         for (s, _), answer in zip(calls, self._fan_out("Sample", calls)):
+            answer = wire.parse_sample_response(answer)
             draws.setdefault(s, []).append((tensors.decode(answer.indices, "indices"),
                                             tensors.decode(answer.rows, "rows")))
         return placed_draws(k, places, draws, self._addresses, self.dim, self.dtype)
@@ -435,10 +449,11 @@ class BankClient:
         draws: dict[int, list] = {}
         applied = 0
         for s, answer in zip(shards, answers):
+            answer = wire.parse_step_response(answer)
             applied += answer.update_applied
             if s in lookups:
                 rows[lookups[s]] = tensors.decode(answer.rows, "rows")
-            if answer.HasField("sample_indices"):
+            if answer.sample_indices is not None:
                 draws[s] = [(tensors.decode(answer.sample_indices, "sample_indices"),
                              tensors.decode(answer.sample_rows, "sample_rows"))]
         if negatives:

@@ -29,9 +29,8 @@ from threadpoolctl import threadpool_limits
 from bank_server.metrics import BankMetrics
 from bank_server.protocol import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, grpc_options
 from bank_server.recovery import Recovery, open_logged
-from bank_server.servicer import MemoryBankServicer
+from bank_server.servicer import MemoryBankServicer, add_to_server
 from bank_server.shard import PERIODIC_KEPT, Layout, Shard
-from protos import bank_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +115,7 @@ class BankServer:
         self.recovery: Recovery | None = None
         self._stopping = threading.Event()
         self._periodic: threading.Thread | None = None
-        bank_pb2_grpc.add_MemoryBankServicer_to_server(self.servicer, self._server)
+        add_to_server(self.servicer, self._server)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(

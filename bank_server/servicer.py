@@ -3,6 +3,10 @@
 Semantic validation (ranges, shards, finiteness) lives in :class:`Shard`; this
 module checks only what the wire can get wrong (dtype, shape vs byte length) and
 the message-size limit of the answer, then maps domain errors to status codes.
+
+The bulk answers (Step, Lookup, Sample) are written in protobuf's wire format by
+`bank_server.wire`, without protobuf's copies of the arrays; `add_to_server` says which
+method uses which codec.
 """
 
 from __future__ import annotations
@@ -10,11 +14,12 @@ from __future__ import annotations
 import functools
 import logging
 
+import grpc
 import numpy as np
 
-from bank_server import tensors
+from bank_server import tensors, wire
 from bank_server.errors import BankError, DataLoss, InvalidArgument, ResourceExhausted, Unavailable, status_code
-from bank_server.protocol import ENVELOPE_BYTES
+from bank_server.protocol import ENVELOPE_BYTES, SERVICE_NAME
 from bank_server.shard import Shard
 from protos import bank_pb2, bank_pb2_grpc
 
@@ -35,10 +40,6 @@ def _rpc(method):
             context.abort(status_code(error), str(error))
 
     return wrapper
-
-
-def _optional(array: np.ndarray | None) -> bank_pb2.Tensor | None:
-    return None if array is None else tensors.encode(array)
 
 
 class MemoryBankServicer(bank_pb2_grpc.MemoryBankServicer):
@@ -88,15 +89,14 @@ class MemoryBankServicer(bank_pb2_grpc.MemoryBankServicer):
         shard = self._ready()
         indices = tensors.decode(request.indices, "indices", dtypes=INDICES, ndim=1)
         self._check_answer_size(len(indices) * self._row_bytes(shard), "indices")
-        return bank_pb2.LookupResponse(rows=tensors.encode(shard.lookup(indices)))
+        return wire.lookup_response(shard.lookup(indices))
 
     @_rpc
     def Sample(self, request, context):
         shard = self._ready()
         self._check_answer_size(request.k * (self._row_bytes(shard) + 8), "k")
         seed = request.seed if request.HasField("seed") else None
-        indices, rows = shard.sample(request.k, seed)
-        return bank_pb2.SampleResponse(indices=tensors.encode(indices), rows=tensors.encode(rows))
+        return wire.sample_response(*shard.sample(request.k, seed))
 
     @_rpc
     def Update(self, request, context):
@@ -115,9 +115,7 @@ class MemoryBankServicer(bank_pb2_grpc.MemoryBankServicer):
         n_lookup = 0 if lookup is None else len(lookup)
         self._check_answer_size(n_lookup * row_bytes + request.sample_k * (row_bytes + 8), "sample_k")
         seed = request.sample_seed if request.HasField("sample_seed") else None
-        applied, rows, sample_indices, sample_rows = shard.step(update, lookup, request.sample_k, seed)
-        return bank_pb2.StepResponse(update_applied=applied, rows=_optional(rows),
-                                     sample_indices=_optional(sample_indices), sample_rows=_optional(sample_rows))
+        return wire.step_response(*shard.step(update, lookup, request.sample_k, seed))
 
     @_rpc
     def PartitionSum(self, request, context):
@@ -170,3 +168,26 @@ class MemoryBankServicer(bank_pb2_grpc.MemoryBankServicer):
         log.info("restored snapshot %s", path)
         return bank_pb2.RestoreResponse(tag=shard.last_snapshot_tag, path=str(path))
 
+
+def add_to_server(servicer: MemoryBankServicer, server: grpc.Server) -> None:
+    """Register the MemoryBank methods: the bulk answers written by `bank_server.wire`,
+    everything else by protobuf (both speak bank.proto). Requests, smaller, are parsed
+    by protobuf's C parser."""
+    pb = bank_pb2
+    # method: (request parser, answer writer); None hands gRPC the bytes `wire` wrote.
+    codecs = {
+        "Describe": (pb.DescribeRequest.FromString, pb.DescribeResponse.SerializeToString),
+        "Lookup": (pb.LookupRequest.FromString, None),
+        "Sample": (pb.SampleRequest.FromString, None),
+        "Update": (pb.UpdateRequest.FromString, pb.UpdateResponse.SerializeToString),
+        "Step": (pb.StepRequest.FromString, None),
+        "PartitionSum": (pb.PartitionSumRequest.FromString, pb.PartitionSumResponse.SerializeToString),
+        "TopK": (pb.TopKRequest.FromString, pb.TopKResponse.SerializeToString),
+        "Snapshot": (pb.SnapshotRequest.FromString, pb.SnapshotResponse.SerializeToString),
+        "Restore": (pb.RestoreRequest.FromString, pb.RestoreResponse.SerializeToString),
+    }
+    handlers = {method: grpc.unary_unary_rpc_method_handler(getattr(servicer, method), request_deserializer=parse,
+                                                             response_serializer=write)
+                for method, (parse, write) in codecs.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)

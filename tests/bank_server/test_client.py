@@ -201,8 +201,9 @@ def test_one_address_template_names_every_shard(make_bank):
 
 
 def test_a_client_from_bank_proto_alone_reads_every_step_answer(make_bank):
-    """Any client built from bank.proto alone: an update applied, the same update
-    retried (answered as not applied), and Steps with only reads or only draws."""
+    """The server's hand-written answers, read by protobuf's generated stub: an update
+    applied, the same update retried (answered as not applied), and Steps with only
+    reads or only draws."""
     import grpc
 
     from bank_server import tensors
