@@ -20,10 +20,11 @@ another port) is found again through ``resolve(shard, timeout_s) -> address``.
 
 It speaks numpy: array-likes go in (anything ``np.asarray`` takes, CPU torch tensors
 included), numpy arrays come out; the bulk answers are read by :mod:`bank_server.wire`
-as views of the received bytes. Updates and reads are checked whole by
-:mod:`bank_server.validate`, the shards' own checks, before they go out: the shards
-validate only their own parts, and a request must be accepted by all or none. A
-mistake reads the same whichever side catches it: `InvalidArgument`, the same message.
+as views of the received bytes. Updates and reads bound for several shards are checked
+whole by :mod:`bank_server.validate`, the shards' own checks, before they go out: the
+shards validate only their own parts, and a request must be accepted by all or none;
+one shard checks all of it itself. A mistake reads the same whichever side catches it:
+`InvalidArgument`, the same message.
 """
 
 from __future__ import annotations
@@ -103,28 +104,38 @@ class LayoutError(ValueError):
     """The addresses do not form one complete bank."""
 
 
-def negative_places(k: int, total_rows: int, num_shards: int, rng: np.random.Generator) -> list[np.ndarray]:
+def negative_places(k: int, total_rows: int, num_shards: int, rng: np.random.Generator) -> list[np.ndarray] | None:
     """Which of k i.i.d. uniform draws over all N rows each shard makes: place j goes to
     shard g % S of a uniform global row g, i.e. to shard s with probability rows_s / N,
     independently of every other place (so the shares are multinomial). Shard s's own
     uniform draws then fill its places in order (`placed_draws`), and every place is an
-    independent uniform row of the bank: any prefix is uniform too."""
+    independent uniform row of the bank: any prefix is uniform too. None with one shard:
+    its k draws are the answer as they come."""
+    if num_shards == 1:
+        return None
     shard = rng.integers(0, total_rows, size=k, dtype=np.int64) % num_shards
     order = np.argsort(shard, kind="stable")  # each shard's places stay in order
     return np.split(order, np.cumsum(np.bincount(shard, minlength=num_shards))[:-1])
 
 
-def placed_draws(k: int, places: list[np.ndarray], draws: dict[int, list[tuple[np.ndarray, np.ndarray]]],
+def _shares(k: int, places: list[np.ndarray] | None) -> list[int]:
+    return [k] if places is None else [len(where) for where in places]
+
+
+def placed_draws(k: int, places: list[np.ndarray] | None, draws: dict[int, list[tuple[np.ndarray, np.ndarray]]],
                  addresses: Sequence[str], dim: int, dtype) -> tuple[np.ndarray, np.ndarray]:
     """Every shard's draws ((indices, rows) parts, in the order they came) in its
-    `places` (see `negative_places`). A shard answering another number of draws than it
-    was asked for is an error, not a short answer."""
-    for s, where in enumerate(places):
+    `places` (see `negative_places`); one shard's as they came, not copied. A shard
+    answering another number of draws than it was asked for is an error, not a short
+    answer."""
+    for s, asked in enumerate(_shares(k, places)):
         answered = sum(len(idx) for idx, _ in draws.get(s, ()))
-        if answered != len(where):
+        if answered != asked:
             raise BankRpcError(grpc.StatusCode.INTERNAL,
-                               f"shard {s} answered {answered} draws for the {len(where)} it was asked for",
-                               addresses[s])
+                               f"shard {s} answered {answered} draws for the {asked} it was asked for", addresses[s])
+    if places is None:  # one shard: its draws in the order they came
+        parts = draws[0]
+        return parts[0] if len(parts) == 1 else tuple(np.concatenate(part) for part in zip(*parts))
     out_idx = np.empty(k, dtype=np.int64)
     out_rows = np.empty((k, dim), dtype=dtype)
     for s, where in enumerate(places):
@@ -315,6 +326,8 @@ class BankClient:
     def _route(self, indices: np.ndarray) -> list[np.ndarray]:
         """Positions in `indices` that each shard owns (out-of-range ones are left to
         the shards to reject, so the error names the field)."""
+        if self.num_shards == 1:  # no sort to find them
+            return [np.arange(len(indices))]
         shard = np.mod(indices, self.num_shards)
         order = np.argsort(shard, kind="stable")
         bounds = np.searchsorted(shard[order], np.arange(self.num_shards + 1))
@@ -357,8 +370,8 @@ class BankClient:
         rng = self._rng if seed is None else np.random.default_rng(seed)
         places = negative_places(k, self.rows, self.num_shards, rng)
         per = max(1, self.chunk_bytes // (self._row_bytes + 8))  # draws whose answer fits a message
-        calls = [(s, bank_pb2.SampleRequest(k=min(per, len(where) - begin), seed=_shard_seed(rng, seed)))
-                 for s, where in enumerate(places) for begin in range(0, len(where), per)]
+        calls = [(s, bank_pb2.SampleRequest(k=min(per, share - begin), seed=_shard_seed(rng, seed)))
+                 for s, share in enumerate(_shares(k, places)) for begin in range(0, share, per)]
         draws: dict[int, list] = {}
         for (s, _), answer in zip(calls, self._fan_out("Sample", calls)):
             answer = wire.parse_sample_response(answer)
@@ -378,7 +391,9 @@ class BankClient:
         idx, features = self._indices(indices, "update.indices"), self._floats(features)
         # The shards validate only their own parts: a bad row in one must not let the
         # others apply theirs, so the update is checked whole before any part goes out.
-        validate.update(idx, features, momentum, self.rows, self.dim)
+        # One shard checks all of it itself, with the same validators.
+        if self.num_shards > 1:
+            validate.update(idx, features, momentum, self.rows, self.dim)
         return idx, features
 
     def _update_message(self, idx: np.ndarray, features: np.ndarray, momentum: float) -> bank_pb2.UpdateRequest:
@@ -421,7 +436,8 @@ class BankClient:
             reads = self._indices(lookup_indices, "lookup_indices")
             # Likewise: a shard refusing its part of the reads would refuse its part of
             # the update too, while the others apply theirs.
-            validate.indices(reads, self.rows, "lookup_indices")
+            if self.num_shards > 1:
+                validate.indices(reads, self.rows, "lookup_indices")
         n_lookup = 0 if reads is None else len(reads)
         self.check_step(0 if idx is None else len(idx), n_lookup, negatives)
         rng = self._rng if seed is None else np.random.default_rng(seed)
@@ -439,9 +455,9 @@ class BankClient:
                     fields.setdefault(s, {})["lookup_indices"] = tensors.encode(reads[at])
         if negatives:
             places = negative_places(negatives, self.rows, self.num_shards, rng)
-            for s, where in enumerate(places):
-                if len(where):
-                    fields.setdefault(s, {}).update(sample_k=len(where), sample_seed=_shard_seed(rng, seed))
+            for s, share in enumerate(_shares(negatives, places)):
+                if share:
+                    fields.setdefault(s, {}).update(sample_k=share, sample_seed=_shard_seed(rng, seed))
 
         shards = sorted(fields)
         answers = self._fan_out("Step", [(s, bank_pb2.StepRequest(**fields[s])) for s in shards])

@@ -161,9 +161,13 @@ class Shard:
     # -- validation -------------------------------------------------------------
 
     def to_local(self, indices: np.ndarray, field: str = "indices") -> np.ndarray:
-        """Local rows of global `indices`; InvalidArgument if any is not this shard's."""
+        """Local rows of global `indices`; InvalidArgument if any is not this shard's.
+        In a one-shard bank they are `indices` themselves, not a copy: the caller leaves
+        them as they are until the call returns."""
         indices = validate.indices(indices, self.layout.total_rows, field)
         s, sid = self.layout.num_shards, self.layout.shard_id
+        if s == 1:  # the bank's one shard: every row is its own, at its own index
+            return indices
         wrong = indices % s != sid
         if wrong.any():
             where = int(np.argmax(wrong))

@@ -263,9 +263,11 @@ def test_a_shard_answering_fewer_draws_than_asked_is_an_error_not_a_short_answer
     unasked = {0: [(np.arange(5), np.ones((5, 4), np.float16))], 1: [(np.arange(1), np.ones((1, 4), np.float16))]}
     with pytest.raises(BankRpcError, match="shard 1 answered 1 draws for the 0"):
         placed(5, [np.arange(5), np.arange(0)], unasked)
+    with pytest.raises(BankRpcError, match="shard 0 answered 3 draws for the 4"):
+        placed(4, None, {0: [(np.arange(3), np.ones((3, 4), np.float16))]})
 
 
-@pytest.mark.parametrize("rows, shards", [(5, 1), (5, 4), (13, 12)])
+@pytest.mark.parametrize("rows, shards", [(5, 4), (13, 12)])
 def test_each_negative_goes_to_a_shard_in_proportion_to_its_rows(rows, shards):
     """Shards of unequal size (5 rows on 4 shards: 2, 1, 1, 1) get their share of the
     places, every place exactly once, in increasing order within a shard."""
@@ -280,10 +282,8 @@ def test_each_negative_goes_to_a_shard_in_proportion_to_its_rows(rows, shards):
         assert all((np.diff(where) > 0).all() for where in places)
         counts += [len(where) for where in places]
     expected = 20_000 * np.array([rows_on_shard(rows, shards, s) for s in range(shards)]) / rows
-    if shards > 1:
-        assert stats.chisquare(counts, expected).pvalue > 1e-4
-    else:
-        assert counts.tolist() == expected.tolist()
+    assert stats.chisquare(counts, expected).pvalue > 1e-4
+    assert negative_places(100, rows, 1, rng) is None
 
 
 def test_every_place_of_a_draw_is_uniform_over_the_shards_not_only_the_whole(bank):
@@ -292,7 +292,7 @@ def test_every_place_of_a_draw_is_uniform_over_the_shards_not_only_the_whole(ban
     start with shard 0's)."""
     client, _ = bank
     if client.num_shards == 1:
-        pytest.skip("one shard: every draw is its own")
+        pytest.skip("one shard: its draws are the answer as they come")
     first, last = [], []
     for seed in range(400):
         idx = client.step(lookup_indices=[0], negatives=6, seed=seed).negative_indices

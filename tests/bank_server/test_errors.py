@@ -154,8 +154,9 @@ def test_client_checks_a_whole_update_before_any_shard_applies_it(bank):
     ([0, 2], unit_rows(2), 1.0),                         # momentum
 ])
 def test_a_bad_update_reads_the_same_whichever_side_catches_it(make_bank, shards, indices, features, momentum):
-    """One set of validators, on both sides: InvalidArgument with the message a shard
-    gives a raw Update, and no row changed."""
+    """One set of validators. With two shards the client checks the whole update before
+    sending; with one, the shard's own check is enough. Either way: InvalidArgument
+    with the message a shard gives a raw Update, and no row changed."""
     bank = make_bank(shards, N, D, "float32", max_message_bytes=1 << 16)
     client = bank.client()
     with grpc.insecure_channel(bank.addresses[0]) as channel:
@@ -165,6 +166,7 @@ def test_a_bad_update_reads_the_same_whichever_side_catches_it(make_bank, shards
     with pytest.raises(InvalidArgument) as caught:
         client.update(indices, features, momentum)
     assert str(caught.value) == raw.value.details()
+    assert isinstance(caught.value, BankRpcError) == (shards == 1)  # which side caught it
     assert [d["updates_applied"] for d in client.describe()] == [0] * shards
     client.close()
 
