@@ -66,11 +66,18 @@ def _stub(channel: grpc.Channel) -> bank_pb2_grpc.MemoryBankStub:
     """The generated stub, with the bulk methods returning their answers' bytes for
     `bank_server.wire` to read (as numpy views, without protobuf's copies)."""
     stub = bank_pb2_grpc.MemoryBankStub(channel)
-    for method, request in (("Step", bank_pb2.StepRequest), ("Lookup", bank_pb2.LookupRequest),
-                            ("Sample", bank_pb2.SampleRequest)):
-        setattr(stub, method, channel.unary_unary(f"/{SERVICE_NAME}/{method}",
-                                                  request_serializer=request.SerializeToString,
-                                                  response_deserializer=None))
+    for method, request in (
+        ("Step", bank_pb2.StepRequest),
+        ("Lookup", bank_pb2.LookupRequest),
+        ("Sample", bank_pb2.SampleRequest),
+    ):
+        setattr(
+            stub,
+            method,
+            channel.unary_unary(
+                f"/{SERVICE_NAME}/{method}", request_serializer=request.SerializeToString, response_deserializer=None
+            ),
+        )
     return stub
 
 
@@ -122,8 +129,14 @@ def _shares(k: int, places: list[np.ndarray] | None) -> list[int]:
     return [k] if places is None else [len(where) for where in places]
 
 
-def placed_draws(k: int, places: list[np.ndarray] | None, draws: dict[int, list[tuple[np.ndarray, np.ndarray]]],
-                 addresses: Sequence[str], dim: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+def placed_draws(
+    k: int,
+    places: list[np.ndarray] | None,
+    draws: dict[int, list[tuple[np.ndarray, np.ndarray]]],
+    addresses: Sequence[str],
+    dim: int,
+    dtype,
+) -> tuple[np.ndarray, np.ndarray]:
     """Every shard's draws ((indices, rows) parts, in the order they came) in its
     `places` (see `negative_places`); one shard's as they came, not copied. A shard
     answering another number of draws than it was asked for is an error, not a short
@@ -131,8 +144,11 @@ def placed_draws(k: int, places: list[np.ndarray] | None, draws: dict[int, list[
     for s, asked in enumerate(_shares(k, places)):
         answered = sum(len(idx) for idx, _ in draws.get(s, ()))
         if answered != asked:
-            raise BankRpcError(grpc.StatusCode.INTERNAL,
-                               f"shard {s} answered {answered} draws for the {asked} it was asked for", addresses[s])
+            raise BankRpcError(
+                grpc.StatusCode.INTERNAL,
+                f"shard {s} answered {answered} draws for the {asked} it was asked for",
+                addresses[s],
+            )
     if places is None:  # one shard: its draws in the order they came
         parts = draws[0]
         return parts[0] if len(parts) == 1 else tuple(np.concatenate(part) for part in zip(*parts))
@@ -141,7 +157,7 @@ def placed_draws(k: int, places: list[np.ndarray] | None, draws: dict[int, list[
     for s, where in enumerate(places):
         begin = 0
         for idx, rows in draws.get(s, ()):
-            at = where[begin:begin + len(idx)]
+            at = where[begin : begin + len(idx)]
             out_idx[at] = idx
             out_rows[at] = rows
             begin += len(idx)
@@ -150,17 +166,24 @@ def placed_draws(k: int, places: list[np.ndarray] | None, draws: dict[int, list[
 
 @dataclass
 class StepResult:
-    rows: np.ndarray              # (len(lookup_indices), D) positives, caller's order
+    rows: np.ndarray  # (len(lookup_indices), D) positives, caller's order
     negative_indices: np.ndarray  # (negatives,) global indices, uniform over all N rows
-    negative_rows: np.ndarray     # (negatives, D)
-    updates_applied: int          # shards that applied the update (retries count once)
+    negative_rows: np.ndarray  # (negatives, D)
+    updates_applied: int  # shards that applied the update (retries count once)
 
 
 class BankClient:
-    def __init__(self, addresses: Sequence[str] | str, token: str | None = None, timeout: float = 30.0,
-                 tls_ca: str | bytes | None = None, max_message_bytes: int | None = None,
-                 chunk_bytes: int = 4 << 20, client_id: str | None = None,
-                 resolve: Callable[[int, float], str] | None = None):
+    def __init__(
+        self,
+        addresses: Sequence[str] | str,
+        token: str | None = None,
+        timeout: float = 30.0,
+        tls_ca: str | bytes | None = None,
+        max_message_bytes: int | None = None,
+        chunk_bytes: int = 4 << 20,
+        client_id: str | None = None,
+        resolve: Callable[[int, float], str] | None = None,
+    ):
         if isinstance(addresses, str):
             addresses = [a for a in addresses.split(",") if a]
         if not addresses:
@@ -182,8 +205,9 @@ class BankClient:
         # Threads for the calls of a fan-out but its last, made when first needed and kept.
         # Python joins them at exit: a client left open with a call in flight to a stuck
         # shard holds the exit up to the call's deadline (close() ends such calls at once).
-        self._calls = ThreadPoolExecutor(max_workers=_CALL_THREADS,
-                                         thread_name_prefix=f"bank-client-{self.client_id[:8]}")
+        self._calls = ThreadPoolExecutor(
+            max_workers=_CALL_THREADS, thread_name_prefix=f"bank-client-{self.client_id[:8]}"
+        )
         self._moved = threading.Lock()
         self._retired: list[grpc.Channel] = []  # channels of shards that moved: calls may still be on them
         # Outages are tracked once positions are shard ids (a bank still starting is not an outage).
@@ -261,8 +285,10 @@ class BankClient:
         return list(self._addresses)
 
     def _check_layout(self, infos) -> None:
-        where = [f"{a} (shard {d.shard_id} of {d.num_shards}, N={d.total_rows}, D={d.dim}, "
-                 f"{bank_pb2.DType.Name(d.dtype)})" for a, d in zip(self._addresses, infos)]
+        where = [
+            f"{a} (shard {d.shard_id} of {d.num_shards}, N={d.total_rows}, D={d.dim}, {bank_pb2.DType.Name(d.dtype)})"
+            for a, d in zip(self._addresses, infos)
+        ]
         for field in ("num_shards", "total_rows", "dim", "dtype"):
             if len({getattr(d, field) for d in infos}) > 1:
                 raise LayoutError(f"shards disagree on {field}: " + "; ".join(where))
@@ -273,8 +299,9 @@ class BankClient:
         if ids != list(range(s)):
             missing = sorted(set(range(s)) - set(ids))
             dupes = sorted({i for i in ids if ids.count(i) > 1})
-            raise LayoutError(f"shard ids must be 0..{s - 1} once each; missing {missing}, repeated {dupes}: "
-                              + "; ".join(where))
+            raise LayoutError(
+                f"shard ids must be 0..{s - 1} once each; missing {missing}, repeated {dupes}: " + "; ".join(where)
+            )
 
     # -- transport --------------------------------------------------------------
 
@@ -331,11 +358,11 @@ class BankClient:
         shard = np.mod(indices, self.num_shards)
         order = np.argsort(shard, kind="stable")
         bounds = np.searchsorted(shard[order], np.arange(self.num_shards + 1))
-        return [order[bounds[s]:bounds[s + 1]] for s in range(self.num_shards)]
+        return [order[bounds[s] : bounds[s + 1]] for s in range(self.num_shards)]
 
     def _chunks(self, positions: np.ndarray, bytes_per_item: int) -> list[np.ndarray]:
         per = max(1, self.chunk_bytes // max(bytes_per_item, 1))
-        return [positions[i:i + per] for i in range(0, len(positions), per)] or []
+        return [positions[i : i + per] for i in range(0, len(positions), per)] or []
 
     @staticmethod
     def _indices(indices, field: str = "indices") -> np.ndarray:
@@ -345,11 +372,21 @@ class BankClient:
 
     def describe(self) -> list[dict]:
         answers = self._fan_out("Describe", [(s, bank_pb2.DescribeRequest()) for s in range(self.num_shards)])
-        return [{"address": a, "shard_id": d.shard_id, "num_shards": d.num_shards, "total_rows": d.total_rows,
-                 "dim": d.dim, "dtype": np.dtype(tensors.NUMPY_DTYPES[d.dtype]).name, "rows_held": d.rows_held,
-                 "updates_applied": d.updates_applied, "rows_updated": d.rows_updated,
-                 "last_snapshot_tag": d.last_snapshot_tag}
-                for a, d in zip(self._addresses, answers)]
+        return [
+            {
+                "address": a,
+                "shard_id": d.shard_id,
+                "num_shards": d.num_shards,
+                "total_rows": d.total_rows,
+                "dim": d.dim,
+                "dtype": np.dtype(tensors.NUMPY_DTYPES[d.dtype]).name,
+                "rows_held": d.rows_held,
+                "updates_applied": d.updates_applied,
+                "rows_updated": d.rows_updated,
+                "last_snapshot_tag": d.last_snapshot_tag,
+            }
+            for a, d in zip(self._addresses, answers)
+        ]
 
     def lookup(self, indices):
         """Rows (n, D) of global `indices`, in their order."""
@@ -370,13 +407,17 @@ class BankClient:
         rng = self._rng if seed is None else np.random.default_rng(seed)
         places = negative_places(k, self.rows, self.num_shards, rng)
         per = max(1, self.chunk_bytes // (self._row_bytes + 8))  # draws whose answer fits a message
-        calls = [(s, bank_pb2.SampleRequest(k=min(per, share - begin), seed=_shard_seed(rng, seed)))
-                 for s, share in enumerate(_shares(k, places)) for begin in range(0, share, per)]
+        calls = [
+            (s, bank_pb2.SampleRequest(k=min(per, share - begin), seed=_shard_seed(rng, seed)))
+            for s, share in enumerate(_shares(k, places))
+            for begin in range(0, share, per)
+        ]
         draws: dict[int, list] = {}
         for (s, _), answer in zip(calls, self._fan_out("Sample", calls)):
             answer = wire.parse_sample_response(answer)
-            draws.setdefault(s, []).append((tensors.decode(answer.indices, "indices"),
-                                            tensors.decode(answer.rows, "rows")))
+            draws.setdefault(s, []).append(
+                (tensors.decode(answer.indices, "indices"), tensors.decode(answer.rows, "rows"))
+            )
         return placed_draws(k, places, draws, self._addresses, self.dim, self.dtype)
 
     @staticmethod
@@ -398,16 +439,24 @@ class BankClient:
 
     def _update_message(self, idx: np.ndarray, features: np.ndarray, momentum: float) -> bank_pb2.UpdateRequest:
         """One message of an update, with a sequence number of its own."""
-        return bank_pb2.UpdateRequest(indices=tensors.encode(idx), features=tensors.encode(features),
-                                      momentum=momentum, client_id=self.client_id, sequence=next(self._sequence))
+        return bank_pb2.UpdateRequest(
+            indices=tensors.encode(idx),
+            features=tensors.encode(features),
+            momentum=momentum,
+            client_id=self.client_id,
+            sequence=next(self._sequence),
+        )
 
     def update(self, indices, features, momentum: float = 0.5) -> int:
         """``v_i <- normalize(m v_i + (1 - m) f_i)``; returns how many requests were
         applied (a retried one that already landed counts zero)."""
         idx, features = self._checked_update(indices, features, momentum)
         item_bytes = self.dim * features.dtype.itemsize + 8
-        calls = [(s, self._update_message(idx[chunk], features[chunk], momentum))
-                 for s, positions in enumerate(self._route(idx)) for chunk in self._chunks(positions, item_bytes)]
+        calls = [
+            (s, self._update_message(idx[chunk], features[chunk], momentum))
+            for s, positions in enumerate(self._route(idx))
+            for chunk in self._chunks(positions, item_bytes)
+        ]
         return sum(a.applied for a in self._fan_out("Update", calls))
 
     def check_step(self, updates: int, lookups: int, negatives: int) -> None:
@@ -421,10 +470,18 @@ class BankClient:
                 f"{self.dtype} may need a message of {need} bytes, over the bank's limit of "
                 f"{self.max_message_bytes} bytes: start the shards with --max-message-mb "
                 f"{math.ceil(need / _MIB)} or more (start_bank's max_message_bytes), or use a smaller batch or "
-                "fewer negatives")
+                "fewer negatives"
+            )
 
-    def step(self, update_indices=None, update_features=None, momentum: float = 0.5,
-             lookup_indices=None, negatives: int = 0, seed: int | None = None) -> StepResult:
+    def step(
+        self,
+        update_indices=None,
+        update_features=None,
+        momentum: float = 0.5,
+        lookup_indices=None,
+        negatives: int = 0,
+        seed: int | None = None,
+    ) -> StepResult:
         """One round trip, one message per shard: apply an update, then read
         `lookup_indices` and `negatives` uniform rows. A Step that might not fit in a
         message is refused before anything is sent (`check_step`)."""
@@ -470,8 +527,12 @@ class BankClient:
             if s in lookups:
                 rows[lookups[s]] = tensors.decode(answer.rows, "rows")
             if answer.sample_indices is not None:
-                draws[s] = [(tensors.decode(answer.sample_indices, "sample_indices"),
-                             tensors.decode(answer.sample_rows, "sample_rows"))]
+                draws[s] = [
+                    (
+                        tensors.decode(answer.sample_indices, "sample_indices"),
+                        tensors.decode(answer.sample_rows, "sample_rows"),
+                    )
+                ]
         if negatives:
             neg_i, neg_r = placed_draws(negatives, places, draws, self._addresses, self.dim, self.dtype)
         else:
@@ -485,8 +546,11 @@ class BankClient:
         q = self._floats(queries)
         positions = np.arange(len(q))
         chunks = self._chunks(positions, (self.dim + 2) * 4)
-        calls = [(s, bank_pb2.PartitionSumRequest(queries=tensors.encode(q[c]), temperature=temperature))
-                 for c in chunks for s in range(self.num_shards)]
+        calls = [
+            (s, bank_pb2.PartitionSumRequest(queries=tensors.encode(q[c]), temperature=temperature))
+            for c in chunks
+            for s in range(self.num_shards)
+        ]
         answers = iter(self._fan_out("PartitionSum", calls))
         log_z = np.empty(len(q), dtype=np.float64)
         expected = np.empty((len(q), self.dim), dtype=np.float32)
@@ -495,7 +559,8 @@ class BankClient:
             log_z[c], expected[c] = merge_partition_sums(
                 [tensors.decode(p.max_logit, "max_logit") for p in parts],
                 [tensors.decode(p.sum_exp, "sum_exp") for p in parts],
-                [tensors.decode(p.weighted_sum, "weighted_sum") for p in parts])
+                [tensors.decode(p.weighted_sum, "weighted_sum") for p in parts],
+            )
         return log_z, expected
 
     def topk(self, queries, k: int):
@@ -505,15 +570,21 @@ class BankClient:
         q = self._floats(queries)
         shard_k = [int(min(k, n)) for n in self.shard_rows]
         chunks = self._chunks(np.arange(len(q)), max(shard_k) * 12)
-        calls = [(s, bank_pb2.TopKRequest(queries=tensors.encode(q[c]), k=shard_k[s]))
-                 for c in chunks for s in range(self.num_shards)]
+        calls = [
+            (s, bank_pb2.TopKRequest(queries=tensors.encode(q[c]), k=shard_k[s]))
+            for c in chunks
+            for s in range(self.num_shards)
+        ]
         answers = iter(self._fan_out("TopK", calls))
         sims = np.empty((len(q), k), dtype=np.float32)
         idx = np.empty((len(q), k), dtype=np.int64)
         for c in chunks:
             parts = [next(answers) for _ in range(self.num_shards)]
-            sims[c], idx[c] = merge_topk([tensors.decode(p.similarities, "similarities") for p in parts],
-                                         [tensors.decode(p.indices, "indices") for p in parts], k)
+            sims[c], idx[c] = merge_topk(
+                [tensors.decode(p.similarities, "similarities") for p in parts],
+                [tensors.decode(p.indices, "indices") for p in parts],
+                k,
+            )
         return sims, idx
 
     def snapshot(self, tag: str) -> list[dict]:

@@ -19,8 +19,7 @@ _FEATURE_BYTES = 4  # updates travel as float32 (float16 when given so)
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
     """Message-size options, set explicitly and identically on both ends."""
-    return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
+    return [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes)]
 
 
 def step_message_bytes(updates: int, lookups: int, negatives: int, dim: int, dtype: str) -> int:

@@ -90,7 +90,8 @@ def plan_placement(needs: list[int], free: dict[str, int]) -> list[str]:
                 f"the bank does not fit in the cluster's memory: {len(needs)} shard(s) need "
                 f"{', '.join(f'{n / GIB:.2f}' for n in needs)} GiB each (the rows and a snapshot block, plus "
                 f"{PROCESS_BYTES >> 20} MiB per process), and the nodes have {nodes or 'none'}; add nodes or "
-                "memory, or use bank.dtype=float16")
+                "memory, or use bank.dtype=float16"
+            )
         node = min(fits, key=lambda n: (count[n], -left[n], n))
         placed[shard] = node
         left[node] -= needs[shard]
@@ -113,8 +114,10 @@ def free_memory_by_node() -> dict[str, int]:
 class BankShardActor:
     def __init__(self, config: ServerConfig, token_file: str | None = None, token_env: str | None = None):
         if config.token:
-            raise ValueError("a shard actor must not be given the token itself (Ray records constructor "
-                             "arguments): pass token_file or token_env")
+            raise ValueError(
+                "a shard actor must not be given the token itself (Ray records constructor "
+                "arguments): pass token_file or token_env"
+            )
         where = ray.util.get_node_ip_address()
         try:
             token = read_token(token_file, token_env)
@@ -128,8 +131,10 @@ class BankShardActor:
         if snapshot_dir:
             unset = [a or b for a, b in _VARIABLE.findall(snapshot_dir) if not os.environ.get(a or b)]
             if unset:
-                raise ShardRefused(f"shard {config.shard_id} on {where}: its snapshot folder {snapshot_dir!r} names "
-                                   f"{', '.join('$' + name for name in unset)}, which this node's Ray does not set")
+                raise ShardRefused(
+                    f"shard {config.shard_id} on {where}: its snapshot folder {snapshot_dir!r} names "
+                    f"{', '.join('$' + name for name in unset)}, which this node's Ray does not set"
+                )
             snapshot_dir = os.path.expandvars(snapshot_dir)
         config = replace(config, token=token, snapshot_dir=snapshot_dir)
         if not config.host:  # the node's own address: reachable from the cluster, not every interface
@@ -175,18 +180,21 @@ class BankHandle:
     snapshot_dir: str
     token_file: str | None = None  # where the token is read (never the token: a handle may travel)
     token_env: str | None = None
-    nodes: list[str] = ()          # the node each shard is pinned to
-    memory: list[int] = ()         # the bytes each shard reserved
+    nodes: list[str] = ()  # the node each shard is pinned to
+    memory: list[int] = ()  # the bytes each shard reserved
 
     def describe(self) -> list[str]:
         """One line per shard: where it runs and what it reserved."""
-        return [f"shard {s}: node {node[:12]} at {address}, {memory / GIB:.2f} GiB reserved"
-                for s, (node, address, memory) in enumerate(zip(self.nodes, self.addresses, self.memory))]
+        return [
+            f"shard {s}: node {node[:12]} at {address}, {memory / GIB:.2f} GiB reserved"
+            for s, (node, address, memory) in enumerate(zip(self.nodes, self.addresses, self.memory))
+        ]
 
     def client(self, **kwargs) -> BankClient:
         """A client with the token read here, from the same file or variable as the shards."""
-        return BankClient(self.addresses, token=read_token(self.token_file, self.token_env),
-                          resolve=resolver(self.names), **kwargs)
+        return BankClient(
+            self.addresses, token=read_token(self.token_file, self.token_env), resolve=resolver(self.names), **kwargs
+        )
 
     def stop(self, final_snapshot: bool = False) -> None:
         """Stop the servers (optionally writing a last snapshot) and end the actors,
@@ -200,12 +208,25 @@ class BankHandle:
                 ray.kill(actor, no_restart=True)
 
 
-def start_bank(num_shards: int, rows: int, dim: int = 128, dtype: str = "float16", *,
-               snapshot_dir: str | None = None, seed: int = 0, host: str | None = None,
-               token_file: str | None = None, token_env: str | None = None,
-               name: str = "instdisc-bank", num_cpus: float = 0,
-               placement: str = "spread", keep_snapshots: int = 0, threads: int = 1,
-               max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, timeout: float = 600.0) -> BankHandle:
+def start_bank(
+    num_shards: int,
+    rows: int,
+    dim: int = 128,
+    dtype: str = "float16",
+    *,
+    snapshot_dir: str | None = None,
+    seed: int = 0,
+    host: str | None = None,
+    token_file: str | None = None,
+    token_env: str | None = None,
+    name: str = "instdisc-bank",
+    num_cpus: float = 0,
+    placement: str = "spread",
+    keep_snapshots: int = 0,
+    threads: int = 1,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    timeout: float = 600.0,
+) -> BankHandle:
     """Start `num_shards` named shard actors, placed as `placement` says, and wait until
     they serve (at most `timeout` seconds).
 
@@ -235,22 +256,42 @@ def start_bank(num_shards: int, rows: int, dim: int = 128, dtype: str = "float16
     else:
         nodes = plan_placement(needs, free_memory_by_node())
     actor_class = ray.remote(BankShardActor)
-    base = ServerConfig(shard_id=0, num_shards=num_shards, rows=rows, dim=dim, dtype=dtype, host=host or "",
-                        port=0, snapshot_dir=snapshot_dir, keep_snapshots=keep_snapshots, seed=seed, token=None,
-                        threads=threads, max_message_bytes=max_message_bytes)
+    base = ServerConfig(
+        shard_id=0,
+        num_shards=num_shards,
+        rows=rows,
+        dim=dim,
+        dtype=dtype,
+        host=host or "",
+        port=0,
+        snapshot_dir=snapshot_dir,
+        keep_snapshots=keep_snapshots,
+        seed=seed,
+        token=None,
+        threads=threads,
+        max_message_bytes=max_message_bytes,
+    )
     names = [f"{name}-{shard_id}" for shard_id in range(num_shards)]
-    actors = [actor_class.options(name=actor_name, max_restarts=-1, max_task_retries=-1,
-                                  num_cpus=num_cpus, memory=needs[shard_id],
-                                  scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[shard_id], soft=False))
-              .remote(replace(base, shard_id=shard_id), token_file, token_env)
-              for shard_id, actor_name in enumerate(names)]
+    actors = [
+        actor_class.options(
+            name=actor_name,
+            max_restarts=-1,
+            max_task_retries=-1,
+            num_cpus=num_cpus,
+            memory=needs[shard_id],
+            scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[shard_id], soft=False),
+        ).remote(replace(base, shard_id=shard_id), token_file, token_env)
+        for shard_id, actor_name in enumerate(names)
+    ]
     try:
         addresses = ray.get([actor.address.remote() for actor in actors], timeout=timeout)  # constructors done
     except Exception as error:  # none of a half-started bank stays behind
         for actor in actors:
             ray.kill(actor, no_restart=True)
         if isinstance(error, ray.exceptions.GetTimeoutError):
-            raise BankDidNotStart(f"the bank's {num_shards} shard(s) did not all serve within {timeout:g} s (a large "
-                                  "snapshot to restore, or memory taken since the plan?)") from None
+            raise BankDidNotStart(
+                f"the bank's {num_shards} shard(s) did not all serve within {timeout:g} s (a large "
+                "snapshot to restore, or memory taken since the plan?)"
+            ) from None
         raise BankDidNotStart(f"a bank shard failed to start: {error}") from error
     return BankHandle(actors, names, addresses, snapshot_dir, token_file, token_env, nodes, needs)

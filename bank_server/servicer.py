@@ -64,7 +64,8 @@ class MemoryBankServicer(bank_pb2_grpc.MemoryBankServicer):
         if nbytes + ENVELOPE_BYTES > self.max_message_bytes:
             raise ResourceExhausted(
                 f"{field}: the answer would be {nbytes} bytes, over the max message size "
-                f"{self.max_message_bytes}; ask for fewer (BankClient splits large requests)")
+                f"{self.max_message_bytes}; ask for fewer (BankClient splits large requests)"
+            )
 
     def _row_bytes(self, shard: Shard) -> int:
         return shard.layout.dim * np.dtype(shard.layout.dtype).itemsize
@@ -79,10 +80,17 @@ class MemoryBankServicer(bank_pb2_grpc.MemoryBankServicer):
         shard = self._ready()
         info = shard.describe()
         return bank_pb2.DescribeResponse(
-            shard_id=info["shard_id"], num_shards=info["num_shards"], total_rows=info["total_rows"],
-            dim=info["dim"], dtype=tensors.DTYPE_NAMES[info["dtype"]], rows_held=info["rows_held"],
-            updates_applied=info["updates_applied"], rows_updated=info["rows_updated"],
-            last_snapshot_tag=info["last_snapshot_tag"], max_message_bytes=self.max_message_bytes)
+            shard_id=info["shard_id"],
+            num_shards=info["num_shards"],
+            total_rows=info["total_rows"],
+            dim=info["dim"],
+            dtype=tensors.DTYPE_NAMES[info["dtype"]],
+            rows_held=info["rows_held"],
+            updates_applied=info["updates_applied"],
+            rows_updated=info["rows_updated"],
+            last_snapshot_tag=info["last_snapshot_tag"],
+            max_message_bytes=self.max_message_bytes,
+        )
 
     @_rpc
     def Lookup(self, request, context):
@@ -124,7 +132,8 @@ class MemoryBankServicer(bank_pb2_grpc.MemoryBankServicer):
         self._check_answer_size(len(queries) * (shard.layout.dim + 2) * 4, "queries")
         m, s, w = shard.partition_sums(queries, request.temperature)
         return bank_pb2.PartitionSumResponse(
-            max_logit=tensors.encode(m), sum_exp=tensors.encode(s), weighted_sum=tensors.encode(w))
+            max_logit=tensors.encode(m), sum_exp=tensors.encode(s), weighted_sum=tensors.encode(w)
+        )
 
     @_rpc
     def TopK(self, request, context):
@@ -186,8 +195,11 @@ def add_to_server(servicer: MemoryBankServicer, server: grpc.Server) -> None:
         "Snapshot": (pb.SnapshotRequest.FromString, pb.SnapshotResponse.SerializeToString),
         "Restore": (pb.RestoreRequest.FromString, pb.RestoreResponse.SerializeToString),
     }
-    handlers = {method: grpc.unary_unary_rpc_method_handler(getattr(servicer, method), request_deserializer=parse,
-                                                             response_serializer=write)
-                for method, (parse, write) in codecs.items()}
+    handlers = {
+        method: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method), request_deserializer=parse, response_serializer=write
+        )
+        for method, (parse, write) in codecs.items()
+    }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(SERVICE_NAME, handlers)

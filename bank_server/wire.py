@@ -57,6 +57,7 @@ class SampleResponse(NamedTuple):
 
 # -- writing ---------------------------------------------------------------------------
 
+
 def _varint(value: int) -> bytes:
     if value < 0:
         value += 1 << 64  # int64: two's complement in ten bytes
@@ -131,6 +132,7 @@ def sample_response(indices, rows) -> bytes:
 
 # -- reading ---------------------------------------------------------------------------
 
+
 def _read_varint(buf: memoryview, at: int) -> tuple[int, int]:
     if at < len(buf) and buf[at] < 0x80:  # most keys and small numbers: one byte
         return buf[at], at + 1
@@ -160,11 +162,11 @@ def _fields(buf) -> dict[int, list]:
         field, wire_type = key >> 3, key & 7
         if wire_type == _LENGTH:
             size, at = _read_varint(buf, at)
-            value, at = buf[at:at + size], at + size
+            value, at = buf[at : at + size], at + size
         elif wire_type == _VARINT:
             value, at = _read_varint(buf, at)
         elif wire_type in _SIZES:
-            value, at = bytes(buf[at:at + _SIZES[wire_type]]), at + _SIZES[wire_type]
+            value, at = bytes(buf[at : at + _SIZES[wire_type]]), at + _SIZES[wire_type]
         else:
             raise InvalidArgument(f"malformed message: wire type {wire_type}")
         if field == 0 or at > end:

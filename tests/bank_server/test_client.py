@@ -63,8 +63,9 @@ def test_update_matches_formula_and_is_applied_once(bank):
 def test_step_updates_then_reads_and_samples(bank):
     client, ref = bank
     f = unit(np.ones((2, D), np.float32))
-    result = client.step(update_indices=[4, 8], update_features=f, momentum=0.0,
-                         lookup_indices=[8, 9, 4], negatives=50, seed=1)
+    result = client.step(
+        update_indices=[4, 8], update_features=f, momentum=0.0, lookup_indices=[8, 9, 4], negatives=50, seed=1
+    )
     np.testing.assert_allclose(result.rows, np.stack([f[1], ref[9], f[0]]), atol=1e-6)
     assert result.negative_indices.shape == (50,) and result.negative_rows.shape == (50, D)
     current = client.lookup(result.negative_indices)
@@ -132,14 +133,14 @@ def test_a_step_is_one_message_per_shard_and_one_that_might_not_fit_is_refused_b
     client = bank.client()
     assert client.max_message_bytes == 8192  # the shards' limit
     f = unit(np.ones((10, D), np.float32))
-    result = client.step(update_indices=np.arange(10), update_features=f, momentum=0.0,
-                         lookup_indices=np.arange(10), negatives=20)
+    result = client.step(
+        update_indices=np.arange(10), update_features=f, momentum=0.0, lookup_indices=np.arange(10), negatives=20
+    )
     assert result.updates_applied == 2
     np.testing.assert_allclose(result.rows, f, atol=1e-6)
     # All 97 reads and 50 draws might fall on one shard: 13,904 bytes with the framing.
     with pytest.raises(InvalidArgument) as refused:
-        client.step(update_indices=[0], update_features=-f[:1], momentum=0.0, lookup_indices=np.arange(N),
-                    negatives=50)
+        client.step(update_indices=[0], update_features=-f[:1], momentum=0.0, lookup_indices=np.arange(N), negatives=50)
     assert "13904 bytes" in str(refused.value) and "limit of 8192 bytes" in str(refused.value)
     assert "--max-message-mb 1 " in str(refused.value)
     assert [d["updates_applied"] for d in client.describe()] == [1, 1]  # nothing of it was sent
@@ -212,8 +213,13 @@ def test_a_client_from_bank_proto_alone_reads_every_step_answer(make_bank):
     bank = make_bank(1, N, D, "float32", seed=4)
     ref = reference_bank(1, N, D, "float32", seed=4)
     f = unit(np.ones((2, D), np.float32))
-    update = bank_pb2.UpdateRequest(indices=tensors.encode(np.array([3, 5])), features=tensors.encode(f),
-                                    momentum=0.0, client_id="proto-only", sequence=1)
+    update = bank_pb2.UpdateRequest(
+        indices=tensors.encode(np.array([3, 5])),
+        features=tensors.encode(f),
+        momentum=0.0,
+        client_id="proto-only",
+        sequence=1,
+    )
     with grpc.insecure_channel(bank.addresses[0]) as channel:
         stub = bank_pb2_grpc.MemoryBankStub(channel)
         step = bank_pb2.StepRequest(update=update, lookup_indices=tensors.encode(np.array([5, 6])), sample_k=7)
@@ -240,8 +246,10 @@ def test_a_client_from_bank_proto_alone_reads_every_step_answer(make_bank):
 
 def test_each_shards_draws_fill_its_places_in_order():
     places = [np.array([0, 2, 4]), np.array([1, 3])]
-    draws = {0: [(np.arange(2), np.full((2, 4), 1, np.float16)), (np.arange(2, 3), np.full((1, 4), 3, np.float16))],
-             1: [(np.arange(3, 5), np.full((2, 4), 2, np.float16))]}
+    draws = {
+        0: [(np.arange(2), np.full((2, 4), 1, np.float16)), (np.arange(2, 3), np.full((1, 4), 3, np.float16))],
+        1: [(np.arange(3, 5), np.full((2, 4), 2, np.float16))],
+    }
     idx, rows = placed_draws(5, places, draws, ["a:1", "b:2"], 4, np.float16)
     assert idx.tolist() == [0, 3, 1, 4, 2]
     np.testing.assert_array_equal(rows[:, 0], [1, 2, 1, 2, 3])

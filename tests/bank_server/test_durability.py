@@ -21,8 +21,27 @@ MOMENTUM = 0.5
 
 
 def serve_args(directory, rows=N, dim=D, *extra):
-    return ["-m", "bank_server", "--shard-id", "0", "--num-shards", "1", "--rows", str(rows), "--dim", str(dim),
-            "--dtype", DTYPE, "--port", "0", "--snapshot-dir", str(directory), "--fsync", "always", *extra]
+    return [
+        "-m",
+        "bank_server",
+        "--shard-id",
+        "0",
+        "--num-shards",
+        "1",
+        "--rows",
+        str(rows),
+        "--dim",
+        str(dim),
+        "--dtype",
+        DTYPE,
+        "--port",
+        "0",
+        "--snapshot-dir",
+        str(directory),
+        "--fsync",
+        "always",
+        *extra,
+    ]
 
 
 class Updates:
@@ -45,8 +64,13 @@ class Updates:
 
     def send(self, stub, update) -> bool:
         idx, f, sequence = update
-        request = bank_pb2.UpdateRequest(indices=tensors.encode(idx), features=tensors.encode(f),
-                                         momentum=MOMENTUM, client_id="fault-test", sequence=sequence)
+        request = bank_pb2.UpdateRequest(
+            indices=tensors.encode(idx),
+            features=tensors.encode(f),
+            momentum=MOMENTUM,
+            client_id="fault-test",
+            sequence=sequence,
+        )
         answer = stub.Update(request, timeout=10)
         self.acknowledge(update)
         return answer.applied
@@ -74,8 +98,9 @@ class Updates:
     def check(self, stub, indices=None):
         indices = np.arange(self.rows) if indices is None else np.asarray(indices)
         for part in np.array_split(indices, max(1, len(indices) // 4096)):
-            got = tensors.decode(stub.Lookup(bank_pb2.LookupRequest(indices=tensors.encode(part)), timeout=30).rows,
-                                 "rows")
+            got = tensors.decode(
+                stub.Lookup(bank_pb2.LookupRequest(indices=tensors.encode(part)), timeout=30).rows, "rows"
+            )
             np.testing.assert_array_equal(got, self.model.lookup(part))
 
 

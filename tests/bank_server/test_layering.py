@@ -46,8 +46,15 @@ def _loaded_by(modules: str) -> set[str]:
 
 def test_the_client_loads_nothing_of_the_servers_side():
     loaded = _loaded_by("bank_server.client")
-    server_side = {"bank_server.server", "bank_server.servicer", "bank_server.recovery", "bank_server.snapshot",
-                   "bank_server.update_log", "bank_server.shard", "bank_server.metrics"}
+    server_side = {
+        "bank_server.server",
+        "bank_server.servicer",
+        "bank_server.recovery",
+        "bank_server.snapshot",
+        "bank_server.update_log",
+        "bank_server.shard",
+        "bank_server.metrics",
+    }
     assert loaded & server_side == set()
 
 

@@ -14,14 +14,31 @@ from benchmarks.processes import ServerProcess
 from tests.conftest import free_port
 
 N, D, SHARDS = 400, 16, 2
-STEPS = 150          # the stream's length: bounded
-DOWN_S = 1.5         # how long shard 1 stays dead
+STEPS = 150  # the stream's length: bounded
+DOWN_S = 1.5  # how long shard 1 stays dead
 
 
 def shard_args(shard: int, port: int, folder) -> list[str]:
-    return ["-m", "bank_server", "--shard-id", str(shard), "--num-shards", str(SHARDS), "--rows", str(N),
-            "--dim", str(D), "--dtype", "float32", "--port", str(port), "--snapshot-dir", str(folder),
-            "--fsync", "always"]
+    return [
+        "-m",
+        "bank_server",
+        "--shard-id",
+        str(shard),
+        "--num-shards",
+        str(SHARDS),
+        "--rows",
+        str(N),
+        "--dim",
+        str(D),
+        "--dtype",
+        "float32",
+        "--port",
+        str(port),
+        "--snapshot-dir",
+        str(folder),
+        "--fsync",
+        "always",
+    ]
 
 
 def start(args, log_path) -> ServerProcess:
@@ -72,8 +89,12 @@ def test_a_killed_and_restarted_shard_is_logged_once_each_way_and_recorded(tmp_p
         outages = client.outages()
         assert len(outages) == 1, outages
         outage = outages[0]
-        assert (outage["shard"], outage["address"], outage["code"], outage["ongoing"]) == \
-            (1, servers[1].address, "UNAVAILABLE", False)
+        assert (outage["shard"], outage["address"], outage["code"], outage["ongoing"]) == (
+            1,
+            servers[1].address,
+            "UNAVAILABLE",
+            False,
+        )
         assert DOWN_S * 0.8 <= outage["seconds"] <= time.monotonic() - killed_at + 1
         assert outage["retries"] >= 2
 

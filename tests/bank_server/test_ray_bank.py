@@ -45,13 +45,12 @@ def _bind(sock: socket.socket, host: str, port: int) -> bool:
 
 
 def test_actor_shards_serve_and_restore_after_a_crash(local_ray, tmp_path):
-    handle = start_bank(2, 100, 8, "float32", snapshot_dir=str(tmp_path), name="test-bank",
-                        max_message_bytes=32 << 20)
+    handle = start_bank(2, 100, 8, "float32", snapshot_dir=str(tmp_path), name="test-bank", max_message_bytes=32 << 20)
     try:
         assert ray.get_actor("test-bank-1") is not None
         client = handle.client(timeout=20)  # within the waits below
         assert client.max_message_bytes == 32 << 20  # the shards' limit, which the client follows
-        f = np.full((10, 8), 8 ** -0.5, np.float32)
+        f = np.full((10, 8), 8**-0.5, np.float32)
         client.update(np.arange(10), f, 0.0)
         saved = client.lookup(np.arange(100)).copy()
         client.snapshot("checkpoint")
@@ -124,10 +123,12 @@ def test_the_token_stays_out_of_rays_records(local_ray, tmp_path):
     token = "file-token-" + uuid.uuid4().hex
     token_file = tmp_path / "token"
     token_file.write_text(token + "\n")
-    handles = [start_bank(2, 40, 4, "float32", snapshot_dir=str(tmp_path / "a"), name="token-file-bank",
-                          token_file=str(token_file)),
-               start_bank(1, 40, 4, "float32", snapshot_dir=str(tmp_path / "b"), name="token-env-bank",
-                          token_env=TOKEN_ENV)]
+    handles = [
+        start_bank(
+            2, 40, 4, "float32", snapshot_dir=str(tmp_path / "a"), name="token-file-bank", token_file=str(token_file)
+        ),
+        start_bank(1, 40, 4, "float32", snapshot_dir=str(tmp_path / "b"), name="token-env-bank", token_env=TOKEN_ENV),
+    ]
     try:
         for handle in handles:
             with handle.client(timeout=20) as client:  # the shards read it, and require it
@@ -151,8 +152,10 @@ def test_the_token_stays_out_of_rays_records(local_ray, tmp_path):
 
 def test_a_missing_token_is_refused_before_any_shard_starts(local_ray, tmp_path):
     with pytest.raises(BankTokenMissing, match="cannot read the bank token file .*missing"):
-        start_bank(1, 40, 4, "float32", snapshot_dir=str(tmp_path), name="no-bank",
-                   token_file=str(tmp_path / "missing"))
+        start_bank(
+            1, 40, 4, "float32", snapshot_dir=str(tmp_path), name="no-bank", token_file=str(tmp_path / "missing")
+        )
     with pytest.raises(BankTokenMissing, match="INSTDISC_TEST_UNSET_TOKEN"):
-        start_bank(1, 40, 4, "float32", snapshot_dir=str(tmp_path), name="no-bank",
-                   token_env="INSTDISC_TEST_UNSET_TOKEN")
+        start_bank(
+            1, 40, 4, "float32", snapshot_dir=str(tmp_path), name="no-bank", token_env="INSTDISC_TEST_UNSET_TOKEN"
+        )
