@@ -11,10 +11,12 @@ from bank_server.token_source import BankTokenMissing, read_token
 from bank_server.update_log import FSYNC_MODES
 
 # Kept here, not imported from the server, so that `instdisc --help` stays light.
-THREADS_HELP = ("numpy BLAS threads in this shard process (default 1): a shard's work is memory-bound, and "
-                "numpy's default of one spinning thread per core slows train workers on the same cores about 2x "
-                "(410 against 962 img/s measured on 2 cores); raise it for a shard with cores of its own that "
-                "serves the exact softmax or kNN")
+THREADS_HELP = (
+    "numpy BLAS threads in this shard process (default 1): a shard's work is memory-bound, and "
+    "numpy's default of one spinning thread per core slows train workers on the same cores about 2x "
+    "(410 against 962 img/s measured on 2 cores); raise it for a shard with cores of its own that "
+    "serves the exact softmax or kNN"
+)
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,24 +33,46 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--token-file", help="require 'authorization: Bearer <token>' with this file's token")
     parser.add_argument("--tls-cert", help="PEM certificate chain (with --tls-key)")
     parser.add_argument("--tls-key", help="PEM private key")
-    parser.add_argument("--max-message-mb", type=float, default=16.0)
+    parser.add_argument(
+        "--max-message-mb",
+        type=float,
+        default=16.0,
+        help="gRPC message limit: a client's Step to this shard is one message (its update, reads "
+        "and negatives), and a client refuses a Step that might not fit, saying how much it needs",
+    )
     parser.add_argument("--grace", type=float, default=10.0, help="seconds in-flight calls get at SIGTERM")
     parser.add_argument("--threads", type=_positive_int, default=1, help=THREADS_HELP)
-    parser.add_argument("--fsync", choices=FSYNC_MODES, default="everysec",
-                        help="when the update log (kept with --snapshot-dir) reaches the disk: before each reply "
-                             "(always), once a second (everysec, the default: a process crash loses nothing, a "
-                             "machine crash up to a second), or when the kernel decides (no)")
-    parser.add_argument("--snapshot-every", type=float, default=0, metavar="SECONDS",
-                        help="also snapshot every SECONDS (tags periodic-<unix time>; the newest 2 are kept, "
-                             "apart from --keep-snapshots); 0: only on request and at SIGTERM")
-    parser.add_argument("--allow-fresh", action="store_true",
-                        help="start from the seeded rows when the stored bank (LATEST, a snapshot, the log) cannot "
-                             "be read, instead of refusing to start")
-    parser.add_argument("--fallback-snapshot", action="store_true",
-                        help="when the snapshot LATEST names is damaged or missing, use the newest good snapshot "
-                             "that the update log continues, replaying the log from it")
-    parser.add_argument("--metrics-port", type=int, default=0,
-                        help="serve Prometheus metrics on this port at /metrics (0: off)")
+    parser.add_argument(
+        "--fsync",
+        choices=FSYNC_MODES,
+        default="everysec",
+        help="when the update log (kept with --snapshot-dir) reaches the disk: before each reply "
+        "(always), once a second (everysec, the default: a process crash loses nothing, a "
+        "machine crash up to a second), or when the kernel decides (no)",
+    )
+    parser.add_argument(
+        "--snapshot-every",
+        type=float,
+        default=0,
+        metavar="SECONDS",
+        help="also snapshot every SECONDS (tags periodic-<unix time>; the newest 2 are kept, "
+        "apart from --keep-snapshots); 0: only on request and at SIGTERM",
+    )
+    parser.add_argument(
+        "--allow-fresh",
+        action="store_true",
+        help="start from the seeded rows when the stored bank (LATEST, a snapshot, the log) cannot "
+        "be read, instead of refusing to start",
+    )
+    parser.add_argument(
+        "--fallback-snapshot",
+        action="store_true",
+        help="when the snapshot LATEST names is damaged or missing, use the newest good snapshot "
+        "that the update log continues, replaying the log from it",
+    )
+    parser.add_argument(
+        "--metrics-port", type=int, default=0, help="serve Prometheus metrics on this port at /metrics (0: off)"
+    )
 
 
 def _positive_int(text: str) -> int:
@@ -74,11 +98,27 @@ def run_serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = ServerConfig(
-        shard_id=args.shard_id, num_shards=args.num_shards, rows=args.rows, dim=args.dim, dtype=args.dtype,
-        host=args.host, port=args.port, snapshot_dir=args.snapshot_dir, keep_snapshots=args.keep_snapshots,
-        seed=args.seed, token=token, threads=args.threads, fsync=args.fsync, snapshot_every=args.snapshot_every,
-        allow_fresh=args.allow_fresh, fallback_snapshot=args.fallback_snapshot, metrics_port=args.metrics_port,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, max_message_bytes=int(args.max_message_mb * (1 << 20)))
+        shard_id=args.shard_id,
+        num_shards=args.num_shards,
+        rows=args.rows,
+        dim=args.dim,
+        dtype=args.dtype,
+        host=args.host,
+        port=args.port,
+        snapshot_dir=args.snapshot_dir,
+        keep_snapshots=args.keep_snapshots,
+        seed=args.seed,
+        token=token,
+        threads=args.threads,
+        fsync=args.fsync,
+        snapshot_every=args.snapshot_every,
+        allow_fresh=args.allow_fresh,
+        fallback_snapshot=args.fallback_snapshot,
+        metrics_port=args.metrics_port,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        max_message_bytes=int(args.max_message_mb * (1 << 20)),
+    )
     try:
         return serve(config, grace=args.grace)
     except BankError as error:

@@ -3,9 +3,11 @@
 It routes index g to shard ``g % S`` (local row ``g // S``), fans the per-shard
 requests out in parallel (the last on the caller's thread, the others on threads the
 client keeps from call to call), reassembles answers in the caller's order, splits
-requests whose messages would be large, and retries UNAVAILABLE with exponential
-backoff inside the call's deadline. Updates carry ``(client_id, sequence)`` so a
-retried update is applied once.
+Update, Lookup and Sample requests whose messages would be large, and retries
+UNAVAILABLE with exponential backoff inside the call's deadline. Updates carry
+``(client_id, sequence)`` so a retried update is applied once. A Step is one message
+per shard; one that might not fit is refused before anything is sent
+(:meth:`BankClient.check_step`).
 
 A shard that stops answering is logged once (WARNING: shard, address, status), again
 only every few seconds while it stays out, and once when it answers again (INFO: how
@@ -18,23 +20,25 @@ another port) is found again through ``resolve(shard, timeout_s) -> address``.
 
 It speaks numpy: array-likes go in (anything ``np.asarray`` takes, CPU torch tensors
 included), numpy arrays come out; the bulk answers are read by :mod:`bank_server.wire`
-as views of the received bytes. Values are checked by :mod:`bank_server.validate`, the
-shard's own checks: the client checks an update whole only when it goes out as several
-messages (several shards, or one too large for a message), which must all be accepted
-or none; a single message is left to the shard. A mistake reads the same either way:
-`InvalidArgument` with the same message.
+as views of the received bytes. Updates and reads bound for several shards are checked
+whole by :mod:`bank_server.validate`, the shards' own checks, before they go out: the
+shards validate only their own parts, and a request must be accepted by all or none;
+one shard checks all of it itself. A mistake reads the same whichever side catches it:
+`InvalidArgument`, the same message.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -43,7 +47,7 @@ from bank_server import tensors, validate, wire
 from bank_server.errors import InvalidArgument
 from bank_server.merge import merge_partition_sums, merge_topk
 from bank_server.outages import OutageTracker
-from bank_server.server import DEFAULT_MAX_MESSAGE_BYTES, grpc_options
+from bank_server.protocol import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, grpc_options, step_message_bytes
 from protos import bank_pb2, bank_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -55,45 +59,31 @@ _FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 1.0
 # A fan-out's calls at once on threads (the last goes on the caller's): more wait for one.
 _CALL_THREADS = 64
+_MIB = 1 << 20
 
 
 def _stub(channel: grpc.Channel) -> bank_pb2_grpc.MemoryBankStub:
     """The generated stub, with the bulk methods returning their answers' bytes for
     `bank_server.wire` to read (as numpy views, without protobuf's copies)."""
     stub = bank_pb2_grpc.MemoryBankStub(channel)
-    service = bank_pb2.DESCRIPTOR.services_by_name["MemoryBank"].full_name
-    for method, request in (("Step", bank_pb2.StepRequest), ("Lookup", bank_pb2.LookupRequest),
-                            ("Sample", bank_pb2.SampleRequest)):
-        setattr(stub, method, channel.unary_unary(f"/{service}/{method}", request_serializer=request.SerializeToString,
-                                                  response_deserializer=None))
+    for method, request in (
+        ("Step", bank_pb2.StepRequest),
+        ("Lookup", bank_pb2.LookupRequest),
+        ("Sample", bank_pb2.SampleRequest),
+    ):
+        setattr(
+            stub,
+            method,
+            channel.unary_unary(
+                f"/{SERVICE_NAME}/{method}", request_serializer=request.SerializeToString, response_deserializer=None
+            ),
+        )
     return stub
 
 
-def _update_message(indices, features, momentum: float, client_id: str, sequence: int,
-                    into: bank_pb2.UpdateRequest | None = None) -> bank_pb2.UpdateRequest:
-    message = bank_pb2.UpdateRequest() if into is None else into
-    tensors.encode(indices, out=message.indices)
-    tensors.encode(features, out=message.features)
-    message.momentum, message.client_id, message.sequence = momentum, client_id, sequence
-    return message
-
-
-def _step_message(update: tuple | None, lookup: np.ndarray | None, sample_k: int,
-                  sample_seed: int | None) -> bank_pb2.StepRequest:
-    message = bank_pb2.StepRequest(sample_k=sample_k)
-    if update is not None:
-        _update_message(*update, into=message.update)
-    if lookup is not None:
-        tensors.encode(lookup, out=message.lookup_indices)
-    if sample_seed is not None:
-        message.sample_seed = sample_seed
-    return message
-
-
-def _row_items(rows: np.ndarray) -> np.ndarray:
-    """A C-contiguous (n, D) array as n opaque items of a row's bytes (a view): numpy
-    moves such items faster than the rows of a 2-d array."""
-    return rows.view(np.dtype((np.void, rows.shape[1] * rows.itemsize))).reshape(len(rows))
+def _shard_seed(rng: np.random.Generator, seed: int | None) -> int | None:
+    """A shard's seed for its draws, from a seeded call's generator (None: unseeded)."""
+    return None if seed is None else int(rng.integers(2**63))
 
 
 class BankRpcError(RuntimeError):
@@ -121,11 +111,6 @@ class LayoutError(ValueError):
     """The addresses do not form one complete bank."""
 
 
-# Up to this many shards a scan per shard finds the places faster than one radix sort
-# (K = 4,096: 25 against 39 us with 2 shards, 44 against 37 with 8, 215 against 64 with 64).
-_PLACES_BY_SCAN = 4
-
-
 def negative_places(k: int, total_rows: int, num_shards: int, rng: np.random.Generator) -> list[np.ndarray] | None:
     """Which of k i.i.d. uniform draws over all N rows each shard makes: place j goes to
     shard g % S of a uniform global row g, i.e. to shard s with probability rows_s / N,
@@ -136,11 +121,7 @@ def negative_places(k: int, total_rows: int, num_shards: int, rng: np.random.Gen
     if num_shards == 1:
         return None
     shard = rng.integers(0, total_rows, size=k, dtype=np.int64) % num_shards
-    if num_shards <= _PLACES_BY_SCAN:
-        return [np.flatnonzero(shard == s) for s in range(num_shards)]
-    # One stable sort instead of a scan per shard (numpy sorts integers of 16 bits or
-    # fewer by radix); each shard's places stay in order.
-    order = np.argsort(shard.astype(np.min_scalar_type(num_shards - 1)), kind="stable")
+    order = np.argsort(shard, kind="stable")  # each shard's places stay in order
     return np.split(order, np.cumsum(np.bincount(shard, minlength=num_shards))[:-1])
 
 
@@ -148,56 +129,61 @@ def _shares(k: int, places: list[np.ndarray] | None) -> list[int]:
     return [k] if places is None else [len(where) for where in places]
 
 
-def placed_draws(k: int, places: list[np.ndarray] | None, draws: dict[int, list[tuple[np.ndarray, np.ndarray]]],
-                 addresses: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+def placed_draws(
+    k: int,
+    places: list[np.ndarray] | None,
+    draws: dict[int, list[tuple[np.ndarray, np.ndarray]]],
+    addresses: Sequence[str],
+    dim: int,
+    dtype,
+) -> tuple[np.ndarray, np.ndarray]:
     """Every shard's draws ((indices, rows) parts, in the order they came) in its
-    `places` (see `negative_places`): one copy of the rows, each moved as one opaque item
-    (numpy's 2-d fancy assignment is slower). A shard answering another number of draws
-    than it was asked for is an error, not a short answer."""
+    `places` (see `negative_places`); one shard's as they came, not copied. A shard
+    answering another number of draws than it was asked for is an error, not a short
+    answer."""
     for s, asked in enumerate(_shares(k, places)):
         answered = sum(len(idx) for idx, _ in draws.get(s, ()))
         if answered != asked:
-            raise BankRpcError(grpc.StatusCode.INTERNAL,
-                               f"shard {s} answered {answered} draws for the {asked} it was asked for", addresses[s])
-    parts = [part for s in sorted(draws) for part in draws[s]]
-    if len({(rows.dtype, rows.shape[1:]) for _, rows in parts}) > 1:  # opaque items would not cast: they would garble
-        raise LayoutError("the shards answered rows of different dtypes or widths: "
-                          + ", ".join(f"{rows.dtype} {list(rows.shape)}" for _, rows in parts))
+            raise BankRpcError(
+                grpc.StatusCode.INTERNAL,
+                f"shard {s} answered {answered} draws for the {asked} it was asked for",
+                addresses[s],
+            )
     if places is None:  # one shard: its draws in the order they came
-        return parts[0] if len(parts) == 1 else (np.concatenate([i for i, _ in parts]),
-                                                 np.concatenate([r for _, r in parts]))
+        parts = draws[0]
+        return parts[0] if len(parts) == 1 else tuple(np.concatenate(part) for part in zip(*parts))
     out_idx = np.empty(k, dtype=np.int64)
-    out_rows = np.empty((k, parts[0][1].shape[1]), dtype=parts[0][1].dtype)
-    as_items = _row_items(out_rows)
+    out_rows = np.empty((k, dim), dtype=dtype)
     for s, where in enumerate(places):
         begin = 0
         for idx, rows in draws.get(s, ()):
-            at = where[begin:begin + len(idx)]
+            at = where[begin : begin + len(idx)]
             out_idx[at] = idx
-            as_items[at] = _row_items(np.ascontiguousarray(rows))
+            out_rows[at] = rows
             begin += len(idx)
     return out_idx, out_rows
 
 
-def _sample_draws(answer: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """A Sample answer's (indices, rows), views of its bytes."""
-    answer = wire.parse_sample_response(answer)
-    return tensors.decode(answer.indices, "indices"), tensors.decode(answer.rows, "rows")
-
-
 @dataclass
 class StepResult:
-    rows: np.ndarray              # (len(lookup_indices), D) positives, caller's order
+    rows: np.ndarray  # (len(lookup_indices), D) positives, caller's order
     negative_indices: np.ndarray  # (negatives,) global indices, uniform over all N rows
-    negative_rows: np.ndarray     # (negatives, D)
-    updates_applied: int          # shards that applied the update (retries count once)
+    negative_rows: np.ndarray  # (negatives, D)
+    updates_applied: int  # shards that applied the update (retries count once)
 
 
 class BankClient:
-    def __init__(self, addresses: Sequence[str] | str, token: str | None = None, timeout: float = 30.0,
-                 tls_ca: str | bytes | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 chunk_bytes: int = 4 << 20, client_id: str | None = None,
-                 resolve: Callable[[int, float], str] | None = None):
+    def __init__(
+        self,
+        addresses: Sequence[str] | str,
+        token: str | None = None,
+        timeout: float = 30.0,
+        tls_ca: str | bytes | None = None,
+        max_message_bytes: int | None = None,
+        chunk_bytes: int = 4 << 20,
+        client_id: str | None = None,
+        resolve: Callable[[int, float], str] | None = None,
+    ):
         if isinstance(addresses, str):
             addresses = [a for a in addresses.split(",") if a]
         if not addresses:
@@ -209,7 +195,8 @@ class BankClient:
         self._sequence = itertools.count(1)
         self._rng = np.random.default_rng()  # one generator: seeding a new one per call reads OS entropy
         self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
-        self._options = grpc_options(max_message_bytes)
+        # Without a limit of its own, the client takes the one its shards advertise.
+        self._options = grpc_options(max_message_bytes or -1)
         self._credentials = None
         if tls_ca is not None:
             ca = tls_ca if isinstance(tls_ca, bytes) else open(tls_ca, "rb").read()
@@ -218,8 +205,9 @@ class BankClient:
         # Threads for the calls of a fan-out but its last, made when first needed and kept.
         # Python joins them at exit: a client left open with a call in flight to a stuck
         # shard holds the exit up to the call's deadline (close() ends such calls at once).
-        self._calls = ThreadPoolExecutor(max_workers=_CALL_THREADS,
-                                         thread_name_prefix=f"bank-client-{self.client_id[:8]}")
+        self._calls = ThreadPoolExecutor(
+            max_workers=_CALL_THREADS, thread_name_prefix=f"bank-client-{self.client_id[:8]}"
+        )
         self._moved = threading.Lock()
         self._retired: list[grpc.Channel] = []  # channels of shards that moved: calls may still be on them
         # Outages are tracked once positions are shard ids (a bank still starting is not an outage).
@@ -244,9 +232,10 @@ class BankClient:
         self.dtype = np.dtype(tensors.NUMPY_DTYPES[infos[0].dtype]).name
         self.shard_rows = np.array([infos[i].rows_held for i in order], dtype=np.int64)
         self._row_bytes = self.dim * np.dtype(self.dtype).itemsize
-        # Stay well inside the smallest limit either end enforces.
-        limit = min([max_message_bytes] + [d.max_message_bytes for d in infos if d.max_message_bytes])
-        self.chunk_bytes = min(chunk_bytes, limit // 2)
+        limits = [d.max_message_bytes for d in infos if d.max_message_bytes] + [max_message_bytes or 0]
+        self.max_message_bytes = min((n for n in limits if n), default=DEFAULT_MAX_MESSAGE_BYTES)
+        # Split requests stay well inside the smallest limit either end enforces.
+        self.chunk_bytes = min(chunk_bytes, self.max_message_bytes // 2)
         self._resolve = resolve
         self._outages = OutageTracker()
 
@@ -255,10 +244,6 @@ class BankClient:
         ``{"shard", "address", "code", "started" (unix time), "seconds", "retries",
         "ongoing"}`` (an ongoing one with its seconds so far). For a run's summary."""
         return self._outages.outages() if self._outages is not None else []
-
-    def outage_counts(self) -> dict[int, int]:
-        """Outages per shard id (shards that never had one are left out)."""
-        return self._outages.counts() if self._outages is not None else {}
 
     def _connect(self, addresses: list[str]) -> list:
         """Open channels to more shards; returns their Describe answers."""
@@ -300,8 +285,10 @@ class BankClient:
         return list(self._addresses)
 
     def _check_layout(self, infos) -> None:
-        where = [f"{a} (shard {d.shard_id} of {d.num_shards}, N={d.total_rows}, D={d.dim}, "
-                 f"{bank_pb2.DType.Name(d.dtype)})" for a, d in zip(self._addresses, infos)]
+        where = [
+            f"{a} (shard {d.shard_id} of {d.num_shards}, N={d.total_rows}, D={d.dim}, {bank_pb2.DType.Name(d.dtype)})"
+            for a, d in zip(self._addresses, infos)
+        ]
         for field in ("num_shards", "total_rows", "dim", "dtype"):
             if len({getattr(d, field) for d in infos}) > 1:
                 raise LayoutError(f"shards disagree on {field}: " + "; ".join(where))
@@ -312,8 +299,9 @@ class BankClient:
         if ids != list(range(s)):
             missing = sorted(set(range(s)) - set(ids))
             dupes = sorted({i for i in ids if ids.count(i) > 1})
-            raise LayoutError(f"shard ids must be 0..{s - 1} once each; missing {missing}, repeated {dupes}: "
-                              + "; ".join(where))
+            raise LayoutError(
+                f"shard ids must be 0..{s - 1} once each; missing {missing}, repeated {dupes}: " + "; ".join(where)
+            )
 
     # -- transport --------------------------------------------------------------
 
@@ -365,16 +353,16 @@ class BankClient:
     def _route(self, indices: np.ndarray) -> list[np.ndarray]:
         """Positions in `indices` that each shard owns (out-of-range ones are left to
         the shards to reject, so the error names the field)."""
-        if self.num_shards == 1:
+        if self.num_shards == 1:  # no sort to find them
             return [np.arange(len(indices))]
         shard = np.mod(indices, self.num_shards)
         order = np.argsort(shard, kind="stable")
         bounds = np.searchsorted(shard[order], np.arange(self.num_shards + 1))
-        return [order[bounds[s]:bounds[s + 1]] for s in range(self.num_shards)]
+        return [order[bounds[s] : bounds[s + 1]] for s in range(self.num_shards)]
 
     def _chunks(self, positions: np.ndarray, bytes_per_item: int) -> list[np.ndarray]:
         per = max(1, self.chunk_bytes // max(bytes_per_item, 1))
-        return [positions[i:i + per] for i in range(0, len(positions), per)] or []
+        return [positions[i : i + per] for i in range(0, len(positions), per)] or []
 
     @staticmethod
     def _indices(indices, field: str = "indices") -> np.ndarray:
@@ -384,11 +372,21 @@ class BankClient:
 
     def describe(self) -> list[dict]:
         answers = self._fan_out("Describe", [(s, bank_pb2.DescribeRequest()) for s in range(self.num_shards)])
-        return [{"address": a, "shard_id": d.shard_id, "num_shards": d.num_shards, "total_rows": d.total_rows,
-                 "dim": d.dim, "dtype": np.dtype(tensors.NUMPY_DTYPES[d.dtype]).name, "rows_held": d.rows_held,
-                 "updates_applied": d.updates_applied, "rows_updated": d.rows_updated,
-                 "last_snapshot_tag": d.last_snapshot_tag}
-                for a, d in zip(self._addresses, answers)]
+        return [
+            {
+                "address": a,
+                "shard_id": d.shard_id,
+                "num_shards": d.num_shards,
+                "total_rows": d.total_rows,
+                "dim": d.dim,
+                "dtype": np.dtype(tensors.NUMPY_DTYPES[d.dtype]).name,
+                "rows_held": d.rows_held,
+                "updates_applied": d.updates_applied,
+                "rows_updated": d.rows_updated,
+                "last_snapshot_tag": d.last_snapshot_tag,
+            }
+            for a, d in zip(self._addresses, answers)
+        ]
 
     def lookup(self, indices):
         """Rows (n, D) of global `indices`, in their order."""
@@ -407,34 +405,20 @@ class BankClient:
         """k rows drawn uniformly with replacement over all N rows: (indices, rows)."""
         validate.count(k, 1, self.rows, "k", "the bank's rows")
         rng = self._rng if seed is None else np.random.default_rng(seed)
-        places, parts = self._draw_parts(k, rng, seeded=seed is not None)
-        calls = [(s, bank_pb2.SampleRequest(k=n, seed=seed_s)) for s, n, seed_s, _ in parts]
+        places = negative_places(k, self.rows, self.num_shards, rng)
+        per = max(1, self.chunk_bytes // (self._row_bytes + 8))  # draws whose answer fits a message
+        calls = [
+            (s, bank_pb2.SampleRequest(k=min(per, share - begin), seed=_shard_seed(rng, seed)))
+            for s, share in enumerate(_shares(k, places))
+            for begin in range(0, share, per)
+        ]
         draws: dict[int, list] = {}
         for (s, _), answer in zip(calls, self._fan_out("Sample", calls)):
-            draws.setdefault(s, []).append(_sample_draws(answer))
-        return placed_draws(k, places, draws, self._addresses)
-
-    def _draw_parts(self, k: int, rng: np.random.Generator, seeded: bool) -> tuple[list | None, list[tuple]]:
-        """Where k uniform draws go (`negative_places`), and the messages they take:
-        (shard, draws, seed or None, first of its shard) each, a shard's share split so
-        that its answer fits a message."""
-        places = negative_places(k, self.rows, self.num_shards, rng)
-        per = max(1, self.chunk_bytes // (self._row_bytes + 8))
-        return places, [(s, min(per, share - begin), int(rng.integers(2**63)) if seeded else None, begin == 0)
-                        for s, share in enumerate(_shares(k, places)) for begin in range(0, share, per)]
-
-    def _update_parts(self, idx: np.ndarray, features: np.ndarray, momentum: float) -> list[tuple[int, tuple]]:
-        """(shard, (indices, features, momentum, client_id, sequence)) per message, each
-        with its own sequence number; a shard's first part comes first."""
-        item_bytes = self.dim * features.dtype.itemsize + 8
-        if self.num_shards == 1 and len(idx) * item_bytes <= self.chunk_bytes:
-            # One message to one shard: its own check, with the same validators, is enough.
-            return [(0, (idx, features, momentum, self.client_id, next(self._sequence)))]
-        # Several messages must all be accepted or none: the shards validate only their
-        # own parts, so a bad row in one must not let the others apply theirs.
-        validate.update(idx, features, momentum, self.rows, self.dim)
-        return [(s, (idx[chunk], features[chunk], momentum, self.client_id, next(self._sequence)))
-                for s, positions in enumerate(self._route(idx)) for chunk in self._chunks(positions, item_bytes)]
+            answer = wire.parse_sample_response(answer)
+            draws.setdefault(s, []).append(
+                (tensors.decode(answer.indices, "indices"), tensors.decode(answer.rows, "rows"))
+            )
+        return placed_draws(k, places, draws, self._addresses, self.dim, self.dtype)
 
     @staticmethod
     def _floats(values) -> np.ndarray:
@@ -444,86 +428,113 @@ class BankClient:
             array = array.astype(np.float32)
         return array
 
+    def _checked_update(self, indices, features, momentum: float) -> tuple[np.ndarray, np.ndarray]:
+        idx, features = self._indices(indices, "update.indices"), self._floats(features)
+        # The shards validate only their own parts: a bad row in one must not let the
+        # others apply theirs, so the update is checked whole before any part goes out.
+        # One shard checks all of it itself, with the same validators.
+        if self.num_shards > 1:
+            validate.update(idx, features, momentum, self.rows, self.dim)
+        return idx, features
+
+    def _update_message(self, idx: np.ndarray, features: np.ndarray, momentum: float) -> bank_pb2.UpdateRequest:
+        """One message of an update, with a sequence number of its own."""
+        return bank_pb2.UpdateRequest(
+            indices=tensors.encode(idx),
+            features=tensors.encode(features),
+            momentum=momentum,
+            client_id=self.client_id,
+            sequence=next(self._sequence),
+        )
+
     def update(self, indices, features, momentum: float = 0.5) -> int:
         """``v_i <- normalize(m v_i + (1 - m) f_i)``; returns how many requests were
         applied (a retried one that already landed counts zero)."""
-        idx = self._indices(indices, "update.indices")
-        parts = self._update_parts(idx, self._floats(features), momentum)
-        answers = self._fan_out("Update", [(s, _update_message(*part)) for s, part in parts])
-        return sum(a.applied for a in answers)
+        idx, features = self._checked_update(indices, features, momentum)
+        item_bytes = self.dim * features.dtype.itemsize + 8
+        calls = [
+            (s, self._update_message(idx[chunk], features[chunk], momentum))
+            for s, positions in enumerate(self._route(idx))
+            for chunk in self._chunks(positions, item_bytes)
+        ]
+        return sum(a.applied for a in self._fan_out("Update", calls))
 
-    def step(self, update_indices=None, update_features=None, momentum: float = 0.5,
-             lookup_indices=None, negatives: int = 0, seed: int | None = None) -> StepResult:
-        """One round trip per shard: apply an update, then read `lookup_indices` and
-        `negatives` uniform rows. Parts too large for one message follow in a second
-        wave of plain Update/Lookup/Sample calls."""
+    def check_step(self, updates: int, lookups: int, negatives: int) -> None:
+        """InvalidArgument, naming the sizes and how to raise the limit, if a Step of
+        `updates` rows written, `lookups` read and `negatives` drawn might not fit in a
+        message to one shard (however they fall on the shards)."""
+        need = step_message_bytes(updates, lookups, negatives, self.dim, self.dtype)
+        if need > self.max_message_bytes:
+            raise InvalidArgument(
+                f"a Step of {updates} update(s), {lookups} lookup(s) and {negatives} negative(s) of {self.dim} x "
+                f"{self.dtype} may need a message of {need} bytes, over the bank's limit of "
+                f"{self.max_message_bytes} bytes: start the shards with --max-message-mb "
+                f"{math.ceil(need / _MIB)} or more (start_bank's max_message_bytes), or use a smaller batch or "
+                "fewer negatives"
+            )
+
+    def step(
+        self,
+        update_indices=None,
+        update_features=None,
+        momentum: float = 0.5,
+        lookup_indices=None,
+        negatives: int = 0,
+        seed: int | None = None,
+    ) -> StepResult:
+        """One round trip, one message per shard: apply an update, then read
+        `lookup_indices` and `negatives` uniform rows. A Step that might not fit in a
+        message is refused before anything is sent (`check_step`)."""
         validate.count(negatives, 0, self.rows, "negatives", "the bank's rows")
-        rng = self._rng if seed is None else np.random.default_rng(seed)
-        # Per shard, what its one Step carries; what does not fit goes in `extra`.
-        updates: dict[int, tuple] = {}
-        lookups: dict[int, np.ndarray] = {}       # shard -> positions in lookup_indices
-        samples: dict[int, tuple[int, int | None]] = {}
-        extra: list[tuple[str, int, Any, Any]] = []  # (method, shard, request, lookup positions)
-
+        idx = reads = None
         if update_indices is not None and len(update_indices):
-            idx = self._indices(update_indices, "update.indices")
-            for s, part in self._update_parts(idx, self._floats(update_features), momentum):
-                if s in updates:
-                    extra.append(("Update", s, _update_message(*part), None))
-                else:
-                    updates[s] = part
-        n_lookup = 0
-        # Reads and draws must see every row the update wrote: once the update spills
-        # into the second wave, they go there too, after it.
-        fuse = not any(method == "Update" for method, *_ in extra)
+            idx, features = self._checked_update(update_indices, update_features, momentum)
         if lookup_indices is not None:
             reads = self._indices(lookup_indices, "lookup_indices")
-            n_lookup = len(reads)
-            if len(updates) > 1 or not fuse:
-                # A shard refusing its part of the reads would refuse its part of the
-                # update too, while the others apply theirs: check the reads whole first.
+            # Likewise: a shard refusing its part of the reads would refuse its part of
+            # the update too, while the others apply theirs.
+            if self.num_shards > 1:
                 validate.indices(reads, self.rows, "lookup_indices")
-            for s, positions in enumerate(self._route(reads)):
-                for i, chunk in enumerate(self._chunks(positions, self._row_bytes)):
-                    if i == 0 and fuse:
-                        lookups[s] = chunk
-                    else:
-                        extra.append(("Lookup", s, bank_pb2.LookupRequest(indices=tensors.encode(reads[chunk])), chunk))
-        if negatives:
-            places, parts = self._draw_parts(negatives, rng, seeded=seed is not None)
-            for s, k, seed_s, first in parts:
-                if first and fuse:
-                    samples[s] = (k, seed_s)
-                else:
-                    extra.append(("Sample", s, bank_pb2.SampleRequest(k=k, seed=seed_s), None))
+        n_lookup = 0 if reads is None else len(reads)
+        self.check_step(0 if idx is None else len(idx), n_lookup, negatives)
+        rng = self._rng if seed is None else np.random.default_rng(seed)
 
-        shards = sorted(set(updates) | set(lookups) | set(samples))
-        requests = [(s, _step_message(updates.get(s), reads[lookups[s]] if s in lookups else None,
-                                      *samples.get(s, (0, None)))) for s in shards]
+        fields: dict[int, dict[str, Any]] = {}  # shard -> its StepRequest's fields
+        if idx is not None:
+            for s, at in enumerate(self._route(idx)):
+                if len(at):
+                    fields.setdefault(s, {})["update"] = self._update_message(idx[at], features[at], momentum)
+        lookups: dict[int, np.ndarray] = {}  # shard -> positions in lookup_indices
+        if reads is not None:
+            for s, at in enumerate(self._route(reads)):
+                if len(at):
+                    lookups[s] = at
+                    fields.setdefault(s, {})["lookup_indices"] = tensors.encode(reads[at])
+        if negatives:
+            places = negative_places(negatives, self.rows, self.num_shards, rng)
+            for s, share in enumerate(_shares(negatives, places)):
+                if share:
+                    fields.setdefault(s, {}).update(sample_k=share, sample_seed=_shard_seed(rng, seed))
+
+        shards = sorted(fields)
+        answers = self._fan_out("Step", [(s, bank_pb2.StepRequest(**fields[s])) for s in shards])
         rows = np.empty((n_lookup, self.dim), dtype=self.dtype)
-        draws: dict[int, list] = {}  # shard -> its (indices, rows) parts, in order
+        draws: dict[int, list] = {}
         applied = 0
-        for s, answer in zip(shards, self._fan_out("Step", requests)):
+        for s, answer in zip(shards, answers):
             answer = wire.parse_step_response(answer)
             applied += answer.update_applied
             if s in lookups:
                 rows[lookups[s]] = tensors.decode(answer.rows, "rows")
             if answer.sample_indices is not None:
-                draws.setdefault(s, []).append((tensors.decode(answer.sample_indices, "sample_indices"),
-                                                tensors.decode(answer.sample_rows, "sample_rows")))
-        for method in ("Update", "Lookup", "Sample"):  # the second wave, after the fused updates
-            batch = [(s, req, positions) for m, s, req, positions in extra if m == method]
-            if not batch:
-                continue
-            for (s, req, positions), answer in zip(batch, self._fan_out(method, [(s, r) for s, r, _ in batch])):
-                if method == "Update":
-                    applied += answer.applied
-                elif method == "Lookup":
-                    rows[positions] = tensors.decode(wire.parse_lookup_response(answer).rows, "rows")
-                else:
-                    draws.setdefault(s, []).append(_sample_draws(answer))
+                draws[s] = [
+                    (
+                        tensors.decode(answer.sample_indices, "sample_indices"),
+                        tensors.decode(answer.sample_rows, "sample_rows"),
+                    )
+                ]
         if negatives:
-            neg_i, neg_r = placed_draws(negatives, places, draws, self._addresses)
+            neg_i, neg_r = placed_draws(negatives, places, draws, self._addresses, self.dim, self.dtype)
         else:
             neg_i = np.empty(0, dtype=np.int64)
             neg_r = np.empty((0, self.dim), dtype=self.dtype)
@@ -535,8 +546,11 @@ class BankClient:
         q = self._floats(queries)
         positions = np.arange(len(q))
         chunks = self._chunks(positions, (self.dim + 2) * 4)
-        calls = [(s, bank_pb2.PartitionSumRequest(queries=tensors.encode(q[c]), temperature=temperature))
-                 for c in chunks for s in range(self.num_shards)]
+        calls = [
+            (s, bank_pb2.PartitionSumRequest(queries=tensors.encode(q[c]), temperature=temperature))
+            for c in chunks
+            for s in range(self.num_shards)
+        ]
         answers = iter(self._fan_out("PartitionSum", calls))
         log_z = np.empty(len(q), dtype=np.float64)
         expected = np.empty((len(q), self.dim), dtype=np.float32)
@@ -545,7 +559,8 @@ class BankClient:
             log_z[c], expected[c] = merge_partition_sums(
                 [tensors.decode(p.max_logit, "max_logit") for p in parts],
                 [tensors.decode(p.sum_exp, "sum_exp") for p in parts],
-                [tensors.decode(p.weighted_sum, "weighted_sum") for p in parts])
+                [tensors.decode(p.weighted_sum, "weighted_sum") for p in parts],
+            )
         return log_z, expected
 
     def topk(self, queries, k: int):
@@ -555,15 +570,21 @@ class BankClient:
         q = self._floats(queries)
         shard_k = [int(min(k, n)) for n in self.shard_rows]
         chunks = self._chunks(np.arange(len(q)), max(shard_k) * 12)
-        calls = [(s, bank_pb2.TopKRequest(queries=tensors.encode(q[c]), k=shard_k[s]))
-                 for c in chunks for s in range(self.num_shards)]
+        calls = [
+            (s, bank_pb2.TopKRequest(queries=tensors.encode(q[c]), k=shard_k[s]))
+            for c in chunks
+            for s in range(self.num_shards)
+        ]
         answers = iter(self._fan_out("TopK", calls))
         sims = np.empty((len(q), k), dtype=np.float32)
         idx = np.empty((len(q), k), dtype=np.int64)
         for c in chunks:
             parts = [next(answers) for _ in range(self.num_shards)]
-            sims[c], idx[c] = merge_topk([tensors.decode(p.similarities, "similarities") for p in parts],
-                                         [tensors.decode(p.indices, "indices") for p in parts], k)
+            sims[c], idx[c] = merge_topk(
+                [tensors.decode(p.similarities, "similarities") for p in parts],
+                [tensors.decode(p.indices, "indices") for p in parts],
+                k,
+            )
         return sims, idx
 
     def snapshot(self, tag: str) -> list[dict]:

@@ -15,12 +15,12 @@ def merge_partition_sums(max_logits, sum_exps, weighted_sums):
     Inputs are sequences over shards of arrays (B,), (B,), (B, D); outputs float64
     (B,) and float32 (B, D).
     """
-    m = np.stack(max_logits).astype(np.float64)         # (S, B)
-    s = np.stack(sum_exps).astype(np.float64)           # (S, B)
-    w = np.stack(weighted_sums).astype(np.float64)      # (S, B, D)
-    top = m.max(axis=0)                                  # (B,)
-    c = np.exp(m - top)                                  # (S, B)
-    total = (c * s).sum(axis=0)                          # (B,)
+    m = np.stack(max_logits).astype(np.float64)  # (S, B)
+    s = np.stack(sum_exps).astype(np.float64)  # (S, B)
+    w = np.stack(weighted_sums).astype(np.float64)  # (S, B, D)
+    top = m.max(axis=0)  # (B,)
+    c = np.exp(m - top)  # (S, B)
+    total = (c * s).sum(axis=0)  # (B,)
     log_z = top + np.log(total)
     expected = (c[:, :, None] * w).sum(axis=0) / total[:, None]
     return log_z, expected.astype(np.float32)

@@ -15,22 +15,31 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from bank_server.protocol import SERVICE_NAME
+
 # Step's p50 is about a millisecond on loopback; a Snapshot or Restore takes seconds.
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10, 60)
 
 
 class BankMetrics:
     def __init__(self, server):
-        from bank_server.server import SERVICE_NAME  # the server imports this module lazily
-
         self._server = server
         self._prefix = f"/{SERVICE_NAME}/"
         self.registry = CollectorRegistry()
         self.calls = Counter("instdisc_bank_calls", "MemoryBank calls", ["method"], registry=self.registry)
-        self.errors = Counter("instdisc_bank_errors", "MemoryBank calls that ended with an error status",
-                              ["method", "code"], registry=self.registry)
-        self.latency = Histogram("instdisc_bank_call_seconds", "MemoryBank call latency on the server",
-                                 ["method"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.errors = Counter(
+            "instdisc_bank_errors",
+            "MemoryBank calls that ended with an error status",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "instdisc_bank_call_seconds",
+            "MemoryBank call latency on the server",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.registry.register(_ShardCollector(server))
         self.interceptor = _Interceptor(self)
         self._http = None
@@ -56,7 +65,7 @@ class _Interceptor(grpc.ServerInterceptor):
         name = handler_call_details.method
         if handler is None or handler.unary_unary is None or not name.startswith(self._metrics._prefix):
             return handler
-        method = name[len(self._metrics._prefix):]
+        method = name[len(self._metrics._prefix) :]
         inner, metrics = handler.unary_unary, self._metrics
 
         def measured(request, context):
@@ -74,8 +83,9 @@ class _Interceptor(grpc.ServerInterceptor):
                 if code is not None and code != grpc.StatusCode.OK:
                     metrics.errors.labels(method, code.name).inc()
 
-        return grpc.unary_unary_rpc_method_handler(measured, request_deserializer=handler.request_deserializer,
-                                                   response_serializer=handler.response_serializer)
+        return grpc.unary_unary_rpc_method_handler(
+            measured, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+        )
 
 
 class _ShardCollector:
@@ -90,19 +100,35 @@ class _ShardCollector:
             return
         yield GaugeMetricFamily("instdisc_bank_rows_held", "rows this shard holds", value=shard.layout.rows_held)
         # A gauge: a Restore sets it back to the snapshot's count.
-        yield GaugeMetricFamily("instdisc_bank_updates_applied", "updates applied (replayed ones included; a "
-                                "Restore sets it to the restored snapshot's count)", value=shard.updates_applied)
+        yield GaugeMetricFamily(
+            "instdisc_bank_updates_applied",
+            "updates applied (replayed ones included; a Restore sets it to the restored snapshot's count)",
+            value=shard.updates_applied,
+        )
         log = shard.log
         if log is not None:
-            yield CounterMetricFamily("instdisc_bank_log_bytes", "bytes appended to the update log since the start",
-                                      value=log.bytes_written)
-            yield CounterMetricFamily("instdisc_bank_log_fsyncs", "fsyncs of the update log since the start (with "
-                                      "--fsync always, one covers every call written before it)", value=log.fsyncs)
-            yield GaugeMetricFamily("instdisc_bank_fsync_lag_seconds",
-                                    "seconds written update-log records have waited for an fsync (0: none wait)",
-                                    value=log.fsync_lag())
+            yield CounterMetricFamily(
+                "instdisc_bank_log_bytes", "bytes appended to the update log since the start", value=log.bytes_written
+            )
+            yield CounterMetricFamily(
+                "instdisc_bank_log_fsyncs",
+                "fsyncs of the update log since the start (with "
+                "--fsync always, one covers every call written before it)",
+                value=log.fsyncs,
+            )
+            yield GaugeMetricFamily(
+                "instdisc_bank_fsync_lag_seconds",
+                "seconds written update-log records have waited for an fsync (0: none wait)",
+                value=log.fsync_lag(),
+            )
         if shard.last_snapshot_time is not None:
-            yield GaugeMetricFamily("instdisc_bank_snapshot_age_seconds", "seconds since the last snapshot ended",
-                                    value=time.time() - shard.last_snapshot_time)
-            yield GaugeMetricFamily("instdisc_bank_snapshot_duration_seconds", "the last snapshot's duration",
-                                    value=shard.last_snapshot_seconds)
+            yield GaugeMetricFamily(
+                "instdisc_bank_snapshot_age_seconds",
+                "seconds since the last snapshot ended",
+                value=time.time() - shard.last_snapshot_time,
+            )
+            yield GaugeMetricFamily(
+                "instdisc_bank_snapshot_duration_seconds",
+                "the last snapshot's duration",
+                value=shard.last_snapshot_seconds,
+            )

@@ -26,10 +26,10 @@ REMIND_S = 10.0
 class Outage:
     shard: int
     address: str
-    code: str              # the gRPC status of the first failed call (UNAVAILABLE)
-    started: float         # unix time of the first failed call
-    seconds: float         # how long it was out; so far, while `ongoing`
-    retries: int           # calls to it retried during the outage
+    code: str  # the gRPC status of the first failed call (UNAVAILABLE)
+    started: float  # unix time of the first failed call
+    seconds: float  # how long it was out; so far, while `ongoing`
+    retries: int  # calls to it retried during the outage
     ongoing: bool = True
 
     def as_dict(self) -> dict:
@@ -56,8 +56,13 @@ class OutageTracker:
             outage.address = address  # it may have moved (a restarted Ray actor)
             if now - said >= REMIND_S:
                 self._open[shard] = (outage, began, now)
-                log.warning("bank shard %d at %s still unreachable after %.1f s (%d retries)", shard, address,
-                            now - began, outage.retries)
+                log.warning(
+                    "bank shard %d at %s still unreachable after %.1f s (%d retries)",
+                    shard,
+                    address,
+                    now - began,
+                    outage.retries,
+                )
 
     def answered(self, shard: int) -> None:
         """A call to `shard` succeeded: ends its outage, if it had one."""
@@ -70,8 +75,13 @@ class OutageTracker:
             outage, began, _ = entry
             outage.seconds, outage.ongoing = time.monotonic() - began, False
             self._closed.append(outage)
-        log.info("bank shard %d at %s reachable again after %.2f s (%d retries)", shard, outage.address,
-                 outage.seconds, outage.retries)
+        log.info(
+            "bank shard %d at %s reachable again after %.2f s (%d retries)",
+            shard,
+            outage.address,
+            outage.seconds,
+            outage.retries,
+        )
 
     def outages(self) -> list[dict]:
         """Every outage so far, oldest first; ongoing ones with their seconds so far."""
@@ -79,10 +89,3 @@ class OutageTracker:
         with self._lock:
             ongoing = [Outage(**{**o.as_dict(), "seconds": now - began}) for o, began, _ in self._open.values()]
             return [o.as_dict() for o in sorted(self._closed + ongoing, key=lambda o: o.started)]
-
-    def counts(self) -> dict[int, int]:
-        """Outages per shard (ongoing ones included)."""
-        counts: dict[int, int] = {}
-        for outage in self.outages():
-            counts[outage["shard"]] = counts.get(outage["shard"], 0) + 1
-        return counts

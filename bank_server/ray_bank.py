@@ -3,8 +3,9 @@
 Placement. With ``placement="spread"`` the shards are dealt out over the cluster's
 nodes before anything starts (:func:`plan_placement`): each shard reserves the memory
 it will hold (Ray's ``memory`` resource: its rows once, as a Restore reads into the live
-rows, a snapshot block, plus the process: ``shard.memory_bytes``), they go one per node while nodes last, and a bank that does not fit is
-refused up front with what each node would need and has. Each shard is then
+rows, a snapshot block, plus the process: ``shard.memory_bytes``), they go one per node
+while nodes last, and a bank that does not fit is refused up front with what each node
+would need and has. Each shard is then
 pinned to its node (hard node affinity), for two reasons: Ray's own SPREAD strategy
 would restart a crashed shard on any node, away from the snapshots on its node's disk;
 and a node that is gone makes its shards fail loudly rather than come back empty
@@ -20,9 +21,10 @@ Restarts. Actors restart forever; the constructor recovers the shard (its snapsh
 update log) before the server reports SERVING. A shard whose stored state cannot be read
 does not serve: its constructor raises :class:`ShardRefused`, which Ray does not retry
 (an actor whose constructor raises is dead), so `start_bank` fails with the reason, and
-a client asking for a dead shard's address logs it at each retry until its deadline. Each start binds a port of its own choosing (port 0) on its
-node's address, so a restart never waits for, or fights over, the port it had: the
-named actor says where it serves now, and a ``BankClient`` built with :func:`resolver`
+a client asking for a dead shard's address logs it at each retry until its deadline.
+Each start binds a port of its own choosing (port 0) on its node's address, so a
+restart never waits for, or fights over, the port it had: the named actor says where
+it serves now, and a ``BankClient`` built with :func:`resolver`
 asks it whenever a shard stops answering. Actors take no whole CPU by default: on a
 2-core machine the train workers need both.
 
@@ -46,10 +48,11 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from bank_server.client import BankClient
+from bank_server.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from bank_server.recovery import RecoveryRefused
 from bank_server.server import BankServer, ServerConfig, limit_blas_threads
 from bank_server.shard import PROCESS_BYTES, memory_bytes, rows_on_shard
-from bank_server.token_source import BankTokenMissing, read_token  # noqa: F401 (imported from here too)
+from bank_server.token_source import BankTokenMissing, read_token
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +90,8 @@ def plan_placement(needs: list[int], free: dict[str, int]) -> list[str]:
                 f"the bank does not fit in the cluster's memory: {len(needs)} shard(s) need "
                 f"{', '.join(f'{n / GIB:.2f}' for n in needs)} GiB each (the rows and a snapshot block, plus "
                 f"{PROCESS_BYTES >> 20} MiB per process), and the nodes have {nodes or 'none'}; add nodes or "
-                "memory, or use bank.dtype=float16")
+                "memory, or use bank.dtype=float16"
+            )
         node = min(fits, key=lambda n: (count[n], -left[n], n))
         placed[shard] = node
         left[node] -= needs[shard]
@@ -109,11 +113,11 @@ def free_memory_by_node() -> dict[str, int]:
 
 class BankShardActor:
     def __init__(self, config: ServerConfig, token_file: str | None = None, token_env: str | None = None):
-        # What Ray handed this constructor, as Ray keeps it (for the test that no secret is in it).
-        self._arguments = (config, token_file, token_env)
         if config.token:
-            raise ValueError("a shard actor must not be given the token itself (Ray records constructor "
-                             "arguments): pass token_file or token_env")
+            raise ValueError(
+                "a shard actor must not be given the token itself (Ray records constructor "
+                "arguments): pass token_file or token_env"
+            )
         where = ray.util.get_node_ip_address()
         try:
             token = read_token(token_file, token_env)
@@ -127,8 +131,10 @@ class BankShardActor:
         if snapshot_dir:
             unset = [a or b for a, b in _VARIABLE.findall(snapshot_dir) if not os.environ.get(a or b)]
             if unset:
-                raise ShardRefused(f"shard {config.shard_id} on {where}: its snapshot folder {snapshot_dir!r} names "
-                                   f"{', '.join('$' + name for name in unset)}, which this node's Ray does not set")
+                raise ShardRefused(
+                    f"shard {config.shard_id} on {where}: its snapshot folder {snapshot_dir!r} names "
+                    f"{', '.join('$' + name for name in unset)}, which this node's Ray does not set"
+                )
             snapshot_dir = os.path.expandvars(snapshot_dir)
         config = replace(config, token=token, snapshot_dir=snapshot_dir)
         if not config.host:  # the node's own address: reachable from the cluster, not every interface
@@ -147,10 +153,6 @@ class BankShardActor:
 
     def pid(self) -> int:
         return os.getpid()
-
-    def constructor_arguments(self) -> tuple:
-        """The arguments this actor was constructed with: what Ray keeps of it."""
-        return self._arguments
 
     def node_id(self) -> str:
         return ray.get_runtime_context().get_node_id()
@@ -178,18 +180,21 @@ class BankHandle:
     snapshot_dir: str
     token_file: str | None = None  # where the token is read (never the token: a handle may travel)
     token_env: str | None = None
-    nodes: list[str] = ()          # the node each shard is pinned to
-    memory: list[int] = ()         # the bytes each shard reserved
+    nodes: list[str] = ()  # the node each shard is pinned to
+    memory: list[int] = ()  # the bytes each shard reserved
 
     def describe(self) -> list[str]:
         """One line per shard: where it runs and what it reserved."""
-        return [f"shard {s}: node {node[:12]} at {address}, {memory / GIB:.2f} GiB reserved"
-                for s, (node, address, memory) in enumerate(zip(self.nodes, self.addresses, self.memory))]
+        return [
+            f"shard {s}: node {node[:12]} at {address}, {memory / GIB:.2f} GiB reserved"
+            for s, (node, address, memory) in enumerate(zip(self.nodes, self.addresses, self.memory))
+        ]
 
     def client(self, **kwargs) -> BankClient:
         """A client with the token read here, from the same file or variable as the shards."""
-        return BankClient(self.addresses, token=read_token(self.token_file, self.token_env),
-                          resolve=resolver(self.names), **kwargs)
+        return BankClient(
+            self.addresses, token=read_token(self.token_file, self.token_env), resolve=resolver(self.names), **kwargs
+        )
 
     def stop(self, final_snapshot: bool = False) -> None:
         """Stop the servers (optionally writing a last snapshot) and end the actors,
@@ -203,12 +208,25 @@ class BankHandle:
                 ray.kill(actor, no_restart=True)
 
 
-def start_bank(num_shards: int, rows: int, dim: int = 128, dtype: str = "float16", *,
-               snapshot_dir: str | None = None, seed: int = 0, host: str | None = None,
-               token_file: str | None = None, token_env: str | None = None, token: str | None = None,
-               name: str = "instdisc-bank", num_cpus: float = 0,
-               placement: str = "spread", keep_snapshots: int = 0, threads: int = 1,
-               timeout: float = 600.0) -> BankHandle:
+def start_bank(
+    num_shards: int,
+    rows: int,
+    dim: int = 128,
+    dtype: str = "float16",
+    *,
+    snapshot_dir: str | None = None,
+    seed: int = 0,
+    host: str | None = None,
+    token_file: str | None = None,
+    token_env: str | None = None,
+    name: str = "instdisc-bank",
+    num_cpus: float = 0,
+    placement: str = "spread",
+    keep_snapshots: int = 0,
+    threads: int = 1,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    timeout: float = 600.0,
+) -> BankHandle:
     """Start `num_shards` named shard actors, placed as `placement` says, and wait until
     they serve (at most `timeout` seconds).
 
@@ -220,17 +238,15 @@ def start_bank(num_shards: int, rows: int, dim: int = 128, dtype: str = "float16
     (``$LOCAL_DISK/bank``) are expanded on each shard's node. Without it a temporary one
     is made, so restarts still restore.
     `threads` caps each shard's numpy BLAS pool (`instdisc bank serve --threads`).
+    `max_message_bytes` is the shards' gRPC message limit (`protocol.message_limit`
+    sizes it for a run's Steps).
     `token_file` / `token_env`: where each shard reads the bearer token on its node (a
-    file path, or an environment variable's name); the token itself is never passed
-    (`token` is refused: Ray would keep it). This process reads it too, first, so a
-    missing token fails here rather than in every shard.
+    file path, or an environment variable's name); the token itself is never passed:
+    Ray keeps actor arguments in its control store. This process reads it too, first,
+    so a missing token fails here rather than in every shard.
     """
     if placement not in PLACEMENTS:
         raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-    if token is not None:
-        raise ValueError("start_bank does not take the token itself: Ray keeps actor arguments in its control "
-                         "store; pass token_file= (a path every node has) or token_env= (a variable every node's "
-                         "Ray processes inherit)")
     read_token(token_file, token_env)  # fail fast, here, on a missing or empty one
     snapshot_dir = snapshot_dir or tempfile.mkdtemp(prefix="instdisc-bank-")
     needs = [memory_bytes(rows_on_shard(rows, num_shards, s), dim, dtype) for s in range(num_shards)]
@@ -240,22 +256,42 @@ def start_bank(num_shards: int, rows: int, dim: int = 128, dtype: str = "float16
     else:
         nodes = plan_placement(needs, free_memory_by_node())
     actor_class = ray.remote(BankShardActor)
-    base = ServerConfig(shard_id=0, num_shards=num_shards, rows=rows, dim=dim, dtype=dtype, host=host or "",
-                        port=0, snapshot_dir=snapshot_dir, keep_snapshots=keep_snapshots, seed=seed, token=None,
-                        threads=threads)
+    base = ServerConfig(
+        shard_id=0,
+        num_shards=num_shards,
+        rows=rows,
+        dim=dim,
+        dtype=dtype,
+        host=host or "",
+        port=0,
+        snapshot_dir=snapshot_dir,
+        keep_snapshots=keep_snapshots,
+        seed=seed,
+        token=None,
+        threads=threads,
+        max_message_bytes=max_message_bytes,
+    )
     names = [f"{name}-{shard_id}" for shard_id in range(num_shards)]
-    actors = [actor_class.options(name=actor_name, max_restarts=-1, max_task_retries=-1,
-                                  num_cpus=num_cpus, memory=needs[shard_id],
-                                  scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[shard_id], soft=False))
-              .remote(replace(base, shard_id=shard_id), token_file, token_env)
-              for shard_id, actor_name in enumerate(names)]
+    actors = [
+        actor_class.options(
+            name=actor_name,
+            max_restarts=-1,
+            max_task_retries=-1,
+            num_cpus=num_cpus,
+            memory=needs[shard_id],
+            scheduling_strategy=NodeAffinitySchedulingStrategy(nodes[shard_id], soft=False),
+        ).remote(replace(base, shard_id=shard_id), token_file, token_env)
+        for shard_id, actor_name in enumerate(names)
+    ]
     try:
         addresses = ray.get([actor.address.remote() for actor in actors], timeout=timeout)  # constructors done
     except Exception as error:  # none of a half-started bank stays behind
         for actor in actors:
             ray.kill(actor, no_restart=True)
         if isinstance(error, ray.exceptions.GetTimeoutError):
-            raise BankDidNotStart(f"the bank's {num_shards} shard(s) did not all serve within {timeout:g} s (a large "
-                                  "snapshot to restore, or memory taken since the plan?)") from None
+            raise BankDidNotStart(
+                f"the bank's {num_shards} shard(s) did not all serve within {timeout:g} s (a large "
+                "snapshot to restore, or memory taken since the plan?)"
+            ) from None
         raise BankDidNotStart(f"a bank shard failed to start: {error}") from error
     return BankHandle(actors, names, addresses, snapshot_dir, token_file, token_env, nodes, needs)

@@ -55,34 +55,40 @@ class RecoveryRefused(DataLoss):
 @dataclass
 class Recovery:
     """What a start recovered to, for the log line and the metrics."""
-    source: str                       # "snapshot epoch-3" / "initial rows (seed 0)"
+
+    source: str  # "snapshot epoch-3" / "initial rows (seed 0)"
     tag: str | None = None
-    seed: int | None = None           # the initial rows' seed, when they are the base
+    seed: int | None = None  # the initial rows' seed, when they are the base
     records_replayed: int = 0
     torn_bytes_dropped: int = 0
     segments: list[int] = field(default_factory=list)
-    last_segment: int | None = None   # the segment the log continues
-    base_seconds: float = 0.0         # loading the snapshot (or seeding the rows)
-    replay_seconds: float = 0.0       # replaying the log
+    last_segment: int | None = None  # the segment the log continues
+    base_seconds: float = 0.0  # loading the snapshot (or seeding the rows)
+    replay_seconds: float = 0.0  # replaying the log
     # LATEST to write when recovery chose its base itself: tag, seed, and the log segment
     # and record it continues from (segment None: the new segment the server opens).
     new_pointer: dict | None = None
     notes: list[str] = field(default_factory=list)
 
     def describe(self) -> str:
-        text = (f"recovered to {self.source} ({self.base_seconds:.2f} s) + {self.records_replayed} log record(s) "
-                f"replayed from segment(s) {self.segments or 'none'} ({self.replay_seconds:.2f} s), "
-                f"{self.torn_bytes_dropped} torn byte(s) dropped")
+        text = (
+            f"recovered to {self.source} ({self.base_seconds:.2f} s) + {self.records_replayed} log record(s) "
+            f"replayed from segment(s) {self.segments or 'none'} ({self.replay_seconds:.2f} s), "
+            f"{self.torn_bytes_dropped} torn byte(s) dropped"
+        )
         return "; ".join([text, *self.notes])
 
 
-_ADVICE = ("refusing to serve; fix or move the file, or start with --fallback-snapshot (use the newest good "
-           "snapshot the log still continues) or --allow-fresh (start from the seeded rows; the stored bank is "
-           "not used)")
+_ADVICE = (
+    "refusing to serve; fix or move the file, or start with --fallback-snapshot (use the newest good "
+    "snapshot the log still continues) or --allow-fresh (start from the seeded rows; the stored bank is "
+    "not used)"
+)
 
 
-def recover(layout: Layout, directory: str | os.PathLike, seed: int, *, allow_fresh: bool = False,
-            fallback: bool = False) -> tuple[Shard, Recovery]:
+def recover(
+    layout: Layout, directory: str | os.PathLike, seed: int, *, allow_fresh: bool = False, fallback: bool = False
+) -> tuple[Shard, Recovery]:
     """The shard as its snapshot folder left it (see the module's docstring)."""
     folder = snapshots.shard_dir(directory, layout.shard_id)
     try:
@@ -95,8 +101,15 @@ def recover(layout: Layout, directory: str | os.PathLike, seed: int, *, allow_fr
         return Shard.create(layout, seed), recovery
 
 
-def open_logged(layout: Layout, directory: str | os.PathLike, seed: int, fsync: str = "everysec", *,
-                allow_fresh: bool = False, fallback: bool = False) -> tuple[Shard, Recovery]:
+def open_logged(
+    layout: Layout,
+    directory: str | os.PathLike,
+    seed: int,
+    fsync: str = "everysec",
+    *,
+    allow_fresh: bool = False,
+    fallback: bool = False,
+) -> tuple[Shard, Recovery]:
     """Recover the shard and give it a new log segment continuing the recovered
     timeline (LATEST rewritten when recovery chose the base itself): a shard ready to serve."""
     shard, recovery = recover(layout, directory, seed, allow_fresh=allow_fresh, fallback=fallback)
@@ -107,25 +120,42 @@ def open_logged(layout: Layout, directory: str | os.PathLike, seed: int, fsync: 
         # torn record is only accepted in the newest segment.
         update_log.fsync_file(update_log.segment_path(folder, recovery.last_segment))
     # A new timeline (no log continued) says what it starts from: the snapshot or the seeded rows.
-    log_ = update_log.UpdateLog(snapshots.shard_dir(directory, layout.shard_id), layout, fsync,
-                                previous=recovery.last_segment, base=recovery.tag, seed=recovery.seed)
+    log_ = update_log.UpdateLog(
+        snapshots.shard_dir(directory, layout.shard_id),
+        layout,
+        fsync,
+        previous=recovery.last_segment,
+        base=recovery.tag,
+        seed=recovery.seed,
+    )
     pointer = recovery.new_pointer
     if pointer is not None:
-        snapshots.write_latest(directory, layout.shard_id, pointer["tag"], pointer["segment"] or log_.segment,
-                               pointer["from"], pointer["seed"])
+        snapshots.write_latest(
+            directory,
+            layout.shard_id,
+            pointer["tag"],
+            pointer["segment"] or log_.segment,
+            pointer["from"],
+            pointer["seed"],
+        )
     shard.attach_log(log_)
     return shard, recovery
 
 
 def _fresh(seed: int, why: str) -> Recovery:
-    return Recovery(source=f"initial rows (seed {seed})", seed=seed, notes=[why],
-                    new_pointer={"tag": None, "seed": seed, "segment": None, "from": 0})
+    return Recovery(
+        source=f"initial rows (seed {seed})",
+        seed=seed,
+        notes=[why],
+        new_pointer={"tag": None, "seed": seed, "segment": None, "from": 0},
+    )
 
 
 def _recover(layout, directory, folder: Path, seed: int, fallback: bool) -> tuple[Shard, Recovery]:
     pointer = snapshots.read_latest(directory, layout.shard_id)
-    removed = update_log.remove_torn_segments(folder, None if pointer is None else pointer["log"]) \
-        if folder.is_dir() else []
+    removed = (
+        update_log.remove_torn_segments(folder, None if pointer is None else pointer["log"]) if folder.is_dir() else []
+    )
     for line in removed:
         log.warning("shard %d: %s", layout.shard_id, line)
     shard, recovery = _recover_from(layout, directory, folder, seed, fallback, pointer)
@@ -133,8 +163,9 @@ def _recover(layout, directory, folder: Path, seed: int, fallback: bool) -> tupl
     return shard, recovery
 
 
-def _recover_from(layout, directory, folder: Path, seed: int, fallback: bool,
-                  pointer: dict | None) -> tuple[Shard, Recovery]:
+def _recover_from(
+    layout, directory, folder: Path, seed: int, fallback: bool, pointer: dict | None
+) -> tuple[Shard, Recovery]:
     from_log_alone = pointer is None
     if from_log_alone:
         pointer = _pointer_from_log(layout, directory, folder, seed)
@@ -142,15 +173,19 @@ def _recover_from(layout, directory, folder: Path, seed: int, fallback: bool,
             found = snapshots.snapshots_newest_first(directory, layout.shard_id)
             if not found:
                 return Shard.create(layout, seed), _fresh(seed, "no LATEST: a fresh bank")
-            note = (f"no LATEST and no update log in {folder}, but snapshot(s) {', '.join(p.name for p in found)}: "
-                    f"starting from the seeded rows (seed {seed}), not from any of them; Restore one by tag to "
-                    "use it")
+            note = (
+                f"no LATEST and no update log in {folder}, but snapshot(s) {', '.join(p.name for p in found)}: "
+                f"starting from the seeded rows (seed {seed}), not from any of them; Restore one by tag to "
+                "use it"
+            )
             log.warning("shard %d: %s", layout.shard_id, note)
             return Shard.create(layout, seed), _fresh(seed, note)
     following = update_log.successors(folder)
     if pointer["log"] is not None and not update_log.segment_path(folder, pointer["log"]).exists():
-        raise DataLoss(f"{snapshots.latest_path(directory, layout.shard_id)} continues with log segment "
-                       f"{update_log.segment_path(folder, pointer['log'])}, which is missing")
+        raise DataLoss(
+            f"{snapshots.latest_path(directory, layout.shard_id)} continues with log segment "
+            f"{update_log.segment_path(folder, pointer['log'])}, which is missing"
+        )
     notes = []
     started = time.perf_counter()
     if pointer["tag"] is None:
@@ -163,8 +198,10 @@ def _recover_from(layout, directory, folder: Path, seed: int, fallback: bool,
         if from_log_alone or pointer["log"] is None:  # LATEST must name the timeline from now on
             recovery.new_pointer = {"tag": None, "seed": base_seed, "segment": pointer["log"], "from": 0}
         if from_log_alone:
-            note = (f"no LATEST in {folder}: recovered from its update log alone (segment {pointer['log']} on, "
-                    "which starts from the seeded rows)")
+            note = (
+                f"no LATEST in {folder}: recovered from its update log alone (segment {pointer['log']} on, "
+                "which starts from the seeded rows)"
+            )
             log.warning("shard %d: %s", layout.shard_id, note)
             notes.append(note)
     else:
@@ -187,18 +224,27 @@ def _recover_from(layout, directory, folder: Path, seed: int, fallback: bool,
             last = i == len(segments) - 1
             path = update_log.segment_path(folder, number)
             update_log.check_layout(path, layout)
-            scan = update_log.read_records(path, layout.dim, shard._rows.dtype, shard.apply_logged,
-                                           start=start[1] if i == 0 else 0, allow_torn_tail=last)
+            scan = update_log.read_records(
+                path,
+                layout.dim,
+                shard._rows.dtype,
+                shard.apply_logged,
+                start=start[1] if i == 0 else 0,
+                allow_torn_tail=last,
+            )
             if i == 0 and scan.records < start[1]:
-                raise update_log.LogCorrupt(f"log segment {path} holds {scan.records} good records; "
-                                            f"{snapshots.latest_path(directory, layout.shard_id)} continues "
-                                            f"from record {start[1]}")
+                raise update_log.LogCorrupt(
+                    f"log segment {path} holds {scan.records} good records; "
+                    f"{snapshots.latest_path(directory, layout.shard_id)} continues "
+                    f"from record {start[1]}"
+                )
             recovery.records_replayed += scan.records - (start[1] if i == 0 else 0)
             if scan.torn_bytes:
                 _cut_torn_tail(path, scan.good_end)
                 recovery.torn_bytes_dropped = scan.torn_bytes
-                recovery.notes.append(f"a torn last record ({scan.torn_bytes} bytes) cut off {path}: its update "
-                                      "was never acknowledged")
+                recovery.notes.append(
+                    f"a torn last record ({scan.torn_bytes} bytes) cut off {path}: its update was never acknowledged"
+                )
         recovery.last_segment = segments[-1]
     recovery.replay_seconds = time.perf_counter() - started
     return shard, recovery
@@ -215,19 +261,25 @@ def _pointer_from_log(layout: Layout, directory, folder: Path, seed: int) -> dic
     header = update_log.read_header(first)
     held = f"{folder} holds update-log segment(s) {', '.join(map(str, numbers))} but no LATEST"
     if header.get("previous") is not None:
-        raise DataLoss(f"{held}, and its oldest, {first.name}, continues segment {header['previous']}, which is "
-                       "missing: the rows before it cannot be rebuilt (LATEST named the snapshot they start from)")
+        raise DataLoss(
+            f"{held}, and its oldest, {first.name}, continues segment {header['previous']}, which is "
+            "missing: the rows before it cannot be rebuilt (LATEST named the snapshot they start from)"
+        )
     if header.get("base") is not None:
-        raise DataLoss(f"{held}, and its oldest, {first.name}, starts from snapshot {header['base']!r} (a Restore), "
-                       "not from the seeded rows: LATEST, which said so, is missing")
+        raise DataLoss(
+            f"{held}, and its oldest, {first.name}, starts from snapshot {header['base']!r} (a Restore), "
+            "not from the seeded rows: LATEST, which said so, is missing"
+        )
     try:
         update_log.check_layout(first, layout, header)
     except DataLoss as error:
         raise DataLoss(f"{held}, and {error}") from None
     others = sorted(set(numbers) - set(update_log.chain(numbers[0], update_log.successors(folder))))
     if others:
-        raise DataLoss(f"{held}, and segment(s) {', '.join(map(str, others))} do not continue the seeded timeline "
-                       f"of {first.name} (a Restore's): without LATEST it cannot tell which timeline is current")
+        raise DataLoss(
+            f"{held}, and segment(s) {', '.join(map(str, others))} do not continue the seeded timeline "
+            f"of {first.name} (a Restore's): without LATEST it cannot tell which timeline is current"
+        )
     logged_seed = header.get("seed")
     if logged_seed is None:  # written before segments recorded their seed
         log.warning("shard %d: %s does not record its seed; assuming --seed %d", layout.shard_id, first, seed)
@@ -256,8 +308,10 @@ def _fall_back(layout, directory, folder, seed, pointer, following, error):
         position = shard.restored_log_position
         recovery.new_pointer = {"tag": path.stem, "seed": None, "segment": position[0], "from": position[1]}
         return shard, recovery, position
-    raise DataLoss(f"{error}; and no other good snapshot in {folder} is continued by the log up to "
-                   f"segment {pointer['log']} (--fallback-snapshot)") from error
+    raise DataLoss(
+        f"{error}; and no other good snapshot in {folder} is continued by the log up to "
+        f"segment {pointer['log']} (--fallback-snapshot)"
+    ) from error
 
 
 def _remove_stale_temporaries(folder: Path) -> None:

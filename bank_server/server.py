@@ -24,32 +24,23 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from threadpoolctl import threadpool_limits
 
+from bank_server.metrics import BankMetrics
+from bank_server.protocol import DEFAULT_MAX_MESSAGE_BYTES, SERVICE_NAME, grpc_options
 from bank_server.recovery import Recovery, open_logged
 from bank_server.servicer import MemoryBankServicer, add_to_server
 from bank_server.shard import PERIODIC_KEPT, Layout, Shard
-from protos import bank_pb2
 
 log = logging.getLogger(__name__)
-
-SERVICE_NAME = bank_pb2.DESCRIPTOR.services_by_name["MemoryBank"].full_name
-DEFAULT_MAX_MESSAGE_BYTES = 16 << 20
 
 
 def limit_blas_threads(threads: int) -> None:
     """Cap numpy's BLAS pool for the rest of this process, whenever numpy was loaded
     (environment variables only work before it is: not in a Ray actor)."""
-    from threadpoolctl import threadpool_limits
-
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
     threadpool_limits(limits=threads, user_api="blas")
-
-
-def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Message-size options, set explicitly and identically on both ends."""
-    return [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
 
 
 @dataclass
@@ -62,19 +53,19 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     snapshot_dir: str | None = None
-    keep_snapshots: int = 0      # newest snapshots kept per shard; 0 keeps all
+    keep_snapshots: int = 0  # newest snapshots kept per shard; 0 keeps all
     seed: int = 0
     token: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     workers: int = 8
-    threads: int = 1             # numpy BLAS threads of a shard's own process (`instdisc bank serve --threads`)
-    fsync: str = "everysec"      # the update log's: always | everysec | no (with a snapshot_dir)
-    snapshot_every: float = 0    # seconds between periodic snapshots; 0: none
-    allow_fresh: bool = False    # start from the seed when the stored state cannot be read
+    threads: int = 1  # numpy BLAS threads of a shard's own process (`instdisc bank serve --threads`)
+    fsync: str = "everysec"  # the update log's: always | everysec | no (with a snapshot_dir)
+    snapshot_every: float = 0  # seconds between periodic snapshots; 0: none
+    allow_fresh: bool = False  # start from the seed when the stored state cannot be read
     fallback_snapshot: bool = False  # use the newest good snapshot the log continues when LATEST's is bad
-    metrics_port: int = 0        # Prometheus metrics on this port; 0: none
+    metrics_port: int = 0  # Prometheus metrics on this port; 0: none
 
     @property
     def layout(self) -> Layout:
@@ -109,18 +100,18 @@ class BankServer:
     shard up, ``stop()`` drains and snapshots."""
 
     def __init__(self, config: ServerConfig):
-        config.layout  # validates the layout before binding anything
+        _ = config.layout  # validates the layout before binding anything
         self.config = config
         interceptors = [_BearerToken(config.token)] if config.token else []
         self.metrics = None
         if config.metrics_port:
-            from bank_server.metrics import BankMetrics  # prometheus-client only where asked for
-
             self.metrics = BankMetrics(self)
             interceptors.insert(0, self.metrics.interceptor)
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="bank"),
-            interceptors=interceptors, options=grpc_options(config.max_message_bytes))
+            interceptors=interceptors,
+            options=grpc_options(config.max_message_bytes),
+        )
         self.servicer = MemoryBankServicer(config.max_message_bytes, config.snapshot_dir, config.keep_snapshots)
         self.servicer.set_serving = self._set_serving
         self.recovery: Recovery | None = None
@@ -131,12 +122,14 @@ class BankServer:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self._server)
+            self._server,
+        )
         self._set_serving(False)
         address = f"{config.host}:{config.port}"
         if config.tls_cert:
             credentials = grpc.ssl_server_credentials(
-                [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())])
+                [(Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())]
+            )
             self.port = self._server.add_secure_port(address, credentials)
         else:
             self.port = self._server.add_insecure_port(address)
@@ -152,7 +145,7 @@ class BankServer:
         for service in ("", SERVICE_NAME):
             self.health.set(service, status)
 
-    def start(self) -> "BankServer":
+    def start(self) -> BankServer:
         self._server.start()
         if self.metrics is not None:
             self.metrics_port = self.metrics.serve(self.config.host, self.config.metrics_port)
@@ -166,14 +159,26 @@ class BankServer:
         if not config.snapshot_dir:
             shard = Shard.create(config.layout, seed=config.seed)
         else:
-            shard, self.recovery = open_logged(config.layout, config.snapshot_dir, config.seed, config.fsync,
-                                               allow_fresh=config.allow_fresh, fallback=config.fallback_snapshot)
-            log.info("shard %d %s; logging updates to %s (fsync %s)", config.shard_id, self.recovery.describe(),
-                     shard.log.path, config.fsync)
+            shard, self.recovery = open_logged(
+                config.layout,
+                config.snapshot_dir,
+                config.seed,
+                config.fsync,
+                allow_fresh=config.allow_fresh,
+                fallback=config.fallback_snapshot,
+            )
+            log.info(
+                "shard %d %s; logging updates to %s (fsync %s)",
+                config.shard_id,
+                self.recovery.describe(),
+                shard.log.path,
+                config.fsync,
+            )
         self.servicer.shard = shard
         if config.snapshot_dir and config.snapshot_every > 0:
-            self._periodic = threading.Thread(target=self._snapshot_periodically, name="periodic-snapshots",
-                                              daemon=True)
+            self._periodic = threading.Thread(
+                target=self._snapshot_periodically, name="periodic-snapshots", daemon=True
+            )
             self._periodic.start()
         self._set_serving(True)
         return shard
@@ -184,13 +189,18 @@ class BankServer:
         while not self._stopping.wait(self.config.snapshot_every):
             tag = f"periodic-{int(time.time())}"
             if self.servicer.shard.damaged:
-                log.error("skipping periodic snapshot %s: the shard is damaged (%s); restart it to recover from "
-                          "LATEST and its update log", tag, self.servicer.shard.damaged)
+                log.error(
+                    "skipping periodic snapshot %s: the shard is damaged (%s); restart it to recover from "
+                    "LATEST and its update log",
+                    tag,
+                    self.servicer.shard.damaged,
+                )
                 self._set_serving(False)
                 continue
             try:
                 path, nbytes, seconds = self.servicer.shard.snapshot(
-                    self.config.snapshot_dir, tag, self.config.keep_snapshots, PERIODIC_KEPT)
+                    self.config.snapshot_dir, tag, self.config.keep_snapshots, PERIODIC_KEPT
+                )
                 log.info("periodic snapshot %s: %d bytes in %.2fs", path, nbytes, seconds)
             except Exception:  # the shard serves on; its log still holds every update
                 log.exception("periodic snapshot %s failed", tag)
@@ -206,8 +216,11 @@ class BankServer:
             if final_snapshot and self.config.snapshot_dir and shard is not None and shard.damaged:
                 # Its rows are half a Restore: a snapshot of them would move LATEST off the
                 # state the log and LATEST still hold. The next start recovers that state.
-                log.error("no final snapshot: the shard is damaged (%s); LATEST and the update log are left as "
-                          "they are, and the next start recovers from them", shard.damaged)
+                log.error(
+                    "no final snapshot: the shard is damaged (%s); LATEST and the update log are left as "
+                    "they are, and the next start recovers from them",
+                    shard.damaged,
+                )
             elif final_snapshot and self.config.snapshot_dir and shard is not None:
                 tag = f"shutdown-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 1_000_000_000:09d}"
                 path, nbytes, seconds = shard.snapshot(self.config.snapshot_dir, tag, self.config.keep_snapshots)
@@ -229,8 +242,11 @@ def serve(config: ServerConfig, grace: float = 10.0) -> int:
     # Print before loading so a supervisor sees the port while health says NOT_SERVING.
     print(f"instdisc bank shard {config.shard_id}/{config.num_shards} listening on {server.address}", flush=True)
     server.load()
-    print(f"instdisc bank shard {config.shard_id}/{config.num_shards} SERVING "
-          f"({config.layout.rows_held} rows x {config.dim} {config.dtype})", flush=True)
+    print(
+        f"instdisc bank shard {config.shard_id}/{config.num_shards} SERVING "
+        f"({config.layout.rows_held} rows x {config.dim} {config.dtype})",
+        flush=True,
+    )
     stopping = threading.Event()
 
     def on_signal(signum, frame):

@@ -14,21 +14,19 @@ from __future__ import annotations
 import functools
 import logging
 
-import numpy as np
-
 import grpc
+import numpy as np
 
 from bank_server import tensors, wire
 from bank_server.errors import BankError, DataLoss, InvalidArgument, ResourceExhausted, Unavailable, status_code
+from bank_server.protocol import ENVELOPE_BYTES, SERVICE_NAME
 from bank_server.shard import Shard
-from protos import bank_pb2
+from protos import bank_pb2, bank_pb2_grpc
 
 log = logging.getLogger(__name__)
 
 FLOATS = (bank_pb2.FLOAT32, bank_pb2.FLOAT16)
 INDICES = (bank_pb2.INT64,)
-# Room for the protobuf framing around the arrays of an answer.
-_ENVELOPE_BYTES = 4096
 
 
 def _rpc(method):
@@ -44,7 +42,7 @@ def _rpc(method):
     return wrapper
 
 
-class MemoryBankServicer:
+class MemoryBankServicer(bank_pb2_grpc.MemoryBankServicer):
     def __init__(self, max_message_bytes: int, snapshot_dir: str | None = None, keep_snapshots: int = 0):
         self.max_message_bytes = max_message_bytes
         self.snapshot_dir = snapshot_dir
@@ -63,10 +61,11 @@ class MemoryBankServicer:
         return self.shard
 
     def _check_answer_size(self, nbytes: int, field: str) -> None:
-        if nbytes + _ENVELOPE_BYTES > self.max_message_bytes:
+        if nbytes + ENVELOPE_BYTES > self.max_message_bytes:
             raise ResourceExhausted(
                 f"{field}: the answer would be {nbytes} bytes, over the max message size "
-                f"{self.max_message_bytes}; ask for fewer (BankClient splits large requests)")
+                f"{self.max_message_bytes}; ask for fewer (BankClient splits large requests)"
+            )
 
     def _row_bytes(self, shard: Shard) -> int:
         return shard.layout.dim * np.dtype(shard.layout.dtype).itemsize
@@ -81,10 +80,17 @@ class MemoryBankServicer:
         shard = self._ready()
         info = shard.describe()
         return bank_pb2.DescribeResponse(
-            shard_id=info["shard_id"], num_shards=info["num_shards"], total_rows=info["total_rows"],
-            dim=info["dim"], dtype=tensors.DTYPE_NAMES[info["dtype"]], rows_held=info["rows_held"],
-            updates_applied=info["updates_applied"], rows_updated=info["rows_updated"],
-            last_snapshot_tag=info["last_snapshot_tag"], max_message_bytes=self.max_message_bytes)
+            shard_id=info["shard_id"],
+            num_shards=info["num_shards"],
+            total_rows=info["total_rows"],
+            dim=info["dim"],
+            dtype=tensors.DTYPE_NAMES[info["dtype"]],
+            rows_held=info["rows_held"],
+            updates_applied=info["updates_applied"],
+            rows_updated=info["rows_updated"],
+            last_snapshot_tag=info["last_snapshot_tag"],
+            max_message_bytes=self.max_message_bytes,
+        )
 
     @_rpc
     def Lookup(self, request, context):
@@ -126,7 +132,8 @@ class MemoryBankServicer:
         self._check_answer_size(len(queries) * (shard.layout.dim + 2) * 4, "queries")
         m, s, w = shard.partition_sums(queries, request.temperature)
         return bank_pb2.PartitionSumResponse(
-            max_logit=tensors.encode(m), sum_exp=tensors.encode(s), weighted_sum=tensors.encode(w))
+            max_logit=tensors.encode(m), sum_exp=tensors.encode(s), weighted_sum=tensors.encode(w)
+        )
 
     @_rpc
     def TopK(self, request, context):
@@ -173,8 +180,8 @@ class MemoryBankServicer:
 
 def add_to_server(servicer: MemoryBankServicer, server: grpc.Server) -> None:
     """Register the MemoryBank methods: the bulk answers written by `bank_server.wire`,
-    everything else by protobuf (both speak bank.proto). Requests stay protobuf's:
-    `instdisc bench parts` measured its C parser faster than ours on them."""
+    everything else by protobuf (both speak bank.proto). Requests, smaller, are parsed
+    by protobuf's C parser."""
     pb = bank_pb2
     # method: (request parser, answer writer); None hands gRPC the bytes `wire` wrote.
     codecs = {
@@ -188,9 +195,11 @@ def add_to_server(servicer: MemoryBankServicer, server: grpc.Server) -> None:
         "Snapshot": (pb.SnapshotRequest.FromString, pb.SnapshotResponse.SerializeToString),
         "Restore": (pb.RestoreRequest.FromString, pb.RestoreResponse.SerializeToString),
     }
-    handlers = {method: grpc.unary_unary_rpc_method_handler(getattr(servicer, method), request_deserializer=parse,
-                                                             response_serializer=write)
-                for method, (parse, write) in codecs.items()}
-    service = pb.DESCRIPTOR.services_by_name["MemoryBank"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, handlers),))
-    server.add_registered_method_handlers(service, handlers)
+    handlers = {
+        method: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method), request_deserializer=parse, response_serializer=write
+        )
+        for method, (parse, write) in codecs.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(SERVICE_NAME, handlers)

@@ -101,7 +101,7 @@ def initial_rows(layout: Layout, seed: int) -> np.ndarray:
     for begin in range(0, layout.rows_held, block):
         n = min(block, layout.rows_held - begin)
         values = rng.random((n, layout.dim), dtype=np.float32) * np.float32(2 * bound) - np.float32(bound)
-        rows[begin:begin + n] = _normalize(values)
+        rows[begin : begin + n] = _normalize(values)
     return rows
 
 
@@ -127,8 +127,8 @@ class Shard:
     def __init__(self, layout: Layout, rows: np.ndarray, *, seed: int = 0, log=None):
         if rows.shape != (layout.rows_held, layout.dim) or rows.dtype != DTYPES[layout.dtype]:
             raise FailedPrecondition(
-                f"rows {rows.shape} {rows.dtype} do not fit layout "
-                f"({layout.rows_held}, {layout.dim}) {layout.dtype}")
+                f"rows {rows.shape} {rows.dtype} do not fit layout ({layout.rows_held}, {layout.dim}) {layout.dtype}"
+            )
         self.layout = layout
         self.seed = seed
         self.restored_from: Path | None = None
@@ -136,7 +136,7 @@ class Shard:
         self._rng = np.random.default_rng([seed, layout.shard_id, 1])
         self._lock = threading.Lock()
         self._snapshot_lock = threading.Lock()  # one snapshot or Restore at a time
-        self._log = log                         # an UpdateLog, or None: updates live in memory only
+        self._log = log  # an UpdateLog, or None: updates live in memory only
         self._seen: OrderedDict[tuple[str, int], None] = OrderedDict()
         self.updates_applied = 0
         self.rows_updated = 0
@@ -146,7 +146,7 @@ class Shard:
         self.last_snapshot_seconds: float | None = None
 
     @classmethod
-    def create(cls, layout: Layout, seed: int = 0) -> "Shard":
+    def create(cls, layout: Layout, seed: int = 0) -> Shard:
         return cls(layout, initial_rows(layout, seed), seed=seed)
 
     @property
@@ -256,7 +256,8 @@ class Shard:
             raise update_log.LogCorrupt(
                 f"update-log record (client {record.client_id!r}, sequence {record.sequence}) writes local rows "
                 f"{int(record.local.min())}..{int(record.local.max())}, outside this shard's "
-                f"[0, {self.layout.rows_held})")
+                f"[0, {self.layout.rows_held})"
+            )
         self._rows[record.local] = record.rows
         if key[0] and key in self._seen:
             return
@@ -290,7 +291,7 @@ class Shard:
     def _blocks(self, batch: int):
         block = max(256, _SCAN_ELEMENTS // max(batch, self.layout.dim))
         for begin in range(0, self.layout.rows_held, block):
-            yield begin, as_float32(self._rows[begin:begin + block])
+            yield begin, as_float32(self._rows[begin : begin + block])
 
     def partition_sums(self, queries: np.ndarray, temperature: float):
         """Per query q over this shard's rows, with logits l_j = v_j . q / tau:
@@ -309,12 +310,12 @@ class Shard:
         w = np.zeros((b, self.layout.dim), dtype=np.float32)
         with self._lock:
             for _, rows in self._blocks(b):
-                logits = q @ rows.T                       # (B, block)
+                logits = q @ rows.T  # (B, block)
                 new_m = np.maximum(m, logits.max(axis=1))
-                scale = np.exp(m - new_m)                 # exp(-inf) = 0 on the first block
-                e = np.exp(logits - new_m[:, None])       # (B, block)
+                scale = np.exp(m - new_m)  # exp(-inf) = 0 on the first block
+                e = np.exp(logits - new_m[:, None])  # (B, block)
                 s = s * scale + e.sum(axis=1)
-                w = w * scale[:, None] + e @ rows         # (B, D)
+                w = w * scale[:, None] + e @ rows  # (B, D)
                 m = new_m
         return m, s, w
 
@@ -369,8 +370,10 @@ class Shard:
         sid = self.layout.shard_id
         with self._snapshot_lock:
             if self.damaged:
-                raise DataLoss(f"shard {sid} is damaged ({self.damaged}): not snapshotting rows it cannot vouch "
-                               "for; restart it to recover from LATEST and its update log")
+                raise DataLoss(
+                    f"shard {sid} is damaged ({self.damaged}): not snapshotting rows it cannot vouch "
+                    "for; restart it to recover from LATEST and its update log"
+                )
             with self._lock:
                 segment = self._log.rotate() if self._log is not None else None
                 metadata = {
@@ -385,7 +388,8 @@ class Shard:
             if self._log is not None:
                 self._log.seal()  # the segment before is whole on disk before anything names it
             path, nbytes, seconds, log_end = snapshots.write(
-                directory, sid, tag, metadata, self.layout.dim, self._rows.dtype, self._copy_blocks())
+                directory, sid, tag, metadata, self.layout.dim, self._rows.dtype, self._copy_blocks()
+            )
             snapshots.write_latest(directory, sid, tag, segment, log_end)
             self.last_snapshot_tag = tag
             self.last_snapshot_time = time.time()
@@ -398,7 +402,7 @@ class Shard:
         with how many records the log's active segment held then."""
         for begin in range(0, self.layout.rows_held, SNAPSHOT_BLOCK_ROWS):
             with self._lock:
-                block = self._rows[begin:begin + SNAPSHOT_BLOCK_ROWS].copy()
+                block = self._rows[begin : begin + SNAPSHOT_BLOCK_ROWS].copy()
                 position = self._log.records if self._log is not None else 0
             yield block, position
 
@@ -425,8 +429,11 @@ class Shard:
     def _check_snapshot(self, metadata: dict, path: Path) -> None:
         saved = Layout(**metadata["layout"])
         if saved != self.layout:
-            diffs = ", ".join(f"{k}: snapshot {v} vs server {getattr(self.layout, k)}"
-                              for k, v in asdict(saved).items() if v != getattr(self.layout, k))
+            diffs = ", ".join(
+                f"{k}: snapshot {v} vs server {getattr(self.layout, k)}"
+                for k, v in asdict(saved).items()
+                if v != getattr(self.layout, k)
+            )
             raise FailedPrecondition(f"snapshot {path} has another layout ({diffs})")
 
     def _load_locked(self, path: Path, directory) -> None:
@@ -439,8 +446,9 @@ class Shard:
         self._seen = OrderedDict(((c, s), None) for c, s in metadata["seen"])
         segment, end = metadata.get("log_segment"), metadata["log_end"]
         if segment and end:
-            update_log.read_records(self._segment(directory, segment, path), self.layout.dim, self._rows.dtype,
-                                    self.apply_logged, stop=end)
+            update_log.read_records(
+                self._segment(directory, segment, path), self.layout.dim, self._rows.dtype, self.apply_logged, stop=end
+            )
         self.last_snapshot_tag = metadata["tag"]
         self.restored_from = path
         self.restored_log_position = (segment, end)
@@ -469,12 +477,17 @@ class Shard:
         metadata, _ = snapshots.read_into(path, None, self.layout.rows_held)
         segment, end = metadata.get("log_segment"), metadata["log_end"]
         if segment and end:
-            update_log.read_records(self._segment(directory, segment, path), self.layout.dim, self._rows.dtype,
-                                    lambda record: None, stop=end)
+            update_log.read_records(
+                self._segment(directory, segment, path),
+                self.layout.dim,
+                self._rows.dtype,
+                lambda record: None,
+                stop=end,
+            )
         return path, metadata
 
     @classmethod
-    def restore(cls, layout: Layout, directory: str | Path, tag: str | None = None, seed: int = 0) -> "Shard":
+    def restore(cls, layout: Layout, directory: str | Path, tag: str | None = None, seed: int = 0) -> Shard:
         """A new shard holding snapshot `tag` (default: the one LATEST names), exactly as
         it was when the snapshot ended. FailedPrecondition if its layout differs from
         `layout`; NotFound if there is no such snapshot; DataLoss if it fails its checks."""
@@ -513,10 +526,13 @@ class Shard:
                         snapshots.write_latest(directory, sid, metadata["tag"], None, 0)
                 except Exception as error:  # checked whole just before: a disk failing now
                     self.damaged = f"a Restore of {path} failed half-way ({error})"
-                    log.error("shard %d: %s; restart it to recover its last state from LATEST and the log",
-                              sid, self.damaged)
-                    raise DataLoss(f"{self.damaged}; the shard refuses every call until a restart recovers it "
-                                   "from LATEST and its update log") from error
+                    log.error(
+                        "shard %d: %s; restart it to recover its last state from LATEST and the log", sid, self.damaged
+                    )
+                    raise DataLoss(
+                        f"{self.damaged}; the shard refuses every call until a restart recovers it "
+                        "from LATEST and its update log"
+                    ) from error
         return path
 
     def describe(self) -> dict:

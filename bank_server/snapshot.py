@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from bank_server import update_log
 from bank_server.errors import DataLoss, InvalidArgument, NotFound
-from bank_server.update_log import fsync_path
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +60,20 @@ def snapshot_path(directory: str | os.PathLike, shard_id: int, tag: str) -> Path
 
 
 def _replace_durably(tmp: Path, final: Path) -> None:
-    fsync_path(tmp)
+    update_log.fsync_path(tmp)
     os.replace(tmp, final)
-    fsync_path(final.parent)
+    update_log.fsync_path(final.parent)
 
 
-def write(directory: str | os.PathLike, shard_id: int, tag: str, metadata: dict, dim: int, dtype,
-          blocks: Iterable[tuple[np.ndarray, int]]) -> tuple[Path, int, float, int]:
+def write(
+    directory: str | os.PathLike,
+    shard_id: int,
+    tag: str,
+    metadata: dict,
+    dim: int,
+    dtype,
+    blocks: Iterable[tuple[np.ndarray, int]],
+) -> tuple[Path, int, float, int]:
     """Write the row blocks `blocks` yields, each with the log position at its copy, as
     snapshot `tag`; return (path, bytes, seconds, log_end). LATEST is not touched."""
     check_tag(tag)
@@ -76,16 +83,19 @@ def write(directory: str | os.PathLike, shard_id: int, tag: str, metadata: dict,
     final = folder / f"{tag}.arrow"
     tmp = folder / f".{tag}.arrow.tmp-{os.getpid()}"
     value_type = pa.from_numpy_dtype(np.dtype(dtype))
-    schema = pa.schema([pa.field("row", pa.list_(value_type, dim))],
-                       metadata={METADATA_KEY: json.dumps(metadata).encode()})
+    schema = pa.schema(
+        [pa.field("row", pa.list_(value_type, dim))], metadata={METADATA_KEY: json.dumps(metadata).encode()}
+    )
     log_end = 0
     try:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
             for chunk, log_end in blocks:
                 values = pa.array(chunk.reshape(-1), type=value_type)
                 column = pa.FixedSizeListArray.from_arrays(values, dim)
-                writer.write_batch(pa.record_batch([column], schema=schema), custom_metadata={
-                    CRC_KEY: str(zlib.crc32(chunk)), LOG_END_KEY: str(log_end)})
+                writer.write_batch(
+                    pa.record_batch([column], schema=schema),
+                    custom_metadata={CRC_KEY: str(zlib.crc32(chunk)), LOG_END_KEY: str(log_end)},
+                )
         _replace_durably(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
@@ -94,12 +104,19 @@ def write(directory: str | os.PathLike, shard_id: int, tag: str, metadata: dict,
 
 # -- LATEST --------------------------------------------------------------------------
 
+
 def latest_path(directory: str | os.PathLike, shard_id: int) -> Path:
     return shard_dir(directory, shard_id) / "LATEST"
 
 
-def write_latest(directory: str | os.PathLike, shard_id: int, tag: str | None, segment: int | None,
-                 start: int = 0, seed: int | None = None) -> None:
+def write_latest(
+    directory: str | os.PathLike,
+    shard_id: int,
+    tag: str | None,
+    segment: int | None,
+    start: int = 0,
+    seed: int | None = None,
+) -> None:
     """Point recovery at snapshot `tag` (None: the initial rows of `seed`) followed by
     the log from record `start` of `segment` on."""
     folder = shard_dir(directory, shard_id)
@@ -145,6 +162,7 @@ def latest_tag(directory: str | os.PathLike, shard_id: int) -> str | None:
 
 # -- reading -------------------------------------------------------------------------
 
+
 def _open(path: Path):
     try:
         return pa.ipc.open_file(pa.memory_map(str(path)))
@@ -181,19 +199,21 @@ def read_into(path: Path, target: np.ndarray | None, expect_rows: int | None = N
         n = len(values) // dim
         if custom is not None and CRC_KEY in custom:
             if zlib.crc32(values) != int(custom[CRC_KEY]):
-                raise SnapshotCorrupt(f"snapshot {path}: rows {offset}..{offset + n - 1} (batch {i}) fail their "
-                                      "crc32 checksum")
+                raise SnapshotCorrupt(
+                    f"snapshot {path}: rows {offset}..{offset + n - 1} (batch {i}) fail their crc32 checksum"
+                )
             log_end = int(custom[LOG_END_KEY])
         else:
             unchecked += 1
         if target is not None:
             if offset + n > len(target):
                 raise SnapshotCorrupt(f"snapshot {path} holds more than {len(target)} rows")
-            target[offset:offset + n] = values.reshape(n, dim)
+            target[offset : offset + n] = values.reshape(n, dim)
         offset += n
     if unchecked:
-        log.warning("snapshot %s: %d batch(es) carry no checksum (written before checksums); read unchecked",
-                    path, unchecked)
+        log.warning(
+            "snapshot %s: %d batch(es) carry no checksum (written before checksums); read unchecked", path, unchecked
+        )
     if expect_rows is not None and offset != expect_rows:
         raise SnapshotCorrupt(f"snapshot {path} holds {offset} rows, the shard {expect_rows}")
     metadata["log_end"] = log_end
@@ -220,7 +240,6 @@ def read(directory: str | os.PathLike, shard_id: int, tag: str | None = None) ->
     metadata, _ = read_into(path, rows)
     segment, end = metadata.get("log_segment"), metadata["log_end"]
     if segment and end:
-        from bank_server import update_log  # the log's module needs nothing of this one
 
         def apply(record):
             rows[record.local] = record.rows

@@ -18,25 +18,18 @@ WIRE_DTYPES = {dt: code for code, dt in NUMPY_DTYPES.items()}
 DTYPE_NAMES = {"float32": bank_pb2.FLOAT32, "float16": bank_pb2.FLOAT16}
 
 
-def encode(array: np.ndarray, out: bank_pb2.Tensor | None = None) -> bank_pb2.Tensor:
-    """The wire form of `array`; written into `out` (a message's field) when given,
-    which spares protobuf a copy of the bytes."""
+def encode(array: np.ndarray) -> bank_pb2.Tensor:
+    """The wire form of `array`."""
     array = np.asarray(array)
     wire = WIRE_DTYPES.get(array.dtype.newbyteorder("<"))
     if wire is None:
         raise InvalidArgument(f"dtype {array.dtype} cannot travel; use float32, float16 or int64")
     data = np.ascontiguousarray(array, dtype=NUMPY_DTYPES[wire]).tobytes()
-    if out is None:
-        return bank_pb2.Tensor(dtype=wire, shape=array.shape, data=data)
-    out.dtype = wire
-    out.shape[:] = array.shape
-    out.data = data
-    return out
+    return bank_pb2.Tensor(dtype=wire, shape=array.shape, data=data)
 
 
 def decode(tensor, field: str, *, dtypes=None, ndim: int | None = None) -> np.ndarray:
-    """Read-only view of a wire tensor (a protobuf `Tensor` or a `wire.WireTensor`);
-    raises InvalidArgument naming `field`.
+    """Read-only view of a wire `Tensor`; raises InvalidArgument naming `field`.
 
     `dtypes` restricts the accepted wire dtypes; `ndim` the rank.
     """

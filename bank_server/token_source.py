@@ -29,7 +29,8 @@ def read_token(token_file: str | None = None, token_env: str | None = None) -> s
     if token_env:
         token = os.environ.get(token_env, "").strip()
         if not token:
-            raise BankTokenMissing(f"the environment variable {token_env} (the bank token) is unset or empty "
-                                   "in this process")
+            raise BankTokenMissing(
+                f"the environment variable {token_env} (the bank token) is unset or empty in this process"
+            )
         return token
     return None

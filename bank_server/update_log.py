@@ -53,7 +53,7 @@ import struct
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,8 +65,8 @@ log = logging.getLogger(__name__)
 
 FSYNC_MODES = ("always", "everysec", "no")
 MAGIC = b"IDWAL001"
-_FRAME = struct.Struct("<II")          # payload length, crc32(payload)
-_META = struct.Struct("<QIH")          # sequence, rows, len(client_id)
+_FRAME = struct.Struct("<II")  # payload length, crc32(payload)
+_META = struct.Struct("<QIH")  # sequence, rows, len(client_id)
 _HEADER_FRAME = struct.Struct("<8sII")  # magic, JSON length, crc32(JSON)
 _MAX_CLIENT_ID = (1 << 16) - 1
 _NAME = re.compile(r"log-(\d{8})\.wal")
@@ -98,6 +98,7 @@ def fsync_path(path: Path) -> None:
 
 
 # -- reading -------------------------------------------------------------------------
+
 
 def read_header(path: Path) -> dict:
     """A segment's header; LogCorrupt if it is not one."""
@@ -132,11 +133,16 @@ def check_layout(path: Path, layout, header: dict | None = None) -> dict:
     --rows, --dim or --dtype would replay onto the wrong rows). A header from before
     ``total_rows`` was recorded is checked on the rest."""
     header = read_header(path) if header is None else header
-    diffs = [f"{name}: log {header[name]!r} vs shard {getattr(layout, name)!r}" for name in _LAYOUT_FIELDS
-             if name in header and header[name] != getattr(layout, name)]
+    diffs = [
+        f"{name}: log {header[name]!r} vs shard {getattr(layout, name)!r}"
+        for name in _LAYOUT_FIELDS
+        if name in header and header[name] != getattr(layout, name)
+    ]
     if diffs:
-        raise DataLoss(f"log segment {path} was written for another layout ({', '.join(diffs)}); it cannot be "
-                       "replayed onto this shard: start it with the layout the log was written with")
+        raise DataLoss(
+            f"log segment {path} was written for another layout ({', '.join(diffs)}); it cannot be "
+            "replayed onto this shard: start it with the layout the log was written with"
+        )
     return header
 
 
@@ -147,7 +153,7 @@ def torn_segment(path: Path) -> str | None:
     if not data:
         return "empty"
     if len(data) < _HEADER_FRAME.size:
-        if MAGIC.startswith(data[:len(MAGIC)]) or not data.strip(b"\0"):
+        if MAGIC.startswith(data[: len(MAGIC)]) or not data.strip(b"\0"):
             return f"header cut short ({len(data)} bytes)"
         return None
     magic, length, _ = _HEADER_FRAME.unpack_from(data)
@@ -191,8 +197,8 @@ def _header_size(path: Path) -> int:
 
 @dataclass
 class Record:
-    local: np.ndarray      # int64 local row numbers
-    rows: np.ndarray       # (n, dim) new values, storage dtype
+    local: np.ndarray  # int64 local row numbers
+    rows: np.ndarray  # (n, dim) new values, storage dtype
     client_id: str
     sequence: int
 
@@ -201,13 +207,22 @@ class Record:
 class Scan:
     """What reading a segment found: the records used, where good data ends, and the
     bytes of a torn last record (0 if none)."""
+
     records: int
     good_end: int
     torn_bytes: int
 
 
-def read_records(path: Path, dim: int, dtype: np.dtype, apply: Callable[[Record], None], *,
-                 start: int = 0, stop: int | None = None, allow_torn_tail: bool = True) -> Scan:
+def read_records(
+    path: Path,
+    dim: int,
+    dtype: np.dtype,
+    apply: Callable[[Record], None],
+    *,
+    start: int = 0,
+    stop: int | None = None,
+    allow_torn_tail: bool = True,
+) -> Scan:
     """Call `apply` on records [start, stop) of segment `path`, in order. A bad last record
     cut short by the end of the file (its frame, or the payload its length announces, runs
     past it), or nothing but zeros from the record's start on, is a torn tail (a crash
@@ -228,20 +243,23 @@ def read_records(path: Path, dim: int, dtype: np.dtype, apply: Callable[[Record]
             while offset < size and (stop is None or count < stop):
                 problem = _check_record(view, offset, size, row_bytes)
                 if problem is not None:
-                    cut_short = offset + _FRAME.size > size or \
-                        offset + _FRAME.size + _FRAME.unpack_from(view, offset)[0] > size
+                    cut_short = (
+                        offset + _FRAME.size > size or offset + _FRAME.size + _FRAME.unpack_from(view, offset)[0] > size
+                    )
                     zeros = not bytes(view[offset:size]).strip(b"\0")
                     torn = cut_short or zeros
                     if not (allow_torn_tail and torn):
-                        why = ("a torn record is only allowed at the end of the newest segment" if torn else
-                               "its frame lies whole inside the file: corruption, not a torn write")
-                        raise LogCorrupt(f"log segment {path}: bad record #{count} at byte {offset} ({problem}); "
-                                         f"{why}")
+                        why = (
+                            "a torn record is only allowed at the end of the newest segment"
+                            if torn
+                            else "its frame lies whole inside the file: corruption, not a torn write"
+                        )
+                        raise LogCorrupt(f"log segment {path}: bad record #{count} at byte {offset} ({problem}); {why}")
                     torn = size - offset
                     break
                 length = _FRAME.unpack_from(view, offset)[0]
                 if count >= start:
-                    apply(_decode(view[offset + _FRAME.size:offset + _FRAME.size + length], dim, dtype))
+                    apply(_decode(view[offset + _FRAME.size : offset + _FRAME.size + length], dim, dtype))
                 offset += _FRAME.size + length
                 count += 1
         finally:
@@ -250,7 +268,7 @@ def read_records(path: Path, dim: int, dtype: np.dtype, apply: Callable[[Record]
                 try:
                     mapped.close()
                 except BufferError:  # `apply` raised and its traceback still holds a record's arrays:
-                    pass             # the map closes with them, and the error it raised is the one to see
+                    pass  # the map closes with them, and the error it raised is the one to see
     if stop is not None and count < stop:
         raise LogCorrupt(f"log segment {path}: holds {count} good records, a snapshot needs its first {stop}")
     return Scan(count, offset, torn)
@@ -264,7 +282,7 @@ def _check_record(view, offset: int, size: int, row_bytes: int) -> str | None:
         return f"length {length} too small"
     if offset + _FRAME.size + length > size:
         return f"length {length} runs past the end of the file"
-    payload = view[offset + _FRAME.size:offset + _FRAME.size + length]
+    payload = view[offset + _FRAME.size : offset + _FRAME.size + length]
     if zlib.crc32(payload) != crc:
         return "checksum mismatch"
     _, n, cid = _META.unpack_from(payload)
@@ -276,7 +294,7 @@ def _check_record(view, offset: int, size: int, row_bytes: int) -> str | None:
 def _decode(payload, dim: int, dtype: np.dtype) -> Record:
     sequence, n, cid = _META.unpack_from(payload)
     at = _META.size
-    client_id = bytes(payload[at:at + cid]).decode()
+    client_id = bytes(payload[at : at + cid]).decode()
     at += cid
     local = np.frombuffer(payload, dtype="<i8", count=n, offset=at)
     rows = np.frombuffer(payload, dtype=dtype, count=n * dim, offset=at + 8 * n).reshape(n, dim)
@@ -317,6 +335,7 @@ def prune_segments(folder: Path, starts: list[int], active: int | None) -> list[
 
 # -- writing -------------------------------------------------------------------------
 
+
 class UpdateLog:
     """The active segment of one shard's log, appended by the shard under its lock.
 
@@ -324,8 +343,16 @@ class UpdateLog:
     durable as the fsync mode promises (with ``always``: fsynced).
     """
 
-    def __init__(self, folder: str | os.PathLike, layout, fsync: str = "everysec", *, previous: int | None = None,
-                 base: str | None = None, seed: int | None = None):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        layout,
+        fsync: str = "everysec",
+        *,
+        previous: int | None = None,
+        base: str | None = None,
+        seed: int | None = None,
+    ):
         if fsync not in FSYNC_MODES:
             raise InvalidArgument(f"fsync must be one of {FSYNC_MODES}, got {fsync!r}")
         self.folder = Path(folder)
@@ -333,17 +360,17 @@ class UpdateLog:
         self.fsync = fsync
         self._layout = layout
         self._row_bytes = layout.dim * np.dtype(layout.dtype).itemsize
-        self._sync_lock = threading.Lock()   # taken inside the shard's lock, never around it
-        self._written = 0       # records appended since the log opened (tickets)
-        self._synced = 0        # of those, the ones an fsync covers
+        self._sync_lock = threading.Lock()  # taken inside the shard's lock, never around it
+        self._written = 0  # records appended since the log opened (tickets)
+        self._synced = 0  # of those, the ones an fsync covers
         self.bytes_written = 0
-        self.fsyncs = 0         # fdatasyncs of the active segment: with `always`, fewer than the calls (group commit)
+        self.fsyncs = 0  # fdatasyncs of the active segment: with `always`, fewer than the calls (group commit)
         self.last_sync = time.monotonic()
         self._broken: str | None = None
         # A timeline's first segment says what it follows (`base`, or the rows of `seed`),
         # so a folder that lost its LATEST can still tell whether its log is whole.
         self.segment, self._fd = self._open_segment(previous, base, None if previous is not None or base else seed)
-        self.records = 0        # records in the active segment
+        self.records = 0  # records in the active segment
         self._offset = os.lseek(self._fd, 0, os.SEEK_END)
         self._stop = threading.Event()
         self._thread = None
@@ -351,16 +378,22 @@ class UpdateLog:
             self._thread = threading.Thread(target=self._sync_every_second, name="update-log-fsync", daemon=True)
             self._thread.start()
 
-    def _open_segment(self, previous: int | None, base: str | None = None,
-                      seed: int | None = None) -> tuple[int, int]:
+    def _open_segment(self, previous: int | None, base: str | None = None, seed: int | None = None) -> tuple[int, int]:
         """A new segment after every existing one. Its header is written to a temporary
         file, fsynced and renamed into place (the folder fsynced too), so a crash leaves
         no segment or a whole header, never a header cut short."""
         numbers = segment_numbers(self.folder)
         number = (numbers[-1] + 1) if numbers else 1
-        header = json.dumps({"segment": number, "previous": previous, "base": base, "seed": seed,
-                             "created": time.time(),
-                             **{name: getattr(self._layout, name) for name in _LAYOUT_FIELDS}}).encode()
+        header = json.dumps(
+            {
+                "segment": number,
+                "previous": previous,
+                "base": base,
+                "seed": seed,
+                "created": time.time(),
+                **{name: getattr(self._layout, name) for name in _LAYOUT_FIELDS},
+            }
+        ).encode()
         path = segment_path(self.folder, number)
         if path.exists():
             raise FileExistsError(f"log segment {path} exists already")
@@ -411,7 +444,9 @@ class UpdateLog:
                 raise OSError(f"short write: {written} of {total} bytes")
         except OSError as error:
             self._undo(error)
-            raise Unavailable(f"cannot write the update log {self.path}: {error}; the update was not applied") from error
+            raise Unavailable(
+                f"cannot write the update log {self.path}: {error}; the update was not applied"
+            ) from error
         self._offset += total
         self.bytes_written += total
         self.records += 1
@@ -442,8 +477,10 @@ class UpdateLog:
             if self._synced >= target:
                 return
             if self._broken:
-                raise DataLoss(f"the update log {self.path} is broken ({self._broken}): records written since "
-                               "its last good fsync may not be on disk; restart the shard to recover from the log")
+                raise DataLoss(
+                    f"the update log {self.path} is broken ({self._broken}): records written since "
+                    "its last good fsync may not be on disk; restart the shard to recover from the log"
+                )
             covered = self._written  # read before the fsync: every record up to it is in the kernel
             self._fdatasync(self._fd)
             self.fsyncs += 1
@@ -458,9 +495,11 @@ class UpdateLog:
         except OSError as error:
             self._broken = f"fdatasync failed: {error}"
             log.error("update log %s is broken: %s; updates are refused", self.path, self._broken)
-            raise DataLoss(f"fdatasync of the update log {self.path} failed ({error}): records written since its "
-                           "last good fsync may not be on disk; updates are refused; restart the shard to recover "
-                           "from the log") from error
+            raise DataLoss(
+                f"fdatasync of the update log {self.path} failed ({error}): records written since its "
+                "last good fsync may not be on disk; updates are refused; restart the shard to recover "
+                "from the log"
+            ) from error
 
     def fsync_lag(self) -> float:
         """Seconds since the last fsync if written records wait for one, else 0."""
@@ -509,8 +548,3 @@ class UpdateLog:
                 if self._fd >= 0:
                     os.close(self._fd)
                 self._fd = -1
-
-
-def iter_segments(folder: Path) -> Iterator[tuple[int, dict]]:
-    for number in segment_numbers(folder):
-        yield number, read_header(segment_path(folder, number))

@@ -58,8 +58,9 @@ def momentum(value: float, field: str = "update.momentum") -> float:
     return float(value)
 
 
-def update(idx: np.ndarray, features: np.ndarray, momentum_value: float, total_rows: int, dim: int,
-           field: str = "update"):
+def update(
+    idx: np.ndarray, features: np.ndarray, momentum_value: float, total_rows: int, dim: int, field: str = "update"
+):
     """A whole momentum update: (indices, features) checked together."""
     idx = indices(idx, total_rows, f"{field}.indices")
     unique(idx, f"{field}.indices")

@@ -4,8 +4,8 @@ Step, Lookup and Sample answer with arrays of about a MB. Protobuf's Python mess
 copy an array's bytes into the message, again to serialize it, and twice more on the
 way out of a parsed one. Here an answer is its tags, lengths and the arrays' own
 buffers joined once, and a parsed answer holds `memoryview`s of the received buffer,
-which numpy reads without a copy. (Requests, a tenth of the size, stay protobuf's:
-`instdisc bench parts` measured its C parser faster than a Python one on them.)
+which numpy reads without a copy. (Requests, a tenth of the size, stay protobuf's,
+whose C parser reads them faster than Python could.)
 
 The contract does not change: what is written is byte for byte what
 ``SerializeToString`` gives for the same message (tests/bank_server/test_wire.py
@@ -56,6 +56,7 @@ class SampleResponse(NamedTuple):
 
 
 # -- writing ---------------------------------------------------------------------------
+
 
 def _varint(value: int) -> bytes:
     if value < 0:
@@ -131,6 +132,7 @@ def sample_response(indices, rows) -> bytes:
 
 # -- reading ---------------------------------------------------------------------------
 
+
 def _read_varint(buf: memoryview, at: int) -> tuple[int, int]:
     if at < len(buf) and buf[at] < 0x80:  # most keys and small numbers: one byte
         return buf[at], at + 1
@@ -160,11 +162,11 @@ def _fields(buf) -> dict[int, list]:
         field, wire_type = key >> 3, key & 7
         if wire_type == _LENGTH:
             size, at = _read_varint(buf, at)
-            value, at = buf[at:at + size], at + size
+            value, at = buf[at : at + size], at + size
         elif wire_type == _VARINT:
             value, at = _read_varint(buf, at)
         elif wire_type in _SIZES:
-            value, at = bytes(buf[at:at + _SIZES[wire_type]]), at + _SIZES[wire_type]
+            value, at = bytes(buf[at : at + _SIZES[wire_type]]), at + _SIZES[wire_type]
         else:
             raise InvalidArgument(f"malformed message: wire type {wire_type}")
         if field == 0 or at > end:

@@ -132,6 +132,7 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
     """
     import ray
 
+    from bank_server.protocol import message_limit
     from bank_server.ray_bank import BankTokenMissing, read_token, start_bank
     from trainer.input import describe
 
@@ -178,6 +179,9 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
                           token_file=token_file, token_env=token_env,
                           name=f"{run_name}-bank", keep_snapshots=KEEP_CHECKPOINTS + 1,
                           placement=config.bank.placement,
+                          # Large enough for this run's Steps: one message per shard.
+                          max_message_bytes=message_limit(config.train.batch_size, config.loss.negatives,
+                                                          config.model.dim, config.bank.dtype),
                           # A private local Ray keeps the bank on loopback; on a cluster each
                           # shard binds its node's address, which the other nodes can reach.
                           host=None if os.environ.get("RAY_ADDRESS") else "127.0.0.1")

@@ -8,6 +8,7 @@ import torch
 from scipy import stats
 
 from bank_server.client import BankClient, LayoutError, placed_draws
+from bank_server.errors import InvalidArgument
 from tests.conftest import free_port, reference_bank
 
 N, D = 97, 16
@@ -62,8 +63,9 @@ def test_update_matches_formula_and_is_applied_once(bank):
 def test_step_updates_then_reads_and_samples(bank):
     client, ref = bank
     f = unit(np.ones((2, D), np.float32))
-    result = client.step(update_indices=[4, 8], update_features=f, momentum=0.0,
-                         lookup_indices=[8, 9, 4], negatives=50, seed=1)
+    result = client.step(
+        update_indices=[4, 8], update_features=f, momentum=0.0, lookup_indices=[8, 9, 4], negatives=50, seed=1
+    )
     np.testing.assert_allclose(result.rows, np.stack([f[1], ref[9], f[0]]), atol=1e-6)
     assert result.negative_indices.shape == (50,) and result.negative_rows.shape == (50, D)
     current = client.lookup(result.negative_indices)
@@ -120,10 +122,38 @@ def test_small_messages_give_the_same_answers(make_bank):
     assert a[0].shape == (90,) and a[1].shape == (90, D)
     np.testing.assert_array_equal(a[1], ref[a[0]])
     f = unit(np.ones((N, D), np.float32))
-    result = split.step(update_indices=idx, update_features=f, momentum=0.0, lookup_indices=idx, negatives=90)
+    assert split.update(idx, f, momentum=0.0) > 2  # it took several messages
+    np.testing.assert_allclose(split.lookup(idx), f, atol=1e-6)
+    split.close()
+    whole.close()
+
+
+def test_a_step_is_one_message_per_shard_and_one_that_might_not_fit_is_refused_before_it_is_sent(make_bank):
+    bank = make_bank(2, N, D, "float32", max_message_bytes=8192)
+    client = bank.client()
+    assert client.max_message_bytes == 8192  # the shards' limit
+    f = unit(np.ones((10, D), np.float32))
+    result = client.step(
+        update_indices=np.arange(10), update_features=f, momentum=0.0, lookup_indices=np.arange(10), negatives=20
+    )
+    assert result.updates_applied == 2
     np.testing.assert_allclose(result.rows, f, atol=1e-6)
-    assert result.negative_rows.shape == (90, D)
-    assert result.updates_applied > 2  # it took several messages
+    # All 97 reads and 50 draws might fall on one shard: 13,904 bytes with the framing.
+    with pytest.raises(InvalidArgument) as refused:
+        client.step(update_indices=[0], update_features=-f[:1], momentum=0.0, lookup_indices=np.arange(N), negatives=50)
+    assert "13904 bytes" in str(refused.value) and "limit of 8192 bytes" in str(refused.value)
+    assert "--max-message-mb 1 " in str(refused.value)
+    assert [d["updates_applied"] for d in client.describe()] == [1, 1]  # nothing of it was sent
+    client.close()
+
+
+def test_the_message_limit_for_a_run_holds_its_largest_step():
+    from bank_server.protocol import DEFAULT_MAX_MESSAGE_BYTES, message_limit, step_message_bytes
+
+    assert message_limit(256, 4096, 128, "float16") == DEFAULT_MAX_MESSAGE_BYTES  # the usual run: 1.1 MB
+    # 65,536 float32 negatives of 128: 34 MB, should they all come from one shard.
+    assert message_limit(256, 65536, 128, "float32") == 65536 * (8 + 512) + 256 * 512 + 4096
+    assert step_message_bytes(1000, 0, 0, 8, "float16") == 1000 * (8 + 8 * 4) + 4096  # an update's request
 
 
 def test_a_step_over_several_shards_starts_no_thread_and_close_ends_its_threads(make_bank, monkeypatch):
@@ -183,8 +213,13 @@ def test_a_client_from_bank_proto_alone_reads_every_step_answer(make_bank):
     bank = make_bank(1, N, D, "float32", seed=4)
     ref = reference_bank(1, N, D, "float32", seed=4)
     f = unit(np.ones((2, D), np.float32))
-    update = bank_pb2.UpdateRequest(indices=tensors.encode(np.array([3, 5])), features=tensors.encode(f),
-                                    momentum=0.0, client_id="proto-only", sequence=1)
+    update = bank_pb2.UpdateRequest(
+        indices=tensors.encode(np.array([3, 5])),
+        features=tensors.encode(f),
+        momentum=0.0,
+        client_id="proto-only",
+        sequence=1,
+    )
     with grpc.insecure_channel(bank.addresses[0]) as channel:
         stub = bank_pb2_grpc.MemoryBankStub(channel)
         step = bank_pb2.StepRequest(update=update, lookup_indices=tensors.encode(np.array([5, 6])), sample_k=7)
@@ -209,41 +244,38 @@ def test_a_client_from_bank_proto_alone_reads_every_step_answer(make_bank):
         np.testing.assert_array_equal(tensors.decode(looked_up.rows, "rows"), ref[[0, 96]])
 
 
-def test_shards_answering_rows_of_different_dtypes_are_refused_not_garbled():
+def test_each_shards_draws_fill_its_places_in_order():
     places = [np.array([0, 2, 4]), np.array([1, 3])]
-    addresses = ["a:1", "b:2"]
-
-    def draws(first, second):
-        return {0: [(np.arange(3), first)], 1: [(np.arange(3, 5), second)]}
-
-    with pytest.raises(LayoutError, match="different dtypes or widths"):
-        placed_draws(5, places, draws(np.ones((3, 4), np.float16), np.ones((2, 4), np.float32)), addresses)
-    with pytest.raises(LayoutError, match="different dtypes or widths"):
-        placed_draws(5, places, draws(np.ones((3, 4), np.float16), np.ones((2, 3), np.float16)), addresses)
-    idx, rows = placed_draws(5, places, draws(np.full((3, 4), 1, np.float16), np.full((2, 4), 2, np.float16)),
-                                   addresses)
-    assert idx.tolist() == [0, 3, 1, 4, 2]  # each shard's draws in its places, in order
-    np.testing.assert_array_equal(rows[:, 0], [1, 2, 1, 2, 1])
+    draws = {
+        0: [(np.arange(2), np.full((2, 4), 1, np.float16)), (np.arange(2, 3), np.full((1, 4), 3, np.float16))],
+        1: [(np.arange(3, 5), np.full((2, 4), 2, np.float16))],
+    }
+    idx, rows = placed_draws(5, places, draws, ["a:1", "b:2"], 4, np.float16)
+    assert idx.tolist() == [0, 3, 1, 4, 2]
+    np.testing.assert_array_equal(rows[:, 0], [1, 2, 1, 2, 3])
 
 
 def test_a_shard_answering_fewer_draws_than_asked_is_an_error_not_a_short_answer():
     from bank_server.client import BankRpcError
 
+    def placed(k, places, draws):
+        return placed_draws(k, places, draws, ["a:1", "b:2"], 4, np.float16)
+
     places = [np.array([0, 2, 4]), np.array([1, 3])]
     short = {0: [(np.arange(3), np.ones((3, 4), np.float16))], 1: [(np.arange(1), np.ones((1, 4), np.float16))]}
     with pytest.raises(BankRpcError, match="shard 1 answered 1 draws for the 2 it was asked for"):
-        placed_draws(5, places, short, ["a:1", "b:2"])
-    with pytest.raises(BankRpcError, match="shard 0 answered 3 draws for the 4"):
-        placed_draws(4, None, {0: [(np.arange(3), np.ones((3, 4), np.float16))]}, ["a:1"])
+        placed(5, places, short)
     too_many = {0: [(np.arange(4), np.ones((4, 4), np.float16))], 1: [(np.arange(2), np.ones((2, 4), np.float16))]}
     with pytest.raises(BankRpcError, match="shard 0 answered 4 draws for the 3"):
-        placed_draws(5, places, too_many, ["a:1", "b:2"])
+        placed(5, places, too_many)
     unasked = {0: [(np.arange(5), np.ones((5, 4), np.float16))], 1: [(np.arange(1), np.ones((1, 4), np.float16))]}
     with pytest.raises(BankRpcError, match="shard 1 answered 1 draws for the 0"):
-        placed_draws(5, [np.arange(5), np.arange(0)], unasked, ["a:1", "b:2"])
+        placed(5, [np.arange(5), np.arange(0)], unasked)
+    with pytest.raises(BankRpcError, match="shard 0 answered 3 draws for the 4"):
+        placed(4, None, {0: [(np.arange(3), np.ones((3, 4), np.float16))]})
 
 
-@pytest.mark.parametrize("rows, shards", [(5, 4), (13, 12)], ids=["a scan per shard", "one sort"])
+@pytest.mark.parametrize("rows, shards", [(5, 4), (13, 12)])
 def test_each_negative_goes_to_a_shard_in_proportion_to_its_rows(rows, shards):
     """Shards of unequal size (5 rows on 4 shards: 2, 1, 1, 1) get their share of the
     places, every place exactly once, in increasing order within a shard."""
@@ -254,20 +286,12 @@ def test_each_negative_goes_to_a_shard_in_proportion_to_its_rows(rows, shards):
     counts = np.zeros(shards)
     for _ in range(200):
         places = negative_places(100, rows, shards, rng)
-        assert sorted(np.concatenate(places).tolist()) == list(range(100))
+        assert len(places) == shards and sorted(np.concatenate(places).tolist()) == list(range(100))
         assert all((np.diff(where) > 0).all() for where in places)
         counts += [len(where) for where in places]
     expected = 20_000 * np.array([rows_on_shard(rows, shards, s) for s in range(shards)]) / rows
     assert stats.chisquare(counts, expected).pvalue > 1e-4
     assert negative_places(100, rows, 1, rng) is None
-
-
-def test_places_over_more_shards_than_16_bits_count():
-    from bank_server.client import negative_places
-
-    places = negative_places(1000, 70_001, 70_000, np.random.default_rng(0))
-    assert len(places) == 70_000 and sorted(np.concatenate(places).tolist()) == list(range(1000))
-    assert all((np.diff(where) > 0).all() for where in places if len(where) > 1)
 
 
 def test_every_place_of_a_draw_is_uniform_over_the_shards_not_only_the_whole(bank):

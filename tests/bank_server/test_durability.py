@@ -21,8 +21,27 @@ MOMENTUM = 0.5
 
 
 def serve_args(directory, rows=N, dim=D, *extra):
-    return ["-m", "bank_server", "--shard-id", "0", "--num-shards", "1", "--rows", str(rows), "--dim", str(dim),
-            "--dtype", DTYPE, "--port", "0", "--snapshot-dir", str(directory), "--fsync", "always", *extra]
+    return [
+        "-m",
+        "bank_server",
+        "--shard-id",
+        "0",
+        "--num-shards",
+        "1",
+        "--rows",
+        str(rows),
+        "--dim",
+        str(dim),
+        "--dtype",
+        DTYPE,
+        "--port",
+        "0",
+        "--snapshot-dir",
+        str(directory),
+        "--fsync",
+        "always",
+        *extra,
+    ]
 
 
 class Updates:
@@ -45,8 +64,13 @@ class Updates:
 
     def send(self, stub, update) -> bool:
         idx, f, sequence = update
-        request = bank_pb2.UpdateRequest(indices=tensors.encode(idx), features=tensors.encode(f),
-                                         momentum=MOMENTUM, client_id="fault-test", sequence=sequence)
+        request = bank_pb2.UpdateRequest(
+            indices=tensors.encode(idx),
+            features=tensors.encode(f),
+            momentum=MOMENTUM,
+            client_id="fault-test",
+            sequence=sequence,
+        )
         answer = stub.Update(request, timeout=10)
         self.acknowledge(update)
         return answer.applied
@@ -74,8 +98,9 @@ class Updates:
     def check(self, stub, indices=None):
         indices = np.arange(self.rows) if indices is None else np.asarray(indices)
         for part in np.array_split(indices, max(1, len(indices) // 4096)):
-            got = tensors.decode(stub.Lookup(bank_pb2.LookupRequest(indices=tensors.encode(part)), timeout=30).rows,
-                                 "rows")
+            got = tensors.decode(
+                stub.Lookup(bank_pb2.LookupRequest(indices=tensors.encode(part)), timeout=30).rows, "rows"
+            )
             np.testing.assert_array_equal(got, self.model.lookup(part))
 
 
@@ -114,7 +139,6 @@ def test_sigkill_mid_stream_loses_no_acknowledged_update_and_the_retry_applies_o
         kill(server)
     again = start(args, tmp_path, "second")
     try:
-        assert "log record(s) replayed" in (tmp_path / "second.log").read_text()
         with channel_to(again) as channel:
             stub = bank_pb2_grpc.MemoryBankStub(channel)
             # Every acknowledged row, bit for bit (the rows of the update in flight at the
@@ -265,14 +289,17 @@ def test_a_torn_tail_is_dropped_and_logged(tmp_path):
         kill(server)
     folder = snapshots.shard_dir(tmp_path, 0)
     path = update_log.segment_path(folder, update_log.segment_numbers(folder)[-1])
+    size = path.stat().st_size
     with open(path, "ab") as fh:  # a crash part-way through a fifth record's write
         fh.write(b"\x40\x00\x00\x00\x12\x34")
     again = start(args, tmp_path, "second")
     try:
-        log = (tmp_path / "second.log").read_text()
-        assert "4 log record(s) replayed" in log and "6 torn byte(s) dropped" in log
+        assert "torn" in (tmp_path / "second.log").read_text()
         with channel_to(again) as channel:
-            updates.check(bank_pb2_grpc.MemoryBankStub(channel))
+            stub = bank_pb2_grpc.MemoryBankStub(channel)
+            updates.check(stub)
+            assert stub.Describe(bank_pb2.DescribeRequest(), timeout=10).updates_applied == 4
+        assert path.stat().st_size == size  # the torn bytes cut off
     finally:
         kill(again)
 

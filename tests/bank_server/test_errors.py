@@ -31,8 +31,9 @@ def unit_rows(n, dim=D, dtype=np.float32):
 
 
 def update(indices, features, momentum=0.5):
-    return bank_pb2.UpdateRequest(indices=tensors.encode(np.asarray(indices, np.int64)),
-                                  features=tensors.encode(features), momentum=momentum)
+    return bank_pb2.UpdateRequest(
+        indices=tensors.encode(np.asarray(indices, np.int64)), features=tensors.encode(features), momentum=momentum
+    )
 
 
 def expect(stub_call, request, code, *fragments):
@@ -48,8 +49,13 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 def test_indices_out_of_range_or_on_another_shard(bank):
     stub, _, _ = bank
-    expect(stub.Lookup, bank_pb2.LookupRequest(indices=tensors.encode(np.array([0, 20]))), INVALID,
-           "indices[1] = 20", "[0, 20)")
+    expect(
+        stub.Lookup,
+        bank_pb2.LookupRequest(indices=tensors.encode(np.array([0, 20]))),
+        INVALID,
+        "indices[1] = 20",
+        "[0, 20)",
+    )
     expect(stub.Lookup, bank_pb2.LookupRequest(indices=tensors.encode(np.array([-2]))), INVALID, "indices[0]")
     expect(stub.Update, update([2, 3], unit_rows(2)), INVALID, "update.indices[1] = 3", "shard 1")
     expect(stub.Update, update([2, 2], unit_rows(2)), INVALID, "update.indices has duplicates")
@@ -77,11 +83,19 @@ def test_non_finite_features_and_queries(bank):
     expect(stub.Update, update([2, 4], bad), INVALID, "update.features contains NaN or Inf")
     queries = unit_rows(2)
     queries[0, 0] = np.inf
-    expect(stub.PartitionSum, bank_pb2.PartitionSumRequest(queries=tensors.encode(queries), temperature=0.1),
-           INVALID, "queries contains NaN or Inf")
+    expect(
+        stub.PartitionSum,
+        bank_pb2.PartitionSumRequest(queries=tensors.encode(queries), temperature=0.1),
+        INVALID,
+        "queries contains NaN or Inf",
+    )
     expect(stub.TopK, bank_pb2.TopKRequest(queries=tensors.encode(queries), k=3), INVALID, "queries")
-    expect(stub.PartitionSum, bank_pb2.PartitionSumRequest(queries=tensors.encode(unit_rows(1)), temperature=0),
-           INVALID, "temperature")
+    expect(
+        stub.PartitionSum,
+        bank_pb2.PartitionSumRequest(queries=tensors.encode(unit_rows(1)), temperature=0),
+        INVALID,
+        "temperature",
+    )
 
 
 @pytest.mark.parametrize("momentum", [1.0, -0.1, float("nan")])
@@ -105,8 +119,9 @@ def test_k_out_of_range(bank):
 
 def test_step_validated_whole(bank):
     stub, _, _ = bank
-    request = bank_pb2.StepRequest(update=update([2], unit_rows(1)),
-                                   lookup_indices=tensors.encode(np.array([99])), sample_k=3)
+    request = bank_pb2.StepRequest(
+        update=update([2], unit_rows(1)), lookup_indices=tensors.encode(np.array([99])), sample_k=3
+    )
     expect(stub.Step, request, INVALID, "lookup_indices[0] = 99")
     request = bank_pb2.StepRequest(update=update([2], unit_rows(1)), sample_k=21)
     expect(stub.Step, request, INVALID, "sample_k")
@@ -146,13 +161,16 @@ def test_client_checks_a_whole_update_before_any_shard_applies_it(bank):
 
 
 @pytest.mark.parametrize("shards", [1, 2])
-@pytest.mark.parametrize("indices, features, momentum", [
-    ([0, 1, 20], unit_rows(3), 0.5),                    # out of range
-    ([2, 4, 2], unit_rows(3), 0.5),                     # duplicate
-    ([0, 2], np.full((2, D), np.nan, np.float32), 0.5),  # not finite
-    ([0, 2], unit_rows(2)[:, :3], 0.5),                  # wrong dim
-    ([0, 2], unit_rows(2), 1.0),                         # momentum
-])
+@pytest.mark.parametrize(
+    "indices, features, momentum",
+    [
+        ([0, 1, 20], unit_rows(3), 0.5),  # out of range
+        ([2, 4, 2], unit_rows(3), 0.5),  # duplicate
+        ([0, 2], np.full((2, D), np.nan, np.float32), 0.5),  # not finite
+        ([0, 2], unit_rows(2)[:, :3], 0.5),  # wrong dim
+        ([0, 2], unit_rows(2), 1.0),  # momentum
+    ],
+)
 def test_a_bad_update_reads_the_same_whichever_side_catches_it(make_bank, shards, indices, features, momentum):
     """One set of validators. With two shards the client checks the whole update before
     sending; with one, the shard's own check is enough. Either way: InvalidArgument

@@ -40,6 +40,7 @@ def record_offsets(path):
 
 # -- torn or corrupt --
 
+
 def test_a_whole_last_record_with_a_bad_checksum_is_corruption_named_by_file_and_offset(tmp_path):
     layout = Layout(0, 1, N, D, "float32")
     _, path = logged(tmp_path, 3)
@@ -47,8 +48,11 @@ def test_a_whole_last_record_with_a_bad_checksum_is_corruption_named_by_file_and
     data = bytearray(path.read_bytes())
     data[-3] ^= 0xFF  # a row byte of the last record: its frame lies whole in the file
     path.write_bytes(bytes(data))
-    with pytest.raises(update_log.LogCorrupt, match=rf"{path}: bad record #2 at byte {last} \(checksum mismatch\)"
-                                                   r".*frame lies whole"):
+    with pytest.raises(
+        update_log.LogCorrupt,
+        match=rf"{path}: bad record #2 at byte {last} \(checksum mismatch\)"
+        r".*frame lies whole",
+    ):
         update_log.read_records(path, D, np.float32, lambda record: None)
     with pytest.raises(RecoveryRefused, match=rf"{path}: bad record #2 at byte {last}"):
         open_logged(layout, tmp_path, seed=0)
@@ -88,6 +92,7 @@ def test_a_record_cut_short_by_the_end_of_the_file_or_zeros_is_torn_and_dropped(
 
 
 # -- a segment whose creation a crash cut short --
+
 
 @pytest.mark.parametrize("content", [b"", update_log.MAGIC[:5], update_log.MAGIC + b"\x40\x00\x00\x00\x00\x00"])
 def test_a_segment_whose_header_a_crash_cut_short_is_removed_and_the_shard_starts(tmp_path, content, caplog):
@@ -136,10 +141,14 @@ def test_new_segments_leave_no_temporary_header_files(tmp_path):
 
 # -- a log written for another layout --
 
-@pytest.mark.parametrize("other, mismatch", [
-    (Layout(0, 1, 2 * N, D, "float32"), rf"total_rows: log {N} vs shard {2 * N}"),
-    (Layout(0, 2, N, D, "float32"), r"num_shards: log 1 vs shard 2"),
-])
+
+@pytest.mark.parametrize(
+    "other, mismatch",
+    [
+        (Layout(0, 1, 2 * N, D, "float32"), rf"total_rows: log {N} vs shard {2 * N}"),
+        (Layout(0, 2, N, D, "float32"), r"num_shards: log 1 vs shard 2"),
+    ],
+)
 def test_a_log_written_for_another_layout_is_refused_naming_file_and_mismatch(tmp_path, other, mismatch):
     _, path = logged(tmp_path, 3)  # LATEST names the seeded rows: no snapshot's layout to check
     assert snapshots.read_latest(tmp_path, 0)["tag"] is None
@@ -155,12 +164,16 @@ def test_every_chained_segment_is_checked_not_only_the_first(tmp_path):
     other = update_log.UpdateLog(first.parent, Layout(0, 1, N + 1, D, "float32"), "no", previous=1)
     second = other.path
     other.close()
-    with pytest.raises(RecoveryRefused, match=rf"log segment {second} was written for another layout "
-                                              rf"\(total_rows: log {N + 1} vs shard {N}\)"):
+    with pytest.raises(
+        RecoveryRefused,
+        match=rf"log segment {second} was written for another layout "
+        rf"\(total_rows: log {N + 1} vs shard {N}\)",
+    ):
         open_logged(layout, tmp_path, seed=0)
 
 
 # -- a failed fdatasync --
+
 
 def test_a_failed_fdatasync_breaks_the_log_the_caller_gets_data_loss_and_updates_are_refused(tmp_path, monkeypatch):
     layout = Layout(0, 1, N, D, "float32")
@@ -188,6 +201,7 @@ def test_a_failed_fdatasync_breaks_the_log_the_caller_gets_data_loss_and_updates
 
 
 # -- snapshots without LATEST or log --
+
 
 def test_snapshots_without_latest_or_log_start_fresh_with_a_warning_naming_them(tmp_path, caplog):
     layout, folder = snapshotted(tmp_path)

@@ -31,20 +31,34 @@ def value(text: str, name: str, **labels) -> float:
 
 
 def test_each_server_counts_its_calls_errors_rows_log_and_snapshots(tmp_path):
-    servers = [BankServer(ServerConfig(shard_id=s, num_shards=2, rows=N, dim=D, port=0, snapshot_dir=str(tmp_path),
-                                       metrics_port=free_port(), fsync="always")).start() for s in range(2)]
+    servers = [
+        BankServer(
+            ServerConfig(
+                shard_id=s,
+                num_shards=2,
+                rows=N,
+                dim=D,
+                port=0,
+                snapshot_dir=str(tmp_path),
+                metrics_port=free_port(),
+                fsync="always",
+            )
+        ).start()
+        for s in range(2)
+    ]
     try:
         for server in servers:
             server.load()
         with BankClient([s.address for s in servers]) as client:
-            f = np.full((4, D), D ** -0.5, np.float32)
+            f = np.full((4, D), D**-0.5, np.float32)
             client.update(np.array([0, 2, 4, 6]), f, 0.5)  # shard 0 only
             client.step(np.array([8, 10]), f[:2], 0.5, np.array([1, 3]), 4)
             client.snapshot("epoch-1")
         with grpc.insecure_channel(servers[0].address) as channel:  # row 1 is shard 1's
             with pytest.raises(grpc.RpcError):
                 bank_pb2_grpc.MemoryBankStub(channel).Lookup(
-                    bank_pb2.LookupRequest(indices=tensors.encode(np.array([1]))), timeout=10)
+                    bank_pb2.LookupRequest(indices=tensors.encode(np.array([1]))), timeout=10
+                )
         first, second = scrape(servers[0].metrics_port), scrape(servers[1].metrics_port)
         assert value(first, "instdisc_bank_calls_total", method="Update") == 1
         assert value(second, "instdisc_bank_calls_total", method="Step") == 1
@@ -69,8 +83,19 @@ def test_concurrent_always_calls_share_fsyncs(tmp_path):
     # holding the log's sync lock (as a running fsync does) until every writer has
     # appended its record and waits: then exactly one fsync serves them all.
     writers = 8
-    server = BankServer(ServerConfig(shard_id=0, num_shards=1, rows=400, dim=D, port=0, snapshot_dir=str(tmp_path),
-                                     metrics_port=free_port(), fsync="always", workers=writers)).start()
+    server = BankServer(
+        ServerConfig(
+            shard_id=0,
+            num_shards=1,
+            rows=400,
+            dim=D,
+            port=0,
+            snapshot_dir=str(tmp_path),
+            metrics_port=free_port(),
+            fsync="always",
+            workers=writers,
+        )
+    ).start()
     try:
         shard = server.load()
         before = value(scrape(server.metrics_port), "instdisc_bank_log_fsyncs_total")
@@ -80,7 +105,7 @@ def test_concurrent_always_calls_share_fsyncs(tmp_path):
         def write(w):
             try:
                 with BankClient([server.address]) as client:
-                    client.update(np.arange(4) + 4 * w, np.full((4, D), D ** -0.5, np.float32), 0.5)
+                    client.update(np.arange(4) + 4 * w, np.full((4, D), D**-0.5, np.float32), 0.5)
             except Exception as error:  # reported below
                 failures.append(error)
 

@@ -14,14 +14,31 @@ from tests.conftest import free_port
 from tests.processes import ServerProcess
 
 N, D, SHARDS = 400, 16, 2
-STEPS = 150          # the stream's length: bounded
-DOWN_S = 1.5         # how long shard 1 stays dead
+STEPS = 150  # the stream's length: bounded
+DOWN_S = 1.5  # how long shard 1 stays dead
 
 
 def shard_args(shard: int, port: int, folder) -> list[str]:
-    return ["-m", "bank_server", "--shard-id", str(shard), "--num-shards", str(SHARDS), "--rows", str(N),
-            "--dim", str(D), "--dtype", "float32", "--port", str(port), "--snapshot-dir", str(folder),
-            "--fsync", "always"]
+    return [
+        "-m",
+        "bank_server",
+        "--shard-id",
+        str(shard),
+        "--num-shards",
+        str(SHARDS),
+        "--rows",
+        str(N),
+        "--dim",
+        str(D),
+        "--dtype",
+        "float32",
+        "--port",
+        str(port),
+        "--snapshot-dir",
+        str(folder),
+        "--fsync",
+        "always",
+    ]
 
 
 def start(args, log_path) -> ServerProcess:
@@ -66,24 +83,28 @@ def test_a_killed_and_restarted_shard_is_logged_once_each_way_and_recorded(tmp_p
         writer.join(120)
         assert not writer.is_alive() and not failure, failure
         assert len(done) == STEPS
-        assert "log record(s) replayed" in (tmp_path / "shard-1-again.log").read_text()
+        # Shard 1 recovered every update from its log, and none was applied twice.
+        assert [d["updates_applied"] for d in client.describe()] == [STEPS, STEPS]
 
         outages = client.outages()
         assert len(outages) == 1, outages
         outage = outages[0]
-        assert (outage["shard"], outage["address"], outage["code"], outage["ongoing"]) == \
-            (1, servers[1].address, "UNAVAILABLE", False)
+        assert (outage["shard"], outage["address"], outage["code"], outage["ongoing"]) == (
+            1,
+            servers[1].address,
+            "UNAVAILABLE",
+            False,
+        )
         assert DOWN_S * 0.8 <= outage["seconds"] <= time.monotonic() - killed_at + 1
         assert outage["retries"] >= 2
-        assert client.outage_counts() == {1: 1}
 
         lines = [(r.levelno, r.getMessage()) for r in caplog.records if r.name == "bank_server.client"]
         down = [m for level, m in lines if level == logging.WARNING and "unreachable" in m]
         back = [m for level, m in lines if level == logging.INFO and "reachable again" in m]
-        # One line when it went, one when it came back; a reminder only past 10 s.
-        assert len(down) == 1 and f"bank shard 1 at {servers[1].address} unreachable (UNAVAILABLE)" in down[0]
-        assert len(back) == 1 and f"bank shard 1 at {servers[1].address} reachable again after" in back[0]
-        assert f"({outage['retries']} retries)" in back[0]
+        # One line when it went, one when it came back, each naming the shard's address;
+        # a reminder only past 10 s.
+        assert len(down) == 1 and servers[1].address in down[0] and "UNAVAILABLE" in down[0]
+        assert len(back) == 1 and servers[1].address in back[0]
         client.close()
     finally:
         for server in [*servers, restarted]:

@@ -33,9 +33,15 @@ def cluster(disks):
 
     # The head's dashboard and agent on ports of their choosing: another Ray on this
     # machine may hold the defaults.
-    nodes = Cluster(initialize_head=True,
-                    head_node_args={**NODE, "dashboard_port": None, "dashboard_agent_listen_port": None,
-                                    "env_vars": {"NODE_DISK": str(disks[0])}})
+    nodes = Cluster(
+        initialize_head=True,
+        head_node_args={
+            **NODE,
+            "dashboard_port": None,
+            "dashboard_agent_listen_port": None,
+            "env_vars": {"NODE_DISK": str(disks[0])},
+        },
+    )
     for disk in disks[1:]:
         nodes.add_node(**NODE, env_vars={"NODE_DISK": str(disk)})
     nodes.wait_for_nodes()
@@ -58,7 +64,7 @@ def test_shards_spread_over_the_nodes_and_restart_on_their_own(cluster, disks):
         assert {node["NodeID"] for node in ray.nodes() if node["Alive"]} == set(where)
         assert all("GiB reserved" in line for line in handle.describe())
         client = handle.client(timeout=30)  # within the wait below
-        f = np.full((30, 8), 8 ** -0.5, np.float32)
+        f = np.full((30, 8), 8**-0.5, np.float32)
         client.update(np.arange(30), f, 0.0)
         client.snapshot("before-crash")
         before = client.lookup(np.arange(3000)).copy()
@@ -95,8 +101,11 @@ def actors_of(cls: str) -> list[dict]:
     Ray's state as `ray list actors` shows it, without needing the dashboard's server."""
     from ray._private.state import actors
 
-    return [{"name": a["Name"], "node_id": a["Address"]["NodeID"], "pid": a["Pid"]}
-            for a in actors(actor_state_name="ALIVE").values() if a["ActorClassName"] == cls]
+    return [
+        {"name": a["Name"], "node_id": a["Address"]["NodeID"], "pid": a["Pid"]}
+        for a in actors(actor_state_name="ALIVE").values()
+        if a["ActorClassName"] == cls
+    ]
 
 
 def test_a_run_trains_across_nodes_on_streamed_parquet_and_survives_a_shard_kill(cluster, disks, tmp_path):
@@ -108,16 +117,39 @@ def test_a_run_trains_across_nodes_on_streamed_parquet_and_survives_a_shard_kill
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
     with open(log, "w") as sink:
         run = subprocess.Popen(
-            [sys.executable, "-m", "trainer", "--output-dir", str(output), "--name", "nodes", "data.name=parquet",
-             f"data.root={data}", "data.image_size=8", "train.workers=2", "train.cpus_per_worker=1",
-             "train.batch_size=32", "train.epochs=2", "train.log_every=5", "train.refresh_bank_every=0",
-             "bank.shards=2", "bank.dtype=float32", "bank.snapshot_dir=$NODE_DISK/banks", "loss.negatives=256",
-             "eval.k=20", "data.loader_workers=1"],
-            stdout=sink, stderr=subprocess.STDOUT, env=env)
+            [
+                sys.executable,
+                "-m",
+                "trainer",
+                "--output-dir",
+                str(output),
+                "--name",
+                "nodes",
+                "data.name=parquet",
+                f"data.root={data}",
+                "data.image_size=8",
+                "train.workers=2",
+                "train.cpus_per_worker=1",
+                "train.batch_size=32",
+                "train.epochs=2",
+                "train.log_every=5",
+                "train.refresh_bank_every=0",
+                "bank.shards=2",
+                "bank.dtype=float32",
+                "bank.snapshot_dir=$NODE_DISK/banks",
+                "loss.negatives=256",
+                "eval.k=20",
+                "data.loader_workers=1",
+            ],
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
     try:
         text = lambda: log.read_text(errors="replace")  # noqa: E731
-        assert wait_until(lambda: re.search(r"epoch 1/2 step \d+/62", text()) or run.poll() is not None, 240), \
-            text()[-3000:]
+        assert wait_until(lambda: re.search(r"epoch 1/2 step \d+/62", text()) or run.poll() is not None, 240), text()[
+            -3000:
+        ]
         assert run.poll() is None, text()[-3000:]
         workers = actors_of("RayTrainWorker")
         assert len(workers) == 2 and len({w["node_id"] for w in workers}) == 2, workers  # one per node

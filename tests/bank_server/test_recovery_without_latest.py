@@ -55,8 +55,11 @@ def test_a_log_that_continues_a_missing_segment_is_refused_by_name(tmp_path):
     layout = Layout(0, 1, N, D, "float32")
     after_a_snapshot_without_latest(tmp_path, layout)
     folder = snapshots.shard_dir(tmp_path, 0)
-    with pytest.raises(RecoveryRefused, match=rf"{folder} holds update-log segment\(s\) .* but no LATEST.*"
-                                              r"continues segment 1, which is missing.*refusing to serve"):
+    with pytest.raises(
+        RecoveryRefused,
+        match=rf"{folder} holds update-log segment\(s\) .* but no LATEST.*"
+        r"continues segment 1, which is missing.*refusing to serve",
+    ):
         open_logged(layout, tmp_path, seed=0)
     assert update_log.segment_numbers(folder)  # nothing was deleted
     shard, recovery = open_logged(layout, tmp_path, seed=0, allow_fresh=True)
@@ -80,8 +83,25 @@ def test_a_restored_timeline_without_latest_is_refused(tmp_path):
 def test_the_server_exits_2_naming_the_folder_and_serves_with_allow_fresh(tmp_path, spawn_server):
     layout = Layout(0, 1, N, D, "float32")
     after_a_snapshot_without_latest(tmp_path, layout)
-    args = [sys.executable, "-m", "bank_server", "--shard-id", "0", "--num-shards", "1", "--rows", str(N), "--dim",
-            str(D), "--dtype", "float32", "--port", "0", "--snapshot-dir", str(tmp_path)]
+    args = [
+        sys.executable,
+        "-m",
+        "bank_server",
+        "--shard-id",
+        "0",
+        "--num-shards",
+        "1",
+        "--rows",
+        str(N),
+        "--dim",
+        str(D),
+        "--dtype",
+        "float32",
+        "--port",
+        "0",
+        "--snapshot-dir",
+        str(tmp_path),
+    ]
     done = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     assert f"{snapshots.shard_dir(tmp_path, 0)} holds update-log segment(s)" in done.stderr

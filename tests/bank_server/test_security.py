@@ -40,9 +40,28 @@ def test_reflection_lists_the_bank_service(make_bank):
 def test_tls_with_a_self_signed_certificate(make_bank, tmp_path):
     assert shutil.which("openssl"), "openssl is a test dependency: apt-get install openssl (.ci/run does)"
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
-                    "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
     bank = make_bank(1, 10, 4, "float32", tls_cert=str(cert), tls_key=str(key), token="t")
     with BankClient(bank.addresses, token="t", tls_ca=str(cert)) as client:
         np.testing.assert_equal(client.lookup([3]).shape, (1, 4))
@@ -58,6 +77,7 @@ def test_serve_refuses_an_empty_or_missing_token_file_with_the_shared_reader(tmp
     empty.write_text("\n")
     base = ["--shard-id", "0", "--num-shards", "1", "--rows", "10", "--port", "0"]
     assert main([*base, "--token-file", str(empty)]) == 2
-    assert f"the bank token file {empty} is empty" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert str(empty) in err and "empty" in err
     assert main([*base, "--token-file", str(tmp_path / "missing")]) == 2
-    assert "cannot read the bank token file" in capsys.readouterr().err
+    assert str(tmp_path / "missing") in capsys.readouterr().err

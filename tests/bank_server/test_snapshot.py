@@ -49,8 +49,21 @@ def test_restore_refuses_another_layout(tmp_path):
 
 
 def serve_args(tmp_path, *extra):
-    return ("--shard-id", "0", "--num-shards", "1", "--rows", str(N), "--dim", str(D), "--port", "0",
-            "--snapshot-dir", str(tmp_path), *extra)
+    return (
+        "--shard-id",
+        "0",
+        "--num-shards",
+        "1",
+        "--rows",
+        str(N),
+        "--dim",
+        str(D),
+        "--port",
+        "0",
+        "--snapshot-dir",
+        str(tmp_path),
+        *extra,
+    )
 
 
 def health_status(address):
@@ -113,8 +126,12 @@ def test_shard_id_outside_range_refuses_to_start(tmp_path):
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "bank_server", "--shard-id", "3", "--num-shards", "3",
-                           "--rows", "10", "--port", "0"], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "bank_server", "--shard-id", "3", "--num-shards", "3", "--rows", "10", "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and "shard_id must be in [0, 3)" in done.stderr
 
 
@@ -139,8 +156,9 @@ def test_periodic_snapshots_run_in_the_background(tmp_path):
     from bank_server.server import BankServer, ServerConfig
     from tests.conftest import wait_until
 
-    server = BankServer(ServerConfig(shard_id=0, num_shards=1, rows=N, dim=D, port=0, snapshot_dir=str(tmp_path),
-                                     snapshot_every=0.3)).start()
+    server = BankServer(
+        ServerConfig(shard_id=0, num_shards=1, rows=N, dim=D, port=0, snapshot_dir=str(tmp_path), snapshot_every=0.3)
+    ).start()
     try:
         server.load()
         with BankClient([server.address]) as client:

@@ -28,9 +28,17 @@ def tensor_equal(parsed, array) -> bool:
     return decoded.dtype == array.dtype and decoded.shape == array.shape and np.array_equal(decoded, array)
 
 
-@pytest.mark.parametrize("applied, rows, indices, sample_rows", list(itertools.product(
-    [False, True], [None, ARRAYS["float16 (3, 4)"], ARRAYS["float32 (0, 8)"], ARRAYS["float32 (300, 130)"]],
-    [None, ARRAYS["int64 (5,)"]], [None, ARRAYS["float16 non-contiguous"]])))
+@pytest.mark.parametrize(
+    "applied, rows, indices, sample_rows",
+    list(
+        itertools.product(
+            [False, True],
+            [None, ARRAYS["float16 (3, 4)"], ARRAYS["float32 (0, 8)"], ARRAYS["float32 (300, 130)"]],
+            [None, ARRAYS["int64 (5,)"]],
+            [None, ARRAYS["float16 non-contiguous"]],
+        )
+    ),
+)
 def test_step_response_bytes_are_protobufs(applied, rows, indices, sample_rows):
     message = bank_pb2.StepResponse(update_applied=applied)
     for field, array in (("rows", rows), ("sample_indices", indices), ("sample_rows", sample_rows)):
@@ -70,11 +78,27 @@ def test_the_parser_reads_any_valid_encoding():
     key = wire._key
     shape_unpacked = key(2, 0) + wire._varint(2) + key(2, 0) + wire._varint(3)
     data = np.arange(6, dtype=np.float32)
-    body = (key(3, 2) + wire._varint(data.nbytes) + data.tobytes() + key(99, 0) + wire._varint(5)
-            + shape_unpacked + key(1, 0) + wire._varint(bank_pb2.FLOAT32))
+    body = (
+        key(3, 2)
+        + wire._varint(data.nbytes)
+        + data.tobytes()
+        + key(99, 0)
+        + wire._varint(5)
+        + shape_unpacked
+        + key(1, 0)
+        + wire._varint(bank_pb2.FLOAT32)
+    )
     cut = body.index(key(99, 0))  # between two records of the Tensor
-    split = (key(2, 2) + wire._varint(cut) + body[:cut] + key(7, 5) + b"\0\0\0\0"
-             + key(2, 2) + wire._varint(len(body) - cut) + body[cut:])
+    split = (
+        key(2, 2)
+        + wire._varint(cut)
+        + body[:cut]
+        + key(7, 5)
+        + b"\0\0\0\0"
+        + key(2, 2)
+        + wire._varint(len(body) - cut)
+        + body[cut:]
+    )
     parsed = wire.parse_lookup_response(key(1, 2) + wire._varint(0) + split)  # rows empty, then "unknown" field 2
     assert parsed.rows == wire.WireTensor()
     step = wire.parse_step_response(split + key(1, 0) + b"\x01")
