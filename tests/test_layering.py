@@ -65,7 +65,7 @@ def cycles() -> list[list[str]]:
             if target not in MODULES:
                 continue
             if state.get(target) == "open":
-                found.append(path[path.index(target):] + [target])
+                found.append(path[path.index(target) :] + [target])
             elif target not in state:
                 visit(target, path + [target])
         state[module] = "done"
@@ -110,8 +110,13 @@ def test_ray_is_imported_only_where_the_actor_wrapper_needs_it():
 @pytest.mark.parametrize("command", [["--help"], ["train", "--help"], ["bank", "serve", "--help"]])
 def test_the_command_line_imports_benchmarks_only_for_their_commands(command):
     """`instdisc` builds its parser, serves and trains without importing benchmarks/."""
-    done = subprocess.run([sys.executable, "-X", "importtime", "-m", "trainer.cli", *command],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "trainer.cli", *command],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert "trainer" in imported
