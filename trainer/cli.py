@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from pathlib import Path
+
+from trainer.console import show_lines
+
+log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,21 +96,27 @@ def run_train(args) -> int:
     try:
         config = load_config(resolve_config_path(args.config), args.overrides)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+        log.error(error)
         return 2
+    from bank_server.ray_bank import BankDidNotStart, BankDoesNotFit
     from trainer.data import DatasetMissing
     from trainer.launch import TrainingStopped, launch
+    from trainer.outputs import table
 
-    from bank_server.ray_bank import BankDidNotStart, BankDoesNotFit
-
+    output = Path(args.output_dir).resolve()
     try:
-        launch(config, args.output_dir, run_name=args.name, storage_path=args.storage_path)
+        summary = launch(config, args.output_dir, run_name=args.name, storage_path=args.storage_path)
     except (ConfigError, DatasetMissing, ValueError, BankDoesNotFit) as error:
-        print(f"error: {error}", file=sys.stderr)
+        log.error(error)
         return 2
     except (TrainingStopped, BankDidNotStart) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if getattr(error, "summary", None):  # the epochs before the stop, written up
+            print(table(error.summary, output), flush=True)
+        log.error(error)
         return 1
+    print(table(summary, output), flush=True)
+    for warning in summary["warnings"]:
+        log.warning(warning)
     return 0
 
 
@@ -119,9 +130,9 @@ def run_eval_linear(args) -> int:
         result = evaluate_linear(args.encoder, load_config(resolve_config_path(args.config), args.overrides),
                                  args.output_dir)
     except (ConfigError, DatasetMissing, NotAnExport, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        log.error(error)
         return 2
-    from trainer.launch import percent
+    from trainer.outputs import percent
 
     rows = [("linear top-1", percent(result["linear_top1"])), ("linear top-5", percent(result["linear_top5"])),
             ("train top-1", percent(result["train_top1"])),
@@ -144,9 +155,9 @@ def run_eval_knn(args) -> int:
     try:
         result = evaluate_knn(args.encoder, load_config(resolve_config_path(args.config), args.overrides))
     except (ConfigError, DatasetMissing, NotAnExport, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        log.error(error)
         return 2
-    from trainer.launch import percent
+    from trainer.outputs import percent
 
     rows = [("kNN top-1", percent(result["knn_top1"])), ("kNN top-5", percent(result["knn_top5"])),
             ("k, sigma", f"{result['k']}, {result['sigma']:g}"), ("features", result["features"]),
@@ -172,6 +183,7 @@ BENCHMARKS = {
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    show_lines()
     if args.command == "bank":
         from bank_server.cli import run_serve
 

@@ -81,7 +81,6 @@ class BankConfig:
     dtype: str = "float16"
     momentum: float = 0.5        # v <- normalize(m v + (1 - m) f)
     addresses: list[str] = field(default_factory=list)  # empty: start shards as Ray actors
-    placement: str = "spread"    # actors: spread over the nodes by free memory | driver (the driver's node)
     token_file: str | None = None
     tls_ca: str | None = None
     # Where shard actors snapshot, a folder per run inside; None: <output-dir>/bank. `$VAR`s
@@ -113,7 +112,6 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50          # steps between progress lines
     max_failures: int = 1
-    overlap: bool = True         # prefetch the next step's bank rows during this step's compute
     # Every this many epochs, after the epoch's last step, rewrite every bank row with the
     # current encoder's feature of its un-augmented image (lemniscate's recompute_memory,
     # which it ran before each kNN); training continues from those rows. 0: never.
@@ -178,7 +176,6 @@ class Config:
             (0 <= self.bank.momentum < 1, "bank.momentum must be in [0, 1)"),
             (self.bank.dtype in ("float16", "float32"), "bank.dtype must be float16 or float32"),
             (self.bank.shards >= 1, "bank.shards must be >= 1"),
-            (self.bank.placement in ("spread", "driver"), "bank.placement must be 'spread' or 'driver'"),
             (not (self.bank.snapshot_dir and self.bank.addresses),
              "bank.snapshot_dir is for the shard actors a run starts; running shards (bank.addresses) snapshot "
              "where their own --snapshot-dir says"),
@@ -281,6 +278,8 @@ def _check_type(value, annotation, key: str):
 RETIRED = {
     "eval.refresh_bank": "evaluation no longer writes the bank; eval.source=bank|fresh says what kNN searches, "
                          "and train.refresh_bank_every=N rewrites the bank every N epochs as part of training",
+    "bank.placement": "shard actors are always spread over the Ray nodes by their free memory",
+    "train.overlap": "the bank's round trip always runs during the step's compute",
 }
 
 

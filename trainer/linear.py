@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -23,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import Config, ConfigError
+from trainer.evaluate import embed_all, load_for_eval
+
+log = logging.getLogger(__name__)
 
 CACHE_FOLDER = "linear-features"
 RESULT = "linear.json"
@@ -49,8 +53,6 @@ def cached_features(encoder_path: str, config: Config, output_dir: Path) -> tupl
     """({train, train_labels, test, test_labels, num_classes, metadata}, its cache file,
     whether it was read back); computes and writes it when absent."""
     from tqdm import tqdm
-
-    from trainer.evaluate import embed_all, load_for_eval
 
     sha = file_sha256(encoder_path) if Path(encoder_path).exists() else ""
     path = output_dir / CACHE_FOLDER / f"{cache_key(sha, config)}.pt"
@@ -120,7 +122,7 @@ def evaluate_linear(encoder_path: str, config: Config, output_dir: str | Path | 
     e = config.eval
     start = time.perf_counter()
     features, cache, reused = cached_features(encoder_path, config, output)
-    print(f"linear probe: features {'read back from' if reused else 'cached in'} {cache}", flush=True)
+    log.info(f"linear probe: features {'read back from' if reused else 'cached in'} {cache}")
     num_classes = features["num_classes"]
     layer = train_probe(features["train"], features["train_labels"], num_classes, e.linear_epochs, e.linear_lr,
                         e.linear_weight_decay, e.linear_batch_size, config.train.seed)

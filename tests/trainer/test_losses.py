@@ -33,7 +33,7 @@ def test_softmax_loss_and_gradient_match_the_full_bank(remote):
     idx = torch.arange(0, 2 * B, 2)
     f = features().requires_grad_()
     positives = torch.from_numpy(client.lookup(idx)).double()
-    feed = BankFeed(client, 0, 0.5, torch.device("cpu"), overlap=False)
+    feed = BankFeed(client, 0, 0.5, torch.device("cpu"))
     loss = softmax_loss(f, positives, TAU, lambda q: tuple(t.double() for t in feed.partition_sums(q, TAU)))
     loss.backward()
 
@@ -130,7 +130,7 @@ def test_infonce_with_every_row_as_negative_is_the_exact_softmax(remote):
     loss = infonce_loss(*sampled_logits(f, positives, bank, TAU), accidental_hits(idx, every))
     loss.backward()
     f_ref = features(4).requires_grad_()
-    feed = BankFeed(client, 0, 0.5, torch.device("cpu"), overlap=False)
+    feed = BankFeed(client, 0, 0.5, torch.device("cpu"))
     exact = softmax_loss(f_ref, positives, TAU, lambda q: tuple(t.double() for t in feed.partition_sums(q, TAU)))
     exact.backward()
     assert float(loss.detach()) == pytest.approx(float(exact.detach()), rel=1e-6)
