@@ -258,8 +258,9 @@ class Worker:
         a streamed dataset without a warm start has no such floor (fresh features would
         hold N x D on every worker)."""
         c = self.config
+        fill_s = float("nan")
         if c.bank.warm_start:
-            self.refresh_bank("warm start")
+            fill_s = self.refresh_bank("warm start")
         elif streamed(c):
             log.info("untrained encoder: not evaluated (a streamed dataset without bank.warm_start; the kNN "
                      "floor that runs are warned against needs the warm start)")
@@ -267,7 +268,7 @@ class Worker:
         top1, top5, seconds = self.evaluate("bank" if c.bank.warm_start else "fresh")
         self.history.append({"epoch": 0, "step": 0, "loss": float("nan"), "knn_top1": top1, "knn_top5": top5,
                              "images_per_sec": 0.0, "epoch_seconds": 0.0, "bank_rtt_ms": 0.0, "bank_wait_ms": 0.0,
-                             "lr": c.train.lr, "eval_seconds": seconds, "refresh_seconds": float("nan")})
+                             "lr": c.train.lr, "eval_seconds": seconds, "refresh_seconds": fill_s})
         log.info(f"untrained encoder: kNN top-1 {percent(top1)} top-5 {percent(top5)} ({seconds:.1f} s)")
 
     def _run(self) -> dict:
