@@ -33,13 +33,14 @@ log = logging.getLogger(__name__)
 
 class BankStep(NamedTuple):
     """What one training step needs from its batch and from the bank."""
-    images: torch.Tensor      # (B, C, H, W) uint8, as the loader gave them
-    indices: torch.Tensor     # (B,) global bank rows of the images
-    positives: torch.Tensor   # (B, D) float32 bank rows of `indices`, on the device
-    negatives: torch.Tensor   # (K, D) float32 uniform bank rows shared by the batch, on the device
+
+    images: torch.Tensor  # (B, C, H, W) uint8, as the loader gave them
+    indices: torch.Tensor  # (B,) global bank rows of the images
+    positives: torch.Tensor  # (B, D) float32 bank rows of `indices`, on the device
+    negatives: torch.Tensor  # (K, D) float32 uniform bank rows shared by the batch, on the device
     negative_indices: torch.Tensor  # (K,) their global rows, on the device (InfoNCE drops a query's own)
-    waited_s: float           # how long this step was held up for the bank
-    round_trip_s: float       # the RPC's own duration
+    waited_s: float  # how long this step was held up for the bank
+    round_trip_s: float  # the RPC's own duration
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
@@ -83,10 +84,15 @@ class BankFeed:
             # feed's thread busy on one it waited for it (1.27 ms a cast, measured, for 0.02 ms
             # of work).
             images, indices, _ = current
-            step = BankStep(images, indices, rows_on(answer.rows, self.device),
-                            rows_on(answer.negative_rows, self.device),
-                            torch.from_numpy(answer.negative_indices.astype(np.int64)).to(self.device),
-                            waited_s, round_trip_s)
+            step = BankStep(
+                images,
+                indices,
+                rows_on(answer.rows, self.device),
+                rows_on(answer.negative_rows, self.device),
+                torch.from_numpy(answer.negative_indices.astype(np.int64)).to(self.device),
+                waited_s,
+                round_trip_s,
+            )
             update, self._pushed = self._pushed, None
             self._submit(update, None if upcoming is None else upcoming[1])  # in flight during this step
             yield step
@@ -105,8 +111,13 @@ class BankFeed:
     def _rpc(self, update, lookup) -> tuple[StepResult, float]:
         start = time.perf_counter()
         idx, features = update if update is not None else (None, None)
-        result = self.client.step(update_indices=idx, update_features=features, momentum=self.momentum,
-                                  lookup_indices=lookup, negatives=self.negatives if len(lookup) else 0)
+        result = self.client.step(
+            update_indices=idx,
+            update_features=features,
+            momentum=self.momentum,
+            lookup_indices=lookup,
+            negatives=self.negatives if len(lookup) else 0,
+        )
         return result, time.perf_counter() - start
 
     def _submit(self, update, lookup: torch.Tensor | None) -> None:
@@ -133,8 +144,10 @@ class BankFeed:
                     log.warning("dropped the bank's answer to an unfinished step: %s", error)
                 self._pending = None
             if self._pushed is not None:
-                log.warning("dropped the update of the last step (%d rows): training stopped before it was sent",
-                            len(self._pushed[0]))
+                log.warning(
+                    "dropped the update of the last step (%d rows): training stopped before it was sent",
+                    len(self._pushed[0]),
+                )
                 self._pushed = None
         finally:
             self._pool.shutdown()

@@ -18,49 +18,73 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instdisc", description="Instance Discrimination with a sharded memory bank.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    bank = commands.add_parser("bank", help="the memory-bank service").add_subparsers(dest="bank_command", required=True)
+    bank = commands.add_parser("bank", help="the memory-bank service").add_subparsers(
+        dest="bank_command", required=True
+    )
     from bank_server.cli import add_serve_arguments
 
     add_serve_arguments(bank.add_parser("serve", help="serve one shard over gRPC"))
 
     train = commands.add_parser("train", help="train InstDisc on Ray with the sharded bank")
-    train.add_argument("--config", default=None,
-                       help="a YAML file, or a shipped config: fashion-mnist (the demo), cifar10, imagenet; "
-                            "without it the defaults, made for any image set")
+    train.add_argument(
+        "--config",
+        default=None,
+        help="a YAML file, or a shipped config: fashion-mnist (the demo), cifar10, imagenet; "
+        "without it the defaults, made for any image set",
+    )
     train.add_argument("--output-dir", default="runs/latest", help="outputs, checkpoints and bank snapshots")
-    train.add_argument("--name", default="instdisc", help="run name; rerunning a name in the same --output-dir resumes it")
-    train.add_argument("--storage-path", default=None,
-                       help="Ray Train checkpoint storage (default <output-dir>/ray); on a multi-node cluster a "
-                            "path every node mounts, or a URI such as s3://bucket/runs")
+    train.add_argument(
+        "--name", default="instdisc", help="run name; rerunning a name in the same --output-dir resumes it"
+    )
+    train.add_argument(
+        "--storage-path",
+        default=None,
+        help="Ray Train checkpoint storage (default <output-dir>/ray); on a multi-node cluster a "
+        "path every node mounts, or a URI such as s3://bucket/runs",
+    )
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=10 loss.kind=nce")
 
     export = commands.add_parser("export", help="write the trained encoder (head dropped) for plain torch")
     export.add_argument("checkpoint", help="a checkpoint folder (e.g. runs/demo/checkpoint)")
     export.add_argument("output", help="file to write, e.g. encoder.pt")
     export.add_argument("--image-size", type=int, default=None, help="input side (default: the training images')")
-    export.add_argument("--head", action="store_true",
-                        help="keep the projection head: the program gives the run's unit embeddings (what its bank "
-                             "held and its kNN scored) instead of backbone features")
+    export.add_argument(
+        "--head",
+        action="store_true",
+        help="keep the projection head: the program gives the run's unit embeddings (what its bank "
+        "held and its kNN scored) instead of backbone features",
+    )
 
     evaluate = commands.add_parser("eval", help="score an exported encoder, apart from training").add_subparsers(
-        dest="eval_command", required=True)
+        dest="eval_command", required=True
+    )
     knn = evaluate.add_parser("knn", help="weighted kNN of an exported encoder on any dataset data.* loads")
     knn.add_argument("--encoder", required=True, help="a file written by `instdisc export`")
-    knn.add_argument("--config", default=None,
-                     help="a YAML file or shipped config for data.* and eval.k / eval.sigma (default: the defaults)")
+    knn.add_argument(
+        "--config",
+        default=None,
+        help="a YAML file or shipped config for data.* and eval.k / eval.sigma (default: the defaults)",
+    )
     knn.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.name=mnist eval.k=50")
-    linear = evaluate.add_parser("linear", help="linear probe: a linear classifier on an export's frozen, "
-                                                "L2-normalised backbone features")
+    linear = evaluate.add_parser(
+        "linear", help="linear probe: a linear classifier on an export's frozen, L2-normalised backbone features"
+    )
     linear.add_argument("--encoder", required=True, help="a file written by `instdisc export` (without --head)")
-    linear.add_argument("--config", default=None,
-                        help="a YAML file or shipped config for data.*, eval.linear_* and train.seed "
-                             "(default: the defaults)")
-    linear.add_argument("--output-dir", default=None,
-                        help="where linear.json and the cached features go (default: the encoder's folder)")
+    linear.add_argument(
+        "--config",
+        default=None,
+        help="a YAML file or shipped config for data.*, eval.linear_* and train.seed (default: the defaults)",
+    )
+    linear.add_argument(
+        "--output-dir",
+        default=None,
+        help="where linear.json and the cached features go (default: the encoder's folder)",
+    )
     linear.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.linear_epochs=50 data.name=mnist")
 
     bench = commands.add_parser("bench", help="benchmarks that print numbers").add_subparsers(
-        dest="bench_command", required=True)
+        dest="bench_command", required=True
+    )
     from benchmarks.bank import add_bench_bank_arguments
     from benchmarks.defaults import add_bench_defaults_arguments
     from benchmarks.durability import add_durability_arguments
@@ -70,10 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_bank_arguments(bench.add_parser("bank", help="Step latency vs in-process bank and raw gRPC echo"))
     add_bench_train_arguments(bench.add_parser("train", help="training images/s: remote bank vs in-process bank"))
     add_bench_parts_arguments(bench.add_parser("parts", help="one shard's Step part by part, wire vs protobuf codec"))
-    add_durability_arguments(bench.add_parser(
-        "durability", help="recovery s/GB and per logged row, Step p99 while a shard snapshots"))
-    add_bench_defaults_arguments(bench.add_parser(
-        "defaults", help="the default recipe on image sets nobody tuned it for, against raw pixels"))
+    add_durability_arguments(
+        bench.add_parser("durability", help="recovery s/GB and per logged row, Step p99 while a shard snapshots")
+    )
+    add_bench_defaults_arguments(
+        bench.add_parser("defaults", help="the default recipe on image sets nobody tuned it for, against raw pixels")
+    )
 
     scale = commands.add_parser("scale", help="scaling sweeps that write results.parquet, results.md and plots")
     scale_commands = scale.add_subparsers(dest="scale_command", required=True)
@@ -81,12 +107,19 @@ def build_parser() -> argparse.ArgumentParser:
     from benchmarks.scale_data import add_scale_data_arguments
     from benchmarks.scale_train import add_scale_train_arguments
 
-    add_scale_bank_arguments(scale_commands.add_parser(
-        "bank", help="bank cost vs rows, shards, negatives, dtype and clients on real servers"))
-    add_scale_train_arguments(scale_commands.add_parser(
-        "train", help="kNN accuracy vs negatives (and the exact softmax) and vs bank size"))
-    add_scale_data_arguments(scale_commands.add_parser(
-        "data", help="Parquet reading vs set size: train worker memory and images/s, and a reader comparison"))
+    add_scale_bank_arguments(
+        scale_commands.add_parser(
+            "bank", help="bank cost vs rows, shards, negatives, dtype and clients on real servers"
+        )
+    )
+    add_scale_train_arguments(
+        scale_commands.add_parser("train", help="kNN accuracy vs negatives (and the exact softmax) and vs bank size")
+    )
+    add_scale_data_arguments(
+        scale_commands.add_parser(
+            "data", help="Parquet reading vs set size: train worker memory and images/s, and a reader comparison"
+        )
+    )
     return parser
 
 
@@ -127,20 +160,27 @@ def run_eval_linear(args) -> int:
     from trainer.linear import RESULT, evaluate_linear
 
     try:
-        result = evaluate_linear(args.encoder, load_config(resolve_config_path(args.config), args.overrides),
-                                 args.output_dir)
+        result = evaluate_linear(
+            args.encoder, load_config(resolve_config_path(args.config), args.overrides), args.output_dir
+        )
     except (ConfigError, DatasetMissing, NotAnExport, ValueError) as error:
         log.error(error)
         return 2
     from trainer.outputs import percent
 
-    rows = [("linear top-1", percent(result["linear_top1"])), ("linear top-5", percent(result["linear_top5"])),
-            ("train top-1", percent(result["train_top1"])),
-            ("recipe", f"{result['epochs']} epochs, SGD lr {result['lr']:g}, wd {result['weight_decay']:g}, "
-                       f"batch {result['batch_size']}, seed {result['seed']}"),
-            ("features", f"{result['features']} (backbone, L2-normalised)"),
-            ("dataset", f"{result['dataset']}: {result['train_images']:,} train, {result['test_images']:,} test"),
-            ("wrote", str(Path(result["feature_cache"]).parent.parent / RESULT))]
+    rows = [
+        ("linear top-1", percent(result["linear_top1"])),
+        ("linear top-5", percent(result["linear_top5"])),
+        ("train top-1", percent(result["train_top1"])),
+        (
+            "recipe",
+            f"{result['epochs']} epochs, SGD lr {result['lr']:g}, wd {result['weight_decay']:g}, "
+            f"batch {result['batch_size']}, seed {result['seed']}",
+        ),
+        ("features", f"{result['features']} (backbone, L2-normalised)"),
+        ("dataset", f"{result['dataset']}: {result['train_images']:,} train, {result['test_images']:,} test"),
+        ("wrote", str(Path(result["feature_cache"]).parent.parent / RESULT)),
+    ]
     width = max(len(key) for key, _ in rows)
     print("\n".join(f"{key:<{width}}  {value}" for key, value in rows), flush=True)
     return 0
@@ -159,9 +199,13 @@ def run_eval_knn(args) -> int:
         return 2
     from trainer.outputs import percent
 
-    rows = [("kNN top-1", percent(result["knn_top1"])), ("kNN top-5", percent(result["knn_top5"])),
-            ("k, sigma", f"{result['k']}, {result['sigma']:g}"), ("features", result["features"]),
-            ("dataset", f"{result['dataset']}: {result['train_images']:,} train, {result['test_images']:,} test")]
+    rows = [
+        ("kNN top-1", percent(result["knn_top1"])),
+        ("kNN top-5", percent(result["knn_top5"])),
+        ("k, sigma", f"{result['k']}, {result['sigma']:g}"),
+        ("features", result["features"]),
+        ("dataset", f"{result['dataset']}: {result['train_images']:,} train, {result['test_images']:,} test"),
+    ]
     width = max(len(key) for key, _ in rows)
     print("\n".join(f"{key:<{width}}  {value}" for key, value in rows), flush=True)
     return 0

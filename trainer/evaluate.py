@@ -36,8 +36,9 @@ KNN_LABELS_AT_ONCE = 1 << 20
 
 
 @torch.no_grad()
-def evaluate_run(encoder: torch.nn.Module, data, feed: BankFeed, config: Config, device,
-                 source: str) -> tuple[float, float, float]:
+def evaluate_run(
+    encoder: torch.nn.Module, data, feed: BankFeed, config: Config, device, source: str
+) -> tuple[float, float, float]:
     """Weighted kNN (top-1, top-5, seconds) of the test set against `source`, all workers
     together (each scores its share of the test set): the bank rows as they are, or
     fresh features of the train images. `encoder` is the bare module (see
@@ -106,9 +107,11 @@ def load_for_eval(encoder_path: str, config: Config):
     train_set, test_set = load_datasets(config)
     channels, side = train_set[0][0].shape[0], train_set[0][0].shape[1]
     if (channels, side) != (metadata["in_channels"], metadata["image_size"]):
-        raise ConfigError(f"--encoder {encoder_path} takes {metadata['in_channels']}-channel "
-                          f"{metadata['image_size']}x{metadata['image_size']} images; data.name={config.data.name} "
-                          f"gives {channels}-channel {side}x{side} (set data.image_size, or pick the matching export)")
+        raise ConfigError(
+            f"--encoder {encoder_path} takes {metadata['in_channels']}-channel "
+            f"{metadata['image_size']}x{metadata['image_size']} images; data.name={config.data.name} "
+            f"gives {channels}-channel {side}x{side} (set data.image_size, or pick the matching export)"
+        )
     return module, metadata, train_set, test_set
 
 
@@ -122,7 +125,16 @@ def evaluate_knn(encoder_path: str, config: Config) -> dict:
     with tqdm(total=len(train_set) + len(test_set), unit="img", desc="embedding") as progress:
         train_features, train_labels = embed_all(module, train_set, progress)
         test_features, test_labels = embed_all(module, test_set, progress)
-    top1, top5 = knn_accuracy(train_features, train_labels, test_features, test_labels, train_set.num_classes, k,
-                              config.eval.sigma)
-    return {"knn_top1": top1, "knn_top5": top5, "k": k, "sigma": config.eval.sigma, "features": metadata["output"],
-            "train_images": len(train_set), "test_images": len(test_set), "dataset": config.data.name}
+    top1, top5 = knn_accuracy(
+        train_features, train_labels, test_features, test_labels, train_set.num_classes, k, config.eval.sigma
+    )
+    return {
+        "knn_top1": top1,
+        "knn_top5": top5,
+        "k": k,
+        "sigma": config.eval.sigma,
+        "features": metadata["output"],
+        "train_images": len(train_set),
+        "test_images": len(test_set),
+        "dataset": config.data.name,
+    }

@@ -40,8 +40,13 @@ def _quiet_ray_workers() -> None:
 
 def git_sha() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -53,13 +58,17 @@ def check_against_dataset(config: Config, train_rows: int, image_side: int) -> N
     from trainer.models import min_image_size
 
     if config.loss.kind in ("nce", "infonce") and config.loss.negatives > train_rows:
-        log.info(f"loss.negatives={config.loss.negatives} exceeds the {train_rows} training images (the bank's "
-                 f"rows): K = {train_rows}")
+        log.info(
+            f"loss.negatives={config.loss.negatives} exceeds the {train_rows} training images (the bank's "
+            f"rows): K = {train_rows}"
+        )
         config.loss.negatives = train_rows
     need = min_image_size(config.model.arch, config.model.cifar_stem)
     if image_side < need:
-        raise ConfigError(f"model.arch={config.model.arch} needs images of at least {need}x{need} pixels, the "
-                          f"dataset gives {image_side}x{image_side}")
+        raise ConfigError(
+            f"model.arch={config.model.arch} needs images of at least {need}x{need} pixels, the "
+            f"dataset gives {image_side}x{image_side}"
+        )
     if config.bank.shards > train_rows:
         raise ConfigError(f"bank.shards={config.bank.shards} exceeds the {train_rows} training images")
     if config.train.batch_size > train_rows:
@@ -86,19 +95,27 @@ def _check_bank(addresses: list[str], token: str | None, config: Config, rows: i
     every shard's address in shard order (a ``{shard}`` template expanded)."""
     from bank_server.client import BankClient, BankRpcError, LayoutError
 
-    log.info(f"bank: connecting to {','.join(addresses)} (retries for up to bank.timeout={config.bank.timeout:g} s "
-             "while it starts)")
+    log.info(
+        f"bank: connecting to {','.join(addresses)} (retries for up to bank.timeout={config.bank.timeout:g} s "
+        "while it starts)"
+    )
     try:
         with BankClient(addresses, token=token, timeout=config.bank.timeout, tls_ca=config.bank.tls_ca) as client:
             if (client.rows, client.dim) != (rows, config.model.dim):
-                raise ConfigError(f"the bank at {','.join(addresses)} holds {client.rows} rows x {client.dim} dims; "
-                                  f"this run needs {rows} x {config.model.dim} (training images x model.dim)")
+                raise ConfigError(
+                    f"the bank at {','.join(addresses)} holds {client.rows} rows x {client.dim} dims; "
+                    f"this run needs {rows} x {config.model.dim} (training images x model.dim)"
+                )
             return client.addresses
     except BankRpcError as error:
-        hint = {"UNAVAILABLE": "is the bank running and reachable from here?",
-                "UNAUTHENTICATED": "check bank.token_file / INSTDISC_BANK_TOKEN",
-                "DEADLINE_EXCEEDED": "is the bank running and reachable from here?"}.get(error.code.name, "")
-        raise ConfigError(f"cannot use bank shard {error.address}: {error.code.name}: {error.details} {hint}") from error
+        hint = {
+            "UNAVAILABLE": "is the bank running and reachable from here?",
+            "UNAUTHENTICATED": "check bank.token_file / INSTDISC_BANK_TOKEN",
+            "DEADLINE_EXCEEDED": "is the bank running and reachable from here?",
+        }.get(error.code.name, "")
+        raise ConfigError(
+            f"cannot use bank shard {error.address}: {error.code.name}: {error.details} {hint}"
+        ) from error
     except LayoutError as error:
         raise ConfigError(f"bank.addresses do not form one bank: {error}") from error
 
@@ -114,9 +131,13 @@ def init_ray(sha: str = "") -> None:
     address = os.environ.get("RAY_ADDRESS")
     if not address:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a private local cluster on loopback
-    ray.init(address=address or "local", include_dashboard=False, log_to_driver=True,
-             num_cpus=None if address else os.cpu_count(),
-             runtime_env={"worker_process_setup_hook": _quiet_ray_workers, "env_vars": {"INSTDISC_GIT_SHA": sha}})
+    ray.init(
+        address=address or "local",
+        include_dashboard=False,
+        log_to_driver=True,
+        num_cpus=None if address else os.cpu_count(),
+        runtime_env={"worker_process_setup_hook": _quiet_ray_workers, "env_vars": {"INSTDISC_GIT_SHA": sha}},
+    )
     _quiet_ray_workers()
 
 
@@ -127,14 +148,15 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
     on a multi-node cluster it must be reachable from every node: a shared mount or a
     URI such as ``s3://bucket/runs``.
     """
-    import ray
 
     from bank_server.ray_bank import BankTokenMissing, read_token, start_bank
     from trainer.input import describe
 
     if os.environ.get(_SUBMITTED_JOB) and not Path(output_dir).is_absolute():
-        raise ConfigError(f"--output-dir {output_dir} is relative, and a submitted job runs in a temporary copy of "
-                          "its working dir that Ray deletes; give an absolute path (a shared one on multi-node clusters)")
+        raise ConfigError(
+            f"--output-dir {output_dir} is relative, and a submitted job runs in a temporary copy of "
+            "its working dir that Ray deletes; give an absolute path (a shared one on multi-node clusters)"
+        )
     output = Path(output_dir).resolve()
     output.mkdir(parents=True, exist_ok=True)
     sha = git_sha()
@@ -156,7 +178,9 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
     given = length_given_by(config.train.epochs, config.train.steps)
     log.info(f"run length ({given}): {length.describe()} of {config.train.batch_size} images")
     require_tensorboard()
-    addresses = _check_bank(list(config.bank.addresses), token, config, data.train_rows) if config.bank.addresses else []
+    addresses = (
+        _check_bank(list(config.bank.addresses), token, config, data.train_rows) if config.bank.addresses else []
+    )
 
     init_ray(sha)
 
@@ -165,21 +189,28 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
         log.info(f"bank: {len(addresses)} shard(s) at {', '.join(addresses)}")
     else:
         # Per run name: another run in the same output folder must not restore these rows.
-        bank = start_bank(config.bank.shards, data.train_rows, config.model.dim, config.bank.dtype,
-                          snapshot_dir=os.path.join(os.path.expanduser(config.bank.snapshot_dir or str(output / "bank")),
-                                                    run_name),
-                          seed=config.bank.seed,
-                          token_file=token_file, token_env=token_env,
-                          name=f"{run_name}-bank", keep_snapshots=KEEP_CHECKPOINTS + 1,
-                          # A private local Ray keeps the bank on loopback; on a cluster each
-                          # shard binds its node's address, which the other nodes can reach.
-                          host=None if os.environ.get("RAY_ADDRESS") else "127.0.0.1")
+        bank = start_bank(
+            config.bank.shards,
+            data.train_rows,
+            config.model.dim,
+            config.bank.dtype,
+            snapshot_dir=os.path.join(os.path.expanduser(config.bank.snapshot_dir or str(output / "bank")), run_name),
+            seed=config.bank.seed,
+            token_file=token_file,
+            token_env=token_env,
+            name=f"{run_name}-bank",
+            keep_snapshots=KEEP_CHECKPOINTS + 1,
+            # A private local Ray keeps the bank on loopback; on a cluster each
+            # shard binds its node's address, which the other nodes can reach.
+            host=None if os.environ.get("RAY_ADDRESS") else "127.0.0.1",
+        )
         addresses = bank.addresses
         log.info(f"bank: {config.bank.shards} shard actor(s):\n  " + "\n  ".join(bank.describe()))
 
     try:
-        result, wall, restarts = _fit(config, storage_path or str(output / "ray"), run_name, addresses, token_env,
-                                      bank.names if bank else [])
+        result, wall, restarts = _fit(
+            config, storage_path or str(output / "ray"), run_name, addresses, token_env, bank.names if bank else []
+        )
     finally:
         if bank is not None:
             bank.stop(final_snapshot=True)
@@ -202,8 +233,14 @@ class TrainingStopped(RuntimeError):
         self.summary = summary
 
 
-def _fit(config: Config, storage_path: str, run_name: str, addresses: list[str], token_env: str | None,
-         bank_actors: list[str]):
+def _fit(
+    config: Config,
+    storage_path: str,
+    run_name: str,
+    addresses: list[str],
+    token_env: str | None,
+    bank_actors: list[str],
+):
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -222,17 +259,28 @@ def _fit(config: Config, storage_path: str, run_name: str, addresses: list[str],
     trainer = TorchTrainer(
         train_func,
         # Ray Train stores this: where the token is (bank.token_file is in the config), never the token.
-        train_loop_config={"config": config.to_dict(), "addresses": addresses, "token_env": token_env,
-                           "bank_actors": bank_actors, "starts": starts_name},
-        scaling_config=ScalingConfig(num_workers=c.workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": c.cpus_per_worker, "GPU": 1} if use_gpu
-                                     else {"CPU": c.cpus_per_worker}),
-        run_config=RunConfig(name=run_name, storage_path=storage_path,
-                             failure_config=FailureConfig(max_failures=c.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
-                             # Ray Train's INFO lines repeat every reported metric; our own
-                             # progress lines say what matters.
-                             logging_config=LoggingConfig(log_level="WARNING")))
+        train_loop_config={
+            "config": config.to_dict(),
+            "addresses": addresses,
+            "token_env": token_env,
+            "bank_actors": bank_actors,
+            "starts": starts_name,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=c.workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": c.cpus_per_worker, "GPU": 1} if use_gpu else {"CPU": c.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=c.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
+            # Ray Train's INFO lines repeat every reported metric; our own
+            # progress lines say what matters.
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+    )
     start = time.perf_counter()
     try:
         result = trainer.fit()
@@ -242,5 +290,3 @@ def _fit(config: Config, storage_path: str, run_name: str, addresses: list[str],
         restarts = ray.get(starts.restarts.remote(), timeout=60)
         ray.kill(starts)
     return result, time.perf_counter() - start, restarts
-
-

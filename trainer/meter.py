@@ -40,20 +40,32 @@ class Meter:
         elapsed, loss_sum = time.perf_counter() - self.start, float(self.loss_sum)
         per_step = elapsed / self.done
         window = self.done - self._mark[0]
-        self.step_log.append({"step": step, "loss": (loss_sum - self._mark[1]) / window, "lr": lr,
-                              "images_per_sec": window * self.batch_size / (elapsed - self._mark[2]),
-                              "bank_rtt_ms": 1e3 * self.rtt_sum / self.done})
+        self.step_log.append(
+            {
+                "step": step,
+                "loss": (loss_sum - self._mark[1]) / window,
+                "lr": lr,
+                "images_per_sec": window * self.batch_size / (elapsed - self._mark[2]),
+                "bank_rtt_ms": 1e3 * self.rtt_sum / self.done,
+            }
+        )
         self._mark = (self.done, loss_sum, elapsed)
-        return (f"step {self.done}/{self.steps} | {self.batch_size / per_step:,.0f} img/s | "
-                f"loss {loss_sum / self.done:.4f} | lr {lr:.4f} | bank rtt {1e3 * self.rtt_sum / self.done:.1f} ms "
-                f"(waited {1e3 * self.wait_sum / self.done:.1f} ms) | ETA {duration(steps_left * per_step)}")
+        return (
+            f"step {self.done}/{self.steps} | {self.batch_size / per_step:,.0f} img/s | "
+            f"loss {loss_sum / self.done:.4f} | lr {lr:.4f} | bank rtt {1e3 * self.rtt_sum / self.done:.1f} ms "
+            f"(waited {1e3 * self.wait_sum / self.done:.1f} ms) | ETA {duration(steps_left * per_step)}"
+        )
 
     def epoch(self) -> dict:
         """The epoch's metrics, means over its steps."""
         seconds = time.perf_counter() - self.start
-        return {"loss": float(self.loss_sum) / self.done, "epoch_seconds": seconds,
-                "images_per_sec": self.done * self.batch_size / seconds,
-                "bank_rtt_ms": 1e3 * self.rtt_sum / self.done, "bank_wait_ms": 1e3 * self.wait_sum / self.done}
+        return {
+            "loss": float(self.loss_sum) / self.done,
+            "epoch_seconds": seconds,
+            "images_per_sec": self.done * self.batch_size / seconds,
+            "bank_rtt_ms": 1e3 * self.rtt_sum / self.done,
+            "bank_wait_ms": 1e3 * self.wait_sum / self.done,
+        }
 
 
 def duration(seconds: float) -> str:

@@ -34,8 +34,10 @@ def below_untrained(epoch: dict, untrained: float | None) -> str | None:
     top1 = epoch["knn_top1"]
     if untrained is None or epoch["epoch"] == 0 or math.isnan(top1) or top1 >= untrained:
         return None
-    return (f"kNN top-1 {percent(top1)} at epoch {epoch['epoch']} is below the untrained encoder's "
-            f"{percent(untrained)}: training made the features worse for kNN")
+    return (
+        f"kNN top-1 {percent(top1)} at epoch {epoch['epoch']} is below the untrained encoder's "
+        f"{percent(untrained)}: training made the features worse for kNN"
+    )
 
 
 def run_warnings(trained: list[dict], untrained: float | None) -> list[str]:
@@ -52,9 +54,11 @@ def run_warnings(trained: list[dict], untrained: float | None) -> list[str]:
         warnings.append(below_untrained(scored[-1], untrained))
     if len(dips) > 1 or scored[-1] is not dips[-1]:
         lowest = min(dips, key=lambda h: h["knn_top1"])
-        warnings.append(f"kNN top-1 was below the untrained encoder's {percent(untrained)} at {len(dips)} of "
-                        f"{len(scored)} evaluated epochs ({dips[0]['epoch']} to {dips[-1]['epoch']}; lowest "
-                        f"{percent(lowest['knn_top1'])} at epoch {lowest['epoch']})")
+        warnings.append(
+            f"kNN top-1 was below the untrained encoder's {percent(untrained)} at {len(dips)} of "
+            f"{len(scored)} evaluated epochs ({dips[0]['epoch']} to {dips[-1]['epoch']}; lowest "
+            f"{percent(lowest['knn_top1'])} at epoch {lowest['epoch']})"
+        )
     return warnings
 
 
@@ -73,26 +77,47 @@ def write_outputs(config: Config, output: Path, outcome: dict, checkpoint, wall_
         checkpoint.to_directory(str(checkpoint_dir))  # also when the storage is remote (s3://...)
         export_encoder(checkpoint_dir, output / "encoder.pt")
     summary = {
-        "knn_top1": scored["knn_top1"] if scored else None, "knn_top5": scored["knn_top5"] if scored else None,
+        "knn_top1": scored["knn_top1"] if scored else None,
+        "knn_top5": scored["knn_top5"] if scored else None,
         "knn_epoch": scored["epoch"] if scored else None,
         "knn_top1_untrained": initial["knn_top1"] if initial else None,
         "knn_source": config.eval.source,
-        "epochs": final["epoch"], "steps": outcome["steps"],
+        "epochs": final["epoch"],
+        "steps": outcome["steps"],
         "images_per_sec": sum(h["images_per_sec"] for h in trained) / len(trained),
-        "train_seconds": outcome["train_seconds"], "wall_seconds": wall_seconds,
-        "final_loss": final["loss"], "bank_rtt_ms": final["bank_rtt_ms"], "bank_wait_ms": final["bank_wait_ms"],
+        "train_seconds": outcome["train_seconds"],
+        "wall_seconds": wall_seconds,
+        "final_loss": final["loss"],
+        "bank_rtt_ms": final["bank_rtt_ms"],
+        "bank_wait_ms": final["bank_wait_ms"],
         "eval_seconds": _mean(h.get("eval_seconds", math.nan) for h in trained),
         "refresh_seconds": _mean(h.get("refresh_seconds", math.nan) for h in trained),
-        "dataset": config.data.name, "loss": config.loss.kind, "git_sha": sha,
+        "dataset": config.data.name,
+        "loss": config.loss.kind,
+        "git_sha": sha,
         "warnings": run_warnings(trained, initial["knn_top1"] if initial else None),
         # Each worker's record of each shard outage it saw (so a shard that every worker
         # saw go counts once per worker), since the run began; and Ray Train's restarts of
         # the workers in this launch, with the checkpoint epoch each went on from.
-        "bank_outages": len(outcome["bank_outages"]), "bank_outage_details": outcome["bank_outages"],
-        "worker_restarts": len(outcome["worker_restarts"]), "worker_restart_epochs": outcome["worker_restarts"],
+        "bank_outages": len(outcome["bank_outages"]),
+        "bank_outage_details": outcome["bank_outages"],
+        "worker_restarts": len(outcome["worker_restarts"]),
+        "worker_restart_epochs": outcome["worker_restarts"],
     }
-    fields = ["epoch", "step", "loss", "knn_top1", "knn_top5", "lr", "images_per_sec", "epoch_seconds", "bank_rtt_ms",
-              "bank_wait_ms", "eval_seconds", "refresh_seconds"]
+    fields = [
+        "epoch",
+        "step",
+        "loss",
+        "knn_top1",
+        "knn_top5",
+        "lr",
+        "images_per_sec",
+        "epoch_seconds",
+        "bank_rtt_ms",
+        "bank_wait_ms",
+        "eval_seconds",
+        "refresh_seconds",
+    ]
     with open(output / "metrics.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -117,11 +142,21 @@ def _mean(values) -> float | None:
 
 
 # The run's scalars under these tags; the x axis is the optimizer step.
-TENSORBOARD_STEP_TAGS = {"loss": "train/loss", "lr": "train/lr", "images_per_sec": "train/images_per_sec",
-                         "bank_rtt_ms": "train/bank_rtt_ms"}
-TENSORBOARD_EPOCH_TAGS = {"knn_top1": "knn/top1", "knn_top5": "knn/top5", "loss": "epoch/loss",
-                          "images_per_sec": "epoch/images_per_sec", "bank_rtt_ms": "epoch/bank_rtt_ms",
-                          "eval_seconds": "epoch/eval_seconds", "refresh_seconds": "epoch/refresh_seconds"}
+TENSORBOARD_STEP_TAGS = {
+    "loss": "train/loss",
+    "lr": "train/lr",
+    "images_per_sec": "train/images_per_sec",
+    "bank_rtt_ms": "train/bank_rtt_ms",
+}
+TENSORBOARD_EPOCH_TAGS = {
+    "knn_top1": "knn/top1",
+    "knn_top5": "knn/top5",
+    "loss": "epoch/loss",
+    "images_per_sec": "epoch/images_per_sec",
+    "bank_rtt_ms": "epoch/bank_rtt_ms",
+    "eval_seconds": "epoch/eval_seconds",
+    "refresh_seconds": "epoch/refresh_seconds",
+}
 
 
 def write_tensorboard(folder: Path, history: list[dict], step_log: list[dict]) -> None:
@@ -173,15 +208,21 @@ def table(summary: dict, output: Path) -> str:
         ("kNN top-1", percent(summary["knn_top1"])),
         ("kNN top-5", percent(summary["knn_top5"])),
         ("kNN top-1, untrained", percent(summary["knn_top1_untrained"])),
-        *([("linear top-1", percent(summary["linear_top1"])), ("linear top-5", percent(summary["linear_top5"]))]
-          if "linear_top1" in summary else []),
+        *(
+            [("linear top-1", percent(summary["linear_top1"])), ("linear top-5", percent(summary["linear_top5"]))]
+            if "linear_top1" in summary
+            else []
+        ),
         ("epochs, steps", f"{summary['epochs']}, {summary['steps']:,}"),
         ("images/s", f"{summary['images_per_sec']:,.0f}"),
         ("train time", f"{summary['train_seconds']:.0f} s"),
         ("bank round trip", f"{summary['bank_rtt_ms']:.1f} ms (waited {summary['bank_wait_ms']:.1f} ms)"),
         ("kNN evaluation", _seconds(summary["eval_seconds"]) + f" each (eval.source={summary['knn_source']})"),
-        *([("bank refresh", _seconds(summary["refresh_seconds"]) + " each")]
-          if summary["refresh_seconds"] is not None else []),
+        *(
+            [("bank refresh", _seconds(summary["refresh_seconds"]) + " each")]
+            if summary["refresh_seconds"] is not None
+            else []
+        ),
         ("bank outages", _outages(summary["bank_outage_details"])),
         ("worker restarts", str(summary["worker_restarts"])),
         ("outputs", str(output)),
@@ -196,8 +237,7 @@ def _outages(outages: list[dict]) -> str:
     if not outages:
         return "none"
     shards = ", ".join(str(s) for s in sorted({o["shard"] for o in outages}))
-    return (f"{len(outages)} (shard {shards}; longest {max(o['seconds'] for o in outages):.1f} s; "
-            "each worker's count)")
+    return f"{len(outages)} (shard {shards}; longest {max(o['seconds'] for o in outages):.1f} s; each worker's count)"
 
 
 def _seconds(value: float | None) -> str:

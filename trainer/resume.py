@@ -46,16 +46,20 @@ def restore(folder: str, client: BankClient, reading: dict, device) -> dict:
     state = checkpoint.load(folder, map_location=device)
     trained_on = state.get("dataset")
     if trained_on is not None and trained_on["sha256"] != reading["sha256"]:  # absent from older checkpoints
-        raise CannotResume(f"cannot resume: the checkpoint at epoch {state['epoch']} was trained on another dataset "
-                           f"({_dataset_words(trained_on)}) than this run reads ({_dataset_words(reading)}); resume "
-                           "with the same data.* or start a new run (another --name or --output-dir)")
+        raise CannotResume(
+            f"cannot resume: the checkpoint at epoch {state['epoch']} was trained on another dataset "
+            f"({_dataset_words(trained_on)}) than this run reads ({_dataset_words(reading)}); resume "
+            "with the same data.* or start a new run (another --name or --output-dir)"
+        )
     problem = None
     if dist.rank() == 0:
         try:
             client.restore(state["bank_snapshot"])
         except BankRpcError as error:
-            problem = (f"cannot resume: the checkpoint at epoch {state['epoch']} needs bank snapshot "
-                       f"{state['bank_snapshot']!r}, which the bank could not restore ({error})")
+            problem = (
+                f"cannot resume: the checkpoint at epoch {state['epoch']} needs bank snapshot "
+                f"{state['bank_snapshot']!r}, which the bank could not restore ({error})"
+            )
     problem = dist.broadcast_object(problem)
     if problem:
         raise CannotResume(problem)

@@ -33,8 +33,15 @@ from trainer.console import show_worker_lines
 from trainer.evaluate import evaluate_run
 from trainer.features import fill_bank
 from trainer.input import open_input, streamed
-from trainer.losses import (PartitionEstimate, accidental_hits, batch_log_z, infonce_loss, nce_loss, sampled_logits,
-                            softmax_loss)
+from trainer.losses import (
+    PartitionEstimate,
+    accidental_hits,
+    batch_log_z,
+    infonce_loss,
+    nce_loss,
+    sampled_logits,
+    softmax_loss,
+)
 from trainer.meter import Meter
 from trainer.models import Encoder
 from trainer.outputs import below_untrained, percent
@@ -75,8 +82,14 @@ def build_encoder(config: Config, channels: int, mean, std) -> Encoder:
 class Worker:
     """One worker's state and its epoch loop (`run`)."""
 
-    def __init__(self, config: Config, addresses: list[str], token: str | None, bank_actors: list[str] = (),
-                 starts: str | None = None):
+    def __init__(
+        self,
+        config: Config,
+        addresses: list[str],
+        token: str | None,
+        bank_actors: list[str] = (),
+        starts: str | None = None,
+    ):
         import ray.train.torch
 
         self.config = c = config
@@ -91,8 +104,9 @@ class Worker:
         self.n = self.input.rows
         self.length = run_length(self.n, c.train.batch_size, c.train.epochs, c.train.steps)
         if self.input.batches_per_epoch() != self.length.steps_per_epoch:  # launch printed it by the same rule
-            raise AssertionError(f"{self.input.batches_per_epoch()} batches per epoch, "
-                                 f"expected {self.length.steps_per_epoch}")
+            raise AssertionError(
+                f"{self.input.batches_per_epoch()} batches per epoch, expected {self.length.steps_per_epoch}"
+            )
 
         # 2. model
         encoder = build_encoder(c, self.input.channels, *self.input.stats())
@@ -101,10 +115,10 @@ class Worker:
             encoder = encoder.to(memory_format=torch.channels_last)
         self.model = ray.train.torch.prepare_model(encoder)
         self.encoder = self.model.module if hasattr(self.model, "module") else self.model  # bare, for clean images
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=c.train.lr, momentum=c.train.momentum,
-                                         weight_decay=c.train.weight_decay)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                         else nullcontext())
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=c.train.lr, momentum=c.train.momentum, weight_decay=c.train.weight_decay
+        )
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
 
         # 3. bank (shards that are Ray actors are found again by name if they move)
         resolve = None
@@ -113,11 +127,12 @@ class Worker:
             # Where they serve now: a shard that restarted since the launch (before a Ray
             # Train retry, say) serves on another port than the launch recorded.
             addresses = [resolve(s, c.bank.timeout) for s in range(len(bank_actors))]
-        self.client = BankClient(addresses, token=token, timeout=c.bank.timeout, tls_ca=c.bank.tls_ca,
-                                 resolve=resolve)
+        self.client = BankClient(addresses, token=token, timeout=c.bank.timeout, tls_ca=c.bank.tls_ca, resolve=resolve)
         if (self.client.rows, self.client.dim) != (self.n, c.model.dim):
-            raise ValueError(f"the bank at {addresses} holds {self.client.rows} rows x {self.client.dim} dims, but "
-                             f"the dataset has {self.n} training images and model.dim={c.model.dim}")
+            raise ValueError(
+                f"the bank at {addresses} holds {self.client.rows} rows x {self.client.dim} dims, but "
+                f"the dataset has {self.n} training images and model.dim={c.model.dim}"
+            )
         negatives = c.loss.negatives if c.loss.kind in ("nce", "infonce") else 0
         self.feed = BankFeed(self.client, negatives, c.bank.momentum, self.device)
         self.z = PartitionEstimate(c.loss.z_mode, c.loss.z_momentum)  # NCE's Z
@@ -144,9 +159,10 @@ class Worker:
         if self.device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast:
-            f = self.model(x).float()                                               # (B, D) unit features
-        logits = None if c.loss.kind == "softmax" else sampled_logits(f, step.positives, step.negatives,
-                                                                      c.loss.temperature)  # (B,), (B, K)
+            f = self.model(x).float()  # (B, D) unit features
+        # (B,) positive and (B, K) negative logits; the full softmax asks the bank instead.
+        sampled = c.loss.kind != "softmax"
+        logits = sampled_logits(f, step.positives, step.negatives, c.loss.temperature) if sampled else None
         z_batch = math.exp(float(batch_log_z(*logits, self.n))) if c.loss.kind == "nce" else 0.0
         # Sync point, the step's one collective: whether any worker's features are
         # non-finite (they must not reach the bank), and NCE's Z, agreed as the mean of the
@@ -154,8 +170,10 @@ class Worker:
         # is finite (logits lie in [-1/tau, 1/tau]).
         finite_workers, z_sum = dist.all_reduce_sum([float(torch.isfinite(f).all()), z_batch])
         if finite_workers != self.world:
-            raise StopTraining(f"the features became non-finite at epoch {self.epoch + 1}, step {self.step}; "
-                               "lower train.lr or raise loss.temperature")
+            raise StopTraining(
+                f"the features became non-finite at epoch {self.epoch + 1}, step {self.step}; "
+                "lower train.lr or raise loss.temperature"
+            )
         if c.loss.kind == "nce":
             self.z.update(math.log(z_sum / self.world))
         loss = self.loss(f, step, logits)
@@ -171,8 +189,7 @@ class Worker:
     def loss(self, f: torch.Tensor, step: BankStep, logits) -> torch.Tensor:
         c = self.config.loss
         if c.kind == "softmax":
-            return softmax_loss(f, step.positives, c.temperature,
-                                lambda q: self.feed.partition_sums(q, c.temperature))
+            return softmax_loss(f, step.positives, c.temperature, lambda q: self.feed.partition_sums(q, c.temperature))
         if c.kind == "infonce":
             return infonce_loss(*logits, accidental_hits(step.indices, step.negative_indices))
         return nce_loss(*logits, self.z.log_z, self.n)
@@ -212,11 +229,21 @@ class Worker:
 
     def state(self, outages: list[dict]) -> dict:
         """What a checkpoint keeps of this worker (`trainer.checkpoint` lists the fields)."""
-        return {"model": self.encoder.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "encoder": self.encoder.spec(), "image_size": int(self.input.side), "epoch": self.epoch,
-                "step": self.step, "history": self.history, "step_log": self.meter.step_log, "log_z": self.z.log_z,
-                "config": self.config.to_dict(), "git_sha": os.environ.get("INSTDISC_GIT_SHA", ""),
-                "bank_outages": outages, "dataset": self.input.fingerprint()}
+        return {
+            "model": self.encoder.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "encoder": self.encoder.spec(),
+            "image_size": int(self.input.side),
+            "epoch": self.epoch,
+            "step": self.step,
+            "history": self.history,
+            "step_log": self.meter.step_log,
+            "log_z": self.z.log_z,
+            "config": self.config.to_dict(),
+            "git_sha": os.environ.get("INSTDISC_GIT_SHA", ""),
+            "bank_outages": outages,
+            "dataset": self.input.fingerprint(),
+        }
 
     def load(self, state: dict) -> None:
         self.encoder.load_state_dict(state["model"])
@@ -244,9 +271,14 @@ class Worker:
             # Every worker raises this at the same point (the condition is all-reduced or
             # broadcast), so returning here ends the run cleanly.
             log.info(f"stopped: {error}")
-            return {"history": self.history, "step_log": self.meter.step_log,
-                    "train_seconds": time.perf_counter() - start, "steps": self.step,
-                    "bank_outages": self.bank_outages(), "error": str(error)}
+            return {
+                "history": self.history,
+                "step_log": self.meter.step_log,
+                "train_seconds": time.perf_counter() - start,
+                "steps": self.step,
+                "bank_outages": self.bank_outages(),
+                "error": str(error),
+            }
         finally:
             self.feed.close()
             self.client.close()
@@ -262,13 +294,28 @@ class Worker:
         if c.bank.warm_start:
             fill_s = self.refresh_bank("warm start")
         elif streamed(c):
-            log.info("untrained encoder: not evaluated (a streamed dataset without bank.warm_start; the kNN "
-                     "floor that runs are warned against needs the warm start)")
+            log.info(
+                "untrained encoder: not evaluated (a streamed dataset without bank.warm_start; the kNN "
+                "floor that runs are warned against needs the warm start)"
+            )
             return
         top1, top5, seconds = self.evaluate("bank" if c.bank.warm_start else "fresh")
-        self.history.append({"epoch": 0, "step": 0, "loss": float("nan"), "knn_top1": top1, "knn_top5": top5,
-                             "images_per_sec": 0.0, "epoch_seconds": 0.0, "bank_rtt_ms": 0.0, "bank_wait_ms": 0.0,
-                             "lr": c.train.lr, "eval_seconds": seconds, "refresh_seconds": fill_s})
+        self.history.append(
+            {
+                "epoch": 0,
+                "step": 0,
+                "loss": float("nan"),
+                "knn_top1": top1,
+                "knn_top5": top5,
+                "images_per_sec": 0.0,
+                "epoch_seconds": 0.0,
+                "bank_rtt_ms": 0.0,
+                "bank_wait_ms": 0.0,
+                "lr": c.train.lr,
+                "eval_seconds": seconds,
+                "refresh_seconds": fill_s,
+            }
+        )
         log.info(f"untrained encoder: kNN top-1 {percent(top1)} top-5 {percent(top5)} ({seconds:.1f} s)")
 
     def _run(self) -> dict:
@@ -286,8 +333,10 @@ class Worker:
         if self.rank == 0 and self.starts:
             start = ray.get(ray.get_actor(self.starts).started.remote(self.epoch))
             if start > 1:
-                log.info(f"Ray Train restarted the workers (restart {start - 1} of at most "
-                         f"train.max_failures={c.train.max_failures}); going on from epoch {self.epoch}")
+                log.info(
+                    f"Ray Train restarted the workers (restart {start - 1} of at most "
+                    f"train.max_failures={c.train.max_failures}); going on from epoch {self.epoch}"
+                )
         untrained = next((h["knn_top1"] for h in self.history if h["epoch"] == 0), None)
         # Counted from the steps left, not from length.epochs: a run resumed from a
         # checkpoint taken where an earlier train.steps cut an epoch short goes on from
@@ -302,25 +351,40 @@ class Worker:
                 refresh_s = self.refresh_bank(f"refreshed (train.refresh_bank_every={c.train.refresh_bank_every})")
             if self.step >= self.length.steps or self.epoch % c.eval.every == 0:
                 top1, top5, eval_s = self.evaluate(c.eval.source)
-            metrics.update(epoch=self.epoch, step=self.step, knn_top1=top1, knn_top5=top5, eval_seconds=eval_s,
-                           refresh_seconds=refresh_s, lr=self.lr_at(self.step))
+            metrics.update(
+                epoch=self.epoch,
+                step=self.step,
+                knn_top1=top1,
+                knn_top5=top5,
+                eval_seconds=eval_s,
+                refresh_seconds=refresh_s,
+                lr=self.lr_at(self.step),
+            )
             self.history.append(metrics)
-            log.info(f"epoch {self.epoch}/{self.epochs} done in {metrics['epoch_seconds']:.1f}s | "
-                     f"loss {metrics['loss']:.4f} | {metrics['images_per_sec']:,.0f} img/s | "
-                     f"kNN top-1 {percent(top1)} top-5 {percent(top5)}"
-                     + ("" if math.isnan(eval_s) else f" (eval.source={c.eval.source}, {eval_s:.1f} s)"))
+            log.info(
+                f"epoch {self.epoch}/{self.epochs} done in {metrics['epoch_seconds']:.1f}s | "
+                f"loss {metrics['loss']:.4f} | {metrics['images_per_sec']:,.0f} img/s | "
+                f"kNN top-1 {percent(top1)} top-5 {percent(top5)}"
+                + ("" if math.isnan(eval_s) else f" (eval.source={c.eval.source}, {eval_s:.1f} s)")
+            )
             warning = below_untrained(metrics, untrained)
             if warning:
                 log.warning(warning)
             # The bank snapshot and the model checkpoint describe the same step.
             dist.barrier()
             folder = resume.save(self.client, self.state(self.bank_outages()))  # outages: a restart still counts them
-            ray.train.report(metrics | {"bank_snapshot": resume.snapshot_tag(self.epoch, self.step)},
-                             checkpoint=Checkpoint.from_directory(folder) if folder else None,
-                             checkpoint_dir_name=f"epoch-{self.epoch:04d}")
-        return {"history": self.history, "step_log": self.meter.step_log,
-                "train_seconds": time.perf_counter() - train_start, "steps": self.step,
-                "bank_outages": self.bank_outages()}
+            ray.train.report(
+                metrics | {"bank_snapshot": resume.snapshot_tag(self.epoch, self.step)},
+                checkpoint=Checkpoint.from_directory(folder) if folder else None,
+                checkpoint_dir_name=f"epoch-{self.epoch:04d}",
+            )
+        return {
+            "history": self.history,
+            "step_log": self.meter.step_log,
+            "train_seconds": time.perf_counter() - train_start,
+            "steps": self.step,
+            "bank_outages": self.bank_outages(),
+        }
 
 
 def train_func(loop_config: dict) -> dict:
@@ -329,6 +393,7 @@ def train_func(loop_config: dict) -> dict:
     config = Config.from_dict(loop_config["config"])
     show_worker_lines(dist.rank())
     token = read_token(config.bank.token_file, loop_config.get("token_env"))
-    worker = Worker(config, loop_config["addresses"], token, loop_config.get("bank_actors", ()),
-                    loop_config.get("starts"))
+    worker = Worker(
+        config, loop_config["addresses"], token, loop_config.get("bank_actors", ()), loop_config.get("starts")
+    )
     return worker.run()

@@ -28,8 +28,14 @@ def batches(rng, count):
     """`count` batches of distinct rows within each pass over the bank, as an epoch's
     sampler gives them; over two passes, rows repeat across the boundary."""
     order = np.concatenate([rng.permutation(N), rng.permutation(N)])
-    return [(torch.zeros(B, 1, 2, 2, dtype=torch.uint8), torch.from_numpy(order[i * B:(i + 1) * B]),
-             torch.zeros(B, dtype=torch.long)) for i in range(count)]
+    return [
+        (
+            torch.zeros(B, 1, 2, 2, dtype=torch.uint8),
+            torch.from_numpy(order[i * B : (i + 1) * B]),
+            torch.zeros(B, dtype=torch.long),
+        )
+        for i in range(count)
+    ]
 
 
 def test_step_t_reads_rows_after_update_t_minus_2_and_every_update_lands_once(make_bank):

@@ -25,9 +25,24 @@ def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("checkpoint")
     torch.manual_seed(0)
     encoder = Encoder("small", 1, 128, 8, True, mean=[0.29], std=[0.35])
-    checkpoint.save(folder, model=encoder.state_dict(), optimizer={}, encoder=encoder.spec(), image_size=28, epoch=1,
-                    step=1, history=[], step_log=[], log_z=None, bank_snapshot="epoch-0001", bank_addresses=[], config={},
-                    git_sha="", bank_outages=[], dataset={})
+    checkpoint.save(
+        folder,
+        model=encoder.state_dict(),
+        optimizer={},
+        encoder=encoder.spec(),
+        image_size=28,
+        epoch=1,
+        step=1,
+        history=[],
+        step_log=[],
+        log_z=None,
+        bank_snapshot="epoch-0001",
+        bank_addresses=[],
+        config={},
+        git_sha="",
+        bank_outages=[],
+        dataset={},
+    )
     return folder, encoder.eval()
 
 
@@ -39,9 +54,11 @@ def test_knn_of_an_export_with_its_head_scores_the_runs_embeddings(saved, tmp_pa
     # The same figure from the encoder itself, without the export.
     train_set, test_set = load_datasets(config)
     with torch.no_grad():
+
         def embed(dataset):
             images, _, labels = dataset.__getitems__(list(range(len(dataset))))
             return F.normalize(encoder(images.float() / 255), dim=1), labels
+
         train, test = embed(train_set), embed(test_set)
     expected = knn_accuracy(*train, *test, 10, config.eval.k, config.eval.sigma)
     assert (result["knn_top1"], result["knn_top5"]) == pytest.approx(expected, abs=1 / 300)
@@ -113,7 +130,8 @@ def test_what_the_linear_probe_cannot_take_is_refused_naming_why(saved, tmp_path
         (head, "--head"),
     ]
     for encoder, message in cases:
-        assert main(["eval", "linear", "--encoder", str(encoder), "--output-dir", str(tmp_path / "out"),
-                     *LINEAR]) == 2, encoder
+        assert (
+            main(["eval", "linear", "--encoder", str(encoder), "--output-dir", str(tmp_path / "out"), *LINEAR]) == 2
+        ), encoder
         assert message in capsys.readouterr().err, encoder
     assert not (tmp_path / "out" / "linear.json").exists()

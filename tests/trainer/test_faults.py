@@ -28,8 +28,17 @@ from benchmarks.processes import ServerProcess
 from tests.conftest import free_port, wait_until
 
 # Small and quick, but long enough (64 steps an epoch) to be hit in the middle of one.
-SMALL = ["data.subset=2048", "data.test_subset=500", "train.batch_size=32", "train.workers=2", "bank.shards=2",
-         "train.log_every=4", "loss.negatives=256", "train.refresh_bank_every=0", "eval.k=50"]
+SMALL = [
+    "data.subset=2048",
+    "data.test_subset=500",
+    "train.batch_size=32",
+    "train.workers=2",
+    "bank.shards=2",
+    "train.log_every=4",
+    "loss.negatives=256",
+    "train.refresh_bank_every=0",
+    "eval.k=50",
+]
 RUN_S = 420  # a run's bound, Ray's start and a restart included, on 2 busy cores
 
 
@@ -40,9 +49,12 @@ class Run:
         self.output, self.name = output, name
         self.log = output.parent / f"{output.name}.log"
         self._file = open(self.log, "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "trainer", "--output-dir", str(output), "--name", name,
-                                      *SMALL, *overrides], stdout=self._file, stderr=subprocess.STDOUT,
-                                     env=env or os.environ.copy())
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "trainer", "--output-dir", str(output), "--name", name, *SMALL, *overrides],
+            stdout=self._file,
+            stderr=subprocess.STDOUT,
+            env=env or os.environ.copy(),
+        )
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")
@@ -145,8 +157,9 @@ def assert_outages_of(summary: dict, shard: int) -> None:
     details = summary["bank_outage_details"]
     assert 1 <= summary["bank_outages"] == len(details) <= 2, details
     assert sorted({o["rank"] for o in details}) == sorted(o["rank"] for o in details)  # once per worker
-    assert all(o["shard"] == shard and o["code"] == "UNAVAILABLE" and not o["ongoing"] and o["retries"] >= 1
-               for o in details), details
+    assert all(
+        o["shard"] == shard and o["code"] == "UNAVAILABLE" and not o["ongoing"] and o["retries"] >= 1 for o in details
+    ), details
 
 
 def test_an_external_shard_killed_mid_epoch_and_restarted(tmp_path):
@@ -155,16 +168,39 @@ def test_an_external_shard_killed_mid_epoch_and_restarted(tmp_path):
     ports = [free_port() for _ in range(2)]
 
     def shard(s: int) -> ServerProcess:
-        server = ServerProcess(["-m", "bank_server", "--shard-id", str(s), "--num-shards", "2", "--rows", "2048",
-                                "--port", str(ports[s]), "--snapshot-dir", str(tmp_path / "bank"),
-                                "--fsync", "always", "--token-file", str(tmp_path / "token")],
-                               stderr=tmp_path / f"shard-{s}-{time.monotonic_ns()}.log")
+        server = ServerProcess(
+            [
+                "-m",
+                "bank_server",
+                "--shard-id",
+                str(s),
+                "--num-shards",
+                "2",
+                "--rows",
+                "2048",
+                "--port",
+                str(ports[s]),
+                "--snapshot-dir",
+                str(tmp_path / "bank"),
+                "--fsync",
+                "always",
+                "--token-file",
+                str(tmp_path / "token"),
+            ],
+            stderr=tmp_path / f"shard-{s}-{time.monotonic_ns()}.log",
+        )
         server.wait_serving(120)
         return server
 
     servers = [shard(0), shard(1)]
-    run = Run(tmp_path / "out", ["train.epochs=1", f"bank.token_file={tmp_path / 'token'}",
-                                 f"bank.addresses={','.join(s.address for s in servers)}"])
+    run = Run(
+        tmp_path / "out",
+        [
+            "train.epochs=1",
+            f"bank.token_file={tmp_path / 'token'}",
+            f"bank.addresses={','.join(s.address for s in servers)}",
+        ],
+    )
     try:
         run.wait_for(r"epoch 1/1 step \d+/64", RUN_S)
         servers[1].proc.kill()  # SIGKILL, of a process this test started
@@ -185,8 +221,9 @@ def test_an_external_shard_killed_mid_epoch_and_restarted(tmp_path):
 
 def test_a_killed_shard_actor_and_a_killed_train_worker(tmp_path):
     token = secrets.token_hex(16)
-    run = Run(tmp_path / "out", ["train.epochs=2", "train.max_failures=1"],
-              env={**os.environ, "INSTDISC_BANK_TOKEN": token})
+    run = Run(
+        tmp_path / "out", ["train.epochs=2", "train.max_failures=1"], env={**os.environ, "INSTDISC_BANK_TOKEN": token}
+    )
     try:
         run.wait_for(r"epoch 1/2 step \d+/64", RUN_S)
         shards = run.ray_processes("ray::BankShardActor")

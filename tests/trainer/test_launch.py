@@ -7,8 +7,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-PROBE = ("from trainer.launch import init_ray; init_ray(); import ray; "
-         "print('cpus', int(ray.cluster_resources()['CPU'])); ray.shutdown()")
+PROBE = (
+    "from trainer.launch import init_ray; init_ray(); import ray; "
+    "print('cpus', int(ray.cluster_resources()['CPU'])); ray.shutdown()"
+)
 
 
 def test_a_stale_cluster_file_does_not_capture_a_run_without_ray_address():
@@ -18,8 +20,13 @@ def test_a_stale_cluster_file_does_not_capture_a_run_without_ray_address():
     # What a local Ray that died uncleanly leaves behind: the address of a dead cluster.
     (temp / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_TMPDIR": str(temp)}
-    bare = subprocess.run([sys.executable, "-c", "import ray; ray.init(num_cpus=1, include_dashboard=False)"],
-                          env=env, capture_output=True, text=True, timeout=120)
+    bare = subprocess.run(
+        [sys.executable, "-c", "import ray; ray.init(num_cpus=1, include_dashboard=False)"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bare.returncode != 0 and "existing cluster" in bare.stderr  # what users met before
     run = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -17,9 +17,21 @@ DATASET = {"sha256": "a" * 64, "rows": N, "subset_seed": 0}
 def state(epoch: int, step: int) -> dict:
     """A worker's state as `Worker.state` gives it (a tiny model stands for the encoder)."""
     model = torch.nn.Linear(2, 2)
-    return {"model": model.state_dict(), "optimizer": {}, "encoder": {}, "image_size": 28, "epoch": epoch,
-            "step": step, "history": [{"epoch": epoch}], "step_log": [], "log_z": 1.5, "config": {}, "git_sha": "",
-            "bank_outages": [], "dataset": DATASET}
+    return {
+        "model": model.state_dict(),
+        "optimizer": {},
+        "encoder": {},
+        "image_size": 28,
+        "epoch": epoch,
+        "step": step,
+        "history": [{"epoch": epoch}],
+        "step_log": [],
+        "log_z": 1.5,
+        "config": {},
+        "git_sha": "",
+        "bank_outages": [],
+        "dataset": DATASET,
+    }
 
 
 @pytest.fixture

@@ -18,8 +18,13 @@ from trainer.cli import main
 
 # Behaviour, not accuracy: a small subset keeps each run to about the cost of starting it.
 SUBSET = [
-    "data.subset=2048", "data.test_subset=500", "train.batch_size=128", "train.workers=2", "bank.shards=2",
-    "train.log_every=5", "loss.negatives=256",
+    "data.subset=2048",
+    "data.test_subset=500",
+    "train.batch_size=128",
+    "train.workers=2",
+    "bank.shards=2",
+    "train.log_every=5",
+    "loss.negatives=256",
 ]
 
 
@@ -120,9 +125,23 @@ def test_nce_learns_without_collapse(tmp_path):
     # (79.7 % -> 81.1 %).
     # The bank refreshed from clean images after every epoch is part of this recipe:
     # train.refresh_bank_every=1.
-    assert train(tmp_path, "data.subset=0", "data.test_subset=2000", "train.epochs=2", "loss.kind=nce",
-                 "train.refresh_bank_every=1", "loss.negatives=4096", "augment.crop_min=0.5",
-                 "loss.temperature=0.1", "train.lr=0.06", "train.log_every=50", name="nce") == 0
+    assert (
+        train(
+            tmp_path,
+            "data.subset=0",
+            "data.test_subset=2000",
+            "train.epochs=2",
+            "loss.kind=nce",
+            "train.refresh_bank_every=1",
+            "loss.negatives=4096",
+            "augment.crop_min=0.5",
+            "loss.temperature=0.1",
+            "train.lr=0.06",
+            "train.log_every=50",
+            name="nce",
+        )
+        == 0
+    )
     summary = summary_of(tmp_path)
     assert summary["knn_top1"] > summary["knn_top1_untrained"], summary
     rows = rows_of(tmp_path)
@@ -132,11 +151,34 @@ def test_nce_learns_without_collapse(tmp_path):
 def test_training_against_running_bank_servers(tmp_path, spawn_server):
     # Also InfoNCE, a length in steps (16 a epoch: the second epoch is cut to 4), and kNN
     # on fresh features with no refresh: nothing but training writes the bank.
-    servers = [spawn_server("--shard-id", str(s), "--num-shards", "2", "--rows", "2048", "--port", "0",
-                            "--snapshot-dir", str(tmp_path / "bank")) for s in range(2)]
+    servers = [
+        spawn_server(
+            "--shard-id",
+            str(s),
+            "--num-shards",
+            "2",
+            "--rows",
+            "2048",
+            "--port",
+            "0",
+            "--snapshot-dir",
+            str(tmp_path / "bank"),
+        )
+        for s in range(2)
+    ]
     addresses = ",".join(server.address for server in servers)
-    assert train(tmp_path / "out", "train.steps=20", "loss.kind=infonce", "eval.source=fresh",
-                 "train.refresh_bank_every=0", f"bank.addresses={addresses}", name="external") == 0
+    assert (
+        train(
+            tmp_path / "out",
+            "train.steps=20",
+            "loss.kind=infonce",
+            "eval.source=fresh",
+            "train.refresh_bank_every=0",
+            f"bank.addresses={addresses}",
+            name="external",
+        )
+        == 0
+    )
     summary = summary_of(tmp_path / "out")
     assert (summary["epochs"], summary["steps"], summary["loss"]) == (2, 20, "infonce")
     assert summary["knn_epoch"] == 2 and summary["knn_source"] == "fresh" and summary["refresh_seconds"] is None
@@ -169,10 +211,22 @@ def test_config_and_data_errors_are_reported(tmp_path, capsys):
 def test_a_token_the_bank_refuses_stops_the_run_naming_the_shard(tmp_path, spawn_server, capsys):
     (tmp_path / "token").write_text("right\n")
     (tmp_path / "wrong").write_text("wrong\n")
-    server = spawn_server("--shard-id", "0", "--num-shards", "1", "--rows", "2048", "--port", "0",
-                          "--token-file", str(tmp_path / "token"))
+    server = spawn_server(
+        "--shard-id", "0", "--num-shards", "1", "--rows", "2048", "--port", "0", "--token-file", str(tmp_path / "token")
+    )
     server.wait_serving()
-    assert main(["train", "--output-dir", str(tmp_path / "out"), *SUBSET, f"bank.addresses={server.address}",
-                 f"bank.token_file={tmp_path / 'wrong'}"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--output-dir",
+                str(tmp_path / "out"),
+                *SUBSET,
+                f"bank.addresses={server.address}",
+                f"bank.token_file={tmp_path / 'wrong'}",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert server.address in err and "UNAUTHENTICATED" in err and "bank.token_file" in err, err[-2000:]
