@@ -1,9 +1,10 @@
 """InstDisc's augmentations, batched on tensors (fast on CPU and GPU alike).
 
 Per image (strengths from `AugmentConfig`; defaults in brackets): random resized
-crop (area scale crop_min-1 [0.2], aspect 3/4-4/3), colour jitter [0.4] (brightness,
-contrast, saturation, hue), random grayscale [p=0.2], horizontal flip [p=0.5]. The crop is one `affine_grid` + `grid_sample` for the whole batch, so small
-images cost no per-image Python.
+crop (area scale crop_min-1 [0.5], aspect 3/4-4/3), colour jitter [0.4] (brightness,
+contrast, saturation, hue), random grayscale [p=0.2], horizontal flip [p=0]. The crop
+is one `affine_grid` + `grid_sample` for the whole batch, so small images cost no
+per-image Python.
 """
 
 from __future__ import annotations
@@ -62,18 +63,20 @@ def color_jitter(x: torch.Tensor, strength: float, generator=None) -> torch.Tens
         x = (x - gray) * _uniform(b, 1 - strength, 1 + strength, generator, device).view(shape) + gray
         angle = _uniform(b, -strength / 2, strength / 2, generator, device) * 2 * math.pi
         cos, sin = torch.cos(angle), torch.sin(angle)
-        to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-                              device=device, dtype=x.dtype)
+        to_yiq = torch.tensor(
+            [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=device, dtype=x.dtype
+        )
         rot = torch.zeros(b, 3, 3, device=device, dtype=x.dtype)
         rot[:, 0, 0] = 1
         rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = cos, -sin, sin, cos
-        matrix = torch.linalg.inv(to_yiq) @ rot @ to_yiq                        # (B, 3, 3)
+        matrix = torch.linalg.inv(to_yiq) @ rot @ to_yiq  # (B, 3, 3)
         x = torch.einsum("bij,bjhw->bihw", matrix, x)
     return x.clamp(0, 1)
 
 
-def augment(x: torch.Tensor, config: AugmentConfig = AugmentConfig(), generator=None) -> torch.Tensor:
+def augment(x: torch.Tensor, config: AugmentConfig | None = None, generator=None) -> torch.Tensor:
     """x: float images in [0, 1], (B, C, H, W). Returns the augmented batch, same shape."""
+    config = config or AugmentConfig()
     b, device = x.shape[0], x.device
     x = random_resized_crop(x, (config.crop_min, 1.0), CROP_RATIO, generator)
     if config.jitter > 0:

@@ -12,8 +12,7 @@ computes, ONE fused Step RPC per shard is in flight that
 
 So step t's positives were read after u(t-2) was applied and before u(t-1) (within an
 epoch the batches are disjoint, so that lag never touches a batch's own rows), and the
-update of the last step goes out when the batches run out. With ``overlap=False`` each
-RPC runs to completion before the step continues (the whole round trip is waited for).
+update of the last step goes out when the batches run out.
 """
 
 from __future__ import annotations
@@ -22,7 +21,6 @@ import logging
 import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 from typing import NamedTuple
 
 import numpy as np
@@ -35,14 +33,14 @@ log = logging.getLogger(__name__)
 
 class BankStep(NamedTuple):
     """What one training step needs from its batch and from the bank."""
-    images: torch.Tensor      # (B, C, H, W) uint8, as the loader gave them
-    indices: torch.Tensor     # (B,) global bank rows of the images
-    labels: torch.Tensor      # (B,) (unused by training; kept with the images)
-    positives: torch.Tensor   # (B, D) float32 bank rows of `indices`, on the device
-    negatives: torch.Tensor   # (K, D) float32 uniform bank rows shared by the batch, on the device
+
+    images: torch.Tensor  # (B, C, H, W) uint8, as the loader gave them
+    indices: torch.Tensor  # (B,) global bank rows of the images
+    positives: torch.Tensor  # (B, D) float32 bank rows of `indices`, on the device
+    negatives: torch.Tensor  # (K, D) float32 uniform bank rows shared by the batch, on the device
     negative_indices: torch.Tensor  # (K,) their global rows, on the device (InfoNCE drops a query's own)
-    waited_s: float           # how long this step was held up for the bank
-    round_trip_s: float       # the RPC's own duration
+    waited_s: float  # how long this step was held up for the bank
+    round_trip_s: float  # the RPC's own duration
 
 
 def as_numpy(t: torch.Tensor) -> np.ndarray:
@@ -63,10 +61,9 @@ def rows_on(a: np.ndarray, device) -> torch.Tensor:
 
 
 class BankFeed:
-    def __init__(self, client: BankClient, negatives: int, momentum: float, device: torch.device,
-                 overlap: bool = True):
+    def __init__(self, client: BankClient, negatives: int, momentum: float, device: torch.device):
         self.client, self.negatives, self.momentum, self.device = client, negatives, momentum, device
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bank-feed") if overlap else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bank-feed")
         self._pending: Future | None = None
         self._pushed: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -86,11 +83,16 @@ class BankFeed:
             # Cast before the next RPC starts: torch's cast runs on both cores, and with the
             # feed's thread busy on one it waited for it (1.27 ms a cast, measured, for 0.02 ms
             # of work).
-            images, indices, labels = current
-            step = BankStep(images, indices, labels, rows_on(answer.rows, self.device),
-                            rows_on(answer.negative_rows, self.device),
-                            torch.from_numpy(answer.negative_indices.astype(np.int64)).to(self.device),
-                            waited_s, round_trip_s)
+            images, indices, _ = current
+            step = BankStep(
+                images,
+                indices,
+                rows_on(answer.rows, self.device),
+                rows_on(answer.negative_rows, self.device),
+                torch.from_numpy(answer.negative_indices.astype(np.int64)).to(self.device),
+                waited_s,
+                round_trip_s,
+            )
             update, self._pushed = self._pushed, None
             self._submit(update, None if upcoming is None else upcoming[1])  # in flight during this step
             yield step
@@ -109,18 +111,18 @@ class BankFeed:
     def _rpc(self, update, lookup) -> tuple[StepResult, float]:
         start = time.perf_counter()
         idx, features = update if update is not None else (None, None)
-        result = self.client.step(update_indices=idx, update_features=features, momentum=self.momentum,
-                                  lookup_indices=lookup, negatives=self.negatives if len(lookup) else 0)
+        result = self.client.step(
+            update_indices=idx,
+            update_features=features,
+            momentum=self.momentum,
+            lookup_indices=lookup,
+            negatives=self.negatives if len(lookup) else 0,
+        )
         return result, time.perf_counter() - start
 
     def _submit(self, update, lookup: torch.Tensor | None) -> None:
         lookup = np.empty(0, np.int64) if lookup is None else as_numpy(lookup)
-        if self._pool is None:
-            done: Future = Future()
-            done.set_result(self._rpc(update, lookup))
-            self._pending = done
-        else:
-            self._pending = self._pool.submit(self._rpc, update, lookup)
+        self._pending = self._pool.submit(self._rpc, update, lookup)
 
     def _take(self) -> tuple[StepResult, float, float]:
         """(answer, its round trip, how long the step waited for it)."""
@@ -129,14 +131,7 @@ class BankFeed:
             answer, round_trip_s = self._pending.result()
         finally:
             self._pending = None  # raised or not, it is taken: close() must not report it again
-        waited_s = round_trip_s if self._pool is None else time.perf_counter() - start
-        return answer, round_trip_s, waited_s
-
-    def settle(self) -> None:
-        """Wait until the RPC in flight (if any) has finished; its answer stays for the
-        next step. For a pause in training that should not overlap the bank's work."""
-        if self._pending is not None:
-            futures_wait([self._pending])
+        return answer, round_trip_s, time.perf_counter() - start
 
     def close(self) -> None:
         """Wait for an RPC still in flight (a step that ended early); what it brings or
@@ -149,12 +144,13 @@ class BankFeed:
                     log.warning("dropped the bank's answer to an unfinished step: %s", error)
                 self._pending = None
             if self._pushed is not None:
-                log.warning("dropped the update of the last step (%d rows): training stopped before it was sent",
-                            len(self._pushed[0]))
+                log.warning(
+                    "dropped the update of the last step (%d rows): training stopped before it was sent",
+                    len(self._pushed[0]),
+                )
                 self._pushed = None
         finally:
-            if self._pool is not None:
-                self._pool.shutdown()
+            self._pool.shutdown()
 
     # -- torch face of the other calls ---------------------------------------------
 

@@ -1,7 +1,7 @@
 """The training checkpoint's format: one ``state.pt`` in a checkpoint folder.
 
-Written by the training loop at the end of every epoch (Ray Train keeps the folders)
-and read back by resume and by ``instdisc export``. The file is a dict:
+Written at the end of every epoch and read back by a resume (`trainer.resume`; Ray
+Train keeps the folders), and read by ``instdisc export``. The file is a dict:
 
 - ``model``, ``optimizer``: state dicts of the bare encoder and of SGD;
 - ``encoder``: `Encoder.spec()`, enough to rebuild the module without the config;
@@ -25,15 +25,47 @@ import torch
 FILE = "state.pt"
 
 
-def save(folder: str | Path, *, model: dict, optimizer: dict, encoder: dict, image_size: int, epoch: int,
-         step: int, history: list, step_log: list, log_z: float | None, bank_snapshot: str, bank_addresses: list[str],
-         config: dict, git_sha: str, bank_outages: list[dict], dataset: dict) -> Path:
+def save(
+    folder: str | Path,
+    *,
+    model: dict,
+    optimizer: dict,
+    encoder: dict,
+    image_size: int,
+    epoch: int,
+    step: int,
+    history: list,
+    step_log: list,
+    log_z: float | None,
+    bank_snapshot: str,
+    bank_addresses: list[str],
+    config: dict,
+    git_sha: str,
+    bank_outages: list[dict],
+    dataset: dict,
+) -> Path:
     """Write the checkpoint file into `folder`; every field is required, by name."""
     path = Path(folder) / FILE
-    torch.save({"model": model, "optimizer": optimizer, "encoder": encoder, "image_size": image_size,
-                "epoch": epoch, "step": step, "history": history, "step_log": step_log, "log_z": log_z,
-                "bank_snapshot": bank_snapshot, "bank_addresses": bank_addresses, "config": config,
-                "git_sha": git_sha, "bank_outages": bank_outages, "dataset": dataset}, path)
+    torch.save(
+        {
+            "model": model,
+            "optimizer": optimizer,
+            "encoder": encoder,
+            "image_size": image_size,
+            "epoch": epoch,
+            "step": step,
+            "history": history,
+            "step_log": step_log,
+            "log_z": log_z,
+            "bank_snapshot": bank_snapshot,
+            "bank_addresses": bank_addresses,
+            "config": config,
+            "git_sha": git_sha,
+            "bank_outages": bank_outages,
+            "dataset": dataset,
+        },
+        path,
+    )
     return path
 
 

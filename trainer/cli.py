@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from trainer.console import show_lines
+
+log = logging.getLogger(__name__)
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
@@ -15,45 +20,68 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="instdisc", description="Instance Discrimination with a sharded memory bank.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    bank = commands.add_parser("bank", help="the memory-bank service").add_subparsers(dest="bank_command", required=True)
+    bank = commands.add_parser("bank", help="the memory-bank service").add_subparsers(
+        dest="bank_command", required=True
+    )
     from bank_server.cli import add_serve_arguments
 
     add_serve_arguments(bank.add_parser("serve", help="serve one shard over gRPC"))
 
     train = commands.add_parser("train", help="train InstDisc on Ray with the sharded bank")
-    train.add_argument("--config", default=None,
-                       help="a YAML file, or a shipped config: fashion-mnist (the demo), cifar10, imagenet; "
-                            "without it the defaults, made for any image set")
+    train.add_argument(
+        "--config",
+        default=None,
+        help="a YAML file, or a shipped config: fashion-mnist (the demo), cifar10, imagenet; "
+        "without it the defaults, made for any image set",
+    )
     train.add_argument("--output-dir", default="runs/latest", help="outputs, checkpoints and bank snapshots")
-    train.add_argument("--name", default="instdisc", help="run name; rerunning a name in the same --output-dir resumes it")
-    train.add_argument("--storage-path", default=None,
-                       help="Ray Train checkpoint storage (default <output-dir>/ray); on a multi-node cluster a "
-                            "path every node mounts, or a URI such as s3://bucket/runs")
+    train.add_argument(
+        "--name", default="instdisc", help="run name; rerunning a name in the same --output-dir resumes it"
+    )
+    train.add_argument(
+        "--storage-path",
+        default=None,
+        help="Ray Train checkpoint storage (default <output-dir>/ray); on a multi-node cluster a "
+        "path every node mounts, or a URI such as s3://bucket/runs",
+    )
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=10 loss.kind=nce")
 
     export = commands.add_parser("export", help="write the trained encoder (head dropped) for plain torch")
     export.add_argument("checkpoint", help="a checkpoint folder (e.g. runs/demo/checkpoint)")
     export.add_argument("output", help="file to write, e.g. encoder.pt")
     export.add_argument("--image-size", type=int, default=None, help="input side (default: the training images')")
-    export.add_argument("--head", action="store_true",
-                        help="keep the projection head: the program gives the run's unit embeddings (what its bank "
-                             "held and its kNN scored) instead of backbone features")
+    export.add_argument(
+        "--head",
+        action="store_true",
+        help="keep the projection head: the program gives the run's unit embeddings (what its bank "
+        "held and its kNN scored) instead of backbone features",
+    )
 
     evaluate = commands.add_parser("eval", help="score an exported encoder, apart from training").add_subparsers(
-        dest="eval_command", required=True)
+        dest="eval_command", required=True
+    )
     knn = evaluate.add_parser("knn", help="weighted kNN of an exported encoder on any dataset data.* loads")
     knn.add_argument("--encoder", required=True, help="a file written by `instdisc export`")
-    knn.add_argument("--config", default=None,
-                     help="a YAML file or shipped config for data.* and eval.k / eval.sigma (default: the defaults)")
+    knn.add_argument(
+        "--config",
+        default=None,
+        help="a YAML file or shipped config for data.* and eval.k / eval.sigma (default: the defaults)",
+    )
     knn.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. data.name=mnist eval.k=50")
-    linear = evaluate.add_parser("linear", help="linear probe: a linear classifier on an export's frozen, "
-                                                "L2-normalised backbone features")
+    linear = evaluate.add_parser(
+        "linear", help="linear probe: a linear classifier on an export's frozen, L2-normalised backbone features"
+    )
     linear.add_argument("--encoder", required=True, help="a file written by `instdisc export` (without --head)")
-    linear.add_argument("--config", default=None,
-                        help="a YAML file or shipped config for data.*, eval.linear_* and train.seed "
-                             "(default: the defaults)")
-    linear.add_argument("--output-dir", default=None,
-                        help="where linear.json and the cached features go (default: the encoder's folder)")
+    linear.add_argument(
+        "--config",
+        default=None,
+        help="a YAML file or shipped config for data.*, eval.linear_* and train.seed (default: the defaults)",
+    )
+    linear.add_argument(
+        "--output-dir",
+        default=None,
+        help="where linear.json and the cached features go (default: the encoder's folder)",
+    )
     linear.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.linear_epochs=50 data.name=mnist")
 
     for group, title in (("bench", "benchmarks that print numbers"),
@@ -73,21 +101,27 @@ def run_train(args) -> int:
     try:
         config = load_config(resolve_config_path(args.config), args.overrides)
     except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
+        log.error(error)
         return 2
+    from bank_server.ray_bank import BankDidNotStart, BankDoesNotFit
     from trainer.images import DatasetMissing
     from trainer.launch import TrainingStopped, launch
+    from trainer.outputs import table
 
-    from bank_server.ray_bank import BankDidNotStart, BankDoesNotFit
-
+    output = Path(args.output_dir).resolve()
     try:
-        launch(config, args.output_dir, run_name=args.name, storage_path=args.storage_path)
+        summary = launch(config, args.output_dir, run_name=args.name, storage_path=args.storage_path)
     except (ConfigError, DatasetMissing, ValueError, BankDoesNotFit) as error:
-        print(f"error: {error}", file=sys.stderr)
+        log.error(error)
         return 2
     except (TrainingStopped, BankDidNotStart) as error:
-        print(f"error: {error}", file=sys.stderr)
+        if getattr(error, "summary", None):  # the epochs before the stop, written up
+            print(table(error.summary, output), flush=True)
+        log.error(error)
         return 1
+    print(table(summary, output), flush=True)
+    for warning in summary["warnings"]:
+        log.warning(warning)
     return 0
 
 
@@ -98,20 +132,27 @@ def run_eval_linear(args) -> int:
     from trainer.linear import RESULT, evaluate_linear
 
     try:
-        result = evaluate_linear(args.encoder, load_config(resolve_config_path(args.config), args.overrides),
-                                 args.output_dir)
+        result = evaluate_linear(
+            args.encoder, load_config(resolve_config_path(args.config), args.overrides), args.output_dir
+        )
     except (ConfigError, DatasetMissing, NotAnExport, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        log.error(error)
         return 2
-    from trainer.launch import percent
+    from trainer.outputs import percent
 
-    rows = [("linear top-1", percent(result["linear_top1"])), ("linear top-5", percent(result["linear_top5"])),
-            ("train top-1", percent(result["train_top1"])),
-            ("recipe", f"{result['epochs']} epochs, SGD lr {result['lr']:g}, wd {result['weight_decay']:g}, "
-                       f"batch {result['batch_size']}, seed {result['seed']}"),
-            ("features", f"{result['features']} (backbone, L2-normalised)"),
-            ("dataset", f"{result['dataset']}: {result['train_images']:,} train, {result['test_images']:,} test"),
-            ("wrote", str(Path(result["feature_cache"]).parent.parent / RESULT))]
+    rows = [
+        ("linear top-1", percent(result["linear_top1"])),
+        ("linear top-5", percent(result["linear_top5"])),
+        ("train top-1", percent(result["train_top1"])),
+        (
+            "recipe",
+            f"{result['epochs']} epochs, SGD lr {result['lr']:g}, wd {result['weight_decay']:g}, "
+            f"batch {result['batch_size']}, seed {result['seed']}",
+        ),
+        ("features", f"{result['features']} (backbone, L2-normalised)"),
+        ("dataset", f"{result['dataset']}: {result['train_images']:,} train, {result['test_images']:,} test"),
+        ("wrote", str(Path(result["feature_cache"]).parent.parent / RESULT)),
+    ]
     width = max(len(key) for key, _ in rows)
     print("\n".join(f"{key:<{width}}  {value}" for key, value in rows), flush=True)
     return 0
@@ -126,13 +167,17 @@ def run_eval_knn(args) -> int:
     try:
         result = evaluate_knn(args.encoder, load_config(resolve_config_path(args.config), args.overrides))
     except (ConfigError, DatasetMissing, NotAnExport, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        log.error(error)
         return 2
-    from trainer.launch import percent
+    from trainer.outputs import percent
 
-    rows = [("kNN top-1", percent(result["knn_top1"])), ("kNN top-5", percent(result["knn_top5"])),
-            ("k, sigma", f"{result['k']}, {result['sigma']:g}"), ("features", result["features"]),
-            ("dataset", f"{result['dataset']}: {result['train_images']:,} train, {result['test_images']:,} test")]
+    rows = [
+        ("kNN top-1", percent(result["knn_top1"])),
+        ("kNN top-5", percent(result["knn_top5"])),
+        ("k, sigma", f"{result['k']}, {result['sigma']:g}"),
+        ("features", result["features"]),
+        ("dataset", f"{result['dataset']}: {result['train_images']:,} train, {result['test_images']:,} test"),
+    ]
     width = max(len(key) for key, _ in rows)
     print("\n".join(f"{key:<{width}}  {value}" for key, value in rows), flush=True)
     return 0
@@ -154,6 +199,7 @@ BENCHMARKS = {
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
+    show_lines()
     if args.command == "bank":
         from bank_server.cli import run_serve
 

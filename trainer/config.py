@@ -22,26 +22,26 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     name: str = "fashion-mnist"
-    root: str | None = None      # None: Debian's files / the download cache
+    root: str | None = None  # None: Debian's files / the download cache
     # Train on `subset` images (0 = all): the first of a seeded permutation, or for a
     # streamed Parquet dataset its evenly spaced rows (no random access needed).
     subset: int = 0
-    test_subset: int = 0         # evaluate on this many test images, chosen the same way; 0 = all
-    image_size: int = 32         # imagefolder / parquet images are resized to this
+    test_subset: int = 0  # evaluate on this many test images, chosen the same way; 0 = all
+    image_size: int = 32  # imagefolder / parquet images are resized to this
     download: bool = True
     # Decoding processes per train worker; None: 1 for streamed parquet on a GPU worker,
     # else 0 (decode in the worker: on CPU a second process competes for its cores).
     loader_workers: int | None = None
     # parquet: stream each worker's row groups (true), or decode the split into memory once (false).
     stream: bool = True
-    shuffle_buffer: int = 4096   # streamed parquet: encoded rows mixed across row groups
+    shuffle_buffer: int = 4096  # streamed parquet: encoded rows mixed across row groups
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "small"          # small | resnet18 | resnet50
-    width: int = 32              # channels of the first `small` layer
-    cifar_stem: bool = True      # 3x3 stride-1 stem, no max-pool (ResNets on small images)
+    arch: str = "small"  # small | resnet18 | resnet50
+    width: int = 32  # channels of the first `small` layer
+    cifar_stem: bool = True  # 3x3 stride-1 stem, no max-pool (ResNets on small images)
     dim: int = 128
 
 
@@ -54,10 +54,11 @@ class AugmentConfig:
     and crops of at least half the image (small images lose their object to a 0.2 crop).
     The natural-image configs (cifar10, imagenet) set the paper's 0.2 and 0.5.
     """
-    crop_min: float = 0.5        # random resized crop, area scale in (crop_min, 1)
-    jitter: float = 0.4          # brightness, contrast, saturation in [1-s, 1+s]; hue up to s/2 of a turn
-    grayscale_p: float = 0.2     # colour images only
-    flip_p: float = 0.0          # horizontal flip
+
+    crop_min: float = 0.5  # random resized crop, area scale in (crop_min, 1)
+    jitter: float = 0.4  # brightness, contrast, saturation in [1-s, 1+s]; hue up to s/2 of a turn
+    grayscale_p: float = 0.2  # colour images only
+    flip_p: float = 0.0  # horizontal flip
 
 
 @dataclass
@@ -65,10 +66,10 @@ class LossConfig:
     # infonce matched the exact softmax at K = 4096 (within 0.05 points of kNN on
     # Fashion-MNIST, 2 seeds) at NCE's cost per step; NCE at K = 4096 trailed the softmax
     # by 4 points, and the softmax reads every bank row each step, so it cannot scale.
-    kind: str = "infonce"        # infonce | nce | softmax
-    negatives: int = 4096        # K, for nce and infonce; capped at the bank's rows
+    kind: str = "infonce"  # infonce | nce | softmax
+    negatives: int = 4096  # K, for nce and infonce; capped at the bank's rows
     temperature: float = 0.1
-    z_mode: str = "ema"          # nce: fixed (lemniscate, first batch) | ema
+    z_mode: str = "ema"  # nce: fixed (lemniscate, first batch) | ema
     # A slow average lags while the first epoch spreads the features out: Z stays too
     # large, the negatives' push fades and the bank collapses (seen with 0.99 from a
     # warm bank: kNN fell from 80 % to 51 % in one epoch). 0.9 tracks it.
@@ -79,15 +80,14 @@ class LossConfig:
 class BankConfig:
     shards: int = 2
     dtype: str = "float16"
-    momentum: float = 0.5        # v <- normalize(m v + (1 - m) f)
+    momentum: float = 0.5  # v <- normalize(m v + (1 - m) f)
     addresses: list[str] = field(default_factory=list)  # empty: start shards as Ray actors
-    placement: str = "spread"    # actors: spread over the nodes by free memory | driver (the driver's node)
     token_file: str | None = None
     tls_ca: str | None = None
     # Where shard actors snapshot, a folder per run inside; None: <output-dir>/bank. `$VAR`s
     # are expanded on each shard's node (node-local disks: '$LOCAL_DISK/instdisc').
     snapshot_dir: str | None = None
-    warm_start: bool = True      # fill the bank with one encoder pass before training
+    warm_start: bool = True  # fill the bank with one encoder pass before training
     seed: int = 0
     timeout: float = 60.0
 
@@ -101,19 +101,18 @@ class TrainConfig:
     # epochs of it) left below its untrained encoder.
     epochs: int = 0
     steps: int = 2000
-    batch_size: int = 128        # global: split evenly over train.workers
+    batch_size: int = 128  # global: split evenly over train.workers
     lr: float = 0.06
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = "cosine"     # step (x0.1 at milestones) | cosine
+    schedule: str = "cosine"  # step (x0.1 at milestones) | cosine
     milestones: list[int] = field(default_factory=lambda: [120, 160])
     workers: int = 2
     use_gpu: bool | None = None  # None: use GPUs when the Ray cluster has one per worker
     cpus_per_worker: float = 1.0
     seed: int = 0
-    log_every: int = 50          # steps between progress lines
+    log_every: int = 50  # steps between progress lines
     max_failures: int = 1
-    overlap: bool = True         # prefetch the next step's bank rows during this step's compute
     # Every this many epochs, after the epoch's last step, rewrite every bank row with the
     # current encoder's feature of its un-augmented image (lemniscate's recompute_memory,
     # which it ran before each kNN); training continues from those rows. 0: never.
@@ -126,7 +125,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 1               # epochs between kNN evaluations (the last epoch always)
+    every: int = 1  # epochs between kNN evaluations (the last epoch always)
     k: int = 200
     sigma: float = 0.07
     # What the test images' neighbours are; evaluation never writes the bank either way.
@@ -162,7 +161,7 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "Config":
+    def from_dict(cls, values: dict) -> Config:
         config = cls()
         _merge(config, values, "")
         config.validate()
@@ -178,14 +177,18 @@ class Config:
             (0 <= self.bank.momentum < 1, "bank.momentum must be in [0, 1)"),
             (self.bank.dtype in ("float16", "float32"), "bank.dtype must be float16 or float32"),
             (self.bank.shards >= 1, "bank.shards must be >= 1"),
-            (self.bank.placement in ("spread", "driver"), "bank.placement must be 'spread' or 'driver'"),
-            (not (self.bank.snapshot_dir and self.bank.addresses),
-             "bank.snapshot_dir is for the shard actors a run starts; running shards (bank.addresses) snapshot "
-             "where their own --snapshot-dir says"),
-            (not self.bank.snapshot_dir or self.bank.snapshot_dir.startswith(("/", "~", "$")) or
-             "://" in self.bank.snapshot_dir,
-             f"bank.snapshot_dir={self.bank.snapshot_dir} must be absolute (or start with a $VARIABLE each node "
-             "sets): shard actors do not run in this directory"),
+            (
+                not (self.bank.snapshot_dir and self.bank.addresses),
+                "bank.snapshot_dir is for the shard actors a run starts; running shards (bank.addresses) snapshot "
+                "where their own --snapshot-dir says",
+            ),
+            (
+                not self.bank.snapshot_dir
+                or self.bank.snapshot_dir.startswith(("/", "~", "$"))
+                or "://" in self.bank.snapshot_dir,
+                f"bank.snapshot_dir={self.bank.snapshot_dir} must be absolute (or start with a $VARIABLE each node "
+                "sets): shard actors do not run in this directory",
+            ),
             (self.train.schedule in ("step", "cosine"), "train.schedule must be 'step' or 'cosine'"),
             (self.train.epochs >= 0, "train.epochs must be >= 0 (0: train.steps sets the run's length)"),
             (self.train.steps >= 0, "train.steps must be >= 0"),
@@ -193,14 +196,18 @@ class Config:
             (self.train.refresh_bank_every >= 0, "train.refresh_bank_every must be >= 0 (0: never)"),
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
             (self.train.workers >= 1, "train.workers must be >= 1"),
-            (self.train.batch_size % self.train.workers == 0,
-             f"train.batch_size={self.train.batch_size} must be a multiple of train.workers={self.train.workers}"),
+            (
+                self.train.batch_size % self.train.workers == 0,
+                f"train.batch_size={self.train.batch_size} must be a multiple of train.workers={self.train.workers}",
+            ),
             (self.eval.every >= 1, "eval.every must be >= 1"),
             (self.eval.k >= 1, "eval.k must be >= 1"),
             (self.eval.source in ("bank", "fresh"), "eval.source must be 'bank' or 'fresh'"),
-            (not (self.data.name == "parquet" and self.data.stream and self.eval.source == "fresh"),
-             "eval.source=fresh holds every train image's feature on each worker; a streamed Parquet dataset "
-             "evaluates against the bank (eval.source=bank), or set data.stream=false to hold it in memory"),
+            (
+                not (self.data.name == "parquet" and self.data.stream and self.eval.source == "fresh"),
+                "eval.source=fresh holds every train image's feature on each worker; a streamed Parquet dataset "
+                "evaluates against the bank (eval.source=bank), or set data.stream=false to hold it in memory",
+            ),
             (self.data.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0 (0: row groups' own order)"),
             (self.data.loader_workers is None or self.data.loader_workers >= 0, "data.loader_workers must be >= 0"),
             (self.eval.linear_epochs >= 1, "eval.linear_epochs must be >= 1"),
@@ -280,7 +287,9 @@ def _check_type(value, annotation, key: str):
 # Keys that existed once: an old config that sets one is told what replaced it.
 RETIRED = {
     "eval.refresh_bank": "evaluation no longer writes the bank; eval.source=bank|fresh says what kNN searches, "
-                         "and train.refresh_bank_every=N rewrites the bank every N epochs as part of training",
+    "and train.refresh_bank_every=N rewrites the bank every N epochs as part of training",
+    "bank.placement": "shard actors are always spread over the Ray nodes by their free memory",
+    "train.overlap": "the bank's round trip always runs during the step's compute",
 }
 
 

@@ -46,7 +46,7 @@ def all_gather_rows(rows: torch.Tensor, counts: list[int]) -> list[torch.Tensor]
     if not is_distributed():
         return [rows]
     padded = torch.zeros((max(counts), *rows.shape[1:]), dtype=rows.dtype, device=_device())
-    padded[:len(rows)] = rows
+    padded[: len(rows)] = rows
     gathered = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(gathered, padded)
     return [share[:count] for share, count in zip(gathered, counts)]

@@ -1,23 +1,88 @@
-"""`instdisc eval knn`: weighted kNN of an exported encoder on any dataset `data.*` can
-load, apart from training: no bank, no Ray. (`instdisc eval linear`, in
-`trainer/linear.py`, loads and checks its inputs here too.)
+"""kNN evaluation: of the training run's encoder, every `eval.every` epochs, and of an
+exported encoder apart from training (`instdisc eval knn`: no bank, no Ray).
 
-The encoder embeds the train split and the test split (un-augmented, in batches);
-each test feature's k nearest train features (cosine) vote with weight exp(sim / sigma)
-(`trainer.knn`, the same functions the training run's evaluation uses). With an export
-that carries the head, the features are the run's own embeddings, so the figure
-matches the run's kNN, up to the bank's float16 rows.
+In a run, the test images' neighbours are the bank rows as they are
+(``eval.source=bank``: the shards' merged top-k) or fresh features of the train images
+(``eval.source=fresh``, `trainer.features.fresh_index`); either way the bank is only
+read, and the counting is `trainer.knn`'s.
+
+`instdisc eval knn` embeds the train split and the test split (un-augmented, in
+batches) with the export and scores the same way. With an export that carries the
+head, the features are the run's own embeddings, so the figure matches the run's kNN,
+up to the bank's float16 rows. (`instdisc eval linear`, in `trainer/linear.py`, loads
+and checks its inputs here too.)
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
+from trainer import distributed as dist
+from trainer.bank_feed import BankFeed
 from trainer.config import Config, ConfigError
-from trainer.knn import correct_at, weighted_knn_scores
+from trainer.export import load_export
+from trainer.features import embed, fresh_index
+from trainer.data import load_datasets
+from trainer.knn import knn_accuracy, knn_correct, neighbours_correct
 
 _BATCH = 512
+TEST_BATCH = 500
+# Bank neighbours labelled at once (test queries x k): bounds evaluation's memory on any
+# test set, and lets a streamed dataset read each row group's labels once per lot.
+KNN_LABELS_AT_ONCE = 1 << 20
+
+
+@torch.no_grad()
+def evaluate_run(
+    encoder: torch.nn.Module, data, feed: BankFeed, config: Config, device, source: str
+) -> tuple[float, float, float]:
+    """Weighted kNN (top-1, top-5, seconds) of the test set against `source`, all workers
+    together (each scores its share of the test set): the bank rows as they are, or
+    fresh features of the train images. `encoder` is the bare module (see
+    `trainer.features`)."""
+    start = time.perf_counter()
+    c = config.eval
+    k = min(c.k, data.rows)
+    index = labels = None
+    if source == "fresh":  # only for datasets in memory (config.validate)
+        index = fresh_index(encoder, data, device, config.model.dim)
+        labels = data.labels_at(torch.arange(data.rows)).to(index.device)
+    correct, total = [0, 0], 0  # top-1, top-5; test images
+    neighbours = []  # (sims, bank rows, test labels) per batch, labelled a bounded lot at a time
+    encoder.eval()
+    try:
+        for images, _, y in data.share("test", TEST_BATCH):
+            queries = embed(encoder, images, device)
+            total += len(y)
+            if index is not None:
+                found = knn_correct(index, labels, queries, y, data.num_classes, k, c.sigma)
+            else:
+                neighbours.append((*feed.topk(queries, k), y))
+                if sum(idx.numel() for _, idx, _ in neighbours) < KNN_LABELS_AT_ONCE:
+                    continue
+                found, neighbours = _bank_neighbours_correct(neighbours, data, c.sigma), []
+            correct = [correct[0] + found[0], correct[1] + found[1]]
+        found = _bank_neighbours_correct(neighbours, data, c.sigma)
+    finally:
+        encoder.train()
+    correct1, correct5, total = dist.all_reduce_sum([correct[0] + found[0], correct[1] + found[1], total])
+    return correct1 / total, correct5 / total, time.perf_counter() - start
+
+
+def _bank_neighbours_correct(neighbours: list[tuple], data, sigma: float) -> tuple[int, int]:
+    """(correct top-1, correct top-5) of test batches' bank neighbours. Their train labels
+    are read in one go: a streamed dataset reads them from the row groups those rows are in."""
+    if not neighbours:
+        return 0, 0
+    labels = data.labels_at(torch.cat([idx.reshape(-1) for _, idx, _ in neighbours]))
+    correct1 = correct5 = 0
+    for (sims, idx, y), found in zip(neighbours, labels.split([idx.numel() for _, idx, _ in neighbours])):
+        c1, c5 = neighbours_correct(sims, found.reshape(idx.shape), y, data.num_classes, sigma)
+        correct1, correct5 = correct1 + c1, correct5 + c5
+    return correct1, correct5
 
 
 @torch.no_grad()
@@ -33,42 +98,20 @@ def embed_all(module, dataset, progress=None) -> tuple[torch.Tensor, torch.Tenso
     return torch.cat(features), torch.cat(labels)
 
 
-def knn_correct(train_features, train_labels, test_features, test_labels, num_classes: int, k: int,
-                sigma: float) -> tuple[int, int]:
-    """How many test features the weighted kNN against the train features gets right,
-    at top-1 and top-5 (the training run's `eval.source=fresh` sums these over workers)."""
-    correct1 = correct5 = 0
-    for begin in range(0, len(test_features), _BATCH):
-        queries = test_features[begin:begin + _BATCH]
-        sims, idx = (queries @ train_features.T).topk(k, dim=1)
-        scores = weighted_knn_scores(sims, train_labels[idx], num_classes, sigma)
-        c1, c5 = correct_at(scores, test_labels[begin:begin + _BATCH], (1, min(5, num_classes)))
-        correct1, correct5 = correct1 + c1, correct5 + c5
-    return correct1, correct5
-
-
-def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes: int, k: int,
-                 sigma: float) -> tuple[float, float]:
-    """Weighted kNN top-1 and top-5 of the test features against the train features."""
-    correct1, correct5 = knn_correct(train_features, train_labels, test_features, test_labels, num_classes, k, sigma)
-    return correct1 / len(test_features), correct5 / len(test_features)
-
-
 def load_for_eval(encoder_path: str, config: Config):
     """(module, export metadata, train split, test split) of an export and the dataset
     `data.*` names; NotAnExport or ConfigError, naming what is wrong, when the file is
     not an instdisc export or the images are not what it takes. `instdisc eval knn` and
     `instdisc eval linear` both start here."""
-    from trainer.export import load_export
-    from trainer.data import load_datasets
-
     module, metadata = load_export(encoder_path)
     train_set, test_set = load_datasets(config)
     channels, side = train_set[0][0].shape[0], train_set[0][0].shape[1]
     if (channels, side) != (metadata["in_channels"], metadata["image_size"]):
-        raise ConfigError(f"--encoder {encoder_path} takes {metadata['in_channels']}-channel "
-                          f"{metadata['image_size']}x{metadata['image_size']} images; data.name={config.data.name} "
-                          f"gives {channels}-channel {side}x{side} (set data.image_size, or pick the matching export)")
+        raise ConfigError(
+            f"--encoder {encoder_path} takes {metadata['in_channels']}-channel "
+            f"{metadata['image_size']}x{metadata['image_size']} images; data.name={config.data.name} "
+            f"gives {channels}-channel {side}x{side} (set data.image_size, or pick the matching export)"
+        )
     return module, metadata, train_set, test_set
 
 
@@ -82,7 +125,16 @@ def evaluate_knn(encoder_path: str, config: Config) -> dict:
     with tqdm(total=len(train_set) + len(test_set), unit="img", desc="embedding") as progress:
         train_features, train_labels = embed_all(module, train_set, progress)
         test_features, test_labels = embed_all(module, test_set, progress)
-    top1, top5 = knn_accuracy(train_features, train_labels, test_features, test_labels, train_set.num_classes, k,
-                              config.eval.sigma)
-    return {"knn_top1": top1, "knn_top5": top5, "k": k, "sigma": config.eval.sigma, "features": metadata["output"],
-            "train_images": len(train_set), "test_images": len(test_set), "dataset": config.data.name}
+    top1, top5 = knn_accuracy(
+        train_features, train_labels, test_features, test_labels, train_set.num_classes, k, config.eval.sigma
+    )
+    return {
+        "knn_top1": top1,
+        "knn_top5": top5,
+        "k": k,
+        "sigma": config.eval.sigma,
+        "features": metadata["output"],
+        "train_images": len(train_set),
+        "test_images": len(test_set),
+        "dataset": config.data.name,
+    }

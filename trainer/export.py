@@ -24,8 +24,9 @@ class NotAnExport(ValueError):
     """The file is not an encoder that `instdisc export` wrote."""
 
 
-def export_encoder(checkpoint_dir: str | Path, path: str | Path, image_size: int | None = None,
-                   head: bool = False) -> Path:
+def export_encoder(
+    checkpoint_dir: str | Path, path: str | Path, image_size: int | None = None, head: bool = False
+) -> Path:
     """The program takes (B, C, S, S) images in [0, 1], S the training side unless
     `image_size` says otherwise; the batch size is free."""
     encoder, trained_side = load_encoder(checkpoint_dir)
@@ -33,9 +34,14 @@ def export_encoder(checkpoint_dir: str | Path, path: str | Path, image_size: int
     example = torch.rand(2, encoder.in_channels, side, side)
     module = encoder.eval() if head else ExportedBackbone(encoder).eval()
     program = torch.export.export(module, (example,), dynamic_shapes=({0: torch.export.Dim("batch")},))
-    metadata = {"format": 1, "arch": encoder.arch, "in_channels": encoder.in_channels, "image_size": side,
-                "output": "embedding" if head else "backbone",
-                "features": encoder.dim if head else encoder.feature_dim}
+    metadata = {
+        "format": 1,
+        "arch": encoder.arch,
+        "in_channels": encoder.in_channels,
+        "image_size": side,
+        "output": "embedding" if head else "backbone",
+        "features": encoder.dim if head else encoder.feature_dim,
+    }
     path = Path(path)
     with open(path, "wb") as fh:  # a file object: torch.export then skips its file-name check
         torch.export.save(program, fh, extra_files={METADATA: json.dumps(metadata)})
@@ -53,6 +59,8 @@ def load_export(path: str | Path) -> tuple[torch.nn.Module, dict]:
     except Exception as error:  # torch says why in its own words; ours names the file
         raise NotAnExport(f"--encoder {path} is not a torch.export program ({type(error).__name__}: {error})") from None
     if not extra[METADATA]:
-        raise NotAnExport(f"--encoder {path} is a torch.export program but not an instdisc export (no {METADATA} in "
-                          "it); write one with `instdisc export CHECKPOINT FILE`")
+        raise NotAnExport(
+            f"--encoder {path} is a torch.export program but not an instdisc export (no {METADATA} in "
+            "it); write one with `instdisc export CHECKPOINT FILE`"
+        )
     return program.module(), json.loads(extra[METADATA])

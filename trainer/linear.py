@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -23,6 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from trainer.config import Config, ConfigError
+from trainer.evaluate import embed_all, load_for_eval
+
+log = logging.getLogger(__name__)
 
 CACHE_FOLDER = "linear-features"
 RESULT = "linear.json"
@@ -40,8 +44,14 @@ def cache_key(encoder_sha256: str, config: Config) -> str:
     """The encoder's bytes and everything that decides which images are embedded (the
     subsets are seeded with train.seed)."""
     d = config.data
-    data = {"name": d.name, "root": d.root, "subset": d.subset, "test_subset": d.test_subset,
-            "image_size": d.image_size, "seed": config.train.seed}
+    data = {
+        "name": d.name,
+        "root": d.root,
+        "subset": d.subset,
+        "test_subset": d.test_subset,
+        "image_size": d.image_size,
+        "seed": config.train.seed,
+    }
     return hashlib.sha256((encoder_sha256 + json.dumps(data, sort_keys=True)).encode()).hexdigest()[:24]
 
 
@@ -50,22 +60,29 @@ def cached_features(encoder_path: str, config: Config, output_dir: Path) -> tupl
     whether it was read back); computes and writes it when absent."""
     from tqdm import tqdm
 
-    from trainer.evaluate import embed_all, load_for_eval
-
     sha = file_sha256(encoder_path) if Path(encoder_path).exists() else ""
     path = output_dir / CACHE_FOLDER / f"{cache_key(sha, config)}.pt"
     if sha and path.exists():
         return torch.load(path, weights_only=True), path, True
     module, metadata, train_set, test_set = load_for_eval(encoder_path, config)
     if metadata["output"] != "backbone":
-        raise ConfigError(f"--encoder {encoder_path} gives the projection head's {metadata['output']}s (it was "
-                          "exported with --head); the linear probe takes backbone features: export without --head")
+        raise ConfigError(
+            f"--encoder {encoder_path} gives the projection head's {metadata['output']}s (it was "
+            "exported with --head); the linear probe takes backbone features: export without --head"
+        )
     with tqdm(total=len(train_set) + len(test_set), unit="img", desc="linear probe: embedding") as progress:
         # embed_all L2-normalises: the probe sees unit feature vectors.
         train, train_labels = embed_all(module, train_set, progress)
         test, test_labels = embed_all(module, test_set, progress)
-    features = {"train": train, "train_labels": train_labels, "test": test, "test_labels": test_labels,
-                "num_classes": int(train_set.num_classes), "metadata": json.dumps(metadata), "encoder_sha256": sha}
+    features = {
+        "train": train,
+        "train_labels": train_labels,
+        "test": test,
+        "test_labels": test_labels,
+        "num_classes": int(train_set.num_classes),
+        "metadata": json.dumps(metadata),
+        "encoder_sha256": sha,
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_suffix(".tmp")
     torch.save(features, temp)
@@ -73,8 +90,17 @@ def cached_features(encoder_path: str, config: Config, output_dir: Path) -> tupl
     return features, path, False
 
 
-def train_probe(train: torch.Tensor, labels: torch.Tensor, num_classes: int, epochs: int, lr: float,
-                weight_decay: float, batch_size: int, seed: int, desc: str = "linear probe") -> torch.nn.Linear:
+def train_probe(
+    train: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    seed: int,
+    desc: str = "linear probe",
+) -> torch.nn.Linear:
     """A linear layer fitted to (features, labels) by SGD with cross-entropy."""
     from tqdm import tqdm
 
@@ -91,7 +117,7 @@ def train_probe(train: torch.Tensor, labels: torch.Tensor, num_classes: int, epo
             order = torch.randperm(len(train), generator=generator)
             loss_sum = 0.0
             for begin in range(0, len(train), batch_size):
-                batch = order[begin:begin + batch_size]
+                batch = order[begin : begin + batch_size]
                 for group in optimizer.param_groups:
                     group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / total))
                 loss = F.cross_entropy(layer(train[batch]), labels[batch])
@@ -105,8 +131,7 @@ def train_probe(train: torch.Tensor, labels: torch.Tensor, num_classes: int, epo
 
 
 @torch.no_grad()
-def top_k_accuracy(layer: torch.nn.Linear, features: torch.Tensor, labels: torch.Tensor,
-                   ks=(1, 5)) -> list[float]:
+def top_k_accuracy(layer: torch.nn.Linear, features: torch.Tensor, labels: torch.Tensor, ks=(1, 5)) -> list[float]:
     ranked = layer(features).topk(max(ks), dim=1).indices
     hits = ranked == labels[:, None]
     return [float(hits[:, :k].any(dim=1).float().mean()) for k in ks]
@@ -120,19 +145,38 @@ def evaluate_linear(encoder_path: str, config: Config, output_dir: str | Path | 
     e = config.eval
     start = time.perf_counter()
     features, cache, reused = cached_features(encoder_path, config, output)
-    print(f"linear probe: features {'read back from' if reused else 'cached in'} {cache}", flush=True)
+    log.info(f"linear probe: features {'read back from' if reused else 'cached in'} {cache}")
     num_classes = features["num_classes"]
-    layer = train_probe(features["train"], features["train_labels"], num_classes, e.linear_epochs, e.linear_lr,
-                        e.linear_weight_decay, e.linear_batch_size, config.train.seed)
+    layer = train_probe(
+        features["train"],
+        features["train_labels"],
+        num_classes,
+        e.linear_epochs,
+        e.linear_lr,
+        e.linear_weight_decay,
+        e.linear_batch_size,
+        config.train.seed,
+    )
     top1, top5 = top_k_accuracy(layer, features["test"], features["test_labels"], (1, min(5, num_classes)))
-    train_top1, = top_k_accuracy(layer, features["train"], features["train_labels"], (1,))
+    (train_top1,) = top_k_accuracy(layer, features["train"], features["train_labels"], (1,))
     result = {
-        "linear_top1": top1, "linear_top5": top5, "train_top1": train_top1,
-        "epochs": e.linear_epochs, "lr": e.linear_lr, "weight_decay": e.linear_weight_decay,
-        "batch_size": e.linear_batch_size, "seed": config.train.seed, "optimizer": "SGD momentum 0.9, cosine lr",
-        "features": int(features["train"].shape[1]), "train_images": len(features["train"]),
-        "test_images": len(features["test"]), "dataset": config.data.name, "encoder": str(encoder_path),
-        "encoder_sha256": features["encoder_sha256"], "feature_cache": str(cache), "cache_reused": reused,
+        "linear_top1": top1,
+        "linear_top5": top5,
+        "train_top1": train_top1,
+        "epochs": e.linear_epochs,
+        "lr": e.linear_lr,
+        "weight_decay": e.linear_weight_decay,
+        "batch_size": e.linear_batch_size,
+        "seed": config.train.seed,
+        "optimizer": "SGD momentum 0.9, cosine lr",
+        "features": int(features["train"].shape[1]),
+        "train_images": len(features["train"]),
+        "test_images": len(features["test"]),
+        "dataset": config.data.name,
+        "encoder": str(encoder_path),
+        "encoder_sha256": features["encoder_sha256"],
+        "feature_cache": str(cache),
+        "cache_reused": reused,
         "seconds": time.perf_counter() - start,
     }
     (output / RESULT).write_text(json.dumps(result, indent=2))

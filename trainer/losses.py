@@ -25,7 +25,7 @@ Nothing here knows about gRPC or distribution: the bank arrives as tensors or as
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,18 +48,19 @@ def nce_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor, log_z: float, n
     -log h = softplus(log(K P_n) - log P), -log(1 - h) = softplus(log P - log(K P_n))."""
     k = neg_logits.shape[1]
     log_k_pn = math.log(k / num_rows)
-    loss_pos = F.softplus(log_k_pn - (pos_logits - log_z))                 # (B,)
-    loss_neg = F.softplus((neg_logits - log_z) - log_k_pn).sum(1)          # (B,)
+    loss_pos = F.softplus(log_k_pn - (pos_logits - log_z))  # (B,)
+    loss_neg = F.softplus((neg_logits - log_z) - log_k_pn).sum(1)  # (B,)
     return (loss_pos + loss_neg).mean()
 
 
-def infonce_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor,
-                 accidental_hits: torch.Tensor | None = None) -> torch.Tensor:
+def infonce_loss(
+    pos_logits: torch.Tensor, neg_logits: torch.Tensor, accidental_hits: torch.Tensor | None = None
+) -> torch.Tensor:
     """InfoNCE from logits (B,), (B, K): mean_i (-pos_i + logsumexp([pos_i, neg_i]));
     `accidental_hits` (B, K) marks negatives that are the query's own row, left out."""
     if accidental_hits is not None:
         neg_logits = neg_logits.masked_fill(accidental_hits, float("-inf"))
-    logits = torch.cat([pos_logits[:, None], neg_logits], dim=1)            # (B, 1 + K)
+    logits = torch.cat([pos_logits[:, None], neg_logits], dim=1)  # (B, 1 + K)
     return (torch.logsumexp(logits, dim=1) - pos_logits).mean()
 
 
@@ -85,8 +86,12 @@ class PartitionEstimate:
             self.log_z = float(batch_estimate)
         elif self.mode == "ema":
             m = self.momentum
-            self.log_z = float(torch.logaddexp(torch.tensor(math.log(m) + self.log_z, dtype=torch.float64),
-                                               torch.tensor(math.log1p(-m) + batch_estimate, dtype=torch.float64)))
+            self.log_z = float(
+                torch.logaddexp(
+                    torch.tensor(math.log(m) + self.log_z, dtype=torch.float64),
+                    torch.tensor(math.log1p(-m) + batch_estimate, dtype=torch.float64),
+                )
+            )
         return self.log_z
 
 

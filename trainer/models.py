@@ -21,12 +21,17 @@ def _small_backbone(in_channels: int, width: int) -> tuple[nn.Sequential, int]:
     images; about 3.3k train images/s on 2 CPU cores at 28x28, width 32."""
 
     def stage(cin, cout):
-        return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                nn.MaxPool2d(2)]
+        return [
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        ]
 
     w = width
-    net = nn.Sequential(*stage(in_channels, w), *stage(w, 2 * w), *stage(2 * w, 4 * w),
-                        nn.AdaptiveAvgPool2d(3), nn.Flatten())
+    net = nn.Sequential(
+        *stage(in_channels, w), *stage(w, 2 * w), *stage(2 * w, 4 * w), nn.AdaptiveAvgPool2d(3), nn.Flatten()
+    )
     return net, 4 * w * 9
 
 
@@ -56,8 +61,16 @@ class Encoder(nn.Module):
     [0, 1] images too. `backbone` (with the normalisation) is what `export` keeps.
     """
 
-    def __init__(self, arch: str = "small", in_channels: int = 1, dim: int = 128, width: int = 32,
-                 cifar_stem: bool = True, mean=None, std=None):
+    def __init__(
+        self,
+        arch: str = "small",
+        in_channels: int = 1,
+        dim: int = 128,
+        width: int = 32,
+        cifar_stem: bool = True,
+        mean=None,
+        std=None,
+    ):
         super().__init__()
         if arch not in ARCHES:
             raise ValueError(f"model.arch must be one of {ARCHES}, got {arch!r}")
@@ -75,15 +88,23 @@ class Encoder(nn.Module):
         """ValueError if images of side `size` are too small for this backbone."""
         need = min_image_size(self.arch, self.cifar_stem)
         if size < need:
-            raise ValueError(f"model.arch={self.arch} (cifar_stem={self.cifar_stem}) needs images of at least "
-                             f"{need}x{need} pixels, the dataset gives {size}x{size}; pick another model.arch "
-                             "or set data.image_size")
+            raise ValueError(
+                f"model.arch={self.arch} (cifar_stem={self.cifar_stem}) needs images of at least "
+                f"{need}x{need} pixels, the dataset gives {size}x{size}; pick another model.arch "
+                "or set data.image_size"
+            )
 
     def spec(self) -> dict:
         """Constructor arguments, so a checkpoint can rebuild the module."""
-        return {"arch": self.arch, "in_channels": self.in_channels, "dim": self.dim, "width": self.width,
-                "cifar_stem": self.cifar_stem, "mean": self.mean.flatten().tolist(),
-                "std": self.std.flatten().tolist()}
+        return {
+            "arch": self.arch,
+            "in_channels": self.in_channels,
+            "dim": self.dim,
+            "width": self.width,
+            "cifar_stem": self.cifar_stem,
+            "mean": self.mean.flatten().tolist(),
+            "std": self.std.flatten().tolist(),
+        }
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features (B, feature_dim), before the head: what downstream tasks use."""

@@ -1,8 +1,9 @@
 """How long a run is, and its learning rate at each step: pure functions.
 
 A run is a number of optimizer steps: ``train.epochs`` whole epochs when it is > 0,
-otherwise ``train.steps`` (the default, so that small datasets train as long as large ones). Epochs are ``ceil(steps / steps_per_epoch)``, the last
-one cut short when the steps end inside it. The schedule runs over the run's own
+otherwise ``train.steps`` (the default, so that small datasets train as long as large
+ones). Epochs are ``ceil(steps / steps_per_epoch)``, the last one cut short when the
+steps end inside it. The schedule runs over the run's own
 length, so a run cut to a number of steps still ends its cosine at zero, and step
 milestones (in epochs) fall at the same step whichever way the length was given.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class RunLength:
     steps_per_epoch: int  # full batches of one epoch (the last partial batch is dropped)
-    steps: int            # optimizer steps of the whole run
+    steps: int  # optimizer steps of the whole run
 
     @property
     def epochs(self) -> int:
@@ -30,8 +31,10 @@ class RunLength:
         last = self.steps_in_epoch(self.epochs - 1)
         which = "the last one " if self.epochs > 1 else ""
         cut = "" if last == self.steps_per_epoch else f", {which}cut to {last:,} steps"
-        return (f"{self.steps:,} steps = {self.epochs} epoch{'s' if self.epochs != 1 else ''} of "
-                f"{self.steps_per_epoch:,} steps{cut}")
+        return (
+            f"{self.steps:,} steps = {self.epochs} epoch{'s' if self.epochs != 1 else ''} of "
+            f"{self.steps_per_epoch:,} steps{cut}"
+        )
 
 
 def run_length(train_rows: int, batch_size: int, epochs: int, steps: int = 0) -> RunLength:
@@ -51,8 +54,9 @@ def length_given_by(epochs: int, steps: int) -> str:
     return f"train.steps={steps}"
 
 
-def learning_rate(base_lr: float, epoch: float, epochs: float, schedule: str, milestones=(120, 160),
-                  gamma: float = 0.1) -> float:
+def learning_rate(
+    base_lr: float, epoch: float, epochs: float, schedule: str, milestones=(120, 160), gamma: float = 0.1
+) -> float:
     """At (fractional) `epoch` of a run `epochs` long (fractional too when train.steps
     cuts the last epoch): ``step``: base_lr x gamma for each milestone passed (the
     paper's x0.1 at 120 and 160); ``cosine``: base_lr x (1 + cos(pi epoch / epochs)) / 2."""

@@ -6,35 +6,48 @@ from trainer.config import Config, ConfigError, load_config, resolve_config_path
 def test_defaults_file_and_overrides_compose(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  epochs: 7\n  lr: 0.1\nbank:\n  shards: 3\n")
-    config = load_config(path, ["train.lr=0.5", "bank.addresses=127.0.0.1:1,127.0.0.1:2", "loss.kind=softmax",
-                                "data.subset=1e3", "train.overlap=false"])
+    config = load_config(
+        path,
+        [
+            "train.lr=0.5",
+            "bank.addresses=127.0.0.1:1,127.0.0.1:2",
+            "loss.kind=softmax",
+            "data.subset=1e3",
+            "bank.warm_start=false",
+        ],
+    )
     assert config.train.epochs == 7 and config.train.lr == 0.5 and config.bank.shards == 3
     assert config.bank.addresses == ["127.0.0.1:1", "127.0.0.1:2"]
-    assert config.data.subset == 1000 and config.train.overlap is False
+    assert config.data.subset == 1000 and config.bank.warm_start is False
     assert Config.from_dict(config.to_dict()) == config
 
 
-@pytest.mark.parametrize("override, message", [
-    (["train.epoch=3"], "unknown config key 'train.epoch'"),
-    (["nosuch.key=1"], "unknown config key 'nosuch'"),
-    (["train.epochs=three"], "train.epochs must be an integer"),
-    (["train.epochs=2.5"], "train.epochs must be an integer"),
-    (["train.lr=fast"], "train.lr must be a number"),
-    (["train.overlap=maybe"], "train.overlap must be true or false"),
-    (["loss.kind=triplet"], "loss.kind must be 'nce', 'infonce' or 'softmax'"),
-    (["train.steps=-1"], "train.steps must be >= 0"),
-    (["train.steps=many"], "train.steps must be an integer"),
-    (["train.refresh_bank_every=-2"], "train.refresh_bank_every must be >= 0"),
-    (["eval.source=bankish"], "eval.source must be 'bank' or 'fresh'"),
-    (["eval.refresh_bank=true"], "eval.refresh_bank is gone: evaluation no longer writes the bank"),
-    (["eval.linear_epochs=0"], "eval.linear_epochs must be >= 1"),
-    (["bank.momentum=1.0"], "bank.momentum must be in [0, 1)"),
-    (["train.lr"], "is not key=value"),
-    (["bank.snapshot_dir=runs/bank"], "bank.snapshot_dir=runs/bank must be absolute"),
-    (["bank.snapshot_dir=/data/bank", "bank.addresses=127.0.0.1:1"], "bank.snapshot_dir is for the shard actors"),
-    (["data.name=parquet", "data.root=/d", "eval.source=fresh"], "eval.source=fresh holds every train image"),
-    (["data.shuffle_buffer=-1"], "data.shuffle_buffer must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["train.epoch=3"], "unknown config key 'train.epoch'"),
+        (["nosuch.key=1"], "unknown config key 'nosuch'"),
+        (["train.epochs=three"], "train.epochs must be an integer"),
+        (["train.epochs=2.5"], "train.epochs must be an integer"),
+        (["train.lr=fast"], "train.lr must be a number"),
+        (["bank.warm_start=maybe"], "bank.warm_start must be true or false"),
+        (["loss.kind=triplet"], "loss.kind must be 'nce', 'infonce' or 'softmax'"),
+        (["train.steps=-1"], "train.steps must be >= 0"),
+        (["train.steps=many"], "train.steps must be an integer"),
+        (["train.refresh_bank_every=-2"], "train.refresh_bank_every must be >= 0"),
+        (["eval.source=bankish"], "eval.source must be 'bank' or 'fresh'"),
+        (["eval.refresh_bank=true"], "eval.refresh_bank is gone"),
+        (["train.overlap=false"], "train.overlap is gone"),
+        (["bank.placement=driver"], "bank.placement is gone"),
+        (["eval.linear_epochs=0"], "eval.linear_epochs must be >= 1"),
+        (["bank.momentum=1.0"], "bank.momentum must be in [0, 1)"),
+        (["train.lr"], "is not key=value"),
+        (["bank.snapshot_dir=runs/bank"], "bank.snapshot_dir=runs/bank must be absolute"),
+        (["bank.snapshot_dir=/data/bank", "bank.addresses=127.0.0.1:1"], "bank.snapshot_dir is for the shard actors"),
+        (["data.name=parquet", "data.root=/d", "eval.source=fresh"], "eval.source=fresh holds every train image"),
+        (["data.shuffle_buffer=-1"], "data.shuffle_buffer must be >= 0"),
+    ],
+)
 def test_bad_keys_and_types_are_named(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         load_config(None, override)
@@ -62,8 +75,17 @@ def test_a_bad_config_path_exits_2_like_every_config_error(capsys):
 
 
 def test_infonce_and_a_length_in_steps_are_accepted():
-    config = load_config(None, ["loss.kind=infonce", "loss.negatives=16384", "train.steps=1000", "eval.source=fresh",
-                                "train.refresh_bank_every=2", "eval.linear=true"])
+    config = load_config(
+        None,
+        [
+            "loss.kind=infonce",
+            "loss.negatives=16384",
+            "train.steps=1000",
+            "eval.source=fresh",
+            "train.refresh_bank_every=2",
+            "eval.linear=true",
+        ],
+    )
     assert (config.loss.kind, config.train.steps, config.eval.source) == ("infonce", 1000, "fresh")
 
 

@@ -9,8 +9,15 @@ import torch.nn.functional as F
 
 from tests.conftest import reference_bank
 from trainer.bank_feed import BankFeed
-from trainer.losses import (PartitionEstimate, accidental_hits, batch_log_z, infonce_loss, nce_loss, sampled_logits,
-                            softmax_loss)
+from trainer.losses import (
+    PartitionEstimate,
+    accidental_hits,
+    batch_log_z,
+    infonce_loss,
+    nce_loss,
+    sampled_logits,
+    softmax_loss,
+)
 
 N, D, B, TAU = 300, 16, 8, 0.07
 
@@ -33,12 +40,12 @@ def test_softmax_loss_and_gradient_match_the_full_bank(remote):
     idx = torch.arange(0, 2 * B, 2)
     f = features().requires_grad_()
     positives = torch.from_numpy(client.lookup(idx)).double()
-    feed = BankFeed(client, 0, 0.5, torch.device("cpu"), overlap=False)
+    feed = BankFeed(client, 0, 0.5, torch.device("cpu"))
     loss = softmax_loss(f, positives, TAU, lambda q: tuple(t.double() for t in feed.partition_sums(q, TAU)))
     loss.backward()
 
     f_ref = features().requires_grad_()
-    logits = f_ref @ bank.T / TAU                                        # (B, N)
+    logits = f_ref @ bank.T / TAU  # (B, N)
     reference = (-logits[torch.arange(B), idx] + torch.logsumexp(logits, dim=1)).mean()
     reference.backward()
     assert float(loss.detach()) == pytest.approx(float(reference.detach()), rel=1e-5)
@@ -59,8 +66,8 @@ def test_nce_loss_and_gradient_match_the_paper_formula(remote):
     # The paper's form, on rows gathered from the in-process bank.
     f_ref = features(1).requires_grad_()
     z = math.exp(log_z)
-    p_pos = torch.exp(f_ref @ bank[idx].T / TAU).diagonal() / z                    # (B,)
-    p_neg = torch.exp(f_ref @ bank[torch.from_numpy(negative_idx)].T / TAU) / z               # (B, K)
+    p_pos = torch.exp(f_ref @ bank[idx].T / TAU).diagonal() / z  # (B,)
+    p_neg = torch.exp(f_ref @ bank[torch.from_numpy(negative_idx)].T / TAU) / z  # (B, K)
     k_pn = 64 / N
     reference = (-torch.log(p_pos / (p_pos + k_pn)) - torch.log(1 - p_neg / (p_neg + k_pn)).sum(1)).mean()
     reference.backward()
@@ -130,7 +137,7 @@ def test_infonce_with_every_row_as_negative_is_the_exact_softmax(remote):
     loss = infonce_loss(*sampled_logits(f, positives, bank, TAU), accidental_hits(idx, every))
     loss.backward()
     f_ref = features(4).requires_grad_()
-    feed = BankFeed(client, 0, 0.5, torch.device("cpu"), overlap=False)
+    feed = BankFeed(client, 0, 0.5, torch.device("cpu"))
     exact = softmax_loss(f_ref, positives, TAU, lambda q: tuple(t.double() for t in feed.partition_sums(q, TAU)))
     exact.backward()
     assert float(loss.detach()) == pytest.approx(float(exact.detach()), rel=1e-6)
