@@ -1,6 +1,6 @@
 """The bank as Ray actors: each shard is a named actor running the same gRPC server.
 
-Placement. With ``placement="spread"`` the shards are dealt out over the cluster's
+Placement. The shards are dealt out over the cluster's
 nodes before anything starts (:func:`plan_placement`): each shard reserves the memory
 it will hold (Ray's ``memory`` resource: its rows once, as a Restore reads into the live
 rows, a snapshot block, plus the process: ``shard.memory_bytes``), they go one per node
@@ -9,7 +9,7 @@ would need and has. Each shard is then
 pinned to its node (hard node affinity), for two reasons: Ray's own SPREAD strategy
 would restart a crashed shard on any node, away from the snapshots on its node's disk;
 and a node that is gone makes its shards fail loudly rather than come back empty
-elsewhere. ``placement="driver"`` puts every shard on the driver's node.
+elsewhere.
 
 Ray's ``memory`` resource is bookkeeping: it keeps the scheduler from overcommitting a
 node, but it limits nothing, and Ray's memory monitor kills retriable workers (a shard
@@ -56,7 +56,6 @@ from bank_server.token_source import BankTokenMissing, read_token
 
 log = logging.getLogger(__name__)
 
-PLACEMENTS = ("spread", "driver")
 _VARIABLE = re.compile(r"\$(\w+)|\$\{(\w+)\}")  # $NAME or ${NAME}, as os.path.expandvars reads them
 GIB = 1 << 30
 
@@ -221,13 +220,13 @@ def start_bank(
     token_env: str | None = None,
     name: str = "instdisc-bank",
     num_cpus: float = 0,
-    placement: str = "spread",
     keep_snapshots: int = 0,
     threads: int = 1,
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     timeout: float = 600.0,
 ) -> BankHandle:
-    """Start `num_shards` named shard actors, placed as `placement` says, and wait until
+    """Start `num_shards` named shard actors, spread over the nodes by their free memory
+    (:func:`plan_placement`), and wait until
     they serve (at most `timeout` seconds).
 
     `host` is the bind address; by default each shard binds its node's address (with
@@ -245,16 +244,10 @@ def start_bank(
     Ray keeps actor arguments in its control store. This process reads it too, first,
     so a missing token fails here rather than in every shard.
     """
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     read_token(token_file, token_env)  # fail fast, here, on a missing or empty one
     snapshot_dir = snapshot_dir or tempfile.mkdtemp(prefix="instdisc-bank-")
     needs = [memory_bytes(rows_on_shard(rows, num_shards, s), dim, dtype) for s in range(num_shards)]
-    if placement == "driver":
-        driver = ray.get_runtime_context().get_node_id()
-        nodes = plan_placement(needs, {driver: free_memory_by_node().get(driver, 0)})
-    else:
-        nodes = plan_placement(needs, free_memory_by_node())
+    nodes = plan_placement(needs, free_memory_by_node())
     actor_class = ray.remote(BankShardActor)
     base = ServerConfig(
         shard_id=0,

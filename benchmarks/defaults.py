@@ -25,7 +25,8 @@ from benchmarks.image_sets import SETS, write_set
 from benchmarks.report import write_table
 from trainer.config import ConfigError, load_config, resolve_config_path
 from trainer.data import load_datasets
-from trainer.evaluate import embed_all, knn_accuracy
+from trainer.evaluate import embed_all
+from trainer.knn import knn_accuracy
 
 FASHION_2K = "fashion-mnist-2k"
 ALL_SETS = (*SETS, FASHION_2K)

@@ -84,8 +84,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     linear.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.linear_epochs=50 data.name=mnist")
 
-    for group, title in (("bench", "benchmarks that print numbers"),
-                         ("scale", "scaling sweeps that write results.parquet, results.md and plots")):
+    for group, title in (
+        ("bench", "benchmarks that print numbers"),
+        ("scale", "scaling sweeps that write results.parquet, results.md and plots"),
+    ):
         chosen = commands.add_parser(group, help=title).add_subparsers(dest=f"{group}_command", required=True)
         for (kind, name), (module, help_text) in BENCHMARKS.items():
             if kind == group:
@@ -127,8 +129,8 @@ def run_train(args) -> int:
 
 def run_eval_linear(args) -> int:
     from trainer.config import ConfigError, load_config, resolve_config_path
-    from trainer.images import DatasetMissing
     from trainer.export import NotAnExport
+    from trainer.images import DatasetMissing
     from trainer.linear import RESULT, evaluate_linear
 
     try:
@@ -160,9 +162,9 @@ def run_eval_linear(args) -> int:
 
 def run_eval_knn(args) -> int:
     from trainer.config import ConfigError, load_config, resolve_config_path
-    from trainer.images import DatasetMissing
     from trainer.evaluate import evaluate_knn
     from trainer.export import NotAnExport
+    from trainer.images import DatasetMissing
 
     try:
         result = evaluate_knn(args.encoder, load_config(resolve_config_path(args.config), args.overrides))
@@ -188,8 +190,10 @@ def run_eval_knn(args) -> int:
 BENCHMARKS = {
     ("bench", "bank"): ("benchmarks.bank", "Step latency vs a gRPC echo and an in-process bank; calls/s per shard"),
     ("bench", "train"): ("benchmarks.train", "training images/s: remote bank vs in-process bank"),
-    ("bench", "defaults"): ("benchmarks.defaults",
-                            "the default recipe on image sets nobody tuned it for, against raw pixels"),
+    ("bench", "defaults"): (
+        "benchmarks.defaults",
+        "the default recipe on image sets nobody tuned it for, against raw pixels",
+    ),
     ("scale", "bank"): ("benchmarks.scale_bank", "Step cost and memory vs rows, shards, negatives, dtype and clients"),
     ("scale", "train"): ("benchmarks.scale_train", "kNN accuracy vs negatives (and the exact softmax) and bank size"),
     ("scale", "data"): ("benchmarks.scale_data", "Parquet reading vs set size: train worker memory and images/s"),

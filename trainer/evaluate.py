@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from trainer import distributed as dist
 from trainer.bank_feed import BankFeed
 from trainer.config import Config, ConfigError
+from trainer.data import load_datasets
 from trainer.export import load_export
 from trainer.features import embed, fresh_index
-from trainer.data import load_datasets
 from trainer.knn import knn_accuracy, knn_correct, neighbours_correct
 
 _BATCH = 512

@@ -23,8 +23,12 @@ from trainer.images import DatasetMissing
 
 NAME = "fashion-mnist"
 PACKAGE = "dataset-fashion-mnist"
-FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-         "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 
 
 def found(folder: Path) -> bool:
@@ -35,8 +39,11 @@ def found(folder: Path) -> bool:
     except DatasetMissing:
         return False
     except (OSError, EOFError, ValueError) as error:  # a truncated download, say: stop, never fetch over it
-        fix = ("reinstall them: apt-get install --reinstall dataset-fashion-mnist" if folder == DEBIAN_FASHION_MNIST
-               else "delete them and run `make data` again")
+        fix = (
+            "reinstall them: apt-get install --reinstall dataset-fashion-mnist"
+            if folder == DEBIAN_FASHION_MNIST
+            else "delete them and run `make data` again"
+        )
         raise SystemExit(f"make data: the Fashion-MNIST files in {folder} are unreadable ({error}); {fix}") from error
     return True
 
@@ -111,8 +118,11 @@ def fetch(debian: Path, cache: Path, apt: bool = True) -> int:
             return 0
     print(f"Fashion-MNIST: not in {debian} nor {cache}; getting it", flush=True)
     attempts = [
-        (f"apt-get install {PACKAGE}", debian,
-         apt_install if apt else lambda: f"skipped: it would install into {DEBIAN_FASHION_MNIST}, not {debian}"),
+        (
+            f"apt-get install {PACKAGE}",
+            debian,
+            apt_install if apt else lambda: f"skipped: it would install into {DEBIAN_FASHION_MNIST}, not {debian}",
+        ),
         (f"torchvision download into {cache}", cache, lambda: torchvision_download(cache)),
         (f"apt-get download {PACKAGE} + dpkg-deb -x into {cache}", cache, lambda: unpack_deb(cache)),
     ]
@@ -126,24 +136,34 @@ def fetch(debian: Path, cache: Path, apt: bool = True) -> int:
         why = why or f"finished, but the files are not in {folder}"
         print(f"Fashion-MNIST: {what} did not work: {why}", flush=True)
         tried.append(f"  - {what}: {why}")
-    print("\n".join([
-        f"make data: Fashion-MNIST is missing and could not be fetched. Looked in {debian} and {cache}. Tried:",
-        *tried,
-        "Fix one of these, then run `make data` again:",
-        f"  - as root: apt-get update && apt-get install {PACKAGE}   (Debian/Ubuntu)",
-        "  - give this machine internet access (torchvision downloads the files)",
-        f"  - copy {', '.join(FILES)} into {cache}",
-        "    (or set INSTDISC_DATA to a folder whose fashion-mnist/ sub-folder holds them)",
-    ]), file=sys.stderr)
+    print(
+        "\n".join(
+            [
+                f"make data: Fashion-MNIST is missing and could not be fetched. Looked in {debian} and {cache}. Tried:",
+                *tried,
+                "Fix one of these, then run `make data` again:",
+                f"  - as root: apt-get update && apt-get install {PACKAGE}   (Debian/Ubuntu)",
+                "  - give this machine internet access (torchvision downloads the files)",
+                f"  - copy {', '.join(FILES)} into {cache}",
+                "    (or set INSTDISC_DATA to a folder whose fashion-mnist/ sub-folder holds them)",
+            ]
+        ),
+        file=sys.stderr,
+    )
     return 1
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.fetch_data", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.fetch_data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     # Overridable so the fetch branches can be rehearsed on a machine that has Debian's package.
-    parser.add_argument("--debian-dir", type=Path, default=DEBIAN_FASHION_MNIST,
-                        help="where Debian's package puts the files (default: %(default)s)")
+    parser.add_argument(
+        "--debian-dir",
+        type=Path,
+        default=DEBIAN_FASHION_MNIST,
+        help="where Debian's package puts the files (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     # A rehearsal (--debian-dir elsewhere) must not install the package system-wide.
     return fetch(args.debian_dir, DEFAULT_ROOT / NAME, apt=args.debian_dir == DEBIAN_FASHION_MNIST)

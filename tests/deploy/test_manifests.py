@@ -33,8 +33,15 @@ MIB = 1 << 20
 UNITS = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
 PROJECT = tomllib.loads((REPO / "pyproject.toml").read_text())
 # The dependencies the bank image leaves out, and the modules they provide.
-TRAIN_MODULES = {"ray": "ray", "torch": "torch", "torchvision": "torchvision", "pyyaml": "yaml",
-                 "matplotlib": "matplotlib", "tqdm": "tqdm", "tensorboard": "tensorboard"}
+TRAIN_MODULES = {
+    "ray": "ray",
+    "torch": "torch",
+    "torchvision": "torchvision",
+    "pyyaml": "yaml",
+    "matplotlib": "matplotlib",
+    "tqdm": "tqdm",
+    "tensorboard": "tensorboard",
+}
 BANK_DEPENDENCIES = PROJECT["tool"]["instdisc"]["bank-dependencies"]
 
 
@@ -103,14 +110,20 @@ def dockerfile_stages() -> dict[str, str]:
 
 def pip_installs(stage: str) -> list[list[str]]:
     """What each `pip install` in a stage installs, options left out."""
-    return [[a for a in shlex.split(command) if not a.startswith("-")]
-            for command in re.findall(r"pip install ([^&;|\n]*)", stage)]
+    return [
+        [a for a in shlex.split(command) if not a.startswith("-")]
+        for command in re.findall(r"pip install ([^&;|\n]*)", stage)
+    ]
 
 
 def image_builds() -> dict[str, str]:
     """The build commands deploy/Dockerfile documents: target -> image name:tag."""
-    return dict(re.findall(r"docker build -f deploy/Dockerfile --target (\w+) -t REGISTRY/(\S+) \.",
-                           (DEPLOY / "Dockerfile").read_text()))
+    return dict(
+        re.findall(
+            r"docker build -f deploy/Dockerfile --target (\w+) -t REGISTRY/(\S+) \.",
+            (DEPLOY / "Dockerfile").read_text(),
+        )
+    )
 
 
 def pod_templates(rayjob) -> list[dict]:
@@ -120,19 +133,35 @@ def pod_templates(rayjob) -> list[dict]:
 
 def mount_of(template: dict, volume_source: str, name: str) -> str:
     """Where a pod template mounts the volume that comes from `volume_source` `name`."""
-    volume = next(v["name"] for v in template["spec"]["volumes"]
-                  if v.get(volume_source, {}).get("secretName" if volume_source == "secret" else
-                                                  "claimName" if volume_source == "persistentVolumeClaim"
-                                                  else "name") == name)
+    volume = next(
+        v["name"]
+        for v in template["spec"]["volumes"]
+        if v.get(volume_source, {}).get(
+            "secretName"
+            if volume_source == "secret"
+            else "claimName"
+            if volume_source == "persistentVolumeClaim"
+            else "name"
+        )
+        == name
+    )
     return next(m["mountPath"] for m in template["spec"]["containers"][0]["volumeMounts"] if m["name"] == volume)
 
 
 # -- schemas ----------------------------------------------------------------------
 
+
 def test_every_kubernetes_object_matches_its_schema(objects):
     kinds = {o["kind"] for o in objects}
-    assert {"StatefulSet", "Service", "PodDisruptionBudget", "NetworkPolicy", "ConfigMap",
-            "PersistentVolumeClaim", "RayJob"} <= kinds
+    assert {
+        "StatefulSet",
+        "Service",
+        "PodDisruptionBudget",
+        "NetworkPolicy",
+        "ConfigMap",
+        "PersistentVolumeClaim",
+        "RayJob",
+    } <= kinds
     for obj in objects:
         if obj["apiVersion"] != "ray.io/v1":
             kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
@@ -147,11 +176,18 @@ def unknown_fields(value, schema: dict, path: str = "") -> list[str]:
     """Fields the API server would prune: what strict field validation rejects."""
     if isinstance(value, dict) and "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
         found = [f"{path}.{key}" for key in value if key not in schema["properties"]]
-        return found + [f for key, item in value.items() if key in schema["properties"]
-                        for f in unknown_fields(item, schema["properties"][key], f"{path}.{key}")]
+        return found + [
+            f
+            for key, item in value.items()
+            if key in schema["properties"]
+            for f in unknown_fields(item, schema["properties"][key], f"{path}.{key}")
+        ]
     if isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
-        return [f for key, item in value.items() for f in unknown_fields(item, schema["additionalProperties"],
-                                                                         f"{path}.{key}")]
+        return [
+            f
+            for key, item in value.items()
+            for f in unknown_fields(item, schema["additionalProperties"], f"{path}.{key}")
+        ]
     if isinstance(value, list) and "items" in schema:
         return [f for i, item in enumerate(value) for f in unknown_fields(item, schema["items"], f"{path}[{i}]")]
     return []
@@ -173,13 +209,18 @@ def test_the_rayjob_matches_the_kuberay_crd(objects):
 
 # -- consistency ------------------------------------------------------------------
 
+
 def test_shard_count_and_layout_come_from_one_place(objects):
     layout = bank_layout(objects)
     statefulset = find(objects, "StatefulSet", "instdisc-bank")
     assert statefulset["spec"]["replicas"] == int(layout["shards"])
     args = flags(resolved_args(objects, ordinal=0))
     assert (args["num-shards"], args["rows"], args["dim"], args["dtype"]) == (
-        layout["shards"], layout["rows"], layout["dim"], layout["dtype"])
+        layout["shards"],
+        layout["rows"],
+        layout["dim"],
+        layout["dtype"],
+    )
     assert statefulset["spec"]["podManagementPolicy"] == "Parallel"
     # The trainer takes the count from the bank; its own config must not name another.
     config = load_config(DEPLOY / "train.yaml", [])
@@ -189,8 +230,9 @@ def test_shard_count_and_layout_come_from_one_place(objects):
 
 def test_bank_resources_are_sized_from_rows_dim_and_dtype(objects):
     layout = bank_layout(objects)
-    shard_bytes = math.ceil(int(layout["rows"]) / int(layout["shards"])) * int(layout["dim"]) * \
-        np.dtype(layout["dtype"]).itemsize
+    shard_bytes = (
+        math.ceil(int(layout["rows"]) / int(layout["shards"])) * int(layout["dim"]) * np.dtype(layout["dtype"]).itemsize
+    )
     container = bank_container(objects)
     for memory in (container["resources"]["requests"]["memory"], container["resources"]["limits"]["memory"]):
         assert memory == layout["memory"] and quantity(memory) >= 2 * shard_bytes + 256 * MIB
@@ -220,8 +262,11 @@ def test_ports_names_and_selectors_agree(objects):
     metrics_port = int(flags(container["args"])["metrics-port"])
     assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": port, "metrics": metrics_port}
     scrape = statefulset["spec"]["template"]["metadata"]["annotations"]
-    assert scrape == {"prometheus.io/scrape": "true", "prometheus.io/port": str(metrics_port),
-                      "prometheus.io/path": "/metrics"}
+    assert scrape == {
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(metrics_port),
+        "prometheus.io/path": "/metrics",
+    }
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == port
     assert service["spec"]["clusterIP"] == "None" and statefulset["spec"]["serviceName"] == service["metadata"]["name"]
@@ -235,8 +280,12 @@ def test_ports_names_and_selectors_agree(objects):
     assert train_config(objects)["bank"]["addresses"] == [address]
 
     bank_labels = statefulset["spec"]["template"]["metadata"]["labels"]
-    for selector in (service["spec"]["selector"], policy["spec"]["podSelector"]["matchLabels"],
-                     budget["spec"]["selector"]["matchLabels"], statefulset["spec"]["selector"]["matchLabels"]):
+    for selector in (
+        service["spec"]["selector"],
+        policy["spec"]["podSelector"]["matchLabels"],
+        budget["spec"]["selector"]["matchLabels"],
+        statefulset["spec"]["selector"]["matchLabels"],
+    ):
         assert selector.items() <= bank_labels.items()
     allowed = [peer["podSelector"]["matchLabels"] for peer in rules[(port,)]]
     for template in pod_templates(rayjob):  # every Ray pod may reach the bank, nothing else
@@ -248,7 +297,9 @@ def test_the_token_and_the_files_reach_the_pods_that_read_them(objects):
     container = bank_container(objects)
     statefulset = find(objects, "StatefulSet", "instdisc-bank")
     token_file = flags(container["args"])["token-file"]
-    secret = next(v["secret"]["secretName"] for v in statefulset["spec"]["template"]["spec"]["volumes"] if "secret" in v)
+    secret = next(
+        v["secret"]["secretName"] for v in statefulset["spec"]["template"]["spec"]["volumes"] if "secret" in v
+    )
     assert token_file.startswith(mount_of(statefulset["spec"]["template"], "secret", secret) + "/")
     snapshot_mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "snapshots")
     assert flags(container["args"])["snapshot-dir"] == snapshot_mount
@@ -302,7 +353,9 @@ def test_bank_pods_and_ray_pods_run_the_images_the_dockerfile_builds(objects):
     # The bank pods run as the bank image's user, not as the training image's ray user.
     pod = find(objects, "StatefulSet", "instdisc-bank")["spec"]["template"]["spec"]["securityContext"]
     assert re.search(r"^USER (\d+):(\d+)$", dockerfile_stages()["bank"], re.M).groups() == (
-        str(pod["runAsUser"]), str(pod["runAsGroup"]))
+        str(pod["runAsUser"]),
+        str(pod["runAsGroup"]),
+    )
     entrypoint = re.search(r"^ENTRYPOINT (.*)$", dockerfile_stages()["bank"], re.M).group(1)
     assert yaml.safe_load(entrypoint) == bank_container(objects)["command"]
 
@@ -315,17 +368,21 @@ def test_the_bank_image_installs_the_bank_alone_and_the_train_image_everything()
     assert re.match(r"FROM python:3\.11-slim AS bank\n", stages["bank"])
     bank_run = " ".join(stages["bank"].split("\\\n"))  # continued lines joined
     assert "pip install --no-cache-dir --no-deps . " in bank_run
-    assert "['tool']['instdisc']['bank-dependencies']" in bank_run and "pip install --no-cache-dir -r /tmp/bank.txt" in bank_run
+    assert (
+        "['tool']['instdisc']['bank-dependencies']" in bank_run
+        and "pip install --no-cache-dir -r /tmp/bank.txt" in bank_run
+    )
     assert ["."] in pip_installs(stages["train"])
     # setuptools builds neither image unless every package pyproject.toml lists is there.
     copied = {source for line in re.findall(r"^COPY (.+)$", stages["source"], re.M) for source in line.split()[:-1]}
     packages = {p.split(".")[0] for p in PROJECT["tool"]["setuptools"]["packages"]}
     assert packages | {"pyproject.toml", "README.md"} <= copied
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
-    assert ignore[ignore.index("*") + 1:] and copied <= {line[1:] for line in ignore if line.startswith("!")}
+    assert ignore[ignore.index("*") + 1 :] and copied <= {line[1:] for line in ignore if line.startswith("!")}
 
 
 # -- the bank container, run here ---------------------------------------------------
+
 
 def local_command(objects, ordinal: int, host: str, port: int, root: Path) -> list[str]:
     """The container's command line with the pod's ordinal, a loopback address and its
@@ -334,8 +391,9 @@ def local_command(objects, ordinal: int, host: str, port: int, root: Path) -> li
     assert container["command"] == ["python", "-m", "bank_server"]
     args = resolved_args(objects, ordinal)
     declared_port = str(container["ports"][0]["containerPort"])
-    args = [a.replace("--host=0.0.0.0", f"--host={host}").replace(f"--port={declared_port}", f"--port={port}")
-            for a in args]
+    args = [
+        a.replace("--host=0.0.0.0", f"--host={host}").replace(f"--port={declared_port}", f"--port={port}") for a in args
+    ]
     for mount in container["volumeMounts"]:
         args = [a.replace(mount["mountPath"], str(root / mount["name"])) for a in args]
     return args
@@ -346,7 +404,8 @@ def hide_what_the_bank_image_leaves_out(root: Path, monkeypatch) -> None:
     root.mkdir()
     for module in TRAIN_MODULES.values():
         (root / f"{module}.py").write_text(
-            f"raise ModuleNotFoundError('the bank image has no {module}', name={module!r})\n")
+            f"raise ModuleNotFoundError('the bank image has no {module}', name={module!r})\n"
+        )
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
 
 
@@ -368,7 +427,11 @@ def test_the_bank_container_serves_the_layout_the_manifests_declare(objects, tmp
     local = re.sub(r"^[^:]*-\{shard\}\.[^:]*:\d+$", f"127.0.0.1{{shard}}:{port}", template)
     with BankClient(local, token="s3cret", timeout=20) as client:
         assert (client.num_shards, client.rows, client.dim, client.dtype) == (
-            shards, int(layout["rows"]), int(layout["dim"]), layout["dtype"])
+            shards,
+            int(layout["rows"]),
+            int(layout["dim"]),
+            layout["dtype"],
+        )
     with pytest.raises(BankRpcError, match="UNAUTHENTICATED"):
         BankClient(local, token="wrong", timeout=5)
 
@@ -384,9 +447,12 @@ def test_a_bank_pod_with_an_ordinal_outside_the_shards_refuses_to_start(objects,
     (tmp_path / "bank-token").mkdir()
     (tmp_path / "bank-token" / "token").write_text("s3cret\n")
     shards = int(bank_layout(objects)["shards"])
-    done = subprocess.run([sys.executable, "-m", "bank_server",
-                           *local_command(objects, shards, "127.0.0.1", free_port(), tmp_path)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "bank_server", *local_command(objects, shards, "127.0.0.1", free_port(), tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2
     assert f"shard_id must be in [0, {shards}), got {shards}" in done.stderr
     assert not (tmp_path / "snapshots").exists()

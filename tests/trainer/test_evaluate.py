@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from trainer import checkpoint
 from trainer.cli import main
 from trainer.config import load_config
+from trainer.data import load_datasets
 from trainer.evaluate import evaluate_knn
 from trainer.export import export_encoder
-from trainer.data import load_datasets
 from trainer.knn import knn_accuracy
 from trainer.models import Encoder
 
