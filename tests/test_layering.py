@@ -121,3 +121,11 @@ def test_the_command_line_imports_benchmarks_only_for_their_commands(command):
     imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert "trainer" in imported
     assert not {name for name in imported if name.split(".")[0] == "benchmarks"}
+
+
+def test_the_hook_every_ray_worker_runs_loads_no_torch():
+    """Ray runs `worker_process_setup_hook` in every worker process, the bank's shard actors
+    included: the module it lives in must be light, or each of them imports torch."""
+    assert "quiet_ray_workers" in MODULES["trainer.console"].read_text()
+    assert 'worker_process_setup_hook": quiet_ray_workers' in MODULES["trainer.launch"].read_text()
+    assert not {"torch", "torchvision", "matplotlib"} & reachable("trainer.console")

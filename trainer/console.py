@@ -71,3 +71,19 @@ def show_worker_lines(rank: int) -> None:
     if _install(client, handler):
         client.setLevel(logging.INFO)
         client.propagate = False
+
+
+_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+
+
+def quiet_ray_workers() -> None:
+    """Runs in every Ray worker process (Ray's `worker_process_setup_hook`), so it lives
+    here, where importing it costs nothing: without the dashboard, Ray Train's
+    placement-group cleaner warns every second or two that it cannot query state."""
+    logging.getLogger(_CLEANER_LOGGER).setLevel(logging.ERROR)
+    try:  # this one logs every reported metric at INFO, under a logger named by its file path
+        from ray.train.v2._internal.execution import context
+
+        logging.getLogger(context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass

@@ -15,6 +15,7 @@ import uuid
 from pathlib import Path
 
 from trainer.config import Config, ConfigError
+from trainer.console import quiet_ray_workers
 from trainer.outputs import require_tensorboard, write_outputs
 from trainer.schedule import length_given_by, run_length
 
@@ -23,19 +24,6 @@ log = logging.getLogger(__name__)
 # Model checkpoints kept; the bank keeps one snapshot more (the shutdown one).
 KEEP_CHECKPOINTS = 2
 _SUBMITTED_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for an entrypoint
-_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
-
-
-def _quiet_ray_workers() -> None:
-    """Runs in every Ray worker process: without the dashboard, Ray Train's
-    placement-group cleaner warns every second or two that it cannot query state."""
-    logging.getLogger(_CLEANER_LOGGER).setLevel(logging.ERROR)
-    try:  # this one logs every reported metric at INFO, under a logger named by its file path
-        from ray.train.v2._internal.execution import context
-
-        logging.getLogger(context.__file__).setLevel(logging.WARNING)
-    except ImportError:
-        pass
 
 
 def git_sha() -> str:
@@ -136,9 +124,9 @@ def init_ray(sha: str = "") -> None:
         include_dashboard=False,
         log_to_driver=True,
         num_cpus=None if address else os.cpu_count(),
-        runtime_env={"worker_process_setup_hook": _quiet_ray_workers, "env_vars": {"INSTDISC_GIT_SHA": sha}},
+        runtime_env={"worker_process_setup_hook": quiet_ray_workers, "env_vars": {"INSTDISC_GIT_SHA": sha}},
     )
-    _quiet_ray_workers()
+    quiet_ray_workers()
 
 
 def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", storage_path: str | None = None) -> dict:
