@@ -1,7 +1,8 @@
 """Typed configuration: one dataclass per concern, defaults < YAML file < key=value.
 
-Unknown keys and values of the wrong type are errors that name the key. The
-resolved config is printed at start and stored with every checkpoint.
+Unknown keys and values of the wrong type are errors that name the key. A run prints
+the keys that differ from the defaults at start, writes the whole resolved config to
+its output folder (``config.yaml``) and stores it with every checkpoint.
 """
 
 from __future__ import annotations
@@ -160,6 +161,11 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def differences(self) -> list[str]:
+        """``key=value`` for every key that differs from the defaults, in the sections' order."""
+        defaults = _flat(Config().to_dict())
+        return [f"{key}={_words(value)}" for key, value in _flat(self.to_dict()).items() if value != defaults[key]]
+
     @classmethod
     def from_dict(cls, values: dict) -> Config:
         config = cls()
@@ -189,6 +195,7 @@ class Config:
                 f"bank.snapshot_dir={self.bank.snapshot_dir} must be absolute (or start with a $VARIABLE each node "
                 "sets): shard actors do not run in this directory",
             ),
+            *((_address_problem(a) is None, _address_problem(a)) for a in self.bank.addresses),
             (self.train.schedule in ("step", "cosine"), "train.schedule must be 'step' or 'cosine'"),
             (self.train.epochs >= 0, "train.epochs must be >= 0 (0: train.steps sets the run's length)"),
             (self.train.steps >= 0, "train.steps must be >= 0"),
@@ -222,6 +229,31 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+
+def _flat(values: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _words(value) -> str:
+    """A value as it is written on the command line."""
+    if isinstance(value, list):
+        return ",".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) or value is None else str(value)
+
+
+def _address_problem(address: str) -> str | None:
+    """Why a bank address is not host:port (a `{shard}` template included), or None."""
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit() and 0 < int(port) < 65536:
+        return None
+    return f"bank.addresses: {address!r} is not host:port (for instance localhost:50051)"
 
 
 def _check_type(value, annotation, key: str):
@@ -321,7 +353,7 @@ def parse_overrides(pairs: list[str]) -> dict:
         node = out
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value) if value.strip() else value
+        node[leaf] = _yaml(value, f"override {pair!r}") if value.strip() else value
     return out
 
 
@@ -352,10 +384,22 @@ def resolve_config_path(name: str | None) -> Path | None:
     raise ConfigError(f"--config {name}: no such file, and not a shipped config ({choices})")
 
 
+def _yaml(text: str, where: str):
+    """Parsed YAML; ConfigError naming `where` and, in a text of several lines, the line
+    of a syntax error."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark is not None and "\n" in text.strip() else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{where}{line}: not valid YAML ({problem})") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     values: dict = {}
     if path:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        loaded = _yaml(Path(path).read_text(), str(path)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of sections")
         values = loaded

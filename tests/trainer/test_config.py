@@ -46,6 +46,9 @@ def test_defaults_file_and_overrides_compose(tmp_path):
         (["bank.snapshot_dir=/data/bank", "bank.addresses=127.0.0.1:1"], "bank.snapshot_dir is for the shard actors"),
         (["data.name=parquet", "data.root=/d", "eval.source=fresh"], "eval.source=fresh holds every train image"),
         (["data.shuffle_buffer=-1"], "data.shuffle_buffer must be >= 0"),
+        (["bank.addresses=localhost"], "'localhost' is not host:port"),
+        (["bank.addresses=a:1,b:http"], "'b:http' is not host:port"),
+        (["train.milestones=[1,"], "override 'train.milestones=[1,': not valid YAML"),
     ],
 )
 def test_bad_keys_and_types_are_named(override, message):
@@ -72,6 +75,22 @@ def test_a_bad_config_path_exits_2_like_every_config_error(capsys):
 
     assert main(["train", "--config", "no-such-config"]) == 2
     assert "not a shipped config" in capsys.readouterr().err
+
+
+def test_malformed_yaml_is_one_line_naming_the_file_and_line(tmp_path, capsys):
+    from trainer.cli import main
+
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 0.1\n  epochs: [1\nbank:\n")
+    for command in (["train"], ["eval", "knn", "--encoder", str(tmp_path / "e.pt")]):
+        assert main([*command, "--config", str(path)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{path} line 4: not valid YAML" in err, err
+
+
+def test_the_differences_from_the_defaults_are_the_keys_a_run_shows():
+    config = load_config(None, ["train.lr=0.1", "bank.addresses=a:1,b:2", "data.download=false", "train.lr=0.06"])
+    assert config.differences() == ["data.download=false", "bank.addresses=a:1,b:2"]
 
 
 def test_infonce_and_a_length_in_steps_are_accepted():
