@@ -25,6 +25,10 @@ import torch
 FILE = "state.pt"
 
 
+class NotACheckpoint(FileNotFoundError):
+    """The folder holds no checkpoint; the message names it."""
+
+
 def save(
     folder: str | Path,
     *,
@@ -72,7 +76,7 @@ def save(
 def load(folder: str | Path, map_location="cpu") -> dict:
     path = Path(folder) / FILE
     if not path.exists():
-        raise FileNotFoundError(f"{folder} is not a checkpoint folder: no {FILE} in it")
+        raise NotACheckpoint(f"{folder} is not a checkpoint folder: no {FILE} in it")
     # Our own file, with the config and history as plain Python objects.
     return torch.load(path, map_location=map_location, weights_only=False)
 

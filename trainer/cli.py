@@ -34,7 +34,11 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
         help="a YAML file, or a shipped config: fashion-mnist (the demo), cifar10, imagenet; "
         "without it the defaults, made for any image set",
     )
-    train.add_argument("--output-dir", default="runs/latest", help="outputs, checkpoints and bank snapshots")
+    train.add_argument(
+        "--output-dir",
+        default=None,
+        help="outputs, checkpoints and bank snapshots (default: a new folder runs/<start time>)",
+    )
     train.add_argument(
         "--name", default="instdisc", help="run name; rerunning a name in the same --output-dir resumes it"
     )
@@ -98,24 +102,16 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
 
 def run_train(args) -> int:
-    from trainer.config import ConfigError, load_config, resolve_config_path
-
-    try:
-        config = load_config(resolve_config_path(args.config), args.overrides)
-    except ConfigError as error:
-        log.error(error)
-        return 2
-    from bank_server.ray_bank import BankDidNotStart, BankDoesNotFit
-    from trainer.images import DatasetMissing
+    from bank_server.ray_bank import BankDidNotStart
+    from trainer.config import load_config, resolve_config_path
     from trainer.launch import TrainingStopped, launch
     from trainer.outputs import table
+    from trainer.run_dir import new_run_dir
 
-    output = Path(args.output_dir).resolve()
+    config = load_config(resolve_config_path(args.config), args.overrides)
+    output = Path(args.output_dir or new_run_dir()).resolve()
     try:
-        summary = launch(config, args.output_dir, run_name=args.name, storage_path=args.storage_path)
-    except (ConfigError, DatasetMissing, ValueError, BankDoesNotFit) as error:
-        log.error(error)
-        return 2
+        summary = launch(config, output, run_name=args.name, storage_path=args.storage_path)
     except (TrainingStopped, BankDidNotStart) as error:
         if getattr(error, "summary", None):  # the epochs before the stop, written up
             print(table(error.summary, output), flush=True)
@@ -128,19 +124,12 @@ def run_train(args) -> int:
 
 
 def run_eval_linear(args) -> int:
-    from trainer.config import ConfigError, load_config, resolve_config_path
-    from trainer.export import NotAnExport
-    from trainer.images import DatasetMissing
+    from trainer.config import load_config, resolve_config_path
     from trainer.linear import RESULT, evaluate_linear
-
-    try:
-        result = evaluate_linear(
-            args.encoder, load_config(resolve_config_path(args.config), args.overrides), args.output_dir
-        )
-    except (ConfigError, DatasetMissing, NotAnExport, ValueError) as error:
-        log.error(error)
-        return 2
     from trainer.outputs import percent
+
+    config = load_config(resolve_config_path(args.config), args.overrides)
+    result = evaluate_linear(args.encoder, config, args.output_dir)
 
     rows = [
         ("linear top-1", percent(result["linear_top1"])),
@@ -161,17 +150,11 @@ def run_eval_linear(args) -> int:
 
 
 def run_eval_knn(args) -> int:
-    from trainer.config import ConfigError, load_config, resolve_config_path
+    from trainer.config import load_config, resolve_config_path
     from trainer.evaluate import evaluate_knn
-    from trainer.export import NotAnExport
-    from trainer.images import DatasetMissing
-
-    try:
-        result = evaluate_knn(args.encoder, load_config(resolve_config_path(args.config), args.overrides))
-    except (ConfigError, DatasetMissing, NotAnExport, ValueError) as error:
-        log.error(error)
-        return 2
     from trainer.outputs import percent
+
+    result = evaluate_knn(args.encoder, load_config(resolve_config_path(args.config), args.overrides))
 
     rows = [
         ("kNN top-1", percent(result["knn_top1"])),
@@ -200,6 +183,35 @@ BENCHMARKS = {
 }
 
 
+def run_export(args) -> int:
+    from trainer.export import export_encoder
+
+    print(export_encoder(args.checkpoint, args.output, args.image_size, head=args.head))
+    return 0
+
+
+def user_errors() -> tuple[type[Exception], ...]:
+    """What a user mends (a path, a file that is not what it should be, a config value):
+    one line naming it, exit status 2, no traceback. Imported only when one is raised."""
+    from bank_server.ray_bank import BankDoesNotFit
+    from trainer.checkpoint import NotACheckpoint
+    from trainer.config import ConfigError
+    from trainer.export import NotAnExport
+    from trainer.images import DatasetMissing
+
+    # ValueError: the data layer's refusals (trainer.parquet.ParquetDataError among them).
+    return ConfigError, DatasetMissing, NotACheckpoint, NotAnExport, BankDoesNotFit, ValueError
+
+
+# The commands that train or read what training wrote: their user errors are one line.
+TRAINING_COMMANDS = {
+    ("train", None): run_train,
+    ("export", None): run_export,
+    ("eval", "knn"): run_eval_knn,
+    ("eval", "linear"): run_eval_linear,
+}
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
@@ -208,17 +220,13 @@ def main(argv=None) -> int:
         from bank_server.cli import run_serve
 
         return run_serve(args)
-    if args.command == "train":
-        return run_train(args)
-    if args.command == "export":
-        from trainer.export import export_encoder
-
-        print(export_encoder(args.checkpoint, args.output, args.image_size, head=args.head))
-        return 0
-    if args.command == "eval" and args.eval_command == "linear":
-        return run_eval_linear(args)
-    if args.command == "eval":
-        return run_eval_knn(args)
+    command = TRAINING_COMMANDS.get((args.command, getattr(args, "eval_command", None)))
+    if command is not None:
+        try:
+            return command(args)
+        except user_errors() as error:
+            log.error(error)
+            return 2
     module, _ = BENCHMARKS[(args.command, getattr(args, f"{args.command}_command"))]
     return importlib.import_module(module).run(args)
 
