@@ -74,6 +74,7 @@ class DataShape:
     side: int
     num_classes: int
     form: str
+    fingerprint: dict  # the training data's, as a checkpoint stores it
 
     def describe(self) -> str:
         return (
@@ -86,4 +87,6 @@ def describe(config: Config) -> DataShape:
     """The dataset's shape for the driver, read as one worker would (a streamed dataset:
     from its files' metadata and one decoded image)."""
     data = open_input(config, 0, 1)
-    return DataShape(data.rows, data.test_rows, data.channels, data.side, data.num_classes, data.form)
+    return DataShape(
+        data.rows, data.test_rows, data.channels, data.side, data.num_classes, data.form, data.fingerprint()
+    )

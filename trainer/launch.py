@@ -6,7 +6,6 @@ so `ray.init()` joins the cluster) and a KubeRay RayJob (bank.addresses given).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import subprocess
@@ -14,13 +13,18 @@ import time
 import uuid
 from pathlib import Path
 
+import yaml
+
 from trainer.config import Config, ConfigError
 from trainer.console import quiet_ray_workers
 from trainer.outputs import require_tensorboard, write_outputs
+from trainer.resume import CannotResume
+from trainer.run_dir import check_resumable, latest_checkpoint
 from trainer.schedule import length_given_by, run_length
 
 log = logging.getLogger(__name__)
 
+CONFIG_FILE = "config.yaml"  # the resolved config, in the output folder
 # Model checkpoints kept; the bank keeps one snapshot more (the shutdown one).
 KEEP_CHECKPOINTS = 2
 _SUBMITTED_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for an entrypoint
@@ -150,7 +154,7 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
     output.mkdir(parents=True, exist_ok=True)
     sha = git_sha()
     log.info(f"instdisc {sha or '(no git)'} -> {output}")
-    log.info("resolved config:\n" + json.dumps(config.to_dict(), indent=2))
+    log.info(f"config: {' '.join(config.differences()) or 'the defaults'} (all of it: {output / CONFIG_FILE})")
 
     token_file, token_env = token_source(config)
     try:  # here first: a missing token stops the run before anything is loaded
@@ -167,6 +171,18 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
     given = length_given_by(config.train.epochs, config.train.steps)
     log.info(f"run length ({given}): {length.describe()} of {config.train.batch_size} images")
     require_tensorboard()
+    storage_path = storage_path or str(output / "ray")
+    # Per run name: another run in the same output folder must not restore these rows.
+    snapshots = os.path.join(os.path.expanduser(config.bank.snapshot_dir or str(output / "bank")), run_name)
+    found = latest_checkpoint(storage_path, run_name)
+    if found is not None:
+        local = not config.bank.addresses and not snapshots.startswith("$") and "://" not in snapshots
+        try:
+            state = check_resumable(found, data.fingerprint, snapshots if local else None, config.bank.shards)
+        except CannotResume as error:
+            raise ConfigError(str(error)) from None
+        log.info(f"resuming run {run_name!r} from its checkpoint at epoch {state['epoch']} ({found})")
+    (output / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     addresses = (
         _check_bank(list(config.bank.addresses), token, config, data.train_rows) if config.bank.addresses else []
     )
@@ -177,13 +193,12 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
     if addresses:
         log.info(f"bank: {len(addresses)} shard(s) at {', '.join(addresses)}")
     else:
-        # Per run name: another run in the same output folder must not restore these rows.
         bank = start_bank(
             config.bank.shards,
             data.train_rows,
             config.model.dim,
             config.bank.dtype,
-            snapshot_dir=os.path.join(os.path.expanduser(config.bank.snapshot_dir or str(output / "bank")), run_name),
+            snapshot_dir=snapshots,
             seed=config.bank.seed,
             token_file=token_file,
             token_env=token_env,
@@ -201,9 +216,7 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
         log.info(f"bank: {config.bank.shards} shard actor(s):\n  " + "\n  ".join(bank.describe()))
 
     try:
-        result, wall, restarts = _fit(
-            config, storage_path or str(output / "ray"), run_name, addresses, token_env, bank.names if bank else []
-        )
+        result, wall, restarts = _fit(config, storage_path, run_name, addresses, token_env, bank.names if bank else [])
     finally:
         if bank is not None:
             bank.stop(final_snapshot=True)

@@ -48,7 +48,7 @@ def restore(folder: str, client: BankClient, reading: dict, device) -> dict:
     if trained_on is not None and trained_on["sha256"] != reading["sha256"]:  # absent from older checkpoints
         raise CannotResume(
             f"cannot resume: the checkpoint at epoch {state['epoch']} was trained on another dataset "
-            f"({_dataset_words(trained_on)}) than this run reads ({_dataset_words(reading)}); resume "
+            f"({dataset_words(trained_on)}) than this run reads ({dataset_words(reading)}); resume "
             "with the same data.* or start a new run (another --name or --output-dir)"
         )
     problem = None
@@ -67,5 +67,5 @@ def restore(folder: str, client: BankClient, reading: dict, device) -> dict:
     return state
 
 
-def _dataset_words(fingerprint: dict) -> str:
+def dataset_words(fingerprint: dict) -> str:
     return ", ".join(f"{key} {value}" for key, value in fingerprint.items())

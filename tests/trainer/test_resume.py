@@ -9,6 +9,7 @@ import torch
 
 from trainer import checkpoint
 from trainer.resume import CannotResume, restore, save
+from trainer.run_dir import check_resumable, latest_checkpoint
 
 N, D = 40, 8
 DATASET = {"sha256": "a" * 64, "rows": N, "subset_seed": 0}
@@ -67,3 +68,22 @@ def test_another_dataset_or_a_lost_snapshot_is_refused_naming_it(bank, tmp_path)
     with pytest.raises(CannotResume, match="epoch-0003-step-48"):
         restore(folder, bank, DATASET, "cpu")
     shutil.rmtree(folder)
+
+
+def test_before_ray_starts_the_files_tell_what_a_rerun_would_resume(bank, tmp_path):
+    storage = tmp_path / "ray"
+    assert latest_checkpoint(str(storage), "run") is None  # a new run: nothing to check
+    (storage / "run").mkdir(parents=True)
+    for epoch in (1, 2):  # Ray Train keeps them as epoch-NNNN folders of the run name
+        shutil.move(save(bank, state(epoch=epoch, step=16 * epoch)), storage / "run" / f"epoch-{epoch:04d}")
+    found = latest_checkpoint(str(storage), "run")
+    assert found == storage / "run" / "epoch-0002"
+    assert check_resumable(found, DATASET, str(tmp_path / "bank"), shards=2)["step"] == 32
+    with pytest.raises(CannotResume, match="another dataset"):
+        check_resumable(found, DATASET | {"sha256": "b" * 64}, str(tmp_path / "bank"), shards=2)
+    with pytest.raises(CannotResume, match=r"missing for shard\(s\) 2 of bank.shards=3"):
+        check_resumable(found, DATASET, str(tmp_path / "bank"), shards=3)
+    (tmp_path / "bank" / "shard-00001" / "epoch-0002-step-32.arrow").unlink()
+    with pytest.raises(CannotResume, match=r"'epoch-0002-step-32' is missing for shard\(s\) 1 "):
+        check_resumable(found, DATASET, str(tmp_path / "bank"), shards=2)
+    assert check_resumable(found, DATASET, None, shards=2)["epoch"] == 2  # snapshots elsewhere: the workers check

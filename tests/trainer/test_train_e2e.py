@@ -40,7 +40,8 @@ def local_ray():
 
 
 def train(output, *overrides, name="e2e") -> int:
-    return main(["train", "--output-dir", str(output), "--name", name, *SUBSET, *overrides])
+    where = ["--output-dir", str(output)] if output else []  # None: a new folder runs/<start time>
+    return main(["train", *where, "--name", name, *SUBSET, *overrides])
 
 
 def summary_of(output) -> dict:
@@ -53,8 +54,12 @@ def rows_of(output) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
-    output = tmp_path_factory.mktemp("run")
-    assert train(output, "train.epochs=2", "eval.every=2") == 0
+    """Run without --output-dir, from a folder of its own: its outputs go to a new run folder."""
+    where = tmp_path_factory.mktemp("cwd")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(where)
+        assert train(None, "train.epochs=2", "eval.every=2") == 0
+    (output,) = (where / "runs").iterdir()
     return output
 
 
@@ -79,7 +84,7 @@ def test_training_writes_every_output(first_run):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/images_per_sec", "train/bank_rtt_ms", "knn/top1", "knn/top5"} <= tags
-    assert [e.step for e in events.Scalars("train/loss")] == [5, 10, 15, 21, 26, 31]  # log_every=5, 16 a epoch
+    assert [e.step for e in events.Scalars("train/loss")] == [5, 10, 15, 20, 25, 30]  # log_every=5 over the run
     assert [e.step for e in events.Scalars("knn/top1")] == [0, 32]
     assert events.Scalars("knn/top1")[-1].value == pytest.approx(summary["knn_top1"])
     assert (output / "curves.png").stat().st_size > 10_000
@@ -111,11 +116,24 @@ def test_rerunning_the_same_run_resumes_it(first_run, capsys):
     assert list((output / "bank" / "e2e").glob("shard-*/epoch-0003-step-48.arrow"))
     capsys.readouterr()
 
-    # Another dataset (the subset a new seed picks) cannot resume this run's checkpoint.
-    assert train(output, "train.epochs=4", "train.seed=1") == 1
+    # Another dataset (the subset a new seed picks) cannot resume this run's checkpoint:
+    # refused once, from the files, before Ray or the bank starts.
+    assert train(output, "train.epochs=4", "train.seed=1") == 2
     err = capsys.readouterr().err
-    assert "another dataset" in err and "subset_seed 1" in err, err[-2000:]
+    assert err.count("another dataset") == 1 and "subset_seed 1" in err, err[-2000:]
     assert summary_of(output)["epochs"] == 3  # it neither trained nor wrote anything
+
+
+def test_a_run_without_output_dir_never_touches_the_last(first_run):
+    # The same run name on other data: with the old fixed default folder it would have
+    # tried to resume first_run's checkpoint.
+    before = summary_of(first_run)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(first_run.parent.parent)
+        assert train(None, "data.subset=512", "train.steps=4", "train.workers=1", "bank.shards=1") == 0
+    (second,) = set(first_run.parent.iterdir()) - {first_run}
+    assert summary_of(second)["steps"] == 4 and summary_of(first_run) == before
+    assert "subset: 512" in (second / "config.yaml").read_text()
 
 
 @pytest.mark.slow
@@ -202,6 +220,7 @@ def test_config_and_data_errors_are_reported(tmp_path, capsys):
         (["data.name=parquet", f"data.root={tmp_path}"], "train.parquet"),
         (["train.epoch=1"], "'train.epoch'"),
         (["bank.addresses=127.0.0.1:1"], "UNAVAILABLE"),
+        (["bank.addresses=localhost"], "host:port"),
     ]
     for overrides, word in cases:  # each is refused before training starts
         assert main(["train", "--output-dir", str(tmp_path / "x"), *SUBSET, "bank.timeout=2", *overrides]) == 2
