@@ -9,62 +9,91 @@ import time
 import torch
 
 
+class _Sums:
+    """Loss, bank round trip and wait for the bank over some steps, and their seconds."""
+
+    def __init__(self, device):
+        self.loss = torch.zeros((), device=device)  # on the device: read back only when logged
+        self.rtt = self.wait = self.seconds = 0.0
+        self.steps = 0
+
+    def add(self, loss: torch.Tensor, round_trip_s: float, waited_s: float) -> None:
+        self.loss += loss
+        self.rtt += round_trip_s
+        self.wait += waited_s
+        self.steps += 1
+
+
 class Meter:
-    """Sums over the current epoch's steps (loss, bank round trip, wait for the bank), and
-    `step_log`: one entry per progress line, with means since the line before."""
+    """Sums over the current epoch's steps (the epoch's metrics) and over the steps since
+    the last progress line, which may span epochs (the line's figures and `step_log`'s
+    entry); and the run's pace for the ETA: seconds per step, and the seconds that the
+    work between epochs' steps (bank refresh, evaluation, checkpoint) has taken so far."""
 
     def __init__(self, batch_size: int, log_every: int, step_log: list[dict] = ()):
         self.batch_size, self.log_every = batch_size, log_every
         self.step_log = list(step_log)
-        self.start_epoch(0, None)
+        self.between_s: list[float] = []  # one entry per pause between steps, this start
+        self._steps_s, self._steps = 0.0, 0  # this start's earlier epochs
+        self._window = _Sums(None)
+        self.start_epoch(None)
 
-    def start_epoch(self, steps: int, device) -> None:
-        self.steps, self.done = steps, 0
-        self.loss_sum = torch.zeros((), device=device)  # on the device: read back only when logged
-        self.rtt_sum = self.wait_sum = 0.0
-        self.start = time.perf_counter()
-        self._mark = (0, 0.0, 0.0)  # (steps, loss sum, seconds) at the last progress line
+    def start_epoch(self, device) -> None:
+        self._epoch = _Sums(device)
+        self._window.loss = self._window.loss.to(device)
+        self.start = self._since = time.perf_counter()
 
     def add(self, loss: torch.Tensor, round_trip_s: float, waited_s: float) -> None:
-        self.loss_sum += loss
-        self.rtt_sum += round_trip_s
-        self.wait_sum += waited_s
-        self.done += 1
+        self._epoch.add(loss, round_trip_s, waited_s)
+        self._window.add(loss, round_trip_s, waited_s)
 
-    def line_due(self) -> bool:
-        return self.done % self.log_every == 0
+    def paused(self, seconds: float) -> None:
+        """Count `seconds` of work between steps (the warm start and the untrained
+        encoder's evaluation, or an epoch's refresh, evaluation and checkpoint)."""
+        self.between_s.append(seconds)
 
-    def progress(self, step: int, lr: float, steps_left: int) -> str:
-        """The progress line's figures (means over the epoch so far, and the run's ETA at
-        this pace); records `step_log`'s entry for global `step`."""
-        elapsed, loss_sum = time.perf_counter() - self.start, float(self.loss_sum)
-        per_step = elapsed / self.done
-        window = self.done - self._mark[0]
-        self.step_log.append(
-            {
-                "step": step,
-                "loss": (loss_sum - self._mark[1]) / window,
-                "lr": lr,
-                "images_per_sec": window * self.batch_size / (elapsed - self._mark[2]),
-                "bank_rtt_ms": 1e3 * self.rtt_sum / self.done,
-            }
+    def line_due(self, step: int) -> bool:
+        """Whether global step `step` (1-based, over the whole run) ends a progress line."""
+        return step % self.log_every == 0
+
+    def progress(self, step: int, lr: float, steps_left: int, pauses_left: int) -> str:
+        """The progress line's figures, means since the line before, and the run's ETA:
+        `steps_left` at this start's pace plus `pauses_left` pauses between epochs at
+        their mean so far. Records `step_log`'s entry for global `step`."""
+        now = time.perf_counter()
+        w = self._window
+        seconds = w.seconds + now - self._since
+        loss = float(w.loss) / w.steps
+        entry = {
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "images_per_sec": w.steps * self.batch_size / seconds,
+            "bank_rtt_ms": 1e3 * w.rtt / w.steps,
+        }
+        self.step_log.append(entry)
+        per_step = (self._steps_s + now - self.start) / (self._steps + self._epoch.steps)
+        pause = sum(self.between_s) / len(self.between_s) if self.between_s else 0.0
+        eta = steps_left * per_step + pauses_left * pause
+        line = (
+            f"{entry['images_per_sec']:,.0f} img/s | loss {loss:.4f} | lr {lr:.4f} | bank rtt "
+            f"{entry['bank_rtt_ms']:.1f} ms (waited {1e3 * w.wait / w.steps:.1f} ms) | ETA {duration(eta)}"
         )
-        self._mark = (self.done, loss_sum, elapsed)
-        return (
-            f"step {self.done}/{self.steps} | {self.batch_size / per_step:,.0f} img/s | "
-            f"loss {loss_sum / self.done:.4f} | lr {lr:.4f} | bank rtt {1e3 * self.rtt_sum / self.done:.1f} ms "
-            f"(waited {1e3 * self.wait_sum / self.done:.1f} ms) | ETA {duration(steps_left * per_step)}"
-        )
+        self._window, self._since = _Sums(w.loss.device), now
+        return line
 
     def epoch(self) -> dict:
         """The epoch's metrics, means over its steps."""
-        seconds = time.perf_counter() - self.start
+        now = time.perf_counter()
+        seconds, e = now - self.start, self._epoch
+        self._steps_s, self._steps = self._steps_s + seconds, self._steps + e.steps
+        self._window.seconds += now - self._since
         return {
-            "loss": float(self.loss_sum) / self.done,
+            "loss": float(e.loss) / e.steps,
             "epoch_seconds": seconds,
-            "images_per_sec": self.done * self.batch_size / seconds,
-            "bank_rtt_ms": 1e3 * self.rtt_sum / self.done,
-            "bank_wait_ms": 1e3 * self.wait_sum / self.done,
+            "images_per_sec": e.steps * self.batch_size / seconds,
+            "bank_rtt_ms": 1e3 * e.rtt / e.steps,
+            "bank_wait_ms": 1e3 * e.wait / e.steps,
         }
 
 

@@ -202,15 +202,17 @@ class Worker:
 
     def train_epoch(self) -> dict:
         steps = min(self.length.steps_per_epoch, self.length.steps - self.step)  # all batches, or the steps left
-        self.meter.start_epoch(steps, self.device)
+        self.meter.start_epoch(self.device)
         # islice, not break: BankFeed sends the last step's update when its batches end.
         batches = itertools.islice(self.input.epoch_batches(self.epoch), steps)
         for step in self.feed.steps(batches):
             loss = self.train_step(step)
             self.meter.add(loss, step.round_trip_s, step.waited_s)
-            if self.meter.line_due():
-                line = self.meter.progress(self.step, self.lr_at(self.step - 1), self.length.steps - self.step)
-                log.info(f"epoch {self.epoch + 1}/{self.epochs} {line}")
+            if self.meter.line_due(self.step):
+                line = self.meter.progress(
+                    self.step, self.lr_at(self.step - 1), self.length.steps - self.step, self.epochs - self.epoch
+                )
+                log.info(f"epoch {self.epoch + 1}/{self.epochs} step {self.step}/{self.length.steps} | {line}")
         return self.meter.epoch()
 
     def refresh_bank(self, why: str) -> float:
@@ -300,6 +302,7 @@ class Worker:
             )
             return
         top1, top5, seconds = self.evaluate("bank" if c.bank.warm_start else "fresh")
+        self.meter.paused(seconds + (0.0 if math.isnan(fill_s) else fill_s))  # as an epoch's refresh and eval
         self.history.append(
             {
                 "epoch": 0,
@@ -345,6 +348,7 @@ class Worker:
         train_start = time.perf_counter()
         while self.step < self.length.steps:
             metrics = self.train_epoch()
+            pause_start = time.perf_counter()
             self.epoch += 1
             refresh_s = top1 = top5 = eval_s = float("nan")
             if c.train.refresh_bank_every and self.epoch % c.train.refresh_bank_every == 0:
@@ -378,6 +382,7 @@ class Worker:
                 checkpoint=Checkpoint.from_directory(folder) if folder else None,
                 checkpoint_dir_name=f"epoch-{self.epoch:04d}",
             )
+            self.meter.paused(time.perf_counter() - pause_start)  # the ETA counts this pause
         return {
             "history": self.history,
             "step_log": self.meter.step_log,

@@ -1,29 +1,51 @@
 """The step statistics behind the progress lines, the epoch's metrics and TensorBoard's
 per-step scalars."""
 
+import re
+
 import pytest
 import torch
 
 from trainer.meter import Meter
 
 
-def test_lines_report_means_so_far_and_step_log_the_means_since_the_line_before():
-    meter = Meter(batch_size=32, log_every=2, step_log=[{"step": 1}])  # an entry from before a resume stays
-    meter.start_epoch(4, "cpu")
-    lines = []
-    for t, loss in enumerate([4.0, 2.0, 1.0, 3.0]):
+def run_epoch(meter, losses, first_step, lines, steps_total=7, pauses_left=0):
+    meter.start_epoch("cpu")
+    for t, loss in enumerate(losses):
         meter.add(torch.tensor(loss), round_trip_s=0.010, waited_s=0.002)
-        if meter.line_due():
-            lines.append(meter.progress(step=10 + t + 1, lr=0.5, steps_left=6 - t))
-    assert len(lines) == 2 and lines[1].startswith("step 4/4 |")
-    assert "loss 2.5000" in lines[1] and "lr 0.5000" in lines[1] and "bank rtt 10.0 ms (waited 2.0 ms)" in lines[1]
-    assert "img/s" in lines[1] and "ETA" in lines[1]
-    assert [e["step"] for e in meter.step_log] == [1, 12, 14]
-    assert [e["loss"] for e in meter.step_log[1:]] == [3.0, 2.0]  # (4 + 2) / 2, then (1 + 3) / 2
+        step = first_step + t
+        if meter.line_due(step):
+            lines.append(meter.progress(step, lr=0.5, steps_left=steps_total - step, pauses_left=pauses_left))
+    return meter.epoch()
+
+
+def test_lines_come_every_log_every_steps_of_the_run_across_epochs():
+    meter = Meter(batch_size=32, log_every=2, step_log=[{"step": 0}])  # an entry from before a resume stays
+    lines = []
+    first = run_epoch(meter, [4.0, 2.0, 1.0], 1, lines)  # 3-step epochs: lines at steps 2, 4 and 6
+    second = run_epoch(meter, [3.0, 5.0, 7.0], 4, lines)
+    assert len(lines) == 3
+    assert [e["step"] for e in meter.step_log] == [0, 2, 4, 6]
+    # Means since the line before, across the epoch boundary: (4 + 2) / 2, (1 + 3) / 2, (5 + 7) / 2.
+    assert [e["loss"] for e in meter.step_log[1:]] == [3.0, 2.0, 6.0]
+    assert "loss 2.0000" in lines[1] and "lr 0.5000" in lines[1] and "bank rtt 10.0 ms (waited 2.0 ms)" in lines[1]
     assert all(e["images_per_sec"] > 0 and e["bank_rtt_ms"] == pytest.approx(10.0) for e in meter.step_log[1:])
-    epoch = meter.epoch()
-    assert epoch["loss"] == 2.5 and epoch["bank_rtt_ms"] == pytest.approx(10.0)
-    assert epoch["bank_wait_ms"] == pytest.approx(2.0) and epoch["images_per_sec"] > 0
-    meter.start_epoch(4, "cpu")  # a new epoch starts its sums again; the step log goes on
-    meter.add(torch.tensor(7.0), 0.0, 0.0)
-    assert meter.epoch()["loss"] == 7.0 and len(meter.step_log) == 3
+    assert first["loss"] == pytest.approx(7 / 3) and second["loss"] == 5.0
+    assert first["bank_wait_ms"] == pytest.approx(2.0) and first["images_per_sec"] > 0
+
+
+def seconds_of(eta: str) -> int:
+    minutes, seconds = re.search(r"ETA (\d+)m(\d+)s", eta).groups()
+    return 60 * int(minutes) + int(seconds)
+
+
+def test_the_eta_counts_the_pauses_between_epochs_measured_so_far():
+    meter = Meter(batch_size=8, log_every=1)
+    meter.paused(100.0)  # the warm start and the untrained encoder's evaluation
+    meter.paused(300.0)  # an epoch's refresh, evaluation and checkpoint
+    meter.start_epoch("cpu")
+    meter.add(torch.tensor(1.0), 0.0, 0.0)
+    # Steps take microseconds here: the ETA is the pauses left at their mean, 200 s each.
+    assert seconds_of(meter.progress(1, 0.1, steps_left=10, pauses_left=3)) == 600
+    meter.add(torch.tensor(1.0), 0.0, 0.0)
+    assert seconds_of(meter.progress(2, 0.1, steps_left=9, pauses_left=0)) == 0
