@@ -170,9 +170,11 @@ def run(args: argparse.Namespace) -> int:
         "design (one row per image). images_per_sec is the run's summary.json; load_avg the larger 1-minute "
         f"load before and after the run, on {os.cpu_count()} CPUs.",
     ]
-    notes += ["", "## Checks", "", *checks(rows), "", "## Runs"]
+    verdicts = checks(rows)
+    notes += ["", "## Checks", "", *verdicts, "", "## Runs"]
     parquet, markdown = write_table(rows, output, "instdisc scale data", notes, COLUMNS)
     plots = write_plots(output, rows)
     print(markdown.read_text())
     print(f"wrote {parquet}, {markdown}, " + ", ".join(map(str, plots)))
-    return 1 if any(r["error"] for r in rows) else 0
+    # A target missed fails the command, as a run that failed does.
+    return 1 if any(r["error"] for r in rows) or any(line.endswith("FAIL") for line in verdicts) else 0
