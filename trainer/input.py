@@ -93,9 +93,11 @@ class DataShape:
 
     def describe(self) -> str:
         """One line: rows and splits, image size, classes, how it is read, what is not evaluated."""
-        test = f"{self.test_rows:,} {self.test_split}" if self.test_split else "no evaluation split"
+        rows = f"{self.train_rows:,} train / {self.test_rows:,} {self.test_split} images"
+        if not self.test_split:
+            rows = f"{self.train_rows:,} train images, no evaluation split"
         classes = f"{self.num_classes} classes" if self.num_classes else "no labels"
-        parts = [f"{self.train_rows:,} train / {test} images", self.image_size(), classes, self.form]
+        parts = [rows, self.image_size(), classes, self.form]
         if self.unevaluated:
             parts.append(f"kNN and the linear probe skipped: {self.unevaluated}")
         return ", ".join(parts)
