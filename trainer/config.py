@@ -20,6 +20,10 @@ class ConfigError(ValueError):
     pass
 
 
+# The evaluation split's names, in the order the first one present is taken.
+EVAL_SPLITS = ("test", "val", "valid", "validation")
+
+
 @dataclass
 class DataConfig:
     name: str = "fashion-mnist"
@@ -36,6 +40,12 @@ class DataConfig:
     # parquet: stream each worker's row groups (true), or decode the split into memory once (false).
     stream: bool = True
     shuffle_buffer: int = 4096  # streamed parquet: encoded rows mixed across row groups
+    # The evaluation split: test, val, valid or validation; None: the first of those present.
+    test_split: str | None = None
+    # An image that does not decode: fail (stop the run naming it) or skip (leave it out,
+    # log it once, count it). A skipped image's bank row is never a positive but may be
+    # drawn as a negative; skip decodes in the train worker (data.loader_workers 0).
+    on_bad_image: str = "fail"
 
 
 @dataclass
@@ -217,6 +227,15 @@ class Config:
             ),
             (self.data.shuffle_buffer >= 0, "data.shuffle_buffer must be >= 0 (0: row groups' own order)"),
             (self.data.loader_workers is None or self.data.loader_workers >= 0, "data.loader_workers must be >= 0"),
+            (
+                self.data.test_split is None or self.data.test_split in EVAL_SPLITS,
+                f"data.test_split must be one of {', '.join(EVAL_SPLITS)} (unset: the first of them present)",
+            ),
+            (self.data.on_bad_image in ("fail", "skip"), "data.on_bad_image must be 'fail' or 'skip'"),
+            (
+                not (self.data.on_bad_image == "skip" and self.data.loader_workers),
+                "data.on_bad_image=skip counts skipped images in the train worker: set data.loader_workers=0",
+            ),
             (self.eval.linear_epochs >= 1, "eval.linear_epochs must be >= 1"),
             (self.eval.linear_lr > 0, "eval.linear_lr must be > 0"),
             (self.eval.linear_weight_decay >= 0, "eval.linear_weight_decay must be >= 0"),

@@ -1,8 +1,8 @@
 """Datasets held in memory, every kind by name, and `MemoryInput`, the worker's input
-over them. The torchvision sets (Fashion-MNIST, MNIST, CIFAR, STL-10) and ImageFolder
-are loaded here; a Parquet split decoded into memory comes from `trainer.parquet`
-(``data.stream=false``). The torchvision sets live in memory as one uint8 tensor;
-ImageFolder images are decoded on access, resized to ``image_size``.
+over them. The torchvision sets (Fashion-MNIST, MNIST, CIFAR, STL-10) are loaded here;
+ImageFolder comes from `trainer.folders`, a Parquet split decoded into memory from
+`trainer.parquet` (``data.stream=false``). The torchvision sets live in memory as one
+uint8 tensor; ImageFolder images are decoded on access, resized to ``image_size``.
 """
 
 from __future__ import annotations
@@ -18,16 +18,18 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from trainer.config import Config
+from trainer.folders import load_imagefolder
 from trainer.images import (
     STATS_IMAGES,
+    BadImages,
     DatasetMissing,
-    DecodedImages,
     InMemoryImages,
     batch_as_is,
     image_stats,
     seeded_subset,
+    why_unevaluated,
 )
-from trainer.parquet import ParquetSplit, load_split
+from trainer.parquet import ParquetSplit, eval_split, load_split
 
 NAMES = ("fashion-mnist", "mnist", "cifar10", "cifar100", "stl10", "imagefolder", "parquet")
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -93,19 +95,6 @@ def _torchvision(name: str, root: Path | None, train: bool, download: bool) -> I
     return InMemoryImages(images, torch.tensor(ds.targets), 10 if name == "cifar10" else 100)
 
 
-def _imagefolder(root: Path, train: bool, size: int) -> DecodedImages:
-    from torchvision.datasets import ImageFolder
-
-    folder = root / ("train" if train else "test")
-    if not folder.is_dir():
-        raise DatasetMissing(
-            f"dataset 'imagefolder': no folder {folder}; data.root must hold train/ and test/, "
-            "each with one sub-folder of images per class"
-        )
-    ds = ImageFolder(str(folder))
-    return DecodedImages(lambda i: ds.loader(ds.samples[i][0]), [t for _, t in ds.samples], len(ds.classes), size)
-
-
 def load_dataset(
     name: str,
     root: str | None = None,
@@ -113,9 +102,13 @@ def load_dataset(
     download: bool = True,
     image_size: int = 32,
     parquet_subset: int = 0,
+    test_split: str | None = None,
+    bad: BadImages | None = None,
 ):
-    """A split as a random-access dataset. `parquet_subset`: a Parquet split's evenly
-    spaced subset (what `data.subset` takes of Parquet, streamed or not)."""
+    """A split as a random-access dataset: the train split, or the evaluation split
+    (`test_split`, else the first present; DatasetMissing when there is none).
+    `parquet_subset`: a Parquet split's evenly spaced subset (what `data.subset` takes
+    of Parquet, streamed or not)."""
     if name not in NAMES:
         raise ValueError(f"data.name must be one of {NAMES}, got {name!r}")
     path = Path(root).expanduser() if root else None
@@ -126,22 +119,43 @@ def load_dataset(
     if path is None:
         raise ValueError(f"data.root is required for data.name={name!r}")
     if name == "imagefolder":
-        return _imagefolder(path, train, image_size)
-    return load_split(root, "train" if train else "test", image_size, parquet_subset)
+        train_set, test_set, split = load_imagefolder(path, image_size, test_split, bad)
+        if not train and test_set is None:
+            raise DatasetMissing(f"dataset 'imagefolder': no evaluation split in {path}")
+        return train_set if train else test_set
+    split = "train" if train else eval_split(root, test_split) or "test"  # "test": find_files says what is missing
+    return load_split(root, split, image_size, parquet_subset, bad)
 
 
 def load_datasets(config: Config):
-    """(train, test) as random-access datasets, subsets applied: `MemoryInput`'s data,
-    and what `instdisc eval` embeds."""
+    """(train, evaluation split or None) as `load_splits` loads them."""
+    return load_splits(config)[:2]
+
+
+def load_splits(config: Config, bad: BadImages | None = None):
+    """(train, evaluation split or None when there is none, its name) as random-access
+    datasets, subsets applied: `MemoryInput`'s data, and what `instdisc eval` embeds.
+    The evaluation split is ``data.test_split``, else the first of test, val, valid,
+    validation present (always ``test`` for the torchvision sets)."""
     d = config.data
+    bad = bad or BadImages(d.on_bad_image)
     if d.name == "parquet":  # evenly spaced subsets, as streaming takes them
-        return tuple(
-            load_dataset(d.name, d.root, train=train, image_size=d.image_size, parquet_subset=subset)
-            for train, subset in ((True, d.subset), (False, d.test_subset))
-        )
-    train = load_dataset(d.name, d.root, train=True, download=d.download, image_size=d.image_size)
-    test = load_dataset(d.name, d.root, train=False, download=d.download, image_size=d.image_size)
-    return seeded_subset(train, d.subset, config.train.seed), seeded_subset(test, d.test_subset, config.train.seed + 1)
+        split = eval_split(d.root, d.test_split)
+        train = load_split(d.root, "train", d.image_size, d.subset, bad)
+        return train, load_split(d.root, split, d.image_size, d.test_subset, bad) if split else None, split
+    if d.name == "imagefolder":
+        if not d.root:
+            raise ValueError("data.root is required for data.name='imagefolder'")
+        train, test, split = load_imagefolder(Path(d.root).expanduser(), d.image_size, d.test_split, bad)
+    else:
+        if d.test_split not in (None, "test"):
+            raise DatasetMissing(f"data.test_split={d.test_split}: data.name={d.name} has a test split only")
+        train = load_dataset(d.name, d.root, train=True, download=d.download, image_size=d.image_size)
+        test = load_dataset(d.name, d.root, train=False, download=d.download, image_size=d.image_size)
+        split = "test"
+    if test is not None:
+        test = seeded_subset(test, d.test_subset, config.train.seed + 1)
+    return seeded_subset(train, d.subset, config.train.seed), test, split
 
 
 class MemoryInput:
@@ -150,10 +164,15 @@ class MemoryInput:
 
     def __init__(self, config: Config, rank: int, world: int):
         self.config, self.rank, self.world = config, rank, world
-        self.train_set, self.test_set = load_datasets(config)
-        self.rows, self.test_rows = len(self.train_set), len(self.test_set)
+        self.bad = BadImages(config.data.on_bad_image)
+        self.train_set, self.test_set, self.test_split = load_splits(config, self.bad)
+        self.rows, self.test_rows = len(self.train_set), len(self.test_set) if self.test_set is not None else 0
         self.num_classes = self.train_set.num_classes
-        self.channels, self.side = self.train_set[0][0].shape[:2]
+        self.unevaluated = why_unevaluated(
+            self.test_split, self.num_classes, self.test_set.num_classes if self.test_set is not None else None
+        )
+        self.channels, self.side = self.train_set.image_shape
+        self.source_size = self.train_set.source_size
         self.form = "in memory"
         self.workers = 0 if config.data.loader_workers is None else config.data.loader_workers
         self.sampler = DistributedSampler(
@@ -181,6 +200,8 @@ class MemoryInput:
         """Rows rank, rank + W, ... of `split` in batches of `batch` (``eval.source=fresh``
         reassembles the whole by that stride)."""
         dataset = self.train_set if split == "train" else self.test_set
+        if dataset is None:  # no evaluation split
+            return iter(())
         indices = list(range(self.rank, len(dataset), self.world))
         chunks = [indices[i : i + batch] for i in range(0, len(indices), batch)]
         if self.workers:

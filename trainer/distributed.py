@@ -67,3 +67,18 @@ def all_gather_object(obj) -> list:
     gathered = [None] * world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+class StopTraining(RuntimeError):
+    """A reason to end the run on every worker at once, without Ray's retries (a
+    retry would meet the same problem)."""
+
+
+def stop_if_any(error: Exception | None) -> None:
+    """StopTraining on every worker, with the first (by rank) worker's `error` as its
+    message, when any worker passes one. A collective: every worker calls it at the same
+    point, so one worker's error does not leave the others waiting in the next one."""
+    (failed,) = all_reduce_sum([float(error is not None)])
+    if failed:
+        messages = all_gather_object(None if error is None else str(error))
+        raise StopTraining(next(m for m in messages if m is not None))

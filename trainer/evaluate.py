@@ -15,6 +15,7 @@ and checks its inputs here too.)
 
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
@@ -23,10 +24,13 @@ import torch.nn.functional as F
 from trainer import distributed as dist
 from trainer.bank_feed import BankFeed
 from trainer.config import Config, ConfigError
-from trainer.data import load_datasets
+from trainer.data import load_splits
 from trainer.export import load_export
 from trainer.features import embed, fresh_index
+from trainer.images import BadImage, why_unevaluated
 from trainer.knn import knn_accuracy, knn_correct, neighbours_correct
+
+log = logging.getLogger(__name__)
 
 _BATCH = 512
 TEST_BATCH = 500
@@ -53,6 +57,7 @@ def evaluate_run(
     correct, total = [0, 0], 0  # top-1, top-5; test images
     neighbours = []  # (sims, bank rows, test labels) per batch, labelled a bounded lot at a time
     encoder.eval()
+    error = None
     try:
         for images, _, y in data.share("test", TEST_BATCH):
             queries = embed(encoder, images, device)
@@ -66,8 +71,11 @@ def evaluate_run(
                 found, neighbours = _bank_neighbours_correct(neighbours, data, c.sigma), []
             correct = [correct[0] + found[0], correct[1] + found[1]]
         found = _bank_neighbours_correct(neighbours, data, c.sigma)
+    except BadImage as bad:
+        error, found = bad, (0, 0)
     finally:
         encoder.train()
+    dist.stop_if_any(error)  # before the sum, which every worker must reach
     correct1, correct5, total = dist.all_reduce_sum([correct[0] + found[0], correct[1] + found[1], total])
     return correct1 / total, correct5 / total, time.perf_counter() - start
 
@@ -104,8 +112,11 @@ def load_for_eval(encoder_path: str, config: Config):
     not an instdisc export or the images are not what it takes. `instdisc eval knn` and
     `instdisc eval linear` both start here."""
     module, metadata = load_export(encoder_path)
-    train_set, test_set = load_datasets(config)
-    channels, side = train_set[0][0].shape[0], train_set[0][0].shape[1]
+    train_set, test_set, split = load_splits(config)
+    why = why_unevaluated(split, train_set.num_classes, test_set.num_classes if test_set is not None else None)
+    if why:
+        raise ConfigError(f"scoring an encoder needs labelled train and evaluation splits: {why}")
+    channels, side = train_set.image_shape
     if (channels, side) != (metadata["in_channels"], metadata["image_size"]):
         raise ConfigError(
             f"--encoder {encoder_path} takes {metadata['in_channels']}-channel "
@@ -120,8 +131,9 @@ def evaluate_knn(encoder_path: str, config: Config) -> dict:
 
     module, metadata, train_set, test_set = load_for_eval(encoder_path, config)
     k = config.eval.k
-    if k > len(train_set):
-        raise ConfigError(f"eval.k={k} exceeds the {len(train_set)} images of the train split")
+    if k > len(train_set):  # as a run caps it (evaluate_run)
+        log.info(f"eval.k={k} exceeds the {len(train_set)} images of the train split: k = {len(train_set)}")
+        k = len(train_set)
     with tqdm(total=len(train_set) + len(test_set), unit="img", desc="embedding") as progress:
         train_features, train_labels = embed_all(module, train_set, progress)
         test_features, test_labels = embed_all(module, test_set, progress)

@@ -16,6 +16,7 @@ import torch
 
 from trainer import distributed as dist
 from trainer.bank_feed import BankFeed
+from trainer.images import BadImage
 
 BATCH = 1024
 
@@ -40,20 +41,33 @@ def clean_features(encoder: torch.nn.Module, data, device) -> Iterator[tuple[tor
 
 def fill_bank(encoder: torch.nn.Module, data, feed: BankFeed, device) -> float:
     """Set every bank row to the encoder's feature of its un-augmented image (momentum 0),
-    all workers together; returns the seconds it took."""
+    all workers together; returns the seconds it took. The warm start reads every train
+    image before training: an image that does not decode stops every worker here
+    (StopTraining, naming it). Rows of skipped images keep what they held."""
     start = time.perf_counter()
-    for idx, features in clean_features(encoder, data, device):
-        feed.write(idx, features)
-    dist.barrier()
+    error = None
+    try:
+        for idx, features in clean_features(encoder, data, device):
+            feed.write(idx, features)
+    except BadImage as bad:
+        error = bad
+    dist.stop_if_any(error)  # also the barrier: every worker's rows are written
     return time.perf_counter() - start
 
 
 def fresh_index(encoder: torch.nn.Module, data, device, dim: int) -> torch.Tensor:
     """(N, D) unit features of every train image in bank-row order, on every worker: each
-    embeds its share, then all of them gather the whole."""
-    n, world = data.rows, dist.world_size()
-    mine = [features for _, features in clean_features(encoder, data, device)]
-    mine = torch.cat(mine) if mine else torch.empty(0, dim, device=device)
+    embeds its share, then all of them gather the whole. A skipped image's row is zeros
+    (similarity 0 to every query)."""
+    n, world, rank = data.rows, dist.world_size(), dist.rank()
+    mine = torch.zeros(len(range(rank, n, world)), dim, device=device)
+    error = None
+    try:
+        for idx, features in clean_features(encoder, data, device):
+            mine[(idx.to(device) - rank) // world] = features  # worker r embeds rows r, r + W, ...
+    except BadImage as bad:
+        error = bad
+    dist.stop_if_any(error)
     shares = dist.all_gather_rows(mine, [len(range(r, n, world)) for r in range(world)])
     index = torch.empty(n, mine.shape[1], device=device)
     for r, share in enumerate(shares):

@@ -291,8 +291,25 @@ def _fit(
     try:
         result = trainer.fit()
     except Exception as error:  # Ray wraps worker errors (after FailureConfig's retries)
-        raise TrainingStopped(f"training failed: {error}") from error
+        bad = _bad_image(error)  # a worker's own line, not Ray's wrapping of it
+        raise TrainingStopped(str(bad) if bad else f"training failed: {error}") from error
     finally:
         restarts = ray.get(starts.restarts.remote(), timeout=60)
         ray.kill(starts)
     return result, time.perf_counter() - start, restarts
+
+
+def _bad_image(error: BaseException | None):
+    """The BadImage a worker raised, found in Ray's wrapping of it; None for another error."""
+    from trainer.images import BadImage
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        cause = getattr(error, "cause", None)  # a RayTaskError's: the worker's exception itself
+        if isinstance(cause, BadImage):
+            return cause
+        if isinstance(error, BadImage) and cause is None:
+            return error
+        error = error.__cause__ or error.__context__
+    return None

@@ -103,6 +103,11 @@ def write_outputs(config: Config, output: Path, outcome: dict, checkpoint, wall_
         "bank_outage_details": outcome["bank_outages"],
         "worker_restarts": len(outcome["worker_restarts"]),
         "worker_restart_epochs": outcome["worker_restarts"],
+        # What scored the encoder ("knn", "linear"), and why nothing did (no evaluation
+        # split, no labels) or None; data.on_bad_image=skip's images left out, each once.
+        "evaluated": [] if outcome.get("evaluation_skipped") else ["knn"],
+        "evaluation_skipped": outcome.get("evaluation_skipped"),
+        "bad_images_skipped": outcome.get("bad_images_skipped", 0),
     }
     fields = [
         "epoch",
@@ -125,10 +130,13 @@ def write_outputs(config: Config, output: Path, outcome: dict, checkpoint, wall_
     (output / "summary.json").write_text(json.dumps(summary, indent=2))  # again below, with the probe's figures
     write_tensorboard(output / "tensorboard", history, outcome.get("step_log", []))
     plot_curves(history, output / "curves.png")
-    if config.eval.linear and checkpoint is not None:
+    if config.eval.linear and summary["evaluation_skipped"]:
+        log.info(f"eval.linear: no linear probe, {summary['evaluation_skipped']}")
+    elif config.eval.linear and checkpoint is not None:
         # The probe of the run's final encoder (encoder.pt, the backbone), on the run's data.
         linear = evaluate_linear(str(output / "encoder.pt"), config, output)
         summary.update(linear_top1=linear["linear_top1"], linear_top5=linear["linear_top5"])
+        summary["evaluated"].append("linear")
     elif config.eval.linear:
         log.warning("eval.linear: no linear probe, the run left no checkpoint to export an encoder from")
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -217,7 +225,12 @@ def table(summary: dict, output: Path) -> str:
         ("images/s", f"{summary['images_per_sec']:,.0f}"),
         ("train time", f"{summary['train_seconds']:.0f} s"),
         ("bank round trip", f"{summary['bank_rtt_ms']:.1f} ms (waited {summary['bank_wait_ms']:.1f} ms)"),
-        ("kNN evaluation", _seconds(summary["eval_seconds"]) + f" each (eval.source={summary['knn_source']})"),
+        (
+            ("evaluation", f"skipped: {summary['evaluation_skipped']}")
+            if summary.get("evaluation_skipped")
+            else ("kNN evaluation", _seconds(summary["eval_seconds"]) + f" each (eval.source={summary['knn_source']})")
+        ),
+        *([("bad images skipped", str(summary["bad_images_skipped"]))] if summary.get("bad_images_skipped") else []),
         *(
             [("bank refresh", _seconds(summary["refresh_seconds"]) + " each")]
             if summary["refresh_seconds"] is not None

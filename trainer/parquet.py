@@ -4,16 +4,19 @@ reading by row group, decoding, and a split decoded into memory (`load_split`, f
 
 ``data.root`` is a directory, a glob or a pyarrow filesystem URI (``s3://bucket/set``,
 ``gs://...``, ``file:///...``). A split's files are found by name, anywhere below the
-root (or among the glob's matches, ``*`` matching within one path segment):
+root (or among the glob's matches, ``*`` matching within one path segment); the
+splits are ``train`` and the evaluation split, the first of ``test``, ``val``,
+``valid``, ``validation`` present (or ``data.test_split``):
 
-- ``train.parquet``, ``train-*.parquet`` or ``train_*.parquet`` (the Hugging Face
-  layout ``data/train-00000-of-00042.parquet``);
-- else, a ``*.parquet`` whose nearest folder named ``train`` or ``test`` is ``train``.
+- ``<split>.parquet``, ``<split>-*.parquet`` or ``<split>_*.parquet`` (the Hugging Face
+  layout ``data/train-00000-of-00042.parquet``, ``data/validation-00000-of-00001.parquet``);
+- else, a ``*.parquet`` whose nearest folder named after a split is ``<split>/``.
 
 The file name decides first, so ``test/train-extra.parquet`` is train's. Every file
 has an encoded-image column ``image`` (binary, or Hugging Face's struct ``{bytes,
-path}`` with the bytes filled in) and an integer column ``label``, with the same types
-in every file of a split and no nulls. An image's global index (its bank row) is its
+path}`` with the bytes filled in) and, optionally, an integer column ``label`` (class
+indices as they are, 0 to classes - 1; without it the split is unlabelled), with the
+same types in every file of a split and no nulls. An image's global index (its bank row) is its
 row position over the split's files sorted by path: file order, then row group, then
 row. It comes from the footers' row counts, so no image is read to know it, and the
 bank's size is the same sum. A subset (``data.subset``) of a split is its evenly
@@ -39,18 +42,29 @@ import numpy as np
 import torch
 from PIL import Image
 
-from trainer.images import DatasetMissing, InMemoryImages, image_to_chw
+from trainer.config import EVAL_SPLITS
+from trainer.images import (
+    DECODE_ERRORS,
+    NO_LABEL,
+    BadImages,
+    DataError,
+    DatasetMissing,
+    InMemoryImages,
+    choose_eval_split,
+    image_to_chw,
+)
 
 IMAGE, LABEL, INDEX = "image", "label", "index"
-SPLITS = ("train", "test")
+SPLITS = ("train", *EVAL_SPLITS)
 LAYOUT_HELP = (
-    "data.root must hold the split's Parquet files: train.parquet / test.parquet, train-*.parquet / "
-    "test-*.parquet (also the Hugging Face layout data/train-00000-of-00042.parquet), or *.parquet in "
-    "train/ and test/ folders; each with an encoded-image column 'image' and an integer column 'label'"
+    "data.root must hold the splits' Parquet files: train.parquet and test.parquet (or val, valid, "
+    "validation), train-*.parquet / validation-*.parquet (also the Hugging Face layout "
+    "data/train-00000-of-00042.parquet), or *.parquet in train/ and test/ (val/, ...) folders; each "
+    "with an encoded-image column 'image' and, for evaluation, an integer class-index column 'label'"
 )
 
 
-class ParquetDataError(ValueError):
+class ParquetDataError(DataError):
     """A split's files are not what `data.name=parquet` reads; the message names the file."""
 
 
@@ -114,9 +128,8 @@ def _matches(path: str, pattern: str) -> bool:
     return len(parts) == len(wanted) and all(fnmatch.fnmatchcase(p, w) for p, w in zip(parts, wanted))
 
 
-def find_files(root: str, split: str) -> tuple[object, str, list]:
-    """(filesystem, the listed base, the split's FileInfos sorted by path) under `root`;
-    DatasetMissing, naming where and what was looked for, when none matches."""
+def _listing(root: str) -> tuple[object, str, list]:
+    """(filesystem, the listed base, every Parquet file's (FileInfo, split or None)) under `root`."""
     import pyarrow.fs as pafs
 
     filesystem, path = _filesystem(root)
@@ -127,16 +140,25 @@ def find_files(root: str, split: str) -> tuple[object, str, list]:
         infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
     except (FileNotFoundError, OSError) as error:
         raise DatasetMissing(f"dataset 'parquet': cannot list {root} ({error}). {LAYOUT_HELP}") from error
-    files = sorted(
-        (
-            info
-            for info in infos
-            if info.type == pafs.FileType.File
-            and (pattern is None or _matches(info.path, pattern))
-            and split_of(posixpath.relpath(info.path, base)) == split
-        ),
-        key=lambda info: info.path,
-    )
+    files = [
+        (info, split_of(posixpath.relpath(info.path, base)))
+        for info in infos
+        if info.type == pafs.FileType.File and (pattern is None or _matches(info.path, pattern))
+    ]
+    return filesystem, base, files
+
+
+def eval_split(root: str, wanted: str | None) -> str | None:
+    """The evaluation split under `root` (see `trainer.images.choose_eval_split`)."""
+    present = {split for _, split in _listing(root)[2]}
+    return choose_eval_split(present, wanted, root)
+
+
+def find_files(root: str, split: str) -> tuple[object, str, list]:
+    """(filesystem, the listed base, the split's FileInfos sorted by path) under `root`;
+    DatasetMissing, naming where and what was looked for, when none matches."""
+    filesystem, base, listed = _listing(root)
+    files = sorted((info for info, found in listed if found == split), key=lambda info: info.path)
     if not files:
         raise DatasetMissing(
             f"dataset 'parquet': no {split} split under {root} (looked for {split}.parquet, "
@@ -145,15 +167,16 @@ def find_files(root: str, split: str) -> tuple[object, str, list]:
     return filesystem, base, files
 
 
-def _column_kinds(schema, path: str) -> tuple[str, str]:
-    """The two columns' types as strings; ParquetDataError when one is missing or unusable."""
+def _column_kinds(schema, path: str) -> tuple[str, str | None]:
+    """The two columns' types as strings (the label's None when there is none: an
+    unlabelled split); ParquetDataError when the image is missing or one is unusable."""
     import pyarrow as pa
 
     names = schema.names
-    for column in (IMAGE, LABEL):
-        if column not in names:
-            raise ParquetDataError(f"{path} has no column {column!r} (columns: {names}). {LAYOUT_HELP}")
-    image, label = schema.field(IMAGE).type, schema.field(LABEL).type
+    if IMAGE not in names:
+        raise ParquetDataError(f"{path} has no column {IMAGE!r} (columns: {names}). {LAYOUT_HELP}")
+    image = schema.field(IMAGE).type
+    label = schema.field(LABEL).type if LABEL in names else None
     encoded = (
         pa.types.is_binary(image)
         or pa.types.is_large_binary(image)
@@ -164,9 +187,9 @@ def _column_kinds(schema, path: str) -> tuple[str, str]:
             f"{path}: column 'image' is {image}; it must hold encoded images (binary, or a "
             "struct with a 'bytes' field as Hugging Face writes it)"
         )
-    if not pa.types.is_integer(label):
+    if label is not None and not pa.types.is_integer(label):
         raise ParquetDataError(f"{path}: column 'label' is {label}; it must be an integer class index")
-    return str(image), str(label)
+    return str(image), None if label is None else str(label)
 
 
 def _column_paths(metadata) -> dict[str, int]:
@@ -178,10 +201,10 @@ def _column_paths(metadata) -> dict[str, int]:
 class ParquetSplit:
     """One split of a Parquet dataset, indexed from its files' footers."""
 
-    def __init__(self, root: str, split: str, subset: int = 0):
+    def __init__(self, root: str, split: str, subset: int = 0, bad: BadImages | None = None):
         import pyarrow.parquet as pq
 
-        self.root, self.split = root, split
+        self.root, self.split, self.bad = root, split, bad or BadImages()
         self.filesystem, base, listed = find_files(root, split)
         files, kinds, label_max = [], None, -1
         for info in listed:
@@ -211,6 +234,7 @@ class ParquetSplit:
                 )
             )
         self.files = files
+        self.labelled = kinds[1] is not None
         self.total_rows = sum(f.rows for f in files)
         if subset < 0:
             raise ValueError(f"data.subset must be >= 0, got {subset}")
@@ -267,7 +291,10 @@ class ParquetSplit:
 
     @property
     def num_classes(self) -> int:
-        """Largest label + 1: from the footers' statistics, else from the label column."""
+        """Largest label + 1: from the footers' statistics, else from the label column; 0
+        for an unlabelled split."""
+        if not self.labelled:
+            return 0
         if self._label_max is None:
             self._label_max = max(int(self.read(i, g, [LABEL])[LABEL].max(initial=-1)) for i, g in self.groups)
         return self._label_max + 1
@@ -281,12 +308,13 @@ class ParquetSplit:
         import pyarrow.parquet as pq
 
         path = self.files[file].path
+        read = [c for c in columns if c != LABEL or self.labelled]
         try:
             reader = self._open.get(file)
             if reader is None:
                 reader = pq.ParquetFile(self.filesystem.open_input_file(path))
                 self._open = {file: reader}  # one file open at a time: pieces come mostly in file order
-            table = reader.read_row_group(group, columns=columns)
+            table = reader.read_row_group(group, columns=read)
             if offsets is not None:
                 table = table.take(offsets)
         except Exception as error:  # noqa: BLE001 -- whatever pyarrow or the filesystem raised
@@ -295,7 +323,9 @@ class ParquetSplit:
                 f"{path}: cannot read row group {group} ({type(error).__name__}: {error})"
             ) from error
         out = {}
-        if LABEL in columns:
+        if LABEL in columns and not self.labelled:
+            out[LABEL] = np.full(table.num_rows, NO_LABEL, dtype=np.int64)
+        elif LABEL in columns:
             labels = table.column(LABEL)
             if labels.null_count:
                 raise ParquetDataError(f"{path}: row group {group} has {labels.null_count} null label(s)")
@@ -369,6 +399,8 @@ def _check_statistics(metadata, path: str, label_max: int | None) -> int | None:
                     f"{path}: row group {g} has {stats.null_count} null {name} value(s)"
                     + (" (images stored by path are not read: embed their bytes)" if name == "image" else "")
                 )
+        if label is None:
+            continue
         stats = group.column(label).statistics
         if label_max is not None and stats is not None and stats.has_min_max:
             label_max = max(label_max, int(stats.max))
@@ -377,28 +409,48 @@ def _check_statistics(metadata, path: str, label_max: int | None) -> int | None:
     return label_max
 
 
-def decode(encoded: list[bytes], size: int, where=None) -> np.ndarray:
-    """Encoded images -> uint8 (n, 3, size, size), each by `image_to_chw`; an image
-    that does not decode is a ParquetDataError naming `where(i)`."""
+def decode(encoded: list[bytes], size: int, where=None, bad: BadImages | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 (m, 3, size, size), which of the n encoded images they are (bool (n,))):
+    each by `image_to_chw`; one that does not decode goes to `bad` (default: raise
+    BadImage) as `where(i)`."""
+    bad = bad or BadImages()
     out = np.empty((len(encoded), 3, size, size), dtype=np.uint8)
+    kept = np.ones(len(encoded), dtype=bool)
     for i, data in enumerate(encoded):
         try:
             out[i] = image_to_chw(Image.open(io.BytesIO(data)), size)
-        except (OSError, ValueError) as error:  # PIL's UnidentifiedImageError is an OSError
-            raise ParquetDataError(
-                f"{where(i) if where else f'image {i}'}: cannot decode the image ({error})"
-            ) from error
-    return out
+        except DECODE_ERRORS as error:
+            bad.met(where(i) if where else f"image {i}", error)
+            kept[i] = False
+    return (out if kept.all() else out[kept]), kept
 
 
-def load_split(root: str, split: str, size: int, subset: int = 0) -> InMemoryImages:
+def source_size(data: ParquetSplit) -> tuple[int, int] | None:
+    """(width, height) of the split's first image, from its header; None when it has none."""
+    encoded = data.read_piece(Piece(0, 0, 1), (IMAGE,))[IMAGE] if len(data) else []
+    data.close()
+    try:
+        with Image.open(io.BytesIO(encoded[0])) as image:
+            return image.size
+    except (IndexError, *DECODE_ERRORS):
+        return None
+
+
+def load_split(root: str, split: str, size: int, subset: int = 0, bad: BadImages | None = None) -> InMemoryImages:
     """The split (or its evenly spaced `subset`, as streaming takes it) decoded into
-    memory once: what ``data.stream=false`` and `instdisc eval` hold, N images."""
-    data = ParquetSplit(root, split, subset)
+    memory once: what ``data.stream=false`` and `instdisc eval` hold, N images (fewer by
+    those `bad` skips: the rows after one then move up)."""
+    data = ParquetSplit(root, split, subset, bad)
     images = np.empty((len(data), 3, size, size), dtype=np.uint8)
     labels = np.empty(len(data), dtype=np.int64)
+    kept = np.ones(len(data), dtype=bool)
     for piece in data.pieces():
         values = data.read_piece(piece)
-        images[values[INDEX]] = decode(values[IMAGE], size, lambda i, at=values[INDEX]: data.where(int(at[i])))
-        labels[values[INDEX]] = values[LABEL]
-    return InMemoryImages(torch.from_numpy(images), torch.from_numpy(labels), data.num_classes)
+        at = values[INDEX]
+        decoded, ok = decode(values[IMAGE], size, lambda i, at=at: data.where(int(at[i])), data.bad)
+        images[at[ok]] = decoded
+        labels[at] = values[LABEL]
+        kept[at[~ok]] = False
+    if not kept.all():
+        images, labels = images[kept], labels[kept]
+    return InMemoryImages(torch.from_numpy(images), torch.from_numpy(labels), data.num_classes, source_size(data))

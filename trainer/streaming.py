@@ -32,8 +32,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trainer.config import Config
-from trainer.images import STATS_IMAGES, batch_as_is, image_stats
-from trainer.parquet import IMAGE, INDEX, LABEL, ParquetSplit, Piece, decode
+from trainer.images import STATS_IMAGES, BadImages, batch_as_is, image_stats, why_unevaluated
+from trainer.parquet import IMAGE, INDEX, LABEL, ParquetSplit, Piece, decode, eval_split, source_size
 
 _CHUNK = 256  # rows decoded together, and handed over from a loader process at once
 
@@ -44,15 +44,21 @@ class StreamedInput:
     def __init__(self, config: Config, rank: int, world: int, on_gpu: bool = False):
         d = config.data
         self.config, self.rank, self.world = config, rank, world
+        self.bad = BadImages(d.on_bad_image)
         # Unset: 1 decoding process on a GPU worker, none on CPU, where training takes the
-        # worker's cores and a decoding process competes with it.
-        self.loader_workers = (1 if on_gpu else 0) if d.loader_workers is None else d.loader_workers
-        self.train = ParquetSplit(d.root, "train", d.subset)
-        self.test = ParquetSplit(d.root, "test", d.test_subset)
-        self.rows, self.test_rows, self.num_classes = len(self.train), len(self.test), self.train.num_classes
+        # worker's cores and a decoding process competes with it. Skipping bad images
+        # decodes here, where the skipped ones are counted.
+        default = 1 if on_gpu and not self.bad.skip else 0
+        self.loader_workers = default if d.loader_workers is None else d.loader_workers
+        self.train = ParquetSplit(d.root, "train", d.subset, self.bad)
+        self.test_split = eval_split(d.root, d.test_split)
+        self.test = ParquetSplit(d.root, self.test_split, d.test_subset, self.bad) if self.test_split else None
+        self.rows, self.num_classes = len(self.train), self.train.num_classes
+        self.test_rows = len(self.test) if self.test else 0
+        self.unevaluated = why_unevaluated(self.test_split, self.num_classes, self.test and self.test.num_classes)
         self.batch = config.train.batch_size // world
-        first = _first_images(self.train, 1, d.image_size)
-        self.channels, self.side = first.shape[1], first.shape[2]
+        self.channels, self.side = 3, d.image_size  # `decode` makes every image RGB at that side
+        self.source_size = source_size(self.train)
         self.form = f"streamed from {len(self.train.files)} Parquet file(s)"
 
     def batches_per_epoch(self) -> int:
@@ -98,6 +104,8 @@ class StreamedInput:
         """This worker's share of `split` (a contiguous run of rows, every row on one
         worker) in batches of `batch`: in index order per loader process."""
         data = self.train if split == "train" else self.test
+        if data is None:  # no evaluation split
+            return iter(())
         lo, hi = _span(len(data), self.rank, self.world)
         pieces = _cut(data.pieces(), lo, hi - lo, len(data))
         stream = _Stream(data, pieces, self.config.data.image_size, 0, (0,))
@@ -151,16 +159,20 @@ class _Stream(IterableDataset):
         else:
             encoded, idx, y = images[:n], indices[:n], labels[:n]
             del images[:n], indices[:n], labels[:n]
+        images, kept = decode(list(encoded), self.size, lambda i: self.split.where(idx[i]), self.split.bad)
+        kept = torch.from_numpy(kept)
         return (
-            torch.from_numpy(decode(list(encoded), self.size, lambda i: self.split.where(idx[i]))),
-            torch.tensor(idx, dtype=torch.long),
-            torch.tensor(y, dtype=torch.long),
+            torch.from_numpy(images),
+            torch.tensor(idx, dtype=torch.long)[kept],
+            torch.tensor(y, dtype=torch.long)[kept],
         )
 
 
 def _rebatch(chunks, batch: int, count: int | None) -> Iterator:
     """Batches of exactly `batch` rows from chunks of any size; at most `count` of them
-    (None: all, the last one possibly short)."""
+    (None: all, the last one possibly short). Chunks that skipped bad images may leave
+    the rows short of `count` batches: the last one is then short, so every worker still
+    takes the same steps."""
     pending: list[tuple] = []
     held = made = 0
     for chunk in chunks:
@@ -176,7 +188,7 @@ def _rebatch(chunks, batch: int, count: int | None) -> Iterator:
         if count is not None and made >= count:
             return
         pending, held = ([tuple(part[at:] for part in joined)] if held > at else []), held - at
-    if count is None and held:
+    if held and (count is None or made < count):
         yield tuple(torch.cat(parts) for parts in zip(*pending))
 
 
@@ -211,7 +223,7 @@ def _first_images(split: ParquetSplit, n: int, size: int) -> torch.Tensor:
         if len(encoded) >= n:
             break
     split.close()
-    return torch.from_numpy(decode(encoded, size, lambda i: split.where(i)))
+    return torch.from_numpy(decode(encoded, size, lambda i: split.where(i), split.bad)[0])
 
 
 _CONTEXT = None

@@ -30,8 +30,10 @@ from trainer.augment import augment
 from trainer.bank_feed import BankFeed, BankStep
 from trainer.config import Config
 from trainer.console import show_worker_lines
+from trainer.distributed import StopTraining
 from trainer.evaluate import evaluate_run
 from trainer.features import fill_bank
+from trainer.images import BadImage
 from trainer.input import open_input, streamed
 from trainer.losses import (
     PartitionEstimate,
@@ -67,11 +69,6 @@ class LoopStarts:
     def restarts(self) -> list[int]:
         """The checkpoint epoch each restart went on from (0: none yet), oldest first."""
         return self._epochs[1:]
-
-
-class StopTraining(RuntimeError):
-    """A reason to end the run on every worker at once, without Ray's retries (a
-    retry would meet the same problem)."""
 
 
 def build_encoder(config: Config, channels: int, mean, std) -> Encoder:
@@ -263,6 +260,11 @@ class Worker:
         mine = [outage | {"rank": self.rank} for outage in self.client.outages()]
         return self.earlier_outages + [o for share in dist.all_gather_object(mine) for o in share]
 
+    def bad_images_skipped(self) -> int:
+        """How many images data.on_bad_image=skip left out in this start, each counted
+        once however many workers met it. A collective, like `bank_outages`."""
+        return len(set().union(*dist.all_gather_object(self.input.bad.skipped)))
+
     # -- the run --------------------------------------------------------------------
 
     def run(self) -> dict:
@@ -279,6 +281,8 @@ class Worker:
                 "train_seconds": time.perf_counter() - start,
                 "steps": self.step,
                 "bank_outages": self.bank_outages(),
+                "bad_images_skipped": self.bad_images_skipped(),
+                "evaluation_skipped": self.input.unevaluated,
                 "error": str(error),
             }
         finally:
@@ -295,7 +299,9 @@ class Worker:
         fill_s = float("nan")
         if c.bank.warm_start:
             fill_s = self.refresh_bank("warm start")
-        elif streamed(c):
+        if self.input.unevaluated:  # the launch's `data:` line said why
+            return
+        if not c.bank.warm_start and streamed(c):
             log.info(
                 "untrained encoder: not evaluated (a streamed dataset without bank.warm_start; the kNN "
                 "floor that runs are warned against needs the warm start)"
@@ -353,7 +359,8 @@ class Worker:
             refresh_s = top1 = top5 = eval_s = float("nan")
             if c.train.refresh_bank_every and self.epoch % c.train.refresh_bank_every == 0:
                 refresh_s = self.refresh_bank(f"refreshed (train.refresh_bank_every={c.train.refresh_bank_every})")
-            if self.step >= self.length.steps or self.epoch % c.eval.every == 0:
+            evaluated = not self.input.unevaluated
+            if evaluated and (self.step >= self.length.steps or self.epoch % c.eval.every == 0):
                 top1, top5, eval_s = self.evaluate(c.eval.source)
             metrics.update(
                 epoch=self.epoch,
@@ -389,6 +396,8 @@ class Worker:
             "train_seconds": time.perf_counter() - train_start,
             "steps": self.step,
             "bank_outages": self.bank_outages(),
+            "bad_images_skipped": self.bad_images_skipped(),
+            "evaluation_skipped": self.input.unevaluated,
         }
 
 
@@ -398,7 +407,14 @@ def train_func(loop_config: dict) -> dict:
     config = Config.from_dict(loop_config["config"])
     show_worker_lines(dist.rank())
     token = read_token(config.bank.token_file, loop_config.get("token_env"))
-    worker = Worker(
-        config, loop_config["addresses"], token, loop_config.get("bank_actors", ()), loop_config.get("starts")
-    )
+    try:
+        worker = Worker(
+            config, loop_config["addresses"], token, loop_config.get("bank_actors", ()), loop_config.get("starts")
+        )
+    except BadImage as error:
+        # From the normalisation statistics: every worker decodes the same first images,
+        # so every one stops here alike, and returning spares Ray's retry.
+        log.info(f"stopped: {error}")
+        stopped = {"history": [], "step_log": [], "train_seconds": 0.0, "steps": 0, "bank_outages": []}
+        return stopped | {"error": str(error)}
     return worker.run()

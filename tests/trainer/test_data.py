@@ -6,6 +6,7 @@ write their own small images, so they run on any machine.
 
 import gzip
 import io
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,11 @@ import torch
 from PIL import Image
 
 from trainer import fetch_data
-from trainer.data import load_dataset
-from trainer.images import DatasetMissing, seeded_subset
+from trainer.config import ConfigError, load_config
+from trainer.data import load_dataset, load_splits
+from trainer.folders import UnknownClass
+from trainer.images import NO_LABEL, BadImage, BadImages, DataError, DatasetMissing, seeded_subset, why_unevaluated
+from trainer.input import describe, open_input
 
 SIZE = 16  # image_size the decoded layouts are loaded at
 # (height, width): one already at SIZE (its PNG pixels must come back unchanged), one wide, one tall.
@@ -167,7 +171,7 @@ def test_idx_files_flat_or_in_torchvisions_download_layout_load_offline(tmp_path
 def test_missing_files_say_where_and_how(tmp_path):
     with pytest.raises(DatasetMissing, match="train.parquet"):
         load_dataset("parquet", str(tmp_path))
-    with pytest.raises(DatasetMissing, match=str(tmp_path / "train")):
+    with pytest.raises(DatasetMissing, match=f"no images in {tmp_path}"):
         load_dataset("imagefolder", str(tmp_path))
     with pytest.raises(DatasetMissing, match="dataset-fashion-mnist"):
         load_dataset("fashion-mnist", str(tmp_path), download=False)
@@ -236,3 +240,137 @@ def test_unreadable_files_stop_fetch_data_with_what_to_delete(tmp_path, steps):
         (tmp_path / "debian" / name).write_bytes(gzip.compress(b"\0\0\x08\x03truncated")[:20])
     with pytest.raises(SystemExit, match=f"files in {tmp_path / 'debian'} are unreadable"):
         fetch_data.fetch(tmp_path / "debian", tmp_path / "cache")
+
+
+# Your own images: classes matched by name, unlabelled sets, the evaluation split's
+# names, images that do not decode.
+
+
+def write_image(path: Path, seed: int = 0, side: int = 12, fmt: str = "PNG") -> bytes:
+    """A random RGB image at `path` (parents made); returns its bytes."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def folder_config(root: Path, *overrides: str):
+    return load_config(None, ["data.name=imagefolder", f"data.root={root}", f"data.image_size={SIZE}", *overrides])
+
+
+def test_imagefolder_classes_are_matched_by_name_across_splits(tmp_path):
+    for name in "abc":
+        for i in range(2):
+            write_image(tmp_path / "train" / name / f"{i}.png", ord(name) + i)
+    for name in "ac":  # val lacks b: c must keep train's index 2
+        write_image(tmp_path / "val" / name / "0.png", ord(name))
+    train, test, split = load_splits(folder_config(tmp_path))
+    assert split == "val" and train.num_classes == 3 and train.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert test.labels.tolist() == [0, 2]
+    write_image(tmp_path / "val" / "zebra" / "0.png")
+    with pytest.raises(UnknownClass, match=f"'zebra' in {tmp_path / 'val'}"):
+        load_splits(folder_config(tmp_path))
+
+
+def test_unlabelled_image_folders_load_without_labels(tmp_path):
+    for i in range(3):
+        write_image(tmp_path / "flat" / f"{i}.jpg", i, fmt="JPEG")  # the root itself: no split folders
+        write_image(tmp_path / "split" / "train" / f"{i}.png", i)
+    write_image(tmp_path / "split" / "test" / "a" / "0.png")
+    train, test, split = load_splits(folder_config(tmp_path / "flat"))
+    assert (len(train), train.num_classes, test, split) == (3, 0, None, None)
+    assert train.labels.tolist() == [NO_LABEL] * 3
+    c = folder_config(tmp_path / "flat")
+    shape = describe(c)
+    assert shape.unevaluated and shape.test_split is None and "no labels" in shape.describe()
+    train, test, split = load_splits(folder_config(tmp_path / "split"))
+    assert (train.num_classes, test.num_classes, split) == (0, 1, "test")
+    assert "train split has no labels" in why_unevaluated(split, train.num_classes, test.num_classes)
+    write_image(tmp_path / "split" / "train" / "a" / "0.png")
+    with pytest.raises(DataError, match="both images"):
+        load_splits(folder_config(tmp_path / "split"))
+
+
+def parquet_rows(path: Path, n: int, labels: bool = True, bad_row: int | None = None):
+    images = [b"not an image" if i == bad_row else write_image(path.parent / "x.png", i) for i in range(n)]
+    (path.parent / "x.png").unlink(missing_ok=True)
+    columns = {"image": images} | ({"label": np.arange(n) % 2} if labels else {})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), path)
+
+
+def test_unlabelled_parquet_loads_without_labels(tmp_path):
+    parquet_rows(tmp_path / "train.parquet", 4, labels=False)
+    c = load_config(None, ["data.name=parquet", f"data.root={tmp_path}", f"data.image_size={SIZE}"])
+    for stream in ("true", "false"):
+        c.data.stream = stream == "true"
+        data = open_input(c, 0, 1)
+        assert (data.rows, data.num_classes, data.test_split, data.test_rows) == (4, 0, None, 0)
+        assert data.unevaluated.startswith("no evaluation split")
+        ((_, _, labels),) = list(data.share("train", 4))
+        assert labels.tolist() == [NO_LABEL] * 4
+        assert list(data.share("test", 2)) == []
+
+
+@pytest.mark.parametrize("kind", ["imagefolder", "parquet"])
+def test_the_evaluation_split_is_found_by_the_names_people_use(tmp_path, kind):
+    def add(split: str):
+        if kind == "imagefolder":
+            write_image(tmp_path / split / "a" / "0.png")
+        else:
+            parquet_rows(tmp_path / "data" / f"{split}-00000-of-00001.parquet", 2)
+
+    def chosen(*overrides):
+        c = load_config(None, [f"data.name={kind}", f"data.root={tmp_path}", f"data.image_size={SIZE}", *overrides])
+        return load_splits(c)[2]
+
+    add("train")
+    assert chosen() is None
+    for split in ("validation", "valid", "val", "test"):  # each preferred to those before it
+        add(split)
+        assert chosen() == split
+    assert chosen("data.test_split=valid") == "valid"
+    if kind == "imagefolder":
+        shutil.rmtree(tmp_path / "valid")
+    else:
+        (tmp_path / "data" / "valid-00000-of-00001.parquet").unlink()
+    with pytest.raises(DatasetMissing, match="data.test_split=valid: no valid split .*test, val, validation"):
+        chosen("data.test_split=valid")
+    with pytest.raises(ConfigError, match="data.test_split must be one of"):
+        chosen("data.test_split=holdout")
+
+
+def test_an_image_that_does_not_decode_is_named_or_skipped_and_counted(tmp_path):
+    good = write_image(tmp_path / "train" / "a" / "0.jpg", fmt="JPEG")
+    (tmp_path / "train" / "a" / "1.jpg").write_bytes(good[: len(good) // 2])  # truncated
+    write_image(tmp_path / "train" / "a" / "2.png")
+    train = load_splits(folder_config(tmp_path))[0]
+    with pytest.raises(BadImage, match=f"^{tmp_path / 'train' / 'a' / '1.jpg'}: cannot decode"):
+        train.__getitems__([0, 1, 2])
+    bad = BadImages("skip")
+    train = load_splits(folder_config(tmp_path, "data.on_bad_image=skip"), bad)[0]
+    for _ in range(2):
+        images, idx, _ = train.__getitems__([0, 1, 2])
+        assert idx.tolist() == [0, 2] and images.shape == (2, 3, SIZE, SIZE)
+    assert bad.skipped == {str(tmp_path / "train" / "a" / "1.jpg")}
+
+    parquet_rows(tmp_path / "pq" / "train.parquet", 4, bad_row=2)
+    c = load_config(None, ["data.name=parquet", f"data.root={tmp_path / 'pq'}", f"data.image_size={SIZE}"])
+    with pytest.raises(BadImage, match=r"train.parquet, row group 0, row 2: cannot decode"):
+        load_splits(c)
+    c.data.on_bad_image = "skip"
+    data = open_input(c, 0, 1)
+    assert data.rows == 4 and data.bad.skipped == set()  # nothing decoded yet
+    (images, idx, labels), *rest = list(data.share("train", 8))
+    assert idx.tolist() == [0, 1, 3] and labels.tolist() == [0, 1, 1] and not rest
+    assert len(data.bad.skipped) == 1 and "row group 0, row 2" in next(iter(data.bad.skipped))
+
+
+def test_the_image_size_line_says_when_the_images_are_much_larger(tmp_path):
+    write_image(tmp_path / "train" / "0.png", side=4 * SIZE)
+    line = describe(folder_config(tmp_path)).describe()
+    assert f"images {4 * SIZE}x{4 * SIZE} trained at 3x{SIZE}x{SIZE}" in line and "data.image_size" in line
+    line = describe(folder_config(tmp_path, f"data.image_size={2 * SIZE + 1}")).describe()
+    assert "data.image_size" not in line

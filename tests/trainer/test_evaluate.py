@@ -3,9 +3,11 @@ training, on real Fashion-MNIST."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from trainer import checkpoint
 from trainer.cli import main
@@ -79,16 +81,21 @@ def test_what_cannot_be_scored_is_refused_naming_why(saved, tmp_path, capsys):
     foreign = tmp_path / "foreign.pt"
     torch.export.save(torch.export.export(torch.nn.Linear(2, 2), (torch.rand(1, 2),)), str(foreign))
     head = export_encoder(saved[0], tmp_path / "head.pt", head=True)
+    unlabelled = tmp_path / "unlabelled"
+    unlabelled.mkdir()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(unlabelled / "0.png")
     cases = [
         (["--encoder", str(tmp_path / "junk.pt")], "not a torch.export program"),
         (["--encoder", str(foreign)], "not an instdisc export"),
         (["--encoder", str(tmp_path / "missing.pt")], "no such file"),
         (["--encoder", str(export_32)], "32x32"),
-        (["--encoder", str(head), "data.subset=100"], "eval.k=200"),
+        (["--encoder", str(head), "data.name=imagefolder", f"data.root={unlabelled}"], "needs labelled"),
     ]
     for args, message in cases:
         assert main(["eval", "knn", *args, "data.test_subset=50"]) == 2, args
         assert message in capsys.readouterr().err, args
+    assert main(["eval", "knn", "--encoder", str(head), "data.subset=100", "data.test_subset=50"]) == 0
+    assert "k, sigma   100, 0.07" in capsys.readouterr().out  # capped as a run caps it
     with open(head, "rb") as fh:
         extra = {"instdisc.json": ""}
         torch.export.load(fh, extra_files=extra)
@@ -135,3 +142,45 @@ def test_what_the_linear_probe_cannot_take_is_refused_naming_why(saved, tmp_path
         ), encoder
         assert message in capsys.readouterr().err, encoder
     assert not (tmp_path / "out" / "linear.json").exists()
+
+
+def test_an_evaluation_split_missing_a_class_scores_as_the_whole_one(tmp_path):
+    # Each ImageFolder split once numbered its own classes: a val/ without class 0 shifted
+    # every other class by one, and kNN collapsed.
+    fashion, _ = load_datasets(load_config(None, ["data.subset=600"]))
+    for i, (image, _, label) in enumerate(fashion):
+        if label < 4:
+            split = "train" if i < 480 else "val"
+            folder = tmp_path / split / f"class{label}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image[0].numpy()).save(folder / f"{i}.png")
+    torch.manual_seed(0)
+    encoder = Encoder("small", 3, 32, 8, True, mean=[0.29] * 3, std=[0.35] * 3)
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    checkpoint.save(
+        folder,
+        model=encoder.state_dict(),
+        optimizer={},
+        encoder=encoder.spec(),
+        image_size=28,
+        epoch=1,
+        step=1,
+        history=[],
+        step_log=[],
+        log_z=None,
+        bank_snapshot="",
+        bank_addresses=[],
+        config={},
+        git_sha="",
+        bank_outages=[],
+        dataset={},
+    )
+    path = str(export_encoder(folder, tmp_path / "encoder.pt", head=True))
+    data = ["data.name=imagefolder", f"data.root={tmp_path}", "data.image_size=28", "eval.k=20"]
+    whole = evaluate_knn(path, load_config(None, data))["knn_top1"]
+    for image in (tmp_path / "val" / "class0").iterdir():
+        image.unlink()
+    (tmp_path / "val" / "class0").rmdir()
+    lacking = evaluate_knn(path, load_config(None, data))["knn_top1"]
+    assert whole > 0.5 and abs(whole - lacking) < 0.1, (whole, lacking)

@@ -15,7 +15,7 @@ from PIL import Image
 
 from trainer.config import Config, ConfigError
 from trainer.data import load_dataset
-from trainer.images import DatasetMissing
+from trainer.images import BadImage, DatasetMissing
 from trainer.input import describe, open_input
 from trainer.parquet import ParquetDataError, ParquetSplit, decode
 from trainer.streaming import StreamedInput
@@ -132,7 +132,7 @@ def test_a_subset_is_evenly_spaced_and_indexed_by_its_position(dataset):
     split = ParquetSplit(str(dataset), "train", subset=100)
     read = [split.read_piece(p) for p in split.pieces()]
     assert np.concatenate([r["index"] for r in read]).tolist() == list(range(100))
-    rows = [index_of(torch.from_numpy(image)) for r in read for image in decode(r["image"], 8)]
+    rows = [index_of(torch.from_numpy(image)) for r in read for image in decode(r["image"], 8)[0]]
     assert rows == [j * 390 // 100 for j in range(100)]
     assert split.labels_at(np.array([99])).tolist() == [(99 * 390 // 100) % LABELS]
     shape = describe(config(dataset, "data.subset=100", "data.test_subset=10"))
@@ -255,5 +255,5 @@ def test_hugging_face_paths_nulls_and_undecodable_images_are_named(tmp_path):
     with pytest.raises(ParquetDataError, match=r"test.parquet: row group 0 has 1 image\(s\) without bytes .*embed"):
         load_dataset("parquet", str(tmp_path), train=False, image_size=8)
     pq.write_table(pa.table({"image": [png(0), b"not an image"], "label": np.array([0, 1])}), tmp_path / "test.parquet")
-    with pytest.raises(ParquetDataError, match=r"test.parquet, row group 0, row 1: cannot decode the image"):
+    with pytest.raises(BadImage, match=r"test.parquet, row group 0, row 1: cannot decode the image"):
         load_dataset("parquet", str(tmp_path), train=False, image_size=8)
