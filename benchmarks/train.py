@@ -65,8 +65,6 @@ class Trainer:
         self.args, self.images, self.n = args, images, len(images)
         self.device = torch.device(args.device)
         self.model = Encoder(args.arch, images.shape[1], 128, args.width, True).to(self.device)
-        self.memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
-        self.model = self.model.to(memory_format=self.memory_format)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.03, momentum=0.9, weight_decay=5e-4)
         self.z = PartitionEstimate("ema")
         self.generator = torch.Generator().manual_seed(0)
@@ -78,7 +76,6 @@ class Trainer:
         """Forward, loss, backward, optimizer step; the features, for the bank's update."""
         a = self.args
         x = augment(images.to(self.device, non_blocking=True).float().div_(255))
-        x = x.contiguous(memory_format=self.memory_format)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             f = self.model(x).float()
         if a.loss == "softmax":

@@ -58,7 +58,8 @@ class Encoder(nn.Module):
     """x (B, C, H, W) in [0, 1] -> unit embedding (B, dim).
 
     Input normalisation is part of the module, so the exported backbone takes raw
-    [0, 1] images too. `backbone` (with the normalisation) is what `export` keeps.
+    [0, 1] images too; so is the channels-last layout the convolutions run in.
+    `backbone` (with the normalisation) is what `export` keeps.
     """
 
     def __init__(
@@ -83,6 +84,8 @@ class Encoder(nn.Module):
             self.backbone, features = _resnet_backbone(arch, in_channels, cifar_stem)
         self.head = nn.Linear(features, dim)
         self.feature_dim = features
+        # Channels-last convolutions: faster on CPU as on GPU (BENCHMARKS.md, decisions).
+        self.to(memory_format=torch.channels_last)
 
     def check_input(self, size: int) -> None:
         """ValueError if images of side `size` are too small for this backbone."""
@@ -108,7 +111,7 @@ class Encoder(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features (B, feature_dim), before the head: what downstream tasks use."""
-        return self.backbone((x - self.mean) / self.std)
+        return self.backbone(((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(self.features(x)), dim=1)
@@ -124,4 +127,4 @@ class ExportedBackbone(nn.Module):
         self.backbone = encoder.backbone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone((x - self.mean) / self.std)
+        return self.backbone(((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last))

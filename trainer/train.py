@@ -108,8 +108,6 @@ class Worker:
         # 2. model
         encoder = build_encoder(c, self.input.channels, *self.input.stats())
         encoder.check_input(self.input.side)
-        if self.device.type == "cuda":
-            encoder = encoder.to(memory_format=torch.channels_last)
         self.model = ray.train.torch.prepare_model(encoder)
         self.encoder = self.model.module if hasattr(self.model, "module") else self.model  # bare, for clean images
         self.optimizer = torch.optim.SGD(
@@ -153,8 +151,6 @@ class Worker:
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
         x = augment(step.images.to(self.device, non_blocking=True).float().div_(255), c.augment)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast:
             f = self.model(x).float()  # (B, D) unit features
         # (B,) positive and (B, K) negative logits; the full softmax asks the bank instead.
