@@ -27,6 +27,12 @@ def saved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("checkpoint")
     torch.manual_seed(0)
     encoder = Encoder("small", 1, 128, 8, True, mean=[0.29], std=[0.35])
+    save_untrained(folder, encoder)
+    return folder, encoder.eval()
+
+
+def save_untrained(folder, encoder) -> None:
+    """A checkpoint of `encoder` as a run writes it, one step in."""
     checkpoint.save(
         folder,
         model=encoder.state_dict(),
@@ -45,7 +51,6 @@ def saved(tmp_path_factory):
         bank_outages=[],
         dataset={},
     )
-    return folder, encoder.eval()
 
 
 def test_knn_of_an_export_with_its_head_scores_the_runs_embeddings(saved, tmp_path, capsys):
@@ -158,24 +163,7 @@ def test_an_evaluation_split_missing_a_class_scores_as_the_whole_one(tmp_path):
     encoder = Encoder("small", 3, 32, 8, True, mean=[0.29] * 3, std=[0.35] * 3)
     folder = tmp_path / "checkpoint"
     folder.mkdir()
-    checkpoint.save(
-        folder,
-        model=encoder.state_dict(),
-        optimizer={},
-        encoder=encoder.spec(),
-        image_size=28,
-        epoch=1,
-        step=1,
-        history=[],
-        step_log=[],
-        log_z=None,
-        bank_snapshot="",
-        bank_addresses=[],
-        config={},
-        git_sha="",
-        bank_outages=[],
-        dataset={},
-    )
+    save_untrained(folder, encoder)
     path = str(export_encoder(folder, tmp_path / "encoder.pt", head=True))
     data = ["data.name=imagefolder", f"data.root={tmp_path}", "data.image_size=28", "eval.k=20"]
     whole = evaluate_knn(path, load_config(None, data))["knn_top1"]
