@@ -109,9 +109,10 @@ def run_train(args) -> int:
     from trainer.run_dir import new_run_dir
 
     config = load_config(resolve_config_path(args.config), args.overrides)
-    output = Path(args.output_dir or new_run_dir()).resolve()
-    try:
-        summary = launch(config, output, run_name=args.name, storage_path=args.storage_path)
+    output_dir = args.output_dir or new_run_dir()
+    output = Path(output_dir).resolve()
+    try:  # as given: a submitted job refuses a relative one
+        summary = launch(config, output_dir, run_name=args.name, storage_path=args.storage_path)
     except (TrainingStopped, BankDidNotStart) as error:
         if getattr(error, "summary", None):  # the epochs before the stop, written up
             print(table(error.summary, output), flush=True)

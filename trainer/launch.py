@@ -147,8 +147,9 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
 
     if os.environ.get(_SUBMITTED_JOB) and not Path(output_dir).is_absolute():
         raise ConfigError(
-            f"--output-dir {output_dir} is relative, and a submitted job runs in a temporary copy of "
-            "its working dir that Ray deletes; give an absolute path (a shared one on multi-node clusters)"
+            f"the output folder {output_dir} is relative, and a submitted job runs in a temporary copy of "
+            "its working dir that Ray deletes; give --output-dir an absolute path (a shared one on multi-node "
+            "clusters)"
         )
     output = Path(output_dir).resolve()
     output.mkdir(parents=True, exist_ok=True)

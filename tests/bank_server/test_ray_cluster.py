@@ -147,7 +147,7 @@ def test_a_run_trains_across_nodes_on_streamed_parquet_and_survives_a_shard_kill
         )
     try:
         text = lambda: log.read_text(errors="replace")  # noqa: E731
-        assert wait_until(lambda: re.search(r"epoch 1/2 step \d+/62", text()) or run.poll() is not None, 240), text()[
+        assert wait_until(lambda: re.search(r"epoch 1/2 step \d+/124", text()) or run.poll() is not None, 240), text()[
             -3000:
         ]
         assert run.poll() is None, text()[-3000:]

@@ -225,13 +225,13 @@ def test_a_killed_shard_actor_and_a_killed_train_worker(tmp_path):
         tmp_path / "out", ["train.epochs=2", "train.max_failures=1"], env={**os.environ, "INSTDISC_BANK_TOKEN": token}
     )
     try:
-        run.wait_for(r"epoch 1/2 step \d+/64", RUN_S)
+        run.wait_for(r"epoch 1/2 step \d+/128", RUN_S)
         shards = run.ray_processes("ray::BankShardActor")
         assert len(shards) == 2, shards
         kill(shards[1])
         # After the first epoch's checkpoint, once Ray Train's controller has it on record
         # (it writes this file then): Ray Train goes on from it.
-        run.wait_for(r"epoch 2/2 step \d+/64", RUN_S)
+        run.wait_for(r"epoch 2/2 step \d+/128", RUN_S)
         registered = run.output / "ray" / run.name / "checkpoint_manager_snapshot.json"
         assert wait_until(lambda: registered.exists() and "epoch-0001" in registered.read_text(), timeout=60)
         workers = run.ray_processes("ray::RayTrainWorker")
