@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import time
 import uuid
@@ -17,7 +18,8 @@ import yaml
 
 from trainer.config import Config, ConfigError
 from trainer.console import quiet_ray_workers
-from trainer.outputs import require_tensorboard, write_outputs
+from trainer.live_tensorboard import TENSORBOARD_DIR, require_tensorboard, start_event_writer
+from trainer.outputs import write_outputs
 from trainer.resume import CannotResume
 from trainer.run_dir import check_resumable, latest_checkpoint
 from trainer.schedule import length_given_by, run_length
@@ -183,6 +185,8 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
         except CannotResume as error:
             raise ConfigError(str(error)) from None
         log.info(f"resuming run {run_name!r} from its checkpoint at epoch {state['epoch']} ({found})")
+    else:  # a run that starts anew replaces whatever events an earlier run left here
+        shutil.rmtree(output / TENSORBOARD_DIR, ignore_errors=True)
     (output / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     addresses = (
         _check_bank(list(config.bank.addresses), token, config, data.train_rows) if config.bank.addresses else []
@@ -217,7 +221,9 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
         log.info(f"bank: {config.bank.shards} shard actor(s):\n  " + "\n  ".join(bank.describe()))
 
     try:
-        result, wall, restarts = _fit(config, storage_path, run_name, addresses, token_env, bank.names if bank else [])
+        result, wall, restarts = _fit(
+            config, output, storage_path, run_name, addresses, token_env, bank.names if bank else []
+        )
     finally:
         if bank is not None:
             bank.stop(final_snapshot=True)
@@ -242,6 +248,7 @@ class TrainingStopped(RuntimeError):
 
 def _fit(
     config: Config,
+    output: Path,
     storage_path: str,
     run_name: str,
     addresses: list[str],
@@ -263,6 +270,9 @@ def _fit(
     # one fails (train.max_failures). Per launch, so the name is too.
     starts_name = f"{run_name}-loop-starts-{uuid.uuid4().hex[:8]}"
     starts = ray.remote(LoopStarts).options(name=starts_name, num_cpus=0).remote()
+    # Writes the TensorBoard events into `output` as rank 0 sends them, on this node.
+    events_name = f"{run_name}-tensorboard-{uuid.uuid4().hex[:8]}"
+    events = start_event_writer(output, events_name)
     trainer = TorchTrainer(
         train_func,
         # Ray Train stores this: where the token is (bank.token_file is in the config), never the token.
@@ -272,6 +282,7 @@ def _fit(
             "token_env": token_env,
             "bank_actors": bank_actors,
             "starts": starts_name,
+            "event_writer": events_name,
         },
         scaling_config=ScalingConfig(
             num_workers=c.workers,
@@ -297,6 +308,8 @@ def _fit(
     finally:
         restarts = ray.get(starts.restarts.remote(), timeout=60)
         ray.kill(starts)
+        # Each call flushed its points, and rank 0 waited for its last ones.
+        ray.kill(events)
     return result, time.perf_counter() - start, restarts
 
 

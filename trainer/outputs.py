@@ -1,8 +1,9 @@
 """A run's outputs, written by the driver from what the workers returned: summary.json,
-metrics.csv, TensorBoard events, curves.png, the checkpoint and encoder.pt, the linear
+metrics.csv, curves.png, the checkpoint and encoder.pt, the linear
 probe's figures (eval.linear), the warnings about a run that made kNN worse, and the
 table the command ends with. The words for kNN figures (`percent`) live here too, for
-the lines a run logs as it goes."""
+the lines a run logs as it goes. The TensorBoard events are written as the run goes
+(`trainer.live_tensorboard`)."""
 
 from __future__ import annotations
 
@@ -13,19 +14,11 @@ import math
 import shutil
 from pathlib import Path
 
-from trainer.config import Config, ConfigError
+from trainer.config import Config
 from trainer.export import export_encoder
 from trainer.linear import evaluate_linear
 
 log = logging.getLogger(__name__)
-
-
-def require_tensorboard() -> None:
-    """Found missing before the training it would have written up, not after."""
-    try:
-        import torch.utils.tensorboard  # noqa: F401
-    except ImportError as error:
-        raise ConfigError(f"TensorBoard is not installed ({error}); pip install tensorboard") from None
 
 
 def below_untrained(epoch: dict, untrained: float | None) -> str | None:
@@ -128,7 +121,6 @@ def write_outputs(config: Config, output: Path, outcome: dict, checkpoint, wall_
         writer.writeheader()
         writer.writerows(history)
     (output / "summary.json").write_text(json.dumps(summary, indent=2))  # again below, with the probe's figures
-    write_tensorboard(output / "tensorboard", history, outcome.get("step_log", []))
     plot_curves(history, output / "curves.png")
     if config.eval.linear and summary["evaluation_skipped"]:
         log.info(f"eval.linear: no linear probe, {summary['evaluation_skipped']}")
@@ -147,45 +139,6 @@ def _mean(values) -> float | None:
     """Mean of the finite values; None when there is none (never NaN in summary.json)."""
     finite = [v for v in values if v is not None and not math.isnan(v)]
     return sum(finite) / len(finite) if finite else None
-
-
-# The run's scalars under these tags; the x axis is the optimizer step.
-TENSORBOARD_STEP_TAGS = {
-    "loss": "train/loss",
-    "lr": "train/lr",
-    "images_per_sec": "train/images_per_sec",
-    "bank_rtt_ms": "train/bank_rtt_ms",
-}
-TENSORBOARD_EPOCH_TAGS = {
-    "knn_top1": "knn/top1",
-    "knn_top5": "knn/top5",
-    "loss": "epoch/loss",
-    "images_per_sec": "epoch/images_per_sec",
-    "bank_rtt_ms": "epoch/bank_rtt_ms",
-    "eval_seconds": "epoch/eval_seconds",
-    "refresh_seconds": "epoch/refresh_seconds",
-}
-
-
-def write_tensorboard(folder: Path, history: list[dict], step_log: list[dict]) -> None:
-    """TensorBoard event files beside metrics.csv, from what the run returned: the
-    progress lines' numbers (`step_log`) and each epoch's. Written here, by the driver,
-    for the reason metrics.csv is: rank 0 may run on another node, and these numbers
-    reach the driver in the run's result and its checkpoints (a resumed run keeps its
-    earlier steps). Rewritten whole each time, so a resume leaves one consistent log."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    shutil.rmtree(folder, ignore_errors=True)
-    with SummaryWriter(str(folder)) as writer:
-        for entry in step_log:
-            for key, tag in TENSORBOARD_STEP_TAGS.items():
-                writer.add_scalar(tag, entry[key], entry["step"])
-        for entry in history:
-            step = entry.get("step", 0)
-            for key, tag in TENSORBOARD_EPOCH_TAGS.items():
-                value = entry.get(key)
-                if value is not None and not math.isnan(value):
-                    writer.add_scalar(tag, value, step)
 
 
 def plot_curves(history: list[dict], path: Path) -> None:

@@ -35,6 +35,7 @@ from trainer.evaluate import evaluate_run
 from trainer.features import fill_bank
 from trainer.images import BadImage
 from trainer.input import open_input, streamed
+from trainer.live_tensorboard import EventSender
 from trainer.losses import (
     PartitionEstimate,
     accidental_hits,
@@ -86,6 +87,7 @@ class Worker:
         token: str | None,
         bank_actors: list[str] = (),
         starts: str | None = None,
+        event_writer: str | None = None,
     ):
         import ray.train.torch
 
@@ -142,6 +144,7 @@ class Worker:
         # start's are asked of every worker's client when a checkpoint or the end needs them.
         self.earlier_outages: list[dict] = []
         self.starts = starts
+        self.events = EventSender(event_writer if self.rank == 0 else None)  # the run's TensorBoard files
 
     # -- one step -----------------------------------------------------------------
 
@@ -206,6 +209,7 @@ class Worker:
                     self.step, self.lr_at(self.step - 1), self.length.steps - self.step, self.epochs - self.epoch
                 )
                 log.info(f"epoch {self.epoch + 1}/{self.epochs} step {self.step}/{self.length.steps} | {line}")
+                self.events.progress(self.meter.step_log[-1])
         return self.meter.epoch()
 
     def refresh_bank(self, why: str) -> float:
@@ -282,6 +286,7 @@ class Worker:
                 "error": str(error),
             }
         finally:
+            self.events.finish()
             self.feed.close()
             self.client.close()
 
@@ -321,6 +326,7 @@ class Worker:
                 "refresh_seconds": fill_s,
             }
         )
+        self.events.epoch(self.history[-1])
         log.info(f"untrained encoder: kNN top-1 {percent(top1)} top-5 {percent(top5)} ({seconds:.1f} s)")
 
     def _run(self) -> dict:
@@ -333,7 +339,10 @@ class Worker:
         if saved is not None:
             with saved.as_directory() as folder:
                 self.load(resume.restore(folder, self.client, self.input.fingerprint(), self.device))
+            # An earlier attempt may have written points past this checkpoint: they go.
+            self.events.start(self.step + 1)
         else:
+            self.events.start(0)
             self._untrained()
         if self.rank == 0 and self.starts:
             start = ray.get(ray.get_actor(self.starts).started.remote(self.epoch))
@@ -368,6 +377,7 @@ class Worker:
                 lr=self.lr_at(self.step),
             )
             self.history.append(metrics)
+            self.events.epoch(metrics)
             log.info(
                 f"epoch {self.epoch}/{self.epochs} done in {metrics['epoch_seconds']:.1f}s | "
                 f"loss {metrics['loss']:.4f} | {metrics['images_per_sec']:,.0f} img/s | "
@@ -405,7 +415,12 @@ def train_func(loop_config: dict) -> dict:
     token = read_token(config.bank.token_file, loop_config.get("token_env"))
     try:
         worker = Worker(
-            config, loop_config["addresses"], token, loop_config.get("bank_actors", ()), loop_config.get("starts")
+            config,
+            loop_config["addresses"],
+            token,
+            loop_config.get("bank_actors", ()),
+            loop_config.get("starts"),
+            loop_config.get("event_writer"),
         )
     except BadImage as error:
         # From the normalisation statistics: every worker decodes the same first images,

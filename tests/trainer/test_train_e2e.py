@@ -82,7 +82,7 @@ def test_training_writes_every_output(first_run):
     assert all(np.isfinite(float(r["loss"])) for r in rows[1:])
     assert math.isnan(float(rows[1]["knn_top1"])) and float(rows[2]["knn_top1"]) == summary["knn_top1"]  # every 2
     assert all(float(r["refresh_seconds"]) > 0 for r in rows)  # the warm start, then each epoch's refresh
-    # TensorBoard: the progress lines' scalars per step, and each epoch's.
+    # TensorBoard: the progress lines' scalars per step, and each epoch's (written as it went).
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(output / "tensorboard"))
@@ -113,12 +113,25 @@ def test_rerunning_the_same_run_resumes_it(first_run, capsys):
         (folder / "LATEST").unlink()
         for path in [*folder.glob("shutdown-*.arrow"), *folder.glob("log-*.wal")]:
             path.unlink()
+    # A point past the checkpoint (step 32), as an attempt that died after it leaves one.
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(output / "tensorboard")) as stale:
+        stale.add_scalar("train/loss", 99.0, 35)
     assert train(output, "train.epochs=3", "eval.every=2") == 0
     after, rows = summary_of(output), rows_of(output)
     assert after["epochs"] == 3 and after["steps"] == before["steps"] * 3 // 2 and after["worker_restarts"] == 0
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
     assert rows[:3] == trained  # the first two epochs: the checkpoint's history, not trained again
     assert list((output / "bank" / "e2e").glob("shard-*/epoch-0003-step-48.arrow"))
+    # The same curves go on, each step once: the stale point gave way to the resume's.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output / "tensorboard"))
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [5, 10, 15, 20, 25, 30, 35, 40, 45] and loss[6].value != 99.0
+    assert [e.step for e in events.Scalars("knn/top1")] == [0, 32, 48]
     capsys.readouterr()
 
     # Another dataset (the subset a new seed picks) cannot resume this run's checkpoint:
