@@ -7,6 +7,8 @@
   SIGKILLed after the first epoch's checkpoint: Ray restarts the shard (it recovers its
   snapshot and log), Ray Train restarts the workers from the checkpoint (the bank
   restores the matching snapshot), the run finishes and summary.json records both.
+  TensorBoard's reader finds the run's points while it trains, and each step once at
+  the end.
 
 Both runs carry a bank token (a file, then INSTDISC_BANK_TOKEN), and neither leaves it
 in any file under the output folder (Ray Train's storage and the checkpoints included)
@@ -147,6 +149,15 @@ def assert_token_nowhere(token: str, output: Path, logs: str) -> None:
     assert token not in logs
 
 
+def scalar_steps(output: Path, tag: str) -> list[int]:
+    """The steps of `tag`'s points in the run's TensorBoard events, by TensorBoard's reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output / "tensorboard"))
+    events.Reload()
+    return [e.step for e in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
 def said_outage_of(logs: str, shard: int) -> bool:
     """The workers' consoles said that the shard went, and that it came back."""
     return f"bank shard {shard} at" in logs and " unreachable" in logs and "reachable again" in logs
@@ -232,6 +243,9 @@ def test_a_killed_shard_actor_and_a_killed_train_worker(tmp_path):
         # After the first epoch's checkpoint, once Ray Train's controller has it on record
         # (it writes this file then): Ray Train goes on from it.
         run.wait_for(r"epoch 2/2 step \d+/128", RUN_S)
+        # TensorBoard's own reader sees the run so far, while it trains.
+        assert wait_until(lambda: 64 in scalar_steps(run.output, "knn/top1"), timeout=30)
+        assert scalar_steps(run.output, "train/loss")[:2] == [4, 8]
         registered = run.output / "ray" / run.name / "checkpoint_manager_snapshot.json"
         assert wait_until(lambda: registered.exists() and "epoch-0001" in registered.read_text(), timeout=60)
         workers = run.ray_processes("ray::RayTrainWorker")
@@ -253,4 +267,7 @@ def test_a_killed_shard_actor_and_a_killed_train_worker(tmp_path):
     assert_outages_of(summary, shard)
     assert said_outage_of(logs, shard), logs[-5000:]
     assert "'epoch-0001-step-64'" in logs  # the restart restored the bank snapshot of its checkpoint
+    # The restart went on from step 64: what the first attempt wrote after it gave way.
+    assert scalar_steps(run.output, "train/loss") == list(range(4, 129, 4))
+    assert scalar_steps(run.output, "knn/top1") == [0, 64, 128]
     assert_token_nowhere(token, run.output, logs)
