@@ -7,8 +7,6 @@ Train keeps the folders), and read by ``instdisc export``. The file is a dict:
 - ``encoder``: `Encoder.spec()`, enough to rebuild the module without the config;
 - ``image_size``: the side of the training images (export's default input);
 - ``epoch``, ``step``, ``history``, ``log_z``: where training stands;
-- ``step_log``: the progress lines' numbers (loss, lr, img/s, bank round trip per
-  logged step), which the run's TensorBoard events are written from;
 - ``bank_snapshot``: the tag of the bank snapshot taken at the same step, which
   resume restores; ``bank_addresses`` where that bank served;
 - ``config``, ``git_sha``: what produced it;
@@ -39,7 +37,6 @@ def save(
     epoch: int,
     step: int,
     history: list,
-    step_log: list,
     log_z: float | None,
     bank_snapshot: str,
     bank_addresses: list[str],
@@ -59,7 +56,6 @@ def save(
             "epoch": epoch,
             "step": step,
             "history": history,
-            "step_log": step_log,
             "log_z": log_z,
             "bank_snapshot": bank_snapshot,
             "bank_addresses": bank_addresses,

@@ -70,7 +70,7 @@ class EventWriter:
         self._writer = SummaryWriter(self._folder, purge_step=first_step)
 
     def progress(self, entry: dict) -> None:
-        """One progress line's figures (`Meter.step_log`'s entry)."""
+        """One progress line's figures (`Meter.progress`'s dict)."""
         self._add(entry, TENSORBOARD_STEP_TAGS)
 
     def epoch(self, metrics: dict) -> None:

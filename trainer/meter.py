@@ -1,5 +1,5 @@
-"""A run's step statistics: what the progress lines, each epoch's metrics and the
-per-step TensorBoard scalars (`step_log`) are made of. No torch work beyond adding the
+"""A run's step statistics: what the progress lines (and their TensorBoard points) and
+each epoch's metrics are made of. No torch work beyond adding the
 loss on its device: it is read back only when a line is due."""
 
 from __future__ import annotations
@@ -26,13 +26,12 @@ class _Sums:
 
 class Meter:
     """Sums over the current epoch's steps (the epoch's metrics) and over the steps since
-    the last progress line, which may span epochs (the line's figures and `step_log`'s
-    entry); and the run's pace for the ETA: seconds per step, and the seconds that the
-    work between epochs' steps (bank refresh, evaluation, checkpoint) has taken so far."""
+    the last progress line, which may span epochs (the line's figures); and the run's
+    pace for the ETA: seconds per step, and the seconds that the work between epochs'
+    steps (bank refresh, evaluation, checkpoint) has taken so far."""
 
-    def __init__(self, batch_size: int, log_every: int, step_log: list[dict] = ()):
+    def __init__(self, batch_size: int, log_every: int):
         self.batch_size, self.log_every = batch_size, log_every
-        self.step_log = list(step_log)
         self.between_s: list[float] = []  # one entry per pause between steps, this start
         self._steps_s, self._steps = 0.0, 0  # this start's earlier epochs
         self._window = _Sums(None)
@@ -56,10 +55,10 @@ class Meter:
         """Whether global step `step` (1-based, over the whole run) ends a progress line."""
         return step % self.log_every == 0
 
-    def progress(self, step: int, lr: float, steps_left: int, pauses_left: int) -> str:
-        """The progress line's figures, means since the line before, and the run's ETA:
-        `steps_left` at this start's pace plus `pauses_left` pauses between epochs at
-        their mean so far. Records `step_log`'s entry for global `step`."""
+    def progress(self, step: int, lr: float, steps_left: int, pauses_left: int) -> tuple[str, dict]:
+        """The progress line at global `step`, and its figures (means since the line
+        before) as a dict; the line adds the run's ETA: `steps_left` at this start's pace
+        plus `pauses_left` pauses between epochs at their mean so far."""
         now = time.perf_counter()
         w = self._window
         seconds = w.seconds + now - self._since
@@ -71,7 +70,6 @@ class Meter:
             "images_per_sec": w.steps * self.batch_size / seconds,
             "bank_rtt_ms": 1e3 * w.rtt / w.steps,
         }
-        self.step_log.append(entry)
         per_step = (self._steps_s + now - self.start) / (self._steps + self._epoch.steps)
         pause = sum(self.between_s) / len(self.between_s) if self.between_s else 0.0
         eta = steps_left * per_step + pauses_left * pause
@@ -80,7 +78,7 @@ class Meter:
             f"{entry['bank_rtt_ms']:.1f} ms (waited {1e3 * w.wait / w.steps:.1f} ms) | ETA {duration(eta)}"
         )
         self._window, self._since = _Sums(w.loss.device), now
-        return line
+        return line, entry
 
     def epoch(self) -> dict:
         """The epoch's metrics, means over its steps."""

@@ -135,8 +135,7 @@ class Worker:
         self.z = PartitionEstimate(c.loss.z_mode, c.loss.z_momentum)  # NCE's Z
 
         # 4. where training stands. history: one dict per epoch (epoch 0: the untrained
-        # encoder); the meter's step_log: one entry per progress line, for TensorBoard.
-        # Both travel in the checkpoint.
+        # encoder), which travels in the checkpoint.
         self.epoch, self.step, self.history = 0, 0, []
         self.meter = Meter(c.train.batch_size, c.train.log_every)
         self.epochs = self.length.epochs  # the run's last epoch; _run counts it again after a resume
@@ -205,11 +204,11 @@ class Worker:
             loss = self.train_step(step)
             self.meter.add(loss, step.round_trip_s, step.waited_s)
             if self.meter.line_due(self.step):
-                line = self.meter.progress(
+                line, figures = self.meter.progress(
                     self.step, self.lr_at(self.step - 1), self.length.steps - self.step, self.epochs - self.epoch
                 )
                 log.info(f"epoch {self.epoch + 1}/{self.epochs} step {self.step}/{self.length.steps} | {line}")
-                self.events.progress(self.meter.step_log[-1])
+                self.events.progress(figures)
         return self.meter.epoch()
 
     def refresh_bank(self, why: str) -> float:
@@ -236,7 +235,6 @@ class Worker:
             "epoch": self.epoch,
             "step": self.step,
             "history": self.history,
-            "step_log": self.meter.step_log,
             "log_z": self.z.log_z,
             "config": self.config.to_dict(),
             "git_sha": os.environ.get("INSTDISC_GIT_SHA", ""),
@@ -248,7 +246,6 @@ class Worker:
         self.encoder.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
-        self.meter.step_log = list(state.get("step_log", []))  # absent from checkpoints older than it
         self.earlier_outages = state.get("bank_outages", [])
         self.z.log_z = state["log_z"]
 
@@ -277,7 +274,6 @@ class Worker:
             log.info(f"stopped: {error}")
             return {
                 "history": self.history,
-                "step_log": self.meter.step_log,
                 "train_seconds": time.perf_counter() - start,
                 "steps": self.step,
                 "bank_outages": self.bank_outages(),
@@ -398,7 +394,6 @@ class Worker:
             self.meter.paused(time.perf_counter() - pause_start)  # the ETA counts this pause
         return {
             "history": self.history,
-            "step_log": self.meter.step_log,
             "train_seconds": time.perf_counter() - train_start,
             "steps": self.step,
             "bank_outages": self.bank_outages(),
@@ -426,6 +421,6 @@ def train_func(loop_config: dict) -> dict:
         # From the normalisation statistics: every worker decodes the same first images,
         # so every one stops here alike, and returning spares Ray's retry.
         log.info(f"stopped: {error}")
-        stopped = {"history": [], "step_log": [], "train_seconds": 0.0, "steps": 0, "bank_outages": []}
+        stopped = {"history": [], "train_seconds": 0.0, "steps": 0, "bank_outages": []}
         return stopped | {"error": str(error)}
     return worker.run()

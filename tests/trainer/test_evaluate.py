@@ -42,7 +42,6 @@ def save_untrained(folder, encoder) -> None:
         epoch=1,
         step=1,
         history=[],
-        step_log=[],
         log_z=None,
         bank_snapshot="epoch-0001",
         bank_addresses=[],

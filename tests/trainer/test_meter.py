@@ -1,5 +1,5 @@
-"""The step statistics behind the progress lines, the epoch's metrics and TensorBoard's
-per-step scalars."""
+"""The step statistics behind the progress lines (and their TensorBoard points) and the
+epoch's metrics."""
 
 import re
 
@@ -9,33 +9,35 @@ import torch
 from trainer.meter import Meter
 
 
-def run_epoch(meter, losses, first_step, lines, steps_total=7, pauses_left=0):
+def run_epoch(meter, losses, first_step, lines, figures, steps_total=7, pauses_left=0):
     meter.start_epoch("cpu")
     for t, loss in enumerate(losses):
         meter.add(torch.tensor(loss), round_trip_s=0.010, waited_s=0.002)
         step = first_step + t
         if meter.line_due(step):
-            lines.append(meter.progress(step, lr=0.5, steps_left=steps_total - step, pauses_left=pauses_left))
+            line, numbers = meter.progress(step, lr=0.5, steps_left=steps_total - step, pauses_left=pauses_left)
+            lines.append(line)
+            figures.append(numbers)
     return meter.epoch()
 
 
 def test_lines_come_every_log_every_steps_of_the_run_across_epochs():
-    meter = Meter(batch_size=32, log_every=2, step_log=[{"step": 0}])  # an entry from before a resume stays
-    lines = []
-    first = run_epoch(meter, [4.0, 2.0, 1.0], 1, lines)  # 3-step epochs: lines at steps 2, 4 and 6
-    second = run_epoch(meter, [3.0, 5.0, 7.0], 4, lines)
+    meter = Meter(batch_size=32, log_every=2)
+    lines, figures = [], []
+    first = run_epoch(meter, [4.0, 2.0, 1.0], 1, lines, figures)  # 3-step epochs: lines at steps 2, 4 and 6
+    second = run_epoch(meter, [3.0, 5.0, 7.0], 4, lines, figures)
     assert len(lines) == 3
-    assert [e["step"] for e in meter.step_log] == [0, 2, 4, 6]
+    assert [e["step"] for e in figures] == [2, 4, 6]
     # Means since the line before, across the epoch boundary: (4 + 2) / 2, (1 + 3) / 2, (5 + 7) / 2.
-    assert [e["loss"] for e in meter.step_log[1:]] == [3.0, 2.0, 6.0]
+    assert [e["loss"] for e in figures] == [3.0, 2.0, 6.0]
     assert "loss 2.0000" in lines[1] and "lr 0.5000" in lines[1] and "bank rtt 10.0 ms (waited 2.0 ms)" in lines[1]
-    assert all(e["images_per_sec"] > 0 and e["bank_rtt_ms"] == pytest.approx(10.0) for e in meter.step_log[1:])
+    assert all(e["images_per_sec"] > 0 and e["bank_rtt_ms"] == pytest.approx(10.0) for e in figures)
     assert first["loss"] == pytest.approx(7 / 3) and second["loss"] == 5.0
     assert first["bank_wait_ms"] == pytest.approx(2.0) and first["images_per_sec"] > 0
 
 
-def seconds_of(eta: str) -> int:
-    minutes, seconds = re.search(r"ETA (\d+)m(\d+)s", eta).groups()
+def seconds_of(progress: tuple[str, dict]) -> int:
+    minutes, seconds = re.search(r"ETA (\d+)m(\d+)s", progress[0]).groups()
     return 60 * int(minutes) + int(seconds)
 
 

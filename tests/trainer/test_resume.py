@@ -26,7 +26,6 @@ def state(epoch: int, step: int) -> dict:
         "epoch": epoch,
         "step": step,
         "history": [{"epoch": epoch}],
-        "step_log": [],
         "log_z": 1.5,
         "config": {},
         "git_sha": "",
