@@ -79,9 +79,13 @@ def load(folder: str | Path, map_location="cpu") -> dict:
 
 def load_encoder(folder: str | Path):
     """(the trained encoder in eval mode, the image side it was trained on)."""
+    return encoder_of(load(folder))
+
+
+def encoder_of(state: dict):
+    """A loaded checkpoint's (encoder in eval mode, image side it was trained on)."""
     from trainer.models import Encoder
 
-    state = load(folder)
     encoder = Encoder(**state["encoder"])
     encoder.load_state_dict(state["model"])
     return encoder.eval(), state.get("image_size", 32)

@@ -88,6 +88,21 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     linear.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. eval.linear_epochs=50 data.name=mnist")
 
+    neighbors = commands.add_parser(
+        "neighbors", help="a picture of the nearest training images of query images, by a run's encoder and bank"
+    )
+    neighbors.add_argument("--run", required=True, help="a run's folder (its config.yaml, checkpoint and bank)")
+    queries = neighbors.add_mutually_exclusive_group(required=True)
+    queries.add_argument("--images", nargs="+", metavar="FILE", help="query image files")
+    queries.add_argument("--test", type=int, metavar="N", help="N evenly spaced images of the evaluation split")
+    neighbors.add_argument("-k", type=int, default=8, help="neighbours per query (default 8)")
+    neighbors.add_argument(
+        "--output", default=None, help="the picture (default RUN/neighbors.png); its numbers go beside it, as .json"
+    )
+    neighbors.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="on the run's config, e.g. bank.addresses=host:50051,..."
+    )
+
     for group, title in (
         ("bench", "benchmarks that print numbers"),
         ("scale", "scaling sweeps that write results.parquet, results.md and plots"),
@@ -184,6 +199,21 @@ BENCHMARKS = {
 }
 
 
+def run_neighbors(args) -> int:
+    from bank_server.token_source import BankTokenMissing, read_token
+    from trainer.config import ConfigError
+    from trainer.launch import token_source
+    from trainer.neighbors import neighbours_of_run, run_config
+
+    config = run_config(args.run, args.overrides)
+    try:  # running shards' token, read where a run reads it; shards started from a snapshot take none
+        token = read_token(*token_source(config)) if config.bank.addresses else None
+    except BankTokenMissing as error:
+        raise ConfigError(str(error)) from None
+    print(neighbours_of_run(args.run, config, args.images, args.test, args.k, args.output, token), flush=True)
+    return 0
+
+
 def run_export(args) -> int:
     from trainer.export import export_encoder
 
@@ -199,9 +229,19 @@ def user_errors() -> tuple[type[Exception], ...]:
     from trainer.config import ConfigError
     from trainer.export import NotAnExport
     from trainer.images import DatasetMissing
+    from trainer.snapshot_bank import NoSnapshot, ShardDidNotStart
 
     # ValueError: the data layer's refusals (trainer.parquet.ParquetDataError among them).
-    return ConfigError, DatasetMissing, NotACheckpoint, NotAnExport, BankDoesNotFit, ValueError
+    return (
+        ConfigError,
+        DatasetMissing,
+        NotACheckpoint,
+        NotAnExport,
+        BankDoesNotFit,
+        NoSnapshot,
+        ShardDidNotStart,
+        ValueError,
+    )
 
 
 # The commands that train or read what training wrote: their user errors are one line.
@@ -210,6 +250,7 @@ TRAINING_COMMANDS = {
     ("export", None): run_export,
     ("eval", "knn"): run_eval_knn,
     ("eval", "linear"): run_eval_linear,
+    ("neighbors", None): run_neighbors,
 }
 
 

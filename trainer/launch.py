@@ -21,12 +21,11 @@ from trainer.console import quiet_ray_workers
 from trainer.live_tensorboard import TENSORBOARD_DIR, require_tensorboard, start_event_writer
 from trainer.outputs import write_outputs
 from trainer.resume import CannotResume
-from trainer.run_dir import check_resumable, latest_checkpoint
+from trainer.run_dir import CONFIG_FILE, check_resumable, latest_checkpoint
 from trainer.schedule import length_given_by, run_length
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"  # the resolved config, in the output folder
 # Model checkpoints kept; the bank keeps one snapshot more (the shutdown one).
 KEEP_CHECKPOINTS = 2
 _SUBMITTED_JOB = "RAY_JOB_CONFIG_JSON_ENV_VAR"  # set by Ray's job supervisor for an entrypoint
@@ -224,6 +223,8 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
         result, wall, restarts = _fit(
             config, output, storage_path, run_name, addresses, token_env, bank.names if bank else []
         )
+        if result.checkpoint is not None and not result.return_value.get("error"):
+            _picture_neighbours(config, output, result.checkpoint, addresses, token, data.test_split)
     finally:
         if bank is not None:
             bank.stop(final_snapshot=True)
@@ -235,6 +236,23 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
             summary = write_outputs(config, output, outcome, result.checkpoint, wall, sha)
         raise TrainingStopped(f"{outcome['error']}. Last good checkpoint: {where}", summary)
     return write_outputs(config, output, outcome, result.checkpoint, wall, sha)
+
+
+def _picture_neighbours(config: Config, output: Path, checkpoint, addresses: list[str], token, test_split) -> None:
+    """neighbors.png: test images and their nearest bank rows, while the run's bank still
+    serves. A picture that cannot be made is a warning: it must not cost the run's outputs."""
+    from trainer.neighbors import PICTURE, RUN_QUERIES, picture_of_run
+
+    if test_split is None:
+        log.info(f"no {PICTURE}: the data has no evaluation split to take query images from")
+        return
+    try:
+        with checkpoint.as_directory() as folder:
+            path = picture_of_run(config, folder, addresses, token, output / PICTURE)
+    except Exception as error:  # noqa: BLE001 -- whatever it was, the run's outputs come first
+        log.warning(f"no {PICTURE}: {type(error).__name__}: {error}")
+        return
+    log.info(f"{PICTURE}: the nearest training images of {RUN_QUERIES} test images, in {path}")
 
 
 class TrainingStopped(RuntimeError):

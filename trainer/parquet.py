@@ -350,21 +350,37 @@ class ParquetSplit:
         """Labels of global indices, reading only the label column of the row groups
         they fall in (memory: the indices asked for and one row group's labels)."""
         indices = np.asarray(indices, dtype=np.int64)
-        flat = indices.reshape(-1)
+        out = np.empty(indices.size, dtype=np.int64)
+        for (file, g), at, offsets in self._by_row_group(indices.reshape(-1)):
+            out[at] = self.read(file, g, [LABEL])[LABEL][offsets]
+        return out.reshape(indices.shape)
+
+    def images_at(self, indices: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """(uint8 images (n, 3, size, size), labels (n,)) of global indices, in their
+        order: only their row groups are read and only their rows decoded (memory: the
+        rows asked for and one row group's encoded images). An image that does not
+        decode raises BadImage naming its file, row group and row."""
+        flat = np.asarray(indices, dtype=np.int64).reshape(-1)
+        images = np.empty((len(flat), 3, size, size), dtype=np.uint8)
+        labels = np.empty(len(flat), dtype=np.int64)
+        for (file, g), at, offsets in self._by_row_group(flat):
+            values = self.read(file, g, [IMAGE, LABEL], offsets)
+            images[at] = decode(values[IMAGE], size, lambda i, at=at: self.where(int(flat[at[i]])))[0]
+            labels[at] = values[LABEL]
+        return images, labels
+
+    def _by_row_group(self, flat: np.ndarray):
+        """Global indices grouped by the row group they are in: ((file, group within it),
+        their positions in `flat`, their offsets within the row group), a group at a time."""
         rows = flat if self.rows == self.total_rows else flat * self.total_rows // self.rows
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
-        out = np.empty(len(flat), dtype=np.int64)
         group_of = np.searchsorted(self.group_start, sorted_rows, side="right") - 1
         bounds = np.flatnonzero(np.diff(group_of)) + 1
         for run in np.split(np.arange(len(sorted_rows)), bounds):
-            if not len(run):
-                continue
-            group = int(group_of[run[0]])
-            file, g = self.groups[group]
-            labels = self.read(file, g, [LABEL])[LABEL]
-            out[order[run]] = labels[sorted_rows[run] - self.group_start[group]]
-        return out.reshape(indices.shape)
+            if len(run):
+                group = int(group_of[run[0]])
+                yield self.groups[group], order[run], sorted_rows[run] - self.group_start[group]
 
     def close(self) -> None:
         self._open = {}

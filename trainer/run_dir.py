@@ -16,6 +16,7 @@ from trainer import checkpoint
 from trainer.resume import CannotResume, dataset_words
 
 RUNS = Path("runs")
+CONFIG_FILE = "config.yaml"  # the resolved config, in a run's folder
 
 
 def new_run_dir(runs: Path = RUNS) -> Path:

@@ -15,6 +15,7 @@ from PIL import Image
 
 from trainer.config import Config, ConfigError
 from trainer.data import load_dataset
+from trainer.gallery import ParquetImages, open_gallery
 from trainer.images import BadImage, DatasetMissing
 from trainer.input import describe, open_input
 from trainer.parquet import ParquetDataError, ParquetSplit, decode
@@ -91,6 +92,22 @@ def test_the_index_comes_from_metadata_in_file_order(dataset):
     assert split.labels_at(asked).tolist() == [[389 % LABELS, 0], [131 % LABELS, 250 % LABELS]]
     shape = describe(config(dataset))
     assert (shape.train_rows, shape.test_rows, shape.channels, shape.side, shape.num_classes) == (390, 90, 3, 8, 7)
+
+
+def test_images_are_read_by_global_index_from_their_row_groups_only(dataset):
+    # What a picture of bank neighbours shows: rows in any order, repeated, across files.
+    split = ParquetSplit(str(dataset), "train")
+    asked = np.array([389, 0, 131, 250, 0, 49, 50])
+    images, labels = split.images_at(asked, 8)
+    assert [index_of(torch.from_numpy(image)) for image in images] == asked.tolist()
+    assert labels.tolist() == (asked % LABELS).tolist()
+    assert images.shape == (7, 3, 8, 8)
+    subset = ParquetSplit(str(dataset), "train", subset=100)
+    assert [index_of(torch.from_numpy(image)) for image in subset.images_at(np.array([99, 1]), 8)[0]] == [386, 3]
+    train, test, split_name = open_gallery(config(dataset, "data.test_subset=10"))
+    assert isinstance(train, ParquetImages) and (len(train), len(test), split_name) == (390, 10, "test")
+    images, labels = test.images_at([9, 0])
+    assert [index_of(image) for image in images] == [81, 0] and labels.tolist() == [81 % LABELS, 0]
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -257,3 +274,5 @@ def test_hugging_face_paths_nulls_and_undecodable_images_are_named(tmp_path):
     pq.write_table(pa.table({"image": [png(0), b"not an image"], "label": np.array([0, 1])}), tmp_path / "test.parquet")
     with pytest.raises(BadImage, match=r"test.parquet, row group 0, row 1: cannot decode the image"):
         load_dataset("parquet", str(tmp_path), train=False, image_size=8)
+    with pytest.raises(BadImage, match=r"test.parquet, row group 0, row 1: cannot decode the image"):
+        ParquetSplit(str(tmp_path), "test").images_at(np.array([0, 1]), 8)

@@ -99,6 +99,34 @@ def test_training_writes_every_output(first_run):
     assert (output / "checkpoint" / "state.pt").exists()
 
 
+def test_neighbours_of_test_images_come_from_the_runs_last_bank_snapshot(first_run, tmp_path):
+    # The run drew its own picture while its bank served; this one serves the bank again
+    # from the run's snapshots, in shard processes of its own.
+    assert (first_run / "neighbors.png").stat().st_size > 10_000
+    picture = tmp_path / "pictures" / "four.png"
+    assert main(["neighbors", "--run", str(first_run), "--test", "4", "-k", "5", "--output", str(picture)]) == 0
+    assert picture.stat().st_size > 10_000
+    found = json.loads(picture.with_suffix(".json").read_text())
+    queries = found["queries"]
+    assert found["k"] == 5 and [q["source"] for q in queries] == ["test[0]", "test[125]", "test[250]", "test[375]"]
+    for query in queries:
+        assert len(query["rows"]) == len(set(query["rows"])) == 5 and all(0 <= r < 2048 for r in query["rows"])
+        sims = query["similarities"]
+        assert all(-1 <= s <= 1 for s in sims) and sims == sorted(sims, reverse=True)
+        assert 0 <= query["label"] < 10 and len(query["labels"]) == 5
+    same = sum(label == q["label"] for q in queries for label in q["labels"])
+    assert same >= 10, queries  # of 20: trained features put like images together
+    assert sorted(p.name for p in (first_run / "bank" / "e2e").iterdir()) == ["shard-00000", "shard-00001"]
+
+
+def test_neighbours_of_a_folder_without_a_checkpoint_are_refused(first_run, tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text((first_run / "config.yaml").read_text())
+    assert main(["neighbors", "--run", str(tmp_path), "--test", "2"]) == 2
+    assert "no state.pt" in capsys.readouterr().err
+    assert main(["neighbors", "--run", str(first_run), "--test", "2", "-k", "4096"]) == 2
+    assert "-k 4096" in capsys.readouterr().err
+
+
 def test_rerunning_the_same_run_resumes_it(first_run, capsys):
     # How the checkpoint and its bank snapshot come back is test_resume.py's; here, that
     # a rerun of the same name goes on from its last epoch, and refuses other data.
