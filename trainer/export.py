@@ -2,11 +2,10 @@
 formats.
 
 - ``program`` (the default): a torch.export program that plain torch loads,
-  ``torch.export.load(path).module()``. It takes (B, C, H, W) images in [0, 1] with any
-  batch size and any H and W from the backbone's smallest side
-  (`trainer.models.min_image_size`, or the training side where that is smaller) to 4x
-  the training side; the normalisation is inside, and it computes in inference mode
-  (batch-norm statistics fixed). By default it is the backbone (what downstream tasks fine-tune); with
+  ``torch.export.load(path).module()``. It takes (B, C, H, W) images in [0, 1], any
+  batch size, any H and W from `smallest_side` to 4x the training side; the
+  normalisation is inside, and it computes in inference mode (batch-norm statistics
+  fixed). By default it is the backbone (what downstream tasks fine-tune); with
   ``head=True`` the whole encoder, whose unit embeddings are what the run's bank held
   and its kNN scored. The file carries ``instdisc.json`` (what the program takes and
   gives), which `instdisc eval` reads to refuse what it cannot score.
@@ -40,6 +39,12 @@ class NotAnExport(ValueError):
     """The file is not an encoder that `instdisc export` wrote."""
 
 
+def smallest_side(arch: str, cifar_stem: bool, trained_side: int) -> int:
+    """The smallest image side an export takes: the backbone's, or the training side
+    where that is smaller (the images it was trained on are always taken)."""
+    return min(min_image_size(arch, cifar_stem), trained_side)
+
+
 def export_encoder(checkpoint_dir: str | Path, path: str | Path, head: bool = False) -> Path:
     """Write the checkpoint's encoder as a torch.export program (module docstring)."""
     encoder, trained_side = load_encoder(checkpoint_dir)
@@ -47,9 +52,7 @@ def export_encoder(checkpoint_dir: str | Path, path: str | Path, head: bool = Fa
     # their layout by size), so one program could not take sides that give them and
     # sides that do not.
     encoder.in_memory_format(torch.contiguous_format)
-    # The training side is always inside the range, even below the backbone's usual minimum.
-    smallest = min(min_image_size(encoder.arch, encoder.cifar_stem), trained_side)
-    largest = MAX_SCALE * trained_side
+    smallest, largest = smallest_side(encoder.arch, encoder.cifar_stem, trained_side), MAX_SCALE * trained_side
     example = torch.rand(2, encoder.in_channels, trained_side, trained_side)
     module = encoder.eval() if head else ExportedBackbone(encoder).eval()
     side = {"min": smallest, "max": largest}
@@ -138,7 +141,7 @@ def _load_torchvision(path: Path) -> tuple[torch.nn.Module, dict]:
         "arch": saved["arch"],
         "in_channels": saved["in_channels"],
         "image_size": saved["image_size"],
-        "min_image_size": min_image_size(saved["arch"], saved["cifar_stem"]),
+        "min_image_size": smallest_side(saved["arch"], saved["cifar_stem"], saved["image_size"]),
         "max_image_size": None,
         "output": "backbone",
         "features": saved["features"],
