@@ -43,7 +43,7 @@ def differences(arch: str, cifar_stem: bool, in_channels: int) -> str:
         what.append(f"conv1 takes {in_channels} input channel{'s' if in_channels != 1 else ''}, not 3")
     conv1 = f"model.conv1 = torch.nn.Conv2d({in_channels}, 64, " + ("3, 1, 1" if cifar_stem else "7, 2, 3")
     fix = f"{conv1}, bias=False)" + ("; model.maxpool = torch.nn.Identity()" if cifar_stem else "")
-    return f"torchvision.models.{arch}() builds another stem: {' and '.join(what)}; before load_state_dict set {fix}"
+    return f"torchvision.models.{arch}() builds another stem: {'; '.join(what)}; before load_state_dict set {fix}"
 
 
 def write(encoder: Encoder, image_size: int, path: str | Path) -> tuple[Path, str]:
@@ -56,7 +56,10 @@ def write(encoder: Encoder, image_size: int, path: str | Path) -> tuple[Path, st
     note = differences(encoder.arch, encoder.cifar_stem, encoder.in_channels)
     # Contiguous copies: the encoder's convolutions are channels-last, which a plain
     # torchvision model does not expect of the tensors it loads.
-    state = {key: value.detach().cpu().contiguous().clone() for key, value in encoder.backbone.state_dict().items()}
+    state = {
+        key: value.detach().cpu().clone(memory_format=torch.contiguous_format)
+        for key, value in encoder.backbone.state_dict().items()
+    }
     path = Path(path)
     torch.save(
         {
