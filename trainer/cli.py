@@ -50,22 +50,35 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     )
     train.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.epochs=10 loss.kind=nce")
 
-    export = commands.add_parser("export", help="write the trained encoder (head dropped) for plain torch")
+    export = commands.add_parser(
+        "export",
+        help="write the trained encoder (head dropped) for plain torch or torchvision",
+        description="--format program: a torch.export program taking [0, 1] images of any height and width "
+        "from the backbone's smallest side to 4x the training side (the normalisation is inside). "
+        "--format torchvision: the backbone's weights in torchvision's key names with the normalisation "
+        "beside them, for torchvision.models.resnet18/50 at any resolution.",
+    )
     export.add_argument("checkpoint", help="a checkpoint folder (e.g. runs/demo/checkpoint)")
     export.add_argument("output", help="file to write, e.g. encoder.pt")
-    export.add_argument("--image-size", type=int, default=None, help="input side (default: the training images')")
+    export.add_argument(
+        "--format",
+        choices=("program", "torchvision"),
+        default="program",
+        help="program (default): a torch.export program; torchvision: a state dict for torchvision's "
+        "resnet18/resnet50 (not model.arch=small)",
+    )
     export.add_argument(
         "--head",
         action="store_true",
         help="keep the projection head: the program gives the run's unit embeddings (what its bank "
-        "held and its kNN scored) instead of backbone features",
+        "held and its kNN scored) instead of backbone features (--format program only)",
     )
 
     evaluate = commands.add_parser("eval", help="score an exported encoder, apart from training").add_subparsers(
         dest="eval_command", required=True
     )
     knn = evaluate.add_parser("knn", help="weighted kNN of an exported encoder on any dataset data.* loads")
-    knn.add_argument("--encoder", required=True, help="a file written by `instdisc export`")
+    knn.add_argument("--encoder", required=True, help="a file written by `instdisc export` (either format)")
     knn.add_argument(
         "--config",
         default=None,
@@ -75,7 +88,9 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     linear = evaluate.add_parser(
         "linear", help="linear probe: a linear classifier on an export's frozen, L2-normalised backbone features"
     )
-    linear.add_argument("--encoder", required=True, help="a file written by `instdisc export` (without --head)")
+    linear.add_argument(
+        "--encoder", required=True, help="a file written by `instdisc export` (either format, without --head)"
+    )
     linear.add_argument(
         "--config",
         default=None,
@@ -215,9 +230,15 @@ def run_neighbors(args) -> int:
 
 
 def run_export(args) -> int:
-    from trainer.export import export_encoder
+    from trainer.export import export_encoder, export_torchvision
 
-    print(export_encoder(args.checkpoint, args.output, args.image_size, head=args.head))
+    if args.format == "torchvision":
+        path, note = export_torchvision(args.checkpoint, args.output, head=args.head)
+        print(path)
+        if note:
+            print(f"note: {note}")
+    else:
+        print(export_encoder(args.checkpoint, args.output, head=args.head))
     return 0
 
 

@@ -107,8 +107,8 @@ def embed_all(module, dataset, progress=None) -> tuple[torch.Tensor, torch.Tenso
 
 
 def load_for_eval(encoder_path: str, config: Config):
-    """(module, export metadata, train split, test split) of an export and the dataset
-    `data.*` names; NotAnExport or ConfigError, naming what is wrong, when the file is
+    """(module, export metadata, train split, test split) of an export (either format) and
+    the dataset `data.*` names; NotAnExport or ConfigError, naming what is wrong, when the file is
     not an instdisc export or the images are not what it takes. `instdisc eval knn` and
     `instdisc eval linear` both start here."""
     module, metadata = load_export(encoder_path)
@@ -117,11 +117,13 @@ def load_for_eval(encoder_path: str, config: Config):
     if why:
         raise ConfigError(f"scoring an encoder needs labelled train and evaluation splits: {why}")
     channels, side = train_set.image_shape
-    if (channels, side) != (metadata["in_channels"], metadata["image_size"]):
+    smallest, largest = metadata["min_image_size"], metadata["max_image_size"]
+    if channels != metadata["in_channels"] or side < smallest or (largest is not None and side > largest):
+        sides = f"{smallest}x{smallest} to {largest}x{largest}" if largest else f"at least {smallest}x{smallest}"
         raise ConfigError(
-            f"--encoder {encoder_path} takes {metadata['in_channels']}-channel "
-            f"{metadata['image_size']}x{metadata['image_size']} images; data.name={config.data.name} "
-            f"gives {channels}-channel {side}x{side} (set data.image_size, or pick the matching export)"
+            f"--encoder {encoder_path} takes {metadata['in_channels']}-channel images of {sides} pixels; "
+            f"data.name={config.data.name} gives {channels}-channel {side}x{side} (set data.image_size, "
+            "or pick the matching export)"
         )
     return module, metadata, train_set, test_set
 

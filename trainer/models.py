@@ -58,7 +58,8 @@ class Encoder(nn.Module):
     """x (B, C, H, W) in [0, 1] -> unit embedding (B, dim).
 
     Input normalisation is part of the module, so the exported backbone takes raw
-    [0, 1] images too; so is the channels-last layout the convolutions run in.
+    [0, 1] images too; so is the layout the convolutions run in (channels-last, or
+    `in_memory_format`'s).
     `backbone` (with the normalisation) is what `export` keeps.
     """
 
@@ -85,7 +86,12 @@ class Encoder(nn.Module):
         self.head = nn.Linear(features, dim)
         self.feature_dim = features
         # Channels-last convolutions: faster on CPU as on GPU (BENCHMARKS.md, decisions).
-        self.to(memory_format=torch.channels_last)
+        self.in_memory_format(torch.channels_last)
+
+    def in_memory_format(self, memory_format: torch.memory_format) -> Encoder:
+        """Run the convolutions, weights and input, in `memory_format`; returns self."""
+        self.memory_format = memory_format
+        return self.to(memory_format=memory_format)
 
     def check_input(self, size: int) -> None:
         """ValueError if images of side `size` are too small for this backbone."""
@@ -111,7 +117,7 @@ class Encoder(nn.Module):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Backbone features (B, feature_dim), before the head: what downstream tasks use."""
-        return self.backbone(((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last))
+        return self.backbone(((x - self.mean) / self.std).contiguous(memory_format=self.memory_format))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(self.features(x)), dim=1)
@@ -125,6 +131,7 @@ class ExportedBackbone(nn.Module):
         self.register_buffer("mean", encoder.mean.clone())
         self.register_buffer("std", encoder.std.clone())
         self.backbone = encoder.backbone
+        self.memory_format = encoder.memory_format
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last))
+        return self.backbone(((x - self.mean) / self.std).contiguous(memory_format=self.memory_format))

@@ -31,14 +31,22 @@ def saved(tmp_path_factory):
     return folder, encoder.eval()
 
 
-def save_untrained(folder, encoder) -> None:
-    """A checkpoint of `encoder` as a run writes it, one step in."""
+@pytest.fixture(scope="module")
+def rgb_export(tmp_path_factory):
+    """A backbone export that takes 3-channel images, which Fashion-MNIST is not."""
+    folder = tmp_path_factory.mktemp("rgb")
+    save_untrained(folder, Encoder("small", 3, 128, 8, True))
+    return export_encoder(folder, folder / "rgb.pt")
+
+
+def save_untrained(folder, encoder, image_size: int = 28) -> None:
+    """A checkpoint of `encoder`, trained on images of side `image_size`, as a run writes it, one step in."""
     checkpoint.save(
         folder,
         model=encoder.state_dict(),
         optimizer={},
         encoder=encoder.spec(),
-        image_size=28,
+        image_size=image_size,
         epoch=1,
         step=1,
         history=[],
@@ -79,8 +87,7 @@ def test_a_backbone_export_is_scored_on_backbone_features(saved, tmp_path):
     assert result["features"] == "backbone" and 0 < result["knn_top1"] <= result["knn_top5"] <= 1
 
 
-def test_what_cannot_be_scored_is_refused_naming_why(saved, tmp_path, capsys):
-    export_32 = export_encoder(saved[0], tmp_path / "side32.pt", image_size=32)
+def test_what_cannot_be_scored_is_refused_naming_why(saved, rgb_export, tmp_path, capsys):
     (tmp_path / "junk.pt").write_bytes(b"not a program")
     foreign = tmp_path / "foreign.pt"
     torch.export.save(torch.export.export(torch.nn.Linear(2, 2), (torch.rand(1, 2),)), str(foreign))
@@ -92,7 +99,7 @@ def test_what_cannot_be_scored_is_refused_naming_why(saved, tmp_path, capsys):
         (["--encoder", str(tmp_path / "junk.pt")], "not a torch.export program"),
         (["--encoder", str(foreign)], "not an instdisc export"),
         (["--encoder", str(tmp_path / "missing.pt")], "no such file"),
-        (["--encoder", str(export_32)], "32x32"),
+        (["--encoder", str(rgb_export)], "3-channel images of 8x8 to 112x112"),
         (["--encoder", str(head), "data.name=imagefolder", f"data.root={unlabelled}"], "needs labelled"),
     ]
     for args, message in cases:
@@ -130,14 +137,13 @@ def test_the_linear_probe_reports_writes_linear_json_and_reuses_its_features(sav
     assert not other["cache_reused"] and other["test_images"] == 200
 
 
-def test_what_the_linear_probe_cannot_take_is_refused_naming_why(saved, tmp_path, capsys):
-    export_32 = export_encoder(saved[0], tmp_path / "side32.pt", image_size=32)
+def test_what_the_linear_probe_cannot_take_is_refused_naming_why(saved, rgb_export, tmp_path, capsys):
     head = export_encoder(saved[0], tmp_path / "head.pt", head=True)
     (tmp_path / "junk.pt").write_bytes(b"not a program")
     cases = [
         (tmp_path / "junk.pt", "not a torch.export program"),
         (tmp_path / "missing.pt", "no such file"),
-        (export_32, "32x32"),
+        (rgb_export, "3-channel"),
         (head, "--head"),
     ]
     for encoder, message in cases:
