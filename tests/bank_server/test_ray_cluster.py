@@ -166,6 +166,12 @@ def test_a_run_trains_across_nodes_on_streamed_parquet_and_survives_a_shard_kill
     assert len(re.findall(r"shard \d: node \w+ at [\d.]+:\d+, [\d.]+ GiB reserved", logs)) == 2
     summary = json.loads((output / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["steps"] == 124 and summary["bank_outages"] >= 1, summary
+    # TensorBoard's points, written while the run trained by the writer on the driver's node.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(output / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(5, 125, 5))
     # Each shard snapshotted on its node's disk: the killed one came back from there.
     disk_of = {p.name: disk for disk in disks for p in disk.glob("banks/nodes/shard-*")}
     assert sorted(disk_of) == ["shard-00000", "shard-00001"] and len(set(disk_of.values())) == 2, disk_of
