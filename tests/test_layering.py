@@ -129,3 +129,9 @@ def test_the_hook_every_ray_worker_runs_loads_no_torch():
     assert "quiet_ray_workers" in MODULES["trainer.console"].read_text()
     assert 'worker_process_setup_hook": quiet_ray_workers' in MODULES["trainer.launch"].read_text()
     assert not {"torch", "torchvision", "matplotlib"} & reachable("trainer.console")
+
+
+def test_the_tensorboard_writer_actor_loads_no_torch():
+    """The run's event writer is a Ray actor process of its own: torch there would cost
+    every run a second of CPU and the memory of a second torch."""
+    assert not {"torch", "torchvision", "matplotlib"} & reachable("trainer.live_tensorboard")

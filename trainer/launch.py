@@ -143,7 +143,7 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
     """
 
     from bank_server.protocol import message_limit
-    from bank_server.ray_bank import BankTokenMissing, read_token, start_bank
+    from bank_server.ray_bank import BankTokenMissing, read_token, resolver, start_bank
     from trainer.input import describe
 
     if os.environ.get(_SUBMITTED_JOB) and not Path(output_dir).is_absolute():
@@ -224,7 +224,11 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
             config, output, storage_path, run_name, addresses, token_env, bank.names if bank else []
         )
         if result.checkpoint is not None and not result.return_value.get("error"):
-            _picture_neighbours(config, output, result.checkpoint, addresses, token, data.test_split)
+            # Where the shards serve now: one that restarted during the run serves on another port.
+            serving = addresses
+            if bank is not None:
+                serving = [resolver(bank.names)(s, config.bank.timeout) for s in range(len(bank.names))]
+            _picture_neighbours(config, output, result.checkpoint, serving, token, data.test_split)
     finally:
         if bank is not None:
             bank.stop(final_snapshot=True)

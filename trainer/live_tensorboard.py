@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from pathlib import Path
 
 from trainer.config import ConfigError
@@ -48,7 +49,7 @@ TENSORBOARD_EPOCH_TAGS = {
 def require_tensorboard() -> None:
     """Found missing before the training it would have written up, not after."""
     try:
-        import torch.utils.tensorboard  # noqa: F401
+        import tensorboard  # noqa: F401
     except ImportError as error:
         raise ConfigError(f"TensorBoard is not installed ({error}); pip install tensorboard") from None
 
@@ -63,11 +64,17 @@ class EventWriter:
     def start(self, first_step: int) -> None:
         """The train loop (re)starts, its first point at `first_step`: earlier points at or
         after it are dropped (the module docstring says why)."""
-        from torch.utils.tensorboard import SummaryWriter
+        # TensorBoard's own writer, not torch's SummaryWriter: this process then never
+        # loads torch, which would cost every run a second of CPU and its memory.
+        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-        if self._writer is not None:
-            self._writer.close()
-        self._writer = SummaryWriter(self._folder, purge_step=first_step)
+        self.close()
+        self._writer = EventFileWriter(self._folder)
+        # What SummaryWriter(purge_step=...) writes: the reader purges the points of
+        # earlier files at or after this step.
+        self._writer.add_event(Event(step=first_step, session_log=SessionLog(status=SessionLog.START)))
+        self._writer.flush()
 
     def progress(self, entry: dict) -> None:
         """One progress line's figures (`Meter.progress`'s dict)."""
@@ -78,17 +85,23 @@ class EventWriter:
         self._add(metrics, TENSORBOARD_EPOCH_TAGS)
 
     def _add(self, values: dict, tags: dict[str, str]) -> None:
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+
         if self._writer is None:
             raise RuntimeError("a point before start(): the train loop tells the writer where it starts first")
-        for key, tag in tags.items():
-            value = values.get(key)
-            if value is not None and not math.isnan(value):
-                self._writer.add_scalar(tag, value, values["step"])
+        points = [
+            Summary.Value(tag=tag, simple_value=float(values[key]))
+            for key, tag in tags.items()
+            if values.get(key) is not None and not math.isnan(values[key])
+        ]
+        self._writer.add_event(Event(wall_time=time.time(), step=int(values["step"]), summary=Summary(value=points)))
         self._writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            self._writer = None
 
 
 def start_event_writer(output: Path, name: str):
