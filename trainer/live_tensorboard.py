@@ -55,7 +55,7 @@ def require_tensorboard() -> None:
 
 
 class EventWriter:
-    """Owns the run's `SummaryWriter`; a named Ray actor on the driver's node."""
+    """Owns the run's event file; a named Ray actor on the driver's node."""
 
     def __init__(self, folder: str):
         self._folder = folder

@@ -100,38 +100,45 @@ def write_neighbours(queries: list[Query], sims: np.ndarray, rows: np.ndarray, t
 
 def _draw(queries: list[Query], sims: np.ndarray, images: torch.Tensor, labels, path: Path) -> None:
     """One row per query: the query, then its neighbours captioned with similarity and
-    label, a label other than the query's in red."""
+    label, a label other than the query's in red. One mosaic in one axes: a grid of
+    axes, one per image, took seconds to lay out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     n, k = sims.shape
-    fig, axes = plt.subplots(n, k + 1, figsize=(1.25 * (k + 1), 1.5 * n + 0.4), squeeze=False)
+    side = images.shape[-1]
+    band, gap = side * 3 // 4, max(1, side // 8)  # caption space above each image; space beside it
+    cell_h, cell_w = side + band, side + gap
+    mosaic = np.full((n * cell_h, (k + 1) * cell_w, 3), 255, np.uint8)
+    captions = []  # (x, y, text, colour) in mosaic pixels
     for i, query in enumerate(queries):
         name = query.source if query.source.endswith("]") else Path(query.source).name[:16]
-        _show(axes[i][0], query.image, name + ("" if query.label is None else f"\nlabel {query.label}"), "blue")
+        row = [(query.image, name + ("" if query.label is None else f"\nlabel {query.label}"), "blue")]
         for j in range(k):
             caption, colour = f"{sims[i, j]:.3f}", "black"
             if labels is not None:
                 caption += f"\nlabel {labels[i][j]}"
                 colour = "red" if query.label is not None and labels[i][j] != query.label else "black"
-            _show(axes[i][j + 1], images[i, j], caption, colour)
+            row.append((images[i, j], caption, colour))
+        for j, (image, caption, colour) in enumerate(row):
+            top, left = i * cell_h + band, j * cell_w
+            pixels = image.expand(3, -1, -1) if image.shape[0] == 1 else image
+            mosaic[top : top + side, left : left + side] = pixels.permute(1, 2, 0).numpy()
+            captions.append((left + side / 2, top - band / 2, caption, colour))
+    height = 1.25 * n * cell_h / cell_w + 0.6  # square images: 1.25 in a column
+    fig = plt.figure(figsize=(1.25 * (k + 1), height))
+    ax = fig.add_axes((0.0, 0.0, 1.0, 1 - 0.6 / height))
+    ax.imshow(mosaic, interpolation="nearest", aspect="auto")
+    ax.axis("off")
+    for x, y, text, colour in captions:
+        ax.text(x, y, text, ha="center", va="center", fontsize=7, color=colour)
     fig.suptitle(
         "query (blue), then its nearest training images\ncosine similarity, label (red: not the query's)", fontsize=9
     )
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _show(ax, image: torch.Tensor, caption: str, colour: str) -> None:
-    if image.shape[0] == 1:
-        ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=255)
-    else:
-        ax.imshow(image.permute(1, 2, 0).numpy())
-    ax.set_title(caption, fontsize=7, color=colour)
-    ax.axis("off")
 
 
 def _check_images(train, encoder, side: int, config: Config) -> None:

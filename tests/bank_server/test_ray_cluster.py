@@ -111,7 +111,7 @@ def actors_of(cls: str) -> list[dict]:
 def test_a_run_trains_across_nodes_on_streamed_parquet_and_survives_a_shard_kill(cluster, disks, tmp_path):
     data = tmp_path / "data"
     write_split(data, "train", [700, 700, 600], group_rows=100)  # 3 files, 20 row groups
-    write_split(data, "test", [200], group_rows=100)
+    write_split(data, "validation", [200], group_rows=100)  # Hugging Face's name for it
     output = tmp_path / "out"
     log = tmp_path / "run.log"
     env = {**os.environ, "RAY_ADDRESS": cluster.address}
@@ -166,6 +166,7 @@ def test_a_run_trains_across_nodes_on_streamed_parquet_and_survives_a_shard_kill
     assert len(re.findall(r"shard \d: node \w+ at [\d.]+:\d+, [\d.]+ GiB reserved", logs)) == 2
     summary = json.loads((output / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["steps"] == 124 and summary["bank_outages"] >= 1, summary
+    assert summary["evaluated"] == ["knn"] and 0 < summary["knn_top1"] <= 1, summary
     # TensorBoard's points, written while the run trained by the writer on the driver's node.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

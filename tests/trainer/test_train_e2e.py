@@ -7,14 +7,11 @@ joins it, as under `ray job submit`), and are checked by what they write: summar
 metrics.csv, TensorBoard events, the bank's snapshots, return codes."""
 
 import csv
-import io
 import json
 import math
 import time
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -297,7 +294,7 @@ OWN = [
 ]
 
 
-def test_unclassified_images_with_a_corrupt_one_stop_naming_it_or_train_skipping_it(tmp_path, capsys):
+def test_unclassified_images_with_a_corrupt_one_stop_naming_it_or_train_skipping_it(first_run, tmp_path, capsys):
     # Past the first 512 images (the normalisation statistics'), so that the warm start
     # meets it, on one of the 2 workers while the other waits for it.
     rng = np.random.default_rng(0)
@@ -312,32 +309,15 @@ def test_unclassified_images_with_a_corrupt_one_stop_naming_it_or_train_skipping
     assert train(tmp_path / "fail", *OWN, *root, name="bad") == 1
     assert str(bad) in capsys.readouterr().err.strip().splitlines()[-1]
     assert time.perf_counter() - started < 90  # no Ray retry, no worker left waiting
-    assert train(tmp_path / "skip", *OWN, *root, "data.on_bad_image=skip", "eval.linear=true", name="skip") == 0
-    summary = summary_of(tmp_path / "skip")
-    assert summary["evaluated"] == [] and "no evaluation split" in summary["evaluation_skipped"]
-    assert summary["bad_images_skipped"] == 1 and summary["knn_top1"] is None
-
-
-def test_a_run_without_output_dir_on_other_data_never_touches_the_last(first_run, tmp_path):
-    # Parquet with a `validation` split, under first_run's name and from its working
-    # folder: with a fixed default folder it would have tried to resume first_run.
-    rng = np.random.default_rng(0)
-    (tmp_path / "data").mkdir()
-    for split, n in (("train", 64), ("validation", 16)):
-        images = []
-        for _ in range(n):
-            buffer = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(buffer, format="PNG")
-            images.append(buffer.getvalue())
-        table = pa.table({"image": images, "label": np.arange(n) % 4})
-        pq.write_table(table, tmp_path / "data" / f"{split}-00000-of-00001.parquet")
+    # Skipping it, without --output-dir, under first_run's name and from its working
+    # folder: a fixed default folder would have tried to resume first_run on this data.
     before = summary_of(first_run)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(first_run.parent.parent)
-        assert train(None, *OWN, "train.workers=1", "data.name=parquet", f"data.root={tmp_path}") == 0
+        assert train(None, *OWN, *root, "data.on_bad_image=skip", "eval.linear=true") == 0
     (second,) = set(first_run.parent.iterdir()) - {first_run}
     assert summary_of(first_run) == before
     summary = summary_of(second)
-    assert summary["evaluated"] == ["knn"] and summary["evaluation_skipped"] is None
-    assert summary["knn_top1"] is not None and summary["bad_images_skipped"] == 0
-    assert "name: parquet" in (second / "config.yaml").read_text()
+    assert summary["evaluated"] == [] and "no evaluation split" in summary["evaluation_skipped"]
+    assert summary["bad_images_skipped"] == 1 and summary["knn_top1"] is None
+    assert "on_bad_image: skip" in (second / "config.yaml").read_text()
