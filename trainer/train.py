@@ -272,15 +272,7 @@ class Worker:
             # Every worker raises this at the same point (the condition is all-reduced or
             # broadcast), so returning here ends the run cleanly.
             log.info(f"stopped: {error}")
-            return {
-                "history": self.history,
-                "train_seconds": time.perf_counter() - start,
-                "steps": self.step,
-                "bank_outages": self.bank_outages(),
-                "bad_images_skipped": self.bad_images_skipped(),
-                "evaluation_skipped": self.input.unevaluated,
-                "error": str(error),
-            }
+            return self.outcome(time.perf_counter() - start) | {"error": str(error)}
         finally:
             self.events.finish()
             self.feed.close()
@@ -392,9 +384,13 @@ class Worker:
                 checkpoint_dir_name=f"epoch-{self.epoch:04d}",
             )
             self.meter.paused(time.perf_counter() - pause_start)  # the ETA counts this pause
+        return self.outcome(time.perf_counter() - train_start)
+
+    def outcome(self, train_seconds: float) -> dict:
+        """What the run returns to the launch (a collective: every worker calls it)."""
         return {
             "history": self.history,
-            "train_seconds": time.perf_counter() - train_start,
+            "train_seconds": train_seconds,
             "steps": self.step,
             "bank_outages": self.bank_outages(),
             "bad_images_skipped": self.bad_images_skipped(),
