@@ -102,11 +102,9 @@ def load_dataset(
     download: bool = True,
     image_size: int = 32,
     parquet_subset: int = 0,
-    test_split: str | None = None,
-    bad: BadImages | None = None,
 ):
     """A split as a random-access dataset: the train split, or the evaluation split
-    (`test_split`, else the first present; DatasetMissing when there is none).
+    (the first present; DatasetMissing when there is none).
     `parquet_subset`: a Parquet split's evenly spaced subset (what `data.subset` takes
     of Parquet, streamed or not)."""
     if name not in NAMES:
@@ -119,12 +117,12 @@ def load_dataset(
     if path is None:
         raise ValueError(f"data.root is required for data.name={name!r}")
     if name == "imagefolder":
-        train_set, test_set, split = load_imagefolder(path, image_size, test_split, bad)
+        train_set, test_set, _ = load_imagefolder(path, image_size)
         if not train and test_set is None:
             raise DatasetMissing(f"dataset 'imagefolder': no evaluation split in {path}")
         return train_set if train else test_set
-    split = "train" if train else eval_split(root, test_split) or "test"  # "test": find_files says what is missing
-    return load_split(root, split, image_size, parquet_subset, bad)
+    split = "train" if train else eval_split(root, None) or "test"  # "test": find_files says what is missing
+    return load_split(root, split, image_size, parquet_subset)
 
 
 def load_datasets(config: Config):
