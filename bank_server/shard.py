@@ -94,15 +94,21 @@ def memory_bytes(rows_held: int, dim: int, dtype: str) -> int:
 def initial_rows(layout: Layout, seed: int) -> np.ndarray:
     """Lemniscate's init, uniform in [-1/sqrt(D/3), 1/sqrt(D/3)], projected onto the
     unit sphere so every row satisfies the bank's invariant from the start."""
+    rows = np.empty((layout.rows_held, layout.dim), dtype=DTYPES[layout.dtype])
+    for begin, block in initial_blocks(layout, seed):
+        rows[begin : begin + len(block)] = block
+    return rows
+
+
+def initial_blocks(layout: Layout, seed: int):
+    """`initial_rows` a block at a time, as (first local row, rows in the storage dtype)."""
     rng = np.random.default_rng([seed, layout.shard_id])
     bound = 1.0 / np.sqrt(layout.dim / 3.0)
-    rows = np.empty((layout.rows_held, layout.dim), dtype=DTYPES[layout.dtype])
     block = max(1, _SCAN_ELEMENTS // layout.dim)
     for begin in range(0, layout.rows_held, block):
         n = min(block, layout.rows_held - begin)
         values = rng.random((n, layout.dim), dtype=np.float32) * np.float32(2 * bound) - np.float32(bound)
-        rows[begin : begin + n] = _normalize(values)
-    return rows
+        yield begin, _normalize(values).astype(DTYPES[layout.dtype])
 
 
 # numpy's float16 -> float32 cast runs at scalar speed in this build (about 40 us for a

@@ -24,7 +24,7 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,64 @@ def _replace_durably(tmp: Path, final: Path) -> None:
     update_log.fsync_path(final.parent)
 
 
+class SnapshotWriter:
+    """Snapshot `tag` of shard `shard_id`, written a record batch at a time to a temporary
+    file: ``commit()`` renames it into place durably; leaving the ``with`` block without
+    a commit removes it. Several can be open at once (a reshard writes every new shard
+    in step). LATEST is not touched."""
+
+    def __init__(self, directory: str | os.PathLike, shard_id: int, tag: str, metadata: dict, dim: int, dtype):
+        check_tag(tag)
+        folder = shard_dir(directory, shard_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / f"{tag}.arrow"
+        self.log_end = 0
+        self._tmp = folder / f".{tag}.arrow.tmp-{os.getpid()}"
+        self._dim = dim
+        self._type = pa.from_numpy_dtype(np.dtype(dtype))
+        self._schema = pa.schema(
+            [pa.field("row", pa.list_(self._type, dim))], metadata={METADATA_KEY: json.dumps(metadata).encode()}
+        )
+        self._sink = pa.OSFile(str(self._tmp), "wb")
+        try:
+            self._writer = pa.ipc.new_file(self._sink, self._schema)
+        except BaseException:
+            self._sink.close()
+            self._tmp.unlink(missing_ok=True)
+            raise
+
+    def write(self, chunk: np.ndarray, log_end: int = 0) -> None:
+        """Append rows `chunk` (C-contiguous), copied when the log's segment held `log_end` records."""
+        values = pa.array(chunk.reshape(-1), type=self._type)
+        column = pa.FixedSizeListArray.from_arrays(values, self._dim)
+        self._writer.write_batch(
+            pa.record_batch([column], schema=self._schema),
+            custom_metadata={CRC_KEY: str(zlib.crc32(chunk)), LOG_END_KEY: str(log_end)},
+        )
+        self.log_end = log_end
+
+    def commit(self) -> Path:
+        self._close()
+        _replace_durably(self._tmp, self.path)
+        return self.path
+
+    def _close(self) -> None:
+        if not self._sink.closed:
+            try:
+                self._writer.close()
+            finally:
+                self._sink.close()
+
+    def __enter__(self) -> SnapshotWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self._close()
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+
 def write(
     directory: str | os.PathLike,
     shard_id: int,
@@ -76,30 +134,12 @@ def write(
 ) -> tuple[Path, int, float, int]:
     """Write the row blocks `blocks` yields, each with the log position at its copy, as
     snapshot `tag`; return (path, bytes, seconds, log_end). LATEST is not touched."""
-    check_tag(tag)
     start = time.perf_counter()
-    folder = shard_dir(directory, shard_id)
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"{tag}.arrow"
-    tmp = folder / f".{tag}.arrow.tmp-{os.getpid()}"
-    value_type = pa.from_numpy_dtype(np.dtype(dtype))
-    schema = pa.schema(
-        [pa.field("row", pa.list_(value_type, dim))], metadata={METADATA_KEY: json.dumps(metadata).encode()}
-    )
-    log_end = 0
-    try:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-            for chunk, log_end in blocks:
-                values = pa.array(chunk.reshape(-1), type=value_type)
-                column = pa.FixedSizeListArray.from_arrays(values, dim)
-                writer.write_batch(
-                    pa.record_batch([column], schema=schema),
-                    custom_metadata={CRC_KEY: str(zlib.crc32(chunk)), LOG_END_KEY: str(log_end)},
-                )
-        _replace_durably(tmp, final)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return final, final.stat().st_size, time.perf_counter() - start, log_end
+    with SnapshotWriter(directory, shard_id, tag, metadata, dim, dtype) as writer:
+        for chunk, log_end in blocks:
+            writer.write(chunk, log_end)
+        final = writer.commit()
+    return final, final.stat().st_size, time.perf_counter() - start, writer.log_end
 
 
 # -- LATEST --------------------------------------------------------------------------
@@ -163,9 +203,9 @@ def latest_tag(directory: str | os.PathLike, shard_id: int) -> str | None:
 # -- reading -------------------------------------------------------------------------
 
 
-def _open(path: Path):
+def _open(path: Path, mapped: bool = True):
     try:
-        return pa.ipc.open_file(pa.memory_map(str(path)))
+        return pa.ipc.open_file(pa.memory_map(str(path)) if mapped else pa.OSFile(str(path)))
     except FileNotFoundError:
         raise NotFound(f"snapshot {path} not found") from None
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as error:
@@ -183,7 +223,22 @@ def read_into(path: Path, target: np.ndarray | None, expect_rows: int | None = N
     """Check every batch's crc32 and, when `target` is given, copy the rows into it
     (no other copy of the rows is made). Returns (metadata with ``log_end`` added,
     rows). SnapshotCorrupt, naming the file and batch, on any mismatch."""
-    reader = _open(path)
+
+    def copy(offset: int, rows: np.ndarray) -> None:
+        if offset + len(rows) > len(target):
+            raise SnapshotCorrupt(f"snapshot {path} holds more than {len(target)} rows")
+        target[offset : offset + len(rows)] = rows
+
+    return read_blocks(path, None if target is None else copy, expect_rows)
+
+
+def read_blocks(
+    path: Path, put: Callable[[int, np.ndarray], None] | None, expect_rows: int | None = None, *, mapped: bool = True
+) -> tuple[dict, int]:
+    """`read_into` with `put(first row, rows)` called on each batch once checked. With
+    `mapped` false the file is read a batch at a time instead of memory-mapped, so the
+    process never maps more than a batch of it."""
+    reader = _open(path, mapped)
     try:
         metadata = json.loads(reader.schema.metadata[METADATA_KEY])
         dim = reader.schema.field("row").type.list_size
@@ -205,10 +260,10 @@ def read_into(path: Path, target: np.ndarray | None, expect_rows: int | None = N
             log_end = int(custom[LOG_END_KEY])
         else:
             unchecked += 1
-        if target is not None:
-            if offset + n > len(target):
-                raise SnapshotCorrupt(f"snapshot {path} holds more than {len(target)} rows")
-            target[offset : offset + n] = values.reshape(n, dim)
+        if expect_rows is not None and offset + n > expect_rows:
+            raise SnapshotCorrupt(f"snapshot {path} holds more than {expect_rows} rows")
+        if put is not None:
+            put(offset, values.reshape(n, dim))
         offset += n
     if unchecked:
         log.warning(
@@ -218,6 +273,19 @@ def read_into(path: Path, target: np.ndarray | None, expect_rows: int | None = N
         raise SnapshotCorrupt(f"snapshot {path} holds {offset} rows, the shard {expect_rows}")
     metadata["log_end"] = log_end
     return metadata, offset
+
+
+def own_segment(directory: str | os.PathLike, shard_id: int, path: Path, metadata: dict) -> Path | None:
+    """The update-log segment whose first ``log_end`` records complete snapshot `path`
+    (`metadata` as `read_blocks` returns it); None when it needs none. DataLoss when it
+    is missing."""
+    segment, end = metadata.get("log_segment"), metadata["log_end"]
+    if not (segment and end):
+        return None
+    found = update_log.segment_path(shard_dir(directory, shard_id), segment)
+    if not found.exists():
+        raise DataLoss(f"snapshot {path} needs its update-log segment {found}, which is missing")
+    return found
 
 
 def read(directory: str | os.PathLike, shard_id: int, tag: str | None = None) -> tuple[np.ndarray, dict, Path]:
@@ -238,16 +306,13 @@ def read(directory: str | os.PathLike, shard_id: int, tag: str | None = None) ->
     total = sum(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
     rows = np.empty((total, field.list_size), dtype=field.value_type.to_pandas_dtype())
     metadata, _ = read_into(path, rows)
-    segment, end = metadata.get("log_segment"), metadata["log_end"]
-    if segment and end:
+    log_path = own_segment(directory, shard_id, path, metadata)
+    if log_path is not None:
 
         def apply(record):
             rows[record.local] = record.rows
 
-        log_path = update_log.segment_path(shard_dir(directory, shard_id), segment)
-        if not log_path.exists():
-            raise DataLoss(f"snapshot {path} needs its update-log segment {log_path}, which is missing")
-        update_log.read_records(log_path, rows.shape[1], rows.dtype, apply, stop=end)
+        update_log.read_records(log_path, rows.shape[1], rows.dtype, apply, stop=metadata["log_end"])
     return rows, metadata, path
 
 

@@ -164,23 +164,27 @@ def torn_segment(path: Path) -> str | None:
     return None
 
 
-def remove_torn_segments(folder: Path, named: int | None = None) -> list[str]:
-    """Remove the segments whose creation a crash cut short (see `torn_segment`) when no
-    other segment continues them and `named` (LATEST's) is not one; they hold no record.
-    Returns a line for each removed."""
+def torn_segments(folder: Path, named: int | None = None) -> dict[int, str]:
+    """Segment number -> why, for the segments whose creation a crash cut short (see
+    `torn_segment`) that no other segment continues and that `named` (LATEST's) is not:
+    they hold no record, and a reader passes over them. Changes nothing."""
     numbers = segment_numbers(folder)
     torn = {n: why for n in numbers if (why := torn_segment(segment_path(folder, n)))}
     if not torn:
-        return []
+        return {}
     continued = set()
     for number in numbers:
         if number not in torn:
             previous = read_header(segment_path(folder, number)).get("previous")
             continued.add(previous)
+    # The others are read as they are: LogCorrupt names them.
+    return {n: why for n, why in sorted(torn.items()) if n not in continued and n != named}
+
+
+def remove_torn_segments(folder: Path, named: int | None = None) -> list[str]:
+    """Remove the segments `torn_segments` finds. Returns a line for each removed."""
     removed = []
-    for number, why in sorted(torn.items()):
-        if number in continued or number == named:
-            continue  # read as it is: LogCorrupt names it
+    for number, why in torn_segments(folder, named).items():
         path = segment_path(folder, number)
         path.unlink()
         removed.append(f"removed {path} ({why}, no record): a crash cut its creation short")
@@ -301,11 +305,13 @@ def _decode(payload, dim: int, dtype: np.dtype) -> Record:
     return Record(local, rows, client_id, sequence)
 
 
-def successors(folder: Path) -> dict[int, int]:
-    """Segment number -> the segment that continues it (absent: the end of its timeline).
-    LogCorrupt if a header cannot be read."""
+def successors(folder: Path, skip=()) -> dict[int, int]:
+    """Segment number -> the segment that continues it (absent: the end of its timeline),
+    over the segments not in `skip`. LogCorrupt if a header cannot be read."""
     following = {}
     for number in segment_numbers(folder):
+        if number in skip:
+            continue
         previous = read_header(segment_path(folder, number)).get("previous")
         if previous is not None:
             following[previous] = number
