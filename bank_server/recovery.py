@@ -36,13 +36,14 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from bank_server import snapshot as snapshots
 from bank_server import update_log
 from bank_server.errors import DataLoss, NotFound
-from bank_server.shard import Layout, Shard, initial_rows
+from bank_server.shard import DTYPES, Layout, Shard, initial_rows
 
 log = logging.getLogger(__name__)
 
@@ -163,98 +164,152 @@ def _recover(layout, directory, folder: Path, seed: int, fallback: bool) -> tupl
     return shard, recovery
 
 
-def _recover_from(
-    layout, directory, folder: Path, seed: int, fallback: bool, pointer: dict | None
-) -> tuple[Shard, Recovery]:
+@dataclass
+class Walk:
+    """What a shard's folder says the shard is: the base (snapshot `tag`, or the seeded
+    rows of `seed` when `tag` is None), then the update log from record `start` of
+    `segment` on (None: no log), following each segment's successor in `following`."""
+
+    tag: str | None
+    seed: int | None
+    segment: int | None
+    start: int = 0
+    following: dict[int, int] = field(default_factory=dict)
+    from_log_alone: bool = False  # no LATEST: the pointer was read off the log's oldest segment
+
+    def segments(self) -> list[int]:
+        return [] if self.segment is None else update_log.chain(self.segment, self.following)
+
+
+@dataclass
+class Replayed:
+    """What `replay` applied: the segments, the records, and the segment ending in a
+    torn last record with its scan (None if none)."""
+
+    segments: list[int]
+    records: int = 0
+    torn: tuple[Path, update_log.Scan] | None = None
+
+
+def find_walk(
+    layout: Layout, directory, seed: int | None, pointer: dict | None, skip: Collection[int] = ()
+) -> Walk | None:
+    """The walk of shard `layout.shard_id`'s folder, whose LATEST says `pointer`, passing
+    over the log segments in `skip` (see ``update_log.torn_segments``); None when the
+    folder holds neither LATEST nor a log (a fresh bank). Reads only. DataLoss naming
+    the file when the folder cannot say; `seed` is assumed for a log alone that does not
+    record its own (None: DataLoss)."""
+    folder = snapshots.shard_dir(directory, layout.shard_id)
     from_log_alone = pointer is None
     if from_log_alone:
-        pointer = _pointer_from_log(layout, directory, folder, seed)
+        pointer = _pointer_from_log(layout, folder, seed, skip)
         if pointer is None:
-            found = snapshots.snapshots_newest_first(directory, layout.shard_id)
-            if not found:
-                return Shard.create(layout, seed), _fresh(seed, "no LATEST: a fresh bank")
-            note = (
-                f"no LATEST and no update log in {folder}, but snapshot(s) {', '.join(p.name for p in found)}: "
-                f"starting from the seeded rows (seed {seed}), not from any of them; Restore one by tag to "
-                "use it"
-            )
-            log.warning("shard %d: %s", layout.shard_id, note)
-            return Shard.create(layout, seed), _fresh(seed, note)
-    following = update_log.successors(folder)
+            return None
+    following = update_log.successors(folder, skip)
     if pointer["log"] is not None and not update_log.segment_path(folder, pointer["log"]).exists():
         raise DataLoss(
             f"{snapshots.latest_path(directory, layout.shard_id)} continues with log segment "
             f"{update_log.segment_path(folder, pointer['log'])}, which is missing"
         )
+    return Walk(pointer["tag"], pointer["seed"], pointer["log"], pointer["from"], following, from_log_alone)
+
+
+def replay(layout: Layout, directory, walk: Walk, apply: Callable[[update_log.Record], None]) -> Replayed:
+    """Call `apply` on every log record `walk` replays after its base, in order, each
+    segment checked against `layout`. A torn last record of the last segment is passed
+    over and reported, not cut off: nothing on disk changes. LogCorrupt or DataLoss
+    naming the file for anything else."""
+    folder = snapshots.shard_dir(directory, layout.shard_id)
+    replayed = Replayed(walk.segments())
+    for i, number in enumerate(replayed.segments):
+        path = update_log.segment_path(folder, number)
+        update_log.check_layout(path, layout)
+        first = walk.start if i == 0 else 0
+        scan = update_log.read_records(
+            path,
+            layout.dim,
+            DTYPES[layout.dtype],
+            apply,
+            start=first,
+            allow_torn_tail=i == len(replayed.segments) - 1,
+        )
+        if scan.records < first:
+            raise update_log.LogCorrupt(
+                f"log segment {path} holds {scan.records} good records; "
+                f"{snapshots.latest_path(directory, layout.shard_id)} continues from record {first}"
+            )
+        replayed.records += scan.records - first
+        if scan.torn_bytes:
+            replayed.torn = (path, scan)
+    return replayed
+
+
+def _recover_from(
+    layout, directory, folder: Path, seed: int, fallback: bool, pointer: dict | None
+) -> tuple[Shard, Recovery]:
+    walk = find_walk(layout, directory, seed, pointer)
+    if walk is None:
+        found = snapshots.snapshots_newest_first(directory, layout.shard_id)
+        if not found:
+            return Shard.create(layout, seed), _fresh(seed, "no LATEST: a fresh bank")
+        note = (
+            f"no LATEST and no update log in {folder}, but snapshot(s) {', '.join(p.name for p in found)}: "
+            f"starting from the seeded rows (seed {seed}), not from any of them; Restore one by tag to "
+            "use it"
+        )
+        log.warning("shard %d: %s", layout.shard_id, note)
+        return Shard.create(layout, seed), _fresh(seed, note)
     notes = []
     started = time.perf_counter()
-    if pointer["tag"] is None:
-        base_seed = pointer["seed"]
+    if walk.tag is None:
+        base_seed = walk.seed
         if base_seed != seed:
             notes.append(f"the log continues the rows of seed {base_seed}, not --seed {seed}: used seed {base_seed}")
         shard = Shard(layout, initial_rows(layout, base_seed), seed=seed)
         recovery = Recovery(source=f"initial rows (seed {base_seed})", seed=base_seed, notes=notes)
-        start = (pointer["log"], pointer["from"])
-        if from_log_alone or pointer["log"] is None:  # LATEST must name the timeline from now on
-            recovery.new_pointer = {"tag": None, "seed": base_seed, "segment": pointer["log"], "from": 0}
-        if from_log_alone:
+        if walk.from_log_alone or walk.segment is None:  # LATEST must name the timeline from now on
+            recovery.new_pointer = {"tag": None, "seed": base_seed, "segment": walk.segment, "from": 0}
+        if walk.from_log_alone:
             note = (
-                f"no LATEST in {folder}: recovered from its update log alone (segment {pointer['log']} on, "
+                f"no LATEST in {folder}: recovered from its update log alone (segment {walk.segment} on, "
                 "which starts from the seeded rows)"
             )
             log.warning("shard %d: %s", layout.shard_id, note)
             notes.append(note)
     else:
         try:
-            shard = Shard.restore(layout, directory, pointer["tag"], seed=seed)
-            recovery = Recovery(source=f"snapshot {pointer['tag']}", tag=pointer["tag"])
-            start = (pointer["log"], pointer["from"])
-            if pointer["log"] is None:  # a snapshot from before the log: LATEST must name the log from now on
-                recovery.new_pointer = {"tag": pointer["tag"], "seed": None, "segment": None, "from": 0}
+            shard = Shard.restore(layout, directory, walk.tag, seed=seed)
+            recovery = Recovery(source=f"snapshot {walk.tag}", tag=walk.tag)
+            if walk.segment is None:  # a snapshot from before the log: LATEST must name the log from now on
+                recovery.new_pointer = {"tag": walk.tag, "seed": None, "segment": None, "from": 0}
         except (DataLoss, NotFound) as error:
             if not fallback:
                 raise
-            shard, recovery, start = _fall_back(layout, directory, folder, seed, pointer, following, error)
+            shard, recovery, start = _fall_back(layout, directory, folder, seed, walk, error)
+            walk = replace(walk, segment=start[0], start=start[1])
     recovery.base_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    if start[0] is not None:
-        segments = update_log.chain(start[0], following)
-        recovery.segments = segments
-        for i, number in enumerate(segments):
-            last = i == len(segments) - 1
-            path = update_log.segment_path(folder, number)
-            update_log.check_layout(path, layout)
-            scan = update_log.read_records(
-                path,
-                layout.dim,
-                shard._rows.dtype,
-                shard.apply_logged,
-                start=start[1] if i == 0 else 0,
-                allow_torn_tail=last,
+    replayed = replay(layout, directory, walk, shard.apply_logged)
+    if replayed.segments:
+        recovery.segments = replayed.segments
+        recovery.records_replayed = replayed.records
+        if replayed.torn is not None:
+            path, scan = replayed.torn
+            _cut_torn_tail(path, scan.good_end)
+            recovery.torn_bytes_dropped = scan.torn_bytes
+            recovery.notes.append(
+                f"a torn last record ({scan.torn_bytes} bytes) cut off {path}: its update was never acknowledged"
             )
-            if i == 0 and scan.records < start[1]:
-                raise update_log.LogCorrupt(
-                    f"log segment {path} holds {scan.records} good records; "
-                    f"{snapshots.latest_path(directory, layout.shard_id)} continues "
-                    f"from record {start[1]}"
-                )
-            recovery.records_replayed += scan.records - (start[1] if i == 0 else 0)
-            if scan.torn_bytes:
-                _cut_torn_tail(path, scan.good_end)
-                recovery.torn_bytes_dropped = scan.torn_bytes
-                recovery.notes.append(
-                    f"a torn last record ({scan.torn_bytes} bytes) cut off {path}: its update was never acknowledged"
-                )
-        recovery.last_segment = segments[-1]
+        recovery.last_segment = replayed.segments[-1]
     recovery.replay_seconds = time.perf_counter() - started
     return shard, recovery
 
 
-def _pointer_from_log(layout: Layout, directory, folder: Path, seed: int) -> dict | None:
+def _pointer_from_log(layout: Layout, folder: Path, seed: int | None, skip: Collection[int] = ()) -> dict | None:
     """For a folder without LATEST: None if it holds no log (a fresh bank); the pointer
     LATEST would hold if the log starts from the seeded rows and is one timeline; else
     DataLoss naming the folder and what is missing."""
-    numbers = update_log.segment_numbers(folder)
+    numbers = [n for n in update_log.segment_numbers(folder) if n not in skip]
     if not numbers:
         return None
     first = update_log.segment_path(folder, numbers[0])
@@ -274,29 +329,31 @@ def _pointer_from_log(layout: Layout, directory, folder: Path, seed: int) -> dic
         update_log.check_layout(first, layout, header)
     except DataLoss as error:
         raise DataLoss(f"{held}, and {error}") from None
-    others = sorted(set(numbers) - set(update_log.chain(numbers[0], update_log.successors(folder))))
+    others = sorted(set(numbers) - set(update_log.chain(numbers[0], update_log.successors(folder, skip))))
     if others:
         raise DataLoss(
             f"{held}, and segment(s) {', '.join(map(str, others))} do not continue the seeded timeline "
             f"of {first.name} (a Restore's): without LATEST it cannot tell which timeline is current"
         )
     logged_seed = header.get("seed")
+    if logged_seed is None and seed is None:
+        raise DataLoss(f"{held}, and its oldest, {first.name}, does not record the seed of the rows it starts from")
     if logged_seed is None:  # written before segments recorded their seed
         log.warning("shard %d: %s does not record its seed; assuming --seed %d", layout.shard_id, first, seed)
         logged_seed = seed
     return {"tag": None, "log": numbers[0], "from": 0, "seed": logged_seed}
 
 
-def _fall_back(layout, directory, folder, seed, pointer, following, error):
+def _fall_back(layout, directory, folder, seed, walk: Walk, error):
     """The newest good snapshot whose log timeline reaches LATEST's segment."""
-    bad = snapshots.snapshot_path(directory, layout.shard_id, pointer["tag"])
+    bad = snapshots.snapshot_path(directory, layout.shard_id, walk.tag)
     for path in snapshots.snapshots_newest_first(directory, layout.shard_id):
         if path == bad:
             continue
         try:
             metadata = snapshots.read_metadata(path)
             segment = metadata.get("log_segment")
-            if not segment or pointer["log"] not in update_log.chain(segment, following):
+            if not segment or walk.segment not in update_log.chain(segment, walk.following):
                 continue
             shard = Shard.restore(layout, directory, path.stem, seed=seed)
         except (DataLoss, NotFound) as other:
@@ -310,7 +367,7 @@ def _fall_back(layout, directory, folder, seed, pointer, following, error):
         return shard, recovery, position
     raise DataLoss(
         f"{error}; and no other good snapshot in {folder} is continued by the log up to "
-        f"segment {pointer['log']} (--fallback-snapshot)"
+        f"segment {walk.segment} (--fallback-snapshot)"
     ) from error
 
 
