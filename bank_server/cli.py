@@ -1,4 +1,5 @@
-"""Argument parsing for `instdisc bank serve` (also `python -m bank_server`)."""
+"""Argument parsing for `instdisc bank serve` (also `python -m bank_server`) and
+`instdisc bank reshard`."""
 
 from __future__ import annotations
 
@@ -124,6 +125,33 @@ def run_serve(args: argparse.Namespace) -> int:
     except BankError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+
+
+def add_reshard_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Write the bank stored in SOURCE (a --snapshot-dir of its shards) as a new bank of N shards in "
+        "DEST, every row by global index byte for byte. SOURCE is only read; DEST appears only once whole."
+    )
+    parser.add_argument("source", metavar="SOURCE", help="the bank's --snapshot-dir (one shard-<id>/ per shard)")
+    parser.add_argument("dest", metavar="DEST", help="a new folder: serve it with --snapshot-dir DEST --num-shards N")
+    parser.add_argument("--shards", type=int, required=True, metavar="N", help="shards of the new bank")
+    parser.add_argument(
+        "--tag",
+        help="reshard every shard's snapshot TAG (what a checkpoint naming it resumes from) instead of the "
+        "state each shard would recover to; DEST's snapshots carry the same tag (default: 'resharded')",
+    )
+
+
+def run_reshard(args: argparse.Namespace) -> int:
+    from bank_server.reshard import reshard
+
+    try:
+        done = reshard(args.source, args.dest, args.shards, args.tag)
+    except (BankError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(done.describe(), flush=True)
+    return 0
 
 
 def main(argv=None) -> int:

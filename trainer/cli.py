@@ -23,9 +23,10 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     bank = commands.add_parser("bank", help="the memory-bank service").add_subparsers(
         dest="bank_command", required=True
     )
-    from bank_server.cli import add_serve_arguments
+    from bank_server.cli import add_reshard_arguments, add_serve_arguments
 
     add_serve_arguments(bank.add_parser("serve", help="serve one shard over gRPC"))
+    add_reshard_arguments(bank.add_parser("reshard", help="rewrite a stored bank with another number of shards"))
 
     train = commands.add_parser("train", help="train InstDisc on Ray with the sharded bank")
     train.add_argument(
@@ -280,9 +281,9 @@ def main(argv=None) -> int:
     args = build_parser(argv).parse_args(argv)
     show_lines()
     if args.command == "bank":
-        from bank_server.cli import run_serve
+        from bank_server.cli import run_reshard, run_serve
 
-        return run_serve(args)
+        return (run_reshard if args.bank_command == "reshard" else run_serve)(args)
     command = TRAINING_COMMANDS.get((args.command, getattr(args, "eval_command", None)))
     if command is not None:
         try:
