@@ -77,23 +77,8 @@ def start_shards(stack: ExitStack, shards: int, rows: int, dim: int, dtype: str,
         extra = ["--snapshot-dir", stack.enter_context(tempfile.TemporaryDirectory(prefix="bank-")), "--fsync", fsync]
     servers = []
     for shard in range(shards):
-        args = [
-            "-m",
-            "bank_server",
-            "--shard-id",
-            str(shard),
-            "--num-shards",
-            str(shards),
-            "--rows",
-            str(rows),
-            "--dim",
-            str(dim),
-            "--dtype",
-            dtype,
-            "--port",
-            "0",
-            *extra,
-        ]
+        args = ["-m", "bank_server", "--shard-id", str(shard), "--num-shards", str(shards), "--rows", str(rows)]
+        args += ["--dim", str(dim), "--dtype", dtype, "--port", "0", *extra]
         servers.append(Server(args, timeout))
         stack.callback(servers[-1].stop)
     for server in servers:

@@ -205,6 +205,7 @@ def run_eval_knn(args) -> int:
 BENCHMARKS = {
     ("bench", "bank"): ("benchmarks.bank", "Step latency vs a gRPC echo and an in-process bank; calls/s per shard"),
     ("bench", "train"): ("benchmarks.train", "training images/s: remote bank vs in-process bank"),
+    ("bench", "reshard"): ("benchmarks.reshard", "time and peak memory of `bank reshard` on a large synthetic bank"),
     ("bench", "defaults"): (
         "benchmarks.defaults",
         "the default recipe on image sets nobody tuned it for, against raw pixels",

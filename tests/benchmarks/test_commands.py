@@ -70,6 +70,11 @@ def test_bench_bank_times_step_echo_and_in_process_and_calls_per_shard(tmp_path)
         assert set(r["clients"]) == {"1", "2"} and all(c["calls_per_s"] > 0 for c in r["clients"].values())
 
 
+def test_bench_reshard_times_the_command_and_checks_a_sample_of_rows():
+    done = instdisc("bench", "reshard", "--rows", 3000, "--dim", 16, "--updates", 5, timeout=120)
+    assert "3,000 rows x 16 float16" in done.stdout and "3000 of 3000 sampled rows byte-identical" in done.stdout
+
+
 def test_bench_train_compares_the_remote_bank_with_an_in_process_one(tmp_path):
     bank_cores = 1 if TWO_CORES else 0
     done = instdisc(
