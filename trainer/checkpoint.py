@@ -1,12 +1,13 @@
 """The training checkpoint's format: one ``state.pt`` in a checkpoint folder.
 
-Written at the end of every epoch and read back by a resume (`trainer.resume`; Ray
+Written at every checkpointed step (`trainer.cadence`) and read back by a resume (`trainer.resume`; Ray
 Train keeps the folders), and read by ``instdisc export``. The file is a dict:
 
 - ``model``, ``optimizer``: state dicts of the bare encoder and of SGD;
 - ``encoder``: `Encoder.spec()`, enough to rebuild the module without the config;
 - ``image_size``: the side of the training images (export's default input);
-- ``epoch``, ``step``, ``history``, ``log_z``: where training stands;
+- ``epoch``, ``step``, ``epoch_step``, ``history``, ``log_z``: where training stands
+  (epochs completed, steps of the run, steps taken of the epoch in progress);
 - ``bank_snapshot``: the tag of the bank snapshot taken at the same step, which
   resume restores; ``bank_addresses`` where that bank served;
 - ``config``, ``git_sha``: what produced it;
@@ -36,6 +37,7 @@ def save(
     image_size: int,
     epoch: int,
     step: int,
+    epoch_step: int,
     history: list,
     log_z: float | None,
     bank_snapshot: str,
@@ -55,6 +57,7 @@ def save(
             "image_size": image_size,
             "epoch": epoch,
             "step": step,
+            "epoch_step": epoch_step,
             "history": history,
             "log_z": log_z,
             "bank_snapshot": bank_snapshot,

@@ -124,19 +124,24 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50  # steps between progress lines
     max_failures: int = 1
-    # Every this many epochs, after the epoch's last step, rewrite every bank row with the
-    # current encoder's feature of its un-augmented image (lemniscate's recompute_memory,
-    # which it ran before each kNN); training continues from those rows. 0: never.
-    # It helps: the demo's config on 10k images, 4 epochs, ended at 77.2 % kNN (fresh
-    # features) without it and 78.8 % with it (the bank's rows: 74.6 % and 79.0 %), for
-    # about 0.4 of an epoch's time per refresh. 1 keeps the demo's recipe (it refreshed
-    # before every epoch's kNN).
-    refresh_bank_every: int = 1
+    # The run's bookkeeping (trainer.cadence), each in optimizer steps of the run. A
+    # checkpoint and its bank snapshot describe the same step, and a resume goes on from
+    # that exact step. None: every 30 minutes of training, in steps at this start's pace;
+    # 0: at epoch ends. The last step always checkpoints.
+    checkpoint_every: int | None = None
+    # Every this many steps rewrite every bank row with the current encoder's feature of
+    # its un-augmented image (lemniscate's recompute_memory); training continues from
+    # those rows. None: every 10 epochs' steps (a refresh costs about 0.4 of an epoch's
+    # training); 0: never. On the demo's 4 epochs, refreshing every epoch ended at 78.8 %
+    # kNN (bank rows) against 74.6 % without.
+    refresh_bank_every: int | None = None
 
 
 @dataclass
 class EvalConfig:
-    every: int = 1  # epochs between kNN evaluations (the last epoch always)
+    # Steps between kNN evaluations (the last step always); None: as often as keeps
+    # evaluation within 4 % of the training time, from its measured cost and pace.
+    every: int | None = None
     k: int = 200
     sigma: float = 0.07
     # What the test images' neighbours are; evaluation never writes the bank either way.
@@ -210,14 +215,21 @@ class Config:
             (self.train.epochs >= 0, "train.epochs must be >= 0 (0: train.steps sets the run's length)"),
             (self.train.steps >= 0, "train.steps must be >= 0"),
             (self.train.epochs > 0 or self.train.steps > 0, "train.epochs or train.steps must be > 0"),
-            (self.train.refresh_bank_every >= 0, "train.refresh_bank_every must be >= 0 (0: never)"),
+            (
+                self.train.refresh_bank_every is None or self.train.refresh_bank_every >= 0,
+                "train.refresh_bank_every must be >= 0 steps (0: never; unset: every 10 epochs)",
+            ),
+            (
+                self.train.checkpoint_every is None or self.train.checkpoint_every >= 0,
+                "train.checkpoint_every must be >= 0 steps (0: at epoch ends; unset: every 30 minutes)",
+            ),
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
             (self.train.workers >= 1, "train.workers must be >= 1"),
             (
                 self.train.batch_size % self.train.workers == 0,
                 f"train.batch_size={self.train.batch_size} must be a multiple of train.workers={self.train.workers}",
             ),
-            (self.eval.every >= 1, "eval.every must be >= 1"),
+            (self.eval.every is None or self.eval.every >= 1, "eval.every must be >= 1 steps (unset: automatic)"),
             (self.eval.k >= 1, "eval.k must be >= 1"),
             (self.eval.source in ("bank", "fresh"), "eval.source must be 'bank' or 'fresh'"),
             (

@@ -177,22 +177,16 @@ class MemoryInput:
             self.train_set, num_replicas=world, rank=rank, shuffle=True, seed=config.train.seed, drop_last=True
         )
         self.batch = config.train.batch_size // world
-        self.loader = DataLoader(
-            self.train_set,
-            batch_size=self.batch,
-            sampler=self.sampler,
-            drop_last=True,
-            num_workers=self.workers,
-            collate_fn=batch_as_is,
-        )
         self._fingerprint = self._identify()
 
     def batches_per_epoch(self) -> int:
-        return len(self.loader)
+        return len(self.sampler) // self.batch
 
-    def epoch_batches(self, epoch: int) -> Iterator:
+    def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator:
         self.sampler.set_epoch(epoch)
-        return iter(self.loader)
+        order = list(self.sampler)
+        ends = range((skip + 1) * self.batch, self.batches_per_epoch() * self.batch + 1, self.batch)
+        return self._load(self.train_set, [order[end - self.batch : end] for end in ends])
 
     def share(self, split: str, batch: int) -> Iterator:
         """Rows rank, rank + W, ... of `split` in batches of `batch` (``eval.source=fresh``
@@ -201,7 +195,10 @@ class MemoryInput:
         if dataset is None:  # no evaluation split
             return iter(())
         indices = list(range(self.rank, len(dataset), self.world))
-        chunks = [indices[i : i + batch] for i in range(0, len(indices), batch)]
+        return self._load(dataset, [indices[i : i + batch] for i in range(0, len(indices), batch)])
+
+    def _load(self, dataset, chunks: list[list[int]]) -> Iterator:
+        """The rows of each chunk of indices as a batch, in order."""
         if self.workers:
             return iter(DataLoader(dataset, batch_sampler=chunks, num_workers=self.workers, collate_fn=batch_as_is))
         return (dataset.__getitems__(chunk) for chunk in chunks)

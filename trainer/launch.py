@@ -21,7 +21,7 @@ from trainer.console import quiet_ray_workers
 from trainer.live_tensorboard import TENSORBOARD_DIR, require_tensorboard, start_event_writer
 from trainer.outputs import write_outputs
 from trainer.resume import CannotResume
-from trainer.run_dir import CONFIG_FILE, check_resumable, latest_checkpoint
+from trainer.run_dir import CONFIG_FILE, bank_for_resume, check_resumable, latest_checkpoint
 from trainer.schedule import length_given_by, run_length
 
 log = logging.getLogger(__name__)
@@ -178,18 +178,27 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
     snapshots = os.path.join(os.path.expanduser(config.bank.snapshot_dir or str(output / "bank")), run_name)
     found = latest_checkpoint(storage_path, run_name)
     if found is not None:
-        local = not config.bank.addresses and not snapshots.startswith("$") and "://" not in snapshots
         try:
-            state = check_resumable(found, data.fingerprint, snapshots if local else None, config.bank.shards)
+            state = check_resumable(found, data.fingerprint)
+            if not config.bank.addresses and not snapshots.startswith("$") and "://" not in snapshots:
+                bank_for_resume(found, snapshots, state["bank_snapshot"], config.bank.shards)
         except CannotResume as error:
             raise ConfigError(str(error)) from None
-        log.info(f"resuming run {run_name!r} from its checkpoint at epoch {state['epoch']} ({found})")
+        log.info(f"resuming run {run_name!r} from its checkpoint at step {state['step']} ({found})")
     else:  # a run that starts anew replaces whatever events an earlier run left here
         shutil.rmtree(output / TENSORBOARD_DIR, ignore_errors=True)
     (output / CONFIG_FILE).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     addresses = (
         _check_bank(list(config.bank.addresses), token, config, data.train_rows) if config.bank.addresses else []
     )
+    if addresses and found is not None and len(state["bank_addresses"]) != len(addresses):
+        trained = len(state["bank_addresses"])
+        raise ConfigError(
+            f"cannot resume {found}: its bank had {trained} shards, bank.addresses names {len(addresses)}. "
+            f"Reshard the shards' snapshot folder offline (instdisc bank reshard SNAPSHOT_DIR NEW_DIR "
+            f"--shards {len(addresses)} --tag {state['bank_snapshot']}), serve NEW_DIR with --num-shards "
+            f"{len(addresses)}, and resume"
+        )
 
     init_ray(sha)
 

@@ -21,21 +21,21 @@ from trainer.linear import evaluate_linear
 log = logging.getLogger(__name__)
 
 
-def below_untrained(epoch: dict, untrained: float | None) -> str | None:
-    """The warning for an evaluated epoch whose kNN top-1 is below the untrained
+def below_untrained(row: dict, untrained: float | None) -> str | None:
+    """The warning for an evaluated history row whose kNN top-1 is below the untrained
     encoder's, or None. The one wording: the run logs it, summary.json keeps it."""
-    top1 = epoch["knn_top1"]
-    if untrained is None or epoch["epoch"] == 0 or math.isnan(top1) or top1 >= untrained:
+    top1 = row["knn_top1"]
+    if untrained is None or row["step"] == 0 or math.isnan(top1) or top1 >= untrained:
         return None
     return (
-        f"kNN top-1 {percent(top1)} at epoch {epoch['epoch']} is below the untrained encoder's "
+        f"kNN top-1 {percent(top1)} at step {row['step']} is below the untrained encoder's "
         f"{percent(untrained)}: training made the features worse for kNN"
     )
 
 
 def run_warnings(trained: list[dict], untrained: float | None) -> list[str]:
     """What summary.json warns of: a run that ends below the untrained encoder's kNN, and
-    in one line the evaluated epochs that dipped below it on the way. Small datasets
+    in one line the evaluations that dipped below it on the way. Small datasets
     often dip for their first few hundred steps and then rise well above (BENCHMARKS.md,
     the defaults), so each dip is logged as it happens but not kept one by one."""
     scored = [h for h in trained if not math.isnan(h["knn_top1"])]
@@ -49,8 +49,8 @@ def run_warnings(trained: list[dict], untrained: float | None) -> list[str]:
         lowest = min(dips, key=lambda h: h["knn_top1"])
         warnings.append(
             f"kNN top-1 was below the untrained encoder's {percent(untrained)} at {len(dips)} of "
-            f"{len(scored)} evaluated epochs ({dips[0]['epoch']} to {dips[-1]['epoch']}; lowest "
-            f"{percent(lowest['knn_top1'])} at epoch {lowest['epoch']})"
+            f"{len(scored)} evaluations (steps {dips[0]['step']} to {dips[-1]['step']}; lowest "
+            f"{percent(lowest['knn_top1'])} at step {lowest['step']})"
         )
     return warnings
 
@@ -59,11 +59,11 @@ def write_outputs(config: Config, output: Path, outcome: dict, checkpoint, wall_
     """Every output of a run into `output`, from the workers' `outcome` and Ray Train's
     last `checkpoint` (None when it wrote none); returns the summary (summary.json)."""
     history = outcome["history"]
-    trained = [h for h in history if h["epoch"] > 0]
+    trained = [h for h in history if h["step"] > 0]
     final = trained[-1]
-    # The last evaluated epoch: a run that stopped early may end on one that was not.
+    # The last evaluation: a run that stopped early may end on a row without one.
     scored = next((h for h in reversed(trained) if not math.isnan(h["knn_top1"])), None)
-    initial = next((h for h in history if h["epoch"] == 0), None)
+    initial = next((h for h in history if h["step"] == 0), None)
     checkpoint_dir = output / "checkpoint"
     if checkpoint is not None:
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
@@ -73,6 +73,7 @@ def write_outputs(config: Config, output: Path, outcome: dict, checkpoint, wall_
         "knn_top1": scored["knn_top1"] if scored else None,
         "knn_top5": scored["knn_top5"] if scored else None,
         "knn_epoch": scored["epoch"] if scored else None,
+        "knn_step": scored["step"] if scored else None,
         "knn_top1_untrained": initial["knn_top1"] if initial else None,
         "knn_source": config.eval.source,
         "epochs": final["epoch"],
@@ -91,11 +92,11 @@ def write_outputs(config: Config, output: Path, outcome: dict, checkpoint, wall_
         "warnings": run_warnings(trained, initial["knn_top1"] if initial else None),
         # Each worker's record of each shard outage it saw (so a shard that every worker
         # saw go counts once per worker), since the run began; and Ray Train's restarts of
-        # the workers in this launch, with the checkpoint epoch each went on from.
+        # the workers in this launch, with the checkpoint step each went on from.
         "bank_outages": len(outcome["bank_outages"]),
         "bank_outage_details": outcome["bank_outages"],
         "worker_restarts": len(outcome["worker_restarts"]),
-        "worker_restart_epochs": outcome["worker_restarts"],
+        "worker_restart_steps": outcome["worker_restarts"],
         # What scored the encoder ("knn", "linear"), and why nothing did (no evaluation
         # split, no labels) or None; data.on_bad_image=skip's images left out, each once.
         "evaluated": [] if outcome.get("evaluation_skipped") else ["knn"],
@@ -110,7 +111,7 @@ def write_outputs(config: Config, output: Path, outcome: dict, checkpoint, wall_
         "knn_top5",
         "lr",
         "images_per_sec",
-        "epoch_seconds",
+        "seconds",
         "bank_rtt_ms",
         "bank_wait_ms",
         "eval_seconds",
@@ -149,12 +150,12 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
     fig, (ax_loss, ax_knn) = plt.subplots(1, 2, figsize=(10, 4))
     trained = [h for h in history if not math.isnan(h["loss"])]
-    ax_loss.plot([h["epoch"] for h in trained], [h["loss"] for h in trained], marker="o")
-    ax_loss.set(xlabel="epoch", ylabel="training loss", title="loss")
+    ax_loss.plot([h["step"] for h in trained], [h["loss"] for h in trained], marker="o")
+    ax_loss.set(xlabel="step", ylabel="training loss", title="loss")
     evaluated = [h for h in history if not math.isnan(h["knn_top1"])]
-    ax_knn.plot([h["epoch"] for h in evaluated], [100 * h["knn_top1"] for h in evaluated], marker="o", label="top-1")
-    ax_knn.plot([h["epoch"] for h in evaluated], [100 * h["knn_top5"] for h in evaluated], marker="s", label="top-5")
-    ax_knn.set(xlabel="epoch (0 = untrained encoder)", ylabel="weighted kNN accuracy (%)", title="kNN accuracy")
+    ax_knn.plot([h["step"] for h in evaluated], [100 * h["knn_top1"] for h in evaluated], marker="o", label="top-1")
+    ax_knn.plot([h["step"] for h in evaluated], [100 * h["knn_top5"] for h in evaluated], marker="s", label="top-5")
+    ax_knn.set(xlabel="step (0 = untrained encoder)", ylabel="weighted kNN accuracy (%)", title="kNN accuracy")
     ax_knn.legend()
     for ax in (ax_loss, ax_knn):
         ax.grid(alpha=0.3)
@@ -211,5 +212,5 @@ def _seconds(value: float | None) -> str:
 
 
 def percent(fraction: float | None) -> str:
-    """A kNN figure for people: '-' where there is none (an epoch not evaluated)."""
+    """A kNN figure for people: '-' where there is none (a row not evaluated)."""
     return "-" if fraction is None or math.isnan(fraction) else f"{100 * fraction:.2f} %"

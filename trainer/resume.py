@@ -1,4 +1,4 @@
-"""A run's state at an epoch's end, and the way back to it: the model checkpoint
+"""A run's state at a checkpointed step, and the way back to it: the model checkpoint
 (`trainer.checkpoint`'s format) and the bank snapshot of the same step, which a resume
 restores together. Ray Train keeps the checkpoint folders; the shards keep the
 snapshots."""
@@ -24,6 +24,11 @@ def snapshot_tag(epoch: int, step: int) -> str:
     return f"epoch-{epoch:04d}-step-{step}"
 
 
+def checkpoint_name(epoch: int, step: int) -> str:
+    """The checkpoint folder's name: the names sort as the steps do."""
+    return f"epoch-{epoch:04d}-step-{step:08d}"
+
+
 def save(client: BankClient, state: dict) -> str | None:
     """Rank 0 snapshots the bank, then writes the checkpoint of the same step (every field
     of `checkpoint.save` but ``bank_snapshot`` and ``bank_addresses``) into a new
@@ -38,11 +43,12 @@ def save(client: BankClient, state: dict) -> str | None:
     return folder
 
 
-def restore(folder: str, client: BankClient, reading: dict, device) -> dict:
+def restore(folder: str, client: BankClient, reading: dict, device, node_local: bool = False) -> dict:
     """The checkpoint in `folder` (on `device`), once its bank snapshot is restored: rank
     0 restores it and every worker learns the outcome. CannotResume when the checkpoint
     was trained on another dataset than `reading` (this run's fingerprint) or the bank
-    cannot restore the snapshot."""
+    cannot restore the snapshot; `node_local`: the snapshots are on each shard's node
+    (bank.snapshot_dir with a $VARIABLE), which the message then explains."""
     state = checkpoint.load(folder, map_location=device)
     trained_on = state.get("dataset")
     if trained_on is not None and trained_on["sha256"] != reading["sha256"]:  # absent from older checkpoints
@@ -60,6 +66,12 @@ def restore(folder: str, client: BankClient, reading: dict, device) -> dict:
                 f"cannot resume: the checkpoint at epoch {state['epoch']} needs bank snapshot "
                 f"{state['bank_snapshot']!r}, which the bank could not restore ({error})"
             )
+            if node_local:
+                problem += (
+                    "; bank.snapshot_dir is on each node's own disk, so a shard placed on another node than "
+                    "before (a node gone, or a plan that changed) finds no snapshot there: resume on the same "
+                    "nodes, or keep the bank on storage every node sees"
+                )
     problem = dist.broadcast_object(problem)
     if problem:
         raise CannotResume(problem)

@@ -3,17 +3,21 @@
 
 Ray Train resumes a run name from the latest checkpoint in ``<storage>/<name>/``; the
 worker checks it again (`trainer.resume.restore`), but only after Ray and the bank have
-started. What the files show is refused here first, once.
+started. What the files show is refused here first, once, and a bank of another shard
+count than the run's is resharded here, before the shards start.
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
 import time
 from pathlib import Path
 
-from bank_server.snapshot import snapshot_path
 from trainer import checkpoint
 from trainer.resume import CannotResume, dataset_words
+
+log = logging.getLogger(__name__)
 
 RUNS = Path("runs")
 CONFIG_FILE = "config.yaml"  # the resolved config, in a run's folder
@@ -39,12 +43,9 @@ def latest_checkpoint(storage: str, run_name: str) -> Path | None:
     return folders[-1].parent if folders else None
 
 
-def check_resumable(found: Path, dataset: dict, snapshots: str | None, shards: int) -> dict:
-    """The checkpoint in `found`'s state, when resuming it can work: it was trained on
-    `dataset` (this run's fingerprint), and where the bank's snapshots are on this
-    machine (`snapshots`: the run's folder of them; None when the bank is not the run's
-    own or its folder is on each shard's node), every shard's snapshot of its step is
-    there. CannotResume otherwise, saying why and what to do."""
+def check_resumable(found: Path, dataset: dict) -> dict:
+    """The checkpoint in `found`'s state, when it was trained on `dataset` (this run's
+    fingerprint); CannotResume otherwise, saying why and what to do."""
     state = checkpoint.load(found)
     trained_on = state.get("dataset")
     if trained_on is not None and trained_on["sha256"] != dataset["sha256"]:
@@ -53,12 +54,34 @@ def check_resumable(found: Path, dataset: dict, snapshots: str | None, shards: i
             f"run reads ({dataset_words(dataset)}); resume with the same data.*, or leave out --output-dir "
             "(a new run folder) or give another --name"
         )
-    if snapshots is not None:
-        missing = [s for s in range(shards) if not snapshot_path(snapshots, s, state["bank_snapshot"]).exists()]
-        if missing:
-            raise CannotResume(
-                f"cannot resume {found}: its bank snapshot {state['bank_snapshot']!r} is missing for shard(s) "
-                f"{', '.join(map(str, missing))} of bank.shards={shards} in {snapshots}; resume with the "
-                "bank.shards it was trained with, or start a new run"
-            )
     return state
+
+
+def bank_for_resume(found: Path, snapshots: str, tag: str, shards: int) -> None:
+    """Make the run's bank folder `snapshots` hold snapshot `tag` (the checkpoint's, in
+    `found`) in `shards` shards before they start: as it is when it has that many, else
+    resharded (`bank_server.reshard`) into a new folder that takes its place, the old
+    one kept beside it. CannotResume when a shard's snapshot is missing or damaged."""
+    from bank_server.errors import BankError
+    from bank_server.reshard import reshard, source_layout
+
+    try:
+        trained = source_layout(snapshots, tag)[0]
+        if trained == shards:
+            return
+        folder = Path(snapshots)
+        kept = folder.with_name(f"{folder.name}.{trained}-shards-{time.strftime('%Y%m%d-%H%M%S')}")
+        resharded = folder.with_name(f".{folder.name}.{shards}-shards")
+        shutil.rmtree(resharded, ignore_errors=True)  # a reshard that did not finish
+        done = reshard(folder, resharded, shards, tag=tag)
+    except BankError as error:
+        raise CannotResume(
+            f"cannot resume {found}: its bank snapshot {tag!r} in {snapshots} cannot be used ({error}); "
+            "start a new run (leave out --output-dir, or give another --name)"
+        ) from None
+    folder.rename(kept)
+    resharded.rename(folder)
+    log.info(
+        f"bank resharded {trained} -> {shards} shards ({done.rows:,} rows, {done.seconds:.1f} s); "
+        f"the {trained}-shard bank is kept in {kept}"
+    )

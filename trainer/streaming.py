@@ -75,15 +75,27 @@ class StreamedInput:
         start = (int(rng.integers(self.rows)) + self.rank * per) % self.rows if self.rows else 0
         return _cut(pieces, start, per, self.rows)
 
-    def epoch_batches(self, epoch: int) -> Iterator:
+    def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator:
+        """`skip`: the batches taken already (a resume mid-epoch). Their rows go through
+        the shuffle buffer as before, so the batches after them are the same, but whole
+        rounds of the reading processes' chunks are passed over without decoding; only
+        the rows after the last such round are decoded and dropped. (Images that
+        data.on_bad_image=skip left out of the skipped batches are not known undecoded:
+        each shifts the batches after by a row.)"""
+        pieces = self.epoch_pieces(epoch)
+        processes = max(1, min(self.loader_workers, len(pieces)))
+        rows = skip * self.batch
+        rounds = _whole_rounds(pieces, processes, rows)
         stream = _Stream(
             self.train,
-            self.epoch_pieces(epoch),
+            pieces,
             self.config.data.image_size,
             self.config.data.shuffle_buffer,
             (self.config.train.seed, epoch, self.rank),
+            undecoded=rounds,
         )
-        return _rebatch(self._chunks(stream), self.batch, self.batches_per_epoch())
+        chunks = _drop_rows(self._chunks(stream), rows - rounds * processes * _CHUNK)
+        return _rebatch(chunks, self.batch, self.batches_per_epoch() - skip)
 
     def _chunks(self, stream: _Stream) -> Iterator:
         workers = min(self.loader_workers, len(stream.pieces))
@@ -126,27 +138,36 @@ class _Stream(IterableDataset):
     shuffle buffer of `buffer_rows` encoded rows (0: in order). In a DataLoader with
     several processes, process i reads pieces i, i + n, ..."""
 
-    def __init__(self, split: ParquetSplit, pieces: list[Piece], size: int, buffer_rows: int, seed):
+    def __init__(self, split: ParquetSplit, pieces: list[Piece], size: int, buffer_rows: int, seed, undecoded=0):
         self.split, self.pieces, self.size, self.buffer_rows, self.seed = split, pieces, size, buffer_rows, seed
+        self.undecoded = undecoded  # each process's first chunks: taken from the buffer, not decoded
 
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         rng = np.random.default_rng([*self.seed, worker])
         images, indices, labels = [], [], []  # the buffer: encoded rows
+        taken = 0
         for piece in self.pieces[worker::workers]:
             values = self.split.read_piece(piece)
             images += values[IMAGE]
             indices += values[INDEX].tolist()
             labels += values[LABEL].tolist()
             while len(images) >= max(self.buffer_rows, _CHUNK):
-                yield self._chunk(images, indices, labels, rng)
+                chunk = self._chunk(images, indices, labels, rng, decoded=taken >= self.undecoded)
+                taken += 1
+                if chunk is not None:
+                    yield chunk
         while images:
-            yield self._chunk(images, indices, labels, rng)
+            chunk = self._chunk(images, indices, labels, rng, decoded=taken >= self.undecoded)
+            taken += 1
+            if chunk is not None:
+                yield chunk
         self.split.close()
 
-    def _chunk(self, images: list, indices: list, labels: list, rng):
-        """Take up to _CHUNK rows out of the buffer (at random when shuffling) and decode them."""
+    def _chunk(self, images: list, indices: list, labels: list, rng, decoded: bool = True):
+        """Take up to _CHUNK rows out of the buffer (at random when shuffling) and decode
+        them; None for rows taken without decoding."""
         n = min(_CHUNK, len(images))
         if self.buffer_rows:
             taken = []
@@ -159,6 +180,8 @@ class _Stream(IterableDataset):
         else:
             encoded, idx, y = images[:n], indices[:n], labels[:n]
             del images[:n], indices[:n], labels[:n]
+        if not decoded:
+            return None
         images, kept = decode(list(encoded), self.size, lambda i: self.split.where(idx[i]), self.split.bad)
         kept = torch.from_numpy(kept)
         return (
@@ -190,6 +213,26 @@ def _rebatch(chunks, batch: int, count: int | None) -> Iterator:
         pending, held = ([tuple(part[at:] for part in joined)] if held > at else []), held - at
     if held and (count is None or made < count):
         yield tuple(torch.cat(parts) for parts in zip(*pending))
+
+
+def _whole_rounds(pieces: list[Piece], processes: int, rows: int) -> int:
+    """How many rounds of chunks, one from each of `processes` reading processes in turn
+    (the order a DataLoader hands them over in), the first `rows` rows of the stream
+    hold whole. Only rounds in which every process hands over a full chunk are counted:
+    their rows are the same whatever is decoded."""
+    held = [sum(len(p) for p in pieces[i::processes]) for i in range(processes)]
+    return max(0, min(rows // (processes * _CHUNK), min(held) // _CHUNK))
+
+
+def _drop_rows(chunks, rows: int) -> Iterator:
+    """The chunks without their first `rows` rows."""
+    for chunk in chunks:
+        if rows >= len(chunk[1]):
+            rows -= len(chunk[1])
+            continue
+        if rows:
+            chunk, rows = tuple(part[rows:] for part in chunk), 0
+        yield chunk
 
 
 def _cut(pieces: list[Piece], start: int, length: int, total: int) -> list[Piece]:

@@ -28,6 +28,7 @@ from trainer import distributed as dist
 from trainer import resume
 from trainer.augment import augment
 from trainer.bank_feed import BankFeed, BankStep
+from trainer.cadence import Cadence, Due
 from trainer.config import Config
 from trainer.console import show_worker_lines
 from trainer.distributed import StopTraining
@@ -60,16 +61,16 @@ class LoopStarts:
     restart from the resume of an earlier launch."""
 
     def __init__(self):
-        self._epochs: list[int] = []
+        self._steps: list[int] = []
 
-    def started(self, epoch: int) -> int:
-        """Rank 0 starts the loop at `epoch` (its checkpoint's; 0 when none): which start this is."""
-        self._epochs.append(epoch)
-        return len(self._epochs)
+    def started(self, step: int) -> int:
+        """Rank 0 starts the loop at `step` (its checkpoint's; 0 when none): which start this is."""
+        self._steps.append(step)
+        return len(self._steps)
 
     def restarts(self) -> list[int]:
-        """The checkpoint epoch each restart went on from (0: none yet), oldest first."""
-        return self._epochs[1:]
+        """The checkpoint step each restart went on from (0: none yet), oldest first."""
+        return self._steps[1:]
 
 
 def build_encoder(config: Config, channels: int, mean, std) -> Encoder:
@@ -134,9 +135,10 @@ class Worker:
         self.feed = BankFeed(self.client, negatives, c.bank.momentum, self.device)
         self.z = PartitionEstimate(c.loss.z_mode, c.loss.z_momentum)  # NCE's Z
 
-        # 4. where training stands. history: one dict per epoch (epoch 0: the untrained
-        # encoder), which travels in the checkpoint.
-        self.epoch, self.step, self.history = 0, 0, []
+        # 4. where training stands: epochs completed, steps of the run and of the epoch in
+        # progress. history: one row per pause (epoch 0: the untrained encoder), which
+        # travels in the checkpoint.
+        self.epoch, self.step, self.epoch_step, self.history = 0, 0, 0, []
         self.meter = Meter(c.train.batch_size, c.train.log_every)
         self.epochs = self.length.epochs  # the run's last epoch; _run counts it again after a resume
         # Bank outages that workers saw before this start (a checkpoint carries them); this
@@ -193,28 +195,28 @@ class Worker:
         t = self.config.train
         return lr_at_step(t.lr, step, self.length, t.schedule, t.milestones)
 
-    # -- one epoch ----------------------------------------------------------------
+    # -- training between pauses -------------------------------------------------
 
-    def train_epoch(self) -> dict:
-        steps = min(self.length.steps_per_epoch, self.length.steps - self.step)  # all batches, or the steps left
-        self.meter.start_epoch(self.device)
-        # islice, not break: BankFeed sends the last step's update when its batches end.
-        batches = itertools.islice(self.input.epoch_batches(self.epoch), steps)
-        for step in self.feed.steps(batches):
+    def train_until(self, batches, stop: int) -> dict:
+        """Train on `batches` (the epoch's, from where it stands) up to global step
+        `stop`; returns the metrics of those steps."""
+        self.meter.start_row(self.device)
+        # islice, not break: BankFeed sends the last step's update when its batches end, so
+        # the bank holds every update of these steps when training pauses.
+        for step in self.feed.steps(itertools.islice(batches, stop - self.step)):
             loss = self.train_step(step)
+            self.epoch_step += 1
             self.meter.add(loss, step.round_trip_s, step.waited_s)
             if self.meter.line_due(self.step):
-                line, figures = self.meter.progress(
-                    self.step, self.lr_at(self.step - 1), self.length.steps - self.step, self.epochs - self.epoch
-                )
+                line, figures = self.meter.progress(self.step, self.lr_at(self.step - 1), self.length.steps - self.step)
                 log.info(f"epoch {self.epoch + 1}/{self.epochs} step {self.step}/{self.length.steps} | {line}")
                 self.events.progress(figures)
-        return self.meter.epoch()
+        return self.meter.row()
 
     def refresh_bank(self, why: str) -> float:
         """`fill_bank` by the current encoder; returns the seconds it took. Before training
         this is the warm start: the first positives and negatives are features of the same
-        network. Every train.refresh_bank_every epochs it is lemniscate's
+        network. Every train.refresh_bank_every steps it is lemniscate's
         `recompute_memory`, a part of training: the following steps read those rows."""
         seconds = fill_bank(self.encoder, self.input, self.feed, self.device)
         log.info(f"bank {why}: {self.n} rows in {seconds:.1f} s")
@@ -234,6 +236,7 @@ class Worker:
             "image_size": int(self.input.side),
             "epoch": self.epoch,
             "step": self.step,
+            "epoch_step": self.epoch_step,
             "history": self.history,
             "log_z": self.z.log_z,
             "config": self.config.to_dict(),
@@ -246,6 +249,7 @@ class Worker:
         self.encoder.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
+        self.epoch_step = state.get("epoch_step", 0)  # older checkpoints: taken at epoch ends
         self.earlier_outages = state.get("bank_outages", [])
         self.z.log_z = state["log_z"]
 
@@ -297,7 +301,7 @@ class Worker:
             )
             return
         top1, top5, seconds = self.evaluate("bank" if c.bank.warm_start else "fresh")
-        self.meter.paused(seconds + (0.0 if math.isnan(fill_s) else fill_s))  # as an epoch's refresh and eval
+        self.meter.paused(seconds + (0.0 if math.isnan(fill_s) else fill_s))
         self.history.append(
             {
                 "epoch": 0,
@@ -306,7 +310,7 @@ class Worker:
                 "knn_top1": top1,
                 "knn_top5": top5,
                 "images_per_sec": 0.0,
-                "epoch_seconds": 0.0,
+                "seconds": 0.0,
                 "bank_rtt_ms": 0.0,
                 "bank_wait_ms": 0.0,
                 "lr": c.train.lr,
@@ -320,71 +324,92 @@ class Worker:
     def _run(self) -> dict:
         import ray
         import ray.train
-        from ray.train import Checkpoint
 
         c = self.config
         saved = ray.train.get_checkpoint()
         if saved is not None:
             with saved.as_directory() as folder:
-                self.load(resume.restore(folder, self.client, self.input.fingerprint(), self.device))
+                node_local = (c.bank.snapshot_dir or "").startswith("$")
+                self.load(resume.restore(folder, self.client, self.input.fingerprint(), self.device, node_local))
             # An earlier attempt may have written points past this checkpoint: they go.
             self.events.start(self.step + 1)
         else:
             self.events.start(0)
             self._untrained()
         if self.rank == 0 and self.starts:
-            start = ray.get(ray.get_actor(self.starts).started.remote(self.epoch))
+            start = ray.get(ray.get_actor(self.starts).started.remote(self.step))
             if start > 1:
                 log.info(
                     f"Ray Train restarted the workers (restart {start - 1} of at most "
-                    f"train.max_failures={c.train.max_failures}); going on from epoch {self.epoch}"
+                    f"train.max_failures={c.train.max_failures}); going on from step {self.step}"
                 )
-        untrained = next((h["knn_top1"] for h in self.history if h["epoch"] == 0), None)
+        untrained = next((h["knn_top1"] for h in self.history if h["step"] == 0), None)
+        per_epoch = self.length.steps_per_epoch
         # Counted from the steps left, not from length.epochs: a run resumed from a
         # checkpoint taken where an earlier train.steps cut an epoch short goes on from
         # that step.
-        self.epochs = self.epoch + math.ceil(max(0, self.length.steps - self.step) / self.length.steps_per_epoch)
+        self.epochs = self.epoch + math.ceil(max(0, self.length.steps - self.step + self.epoch_step) / per_epoch)
+        cadence = Cadence(c, self.length, self.step, evaluates=not self.input.unevaluated)
+        if self.step == 0 and self.history:  # the untrained encoder's evaluation: its cost is known
+            cadence.done(0, Due(refresh=False, evaluate=True, checkpoint=False), self.history[-1]["eval_seconds"])
         train_start = time.perf_counter()
+        batches = None
         while self.step < self.length.steps:
-            metrics = self.train_epoch()
+            if batches is None:  # the epoch starts, or goes on where its checkpoint was taken
+                batches = iter(self.input.epoch_batches(self.epoch, skip=self.epoch_step))
+            epoch_end = self.step + per_epoch - self.epoch_step
+            metrics = self.train_until(batches, cadence.next_stop(self.step, epoch_end))
             pause_start = time.perf_counter()
-            self.epoch += 1
+            epoch_ended = self.step in (epoch_end, self.length.steps)
+            if epoch_ended:
+                self.epoch, self.epoch_step, batches = self.epoch + 1, 0, None
+            due = cadence.due(self.step, epoch_ended)
             refresh_s = top1 = top5 = eval_s = float("nan")
-            if c.train.refresh_bank_every and self.epoch % c.train.refresh_bank_every == 0:
-                refresh_s = self.refresh_bank(f"refreshed (train.refresh_bank_every={c.train.refresh_bank_every})")
-            evaluated = not self.input.unevaluated
-            if evaluated and (self.step >= self.length.steps or self.epoch % c.eval.every == 0):
+            if due.refresh:
+                refresh_s = self.refresh_bank(f"refreshed (train.refresh_bank_every={cadence.refresh_every})")
+            if due.evaluate:
                 top1, top5, eval_s = self.evaluate(c.eval.source)
-            metrics.update(
-                epoch=self.epoch,
-                step=self.step,
-                knn_top1=top1,
-                knn_top5=top5,
-                eval_seconds=eval_s,
-                refresh_seconds=refresh_s,
-                lr=self.lr_at(self.step),
-            )
-            self.history.append(metrics)
-            self.events.epoch(metrics)
-            log.info(
-                f"epoch {self.epoch}/{self.epochs} done in {metrics['epoch_seconds']:.1f}s | "
-                f"loss {metrics['loss']:.4f} | {metrics['images_per_sec']:,.0f} img/s | "
-                f"kNN top-1 {percent(top1)} top-5 {percent(top5)}"
-                + ("" if math.isnan(eval_s) else f" (eval.source={c.eval.source}, {eval_s:.1f} s)")
-            )
-            warning = below_untrained(metrics, untrained)
-            if warning:
-                log.warning(warning)
-            # The bank snapshot and the model checkpoint describe the same step.
-            dist.barrier()
-            folder = resume.save(self.client, self.state(self.bank_outages()))  # outages: a restart still counts them
-            ray.train.report(
-                metrics | {"bank_snapshot": resume.snapshot_tag(self.epoch, self.step)},
-                checkpoint=Checkpoint.from_directory(folder) if folder else None,
-                checkpoint_dir_name=f"epoch-{self.epoch:04d}",
-            )
+            cadence.done(self.step, due, eval_s)
+            if epoch_ended or due.evaluate or due.checkpoint:
+                self._record(metrics, top1, top5, eval_s, refresh_s, untrained, epoch_ended)
+            if due.checkpoint:
+                self.checkpoint()
+            cadence.agree(self.step, self.meter.seconds_per_step())
             self.meter.paused(time.perf_counter() - pause_start)  # the ETA counts this pause
         return self.outcome(time.perf_counter() - train_start)
+
+    def _record(self, metrics: dict, top1, top5, eval_s, refresh_s, untrained, epoch_ended: bool) -> None:
+        """A row of the history, and its line (an epoch's end, an evaluation or a checkpoint)."""
+        metrics.update(
+            epoch=round(self.epoch + self.epoch_step / self.length.steps_per_epoch, 3),
+            step=self.step,
+            knn_top1=top1,
+            knn_top5=top5,
+            eval_seconds=eval_s,
+            refresh_seconds=refresh_s,
+            lr=self.lr_at(self.step),
+        )
+        self.history.append(metrics)
+        self.events.epoch(metrics)
+        where = f"epoch {self.epoch}/{self.epochs} done" if epoch_ended else f"step {self.step}/{self.length.steps}"
+        knn = "" if math.isnan(eval_s) else f" | kNN top-1 {percent(top1)} top-5 {percent(top5)} ({eval_s:.1f} s)"
+        log.info(f"{where} | loss {metrics['loss']:.4f} | {metrics['images_per_sec']:,.0f} img/s{knn}")
+        warning = below_untrained(metrics, untrained)
+        if warning:
+            log.warning(warning)
+
+    def checkpoint(self) -> None:
+        """The model checkpoint and the bank snapshot of this step, reported to Ray Train."""
+        import ray.train
+        from ray.train import Checkpoint
+
+        dist.barrier()  # every worker has finished the step: the snapshot holds its updates
+        folder = resume.save(self.client, self.state(self.bank_outages()))  # outages: a restart still counts them
+        ray.train.report(
+            {"step": self.step, "bank_snapshot": resume.snapshot_tag(self.epoch, self.step)},
+            checkpoint=Checkpoint.from_directory(folder) if folder else None,
+            checkpoint_dir_name=resume.checkpoint_name(self.epoch, self.step),
+        )
 
     def outcome(self, train_seconds: float) -> dict:
         """What the run returns to the launch (a collective: every worker calls it)."""

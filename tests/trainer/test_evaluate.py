@@ -49,6 +49,7 @@ def save_untrained(folder, encoder, image_size: int = 28) -> None:
         image_size=image_size,
         epoch=1,
         step=1,
+        epoch_step=1,
         history=[],
         log_z=None,
         bank_snapshot="epoch-0001",

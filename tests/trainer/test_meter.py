@@ -1,5 +1,5 @@
 """The step statistics behind the progress lines (and their TensorBoard points) and the
-epoch's metrics."""
+history's rows."""
 
 import re
 
@@ -9,26 +9,26 @@ import torch
 from trainer.meter import Meter
 
 
-def run_epoch(meter, losses, first_step, lines, figures, steps_total=7, pauses_left=0):
-    meter.start_epoch("cpu")
+def run_row(meter, losses, first_step, lines, figures, steps_total=7):
+    meter.start_row("cpu")
     for t, loss in enumerate(losses):
         meter.add(torch.tensor(loss), round_trip_s=0.010, waited_s=0.002)
         step = first_step + t
         if meter.line_due(step):
-            line, numbers = meter.progress(step, lr=0.5, steps_left=steps_total - step, pauses_left=pauses_left)
+            line, numbers = meter.progress(step, lr=0.5, steps_left=steps_total - step)
             lines.append(line)
             figures.append(numbers)
-    return meter.epoch()
+    return meter.row()
 
 
-def test_lines_come_every_log_every_steps_of_the_run_across_epochs():
+def test_lines_come_every_log_every_steps_of_the_run_across_rows():
     meter = Meter(batch_size=32, log_every=2)
     lines, figures = [], []
-    first = run_epoch(meter, [4.0, 2.0, 1.0], 1, lines, figures)  # 3-step epochs: lines at steps 2, 4 and 6
-    second = run_epoch(meter, [3.0, 5.0, 7.0], 4, lines, figures)
+    first = run_row(meter, [4.0, 2.0, 1.0], 1, lines, figures)  # 3-step rows: lines at steps 2, 4 and 6
+    second = run_row(meter, [3.0, 5.0, 7.0], 4, lines, figures)
     assert len(lines) == 3
     assert [e["step"] for e in figures] == [2, 4, 6]
-    # Means since the line before, across the epoch boundary: (4 + 2) / 2, (1 + 3) / 2, (5 + 7) / 2.
+    # Means since the line before, across the rows' boundary: (4 + 2) / 2, (1 + 3) / 2, (5 + 7) / 2.
     assert [e["loss"] for e in figures] == [3.0, 2.0, 6.0]
     assert "loss 2.0000" in lines[1] and "lr 0.5000" in lines[1] and "bank rtt 10.0 ms (waited 2.0 ms)" in lines[1]
     assert all(e["images_per_sec"] > 0 and e["bank_rtt_ms"] == pytest.approx(10.0) for e in figures)
@@ -41,13 +41,14 @@ def seconds_of(progress: tuple[str, dict]) -> int:
     return 60 * int(minutes) + int(seconds)
 
 
-def test_the_eta_counts_the_pauses_between_epochs_measured_so_far():
+def test_the_eta_counts_the_pauses_in_the_share_of_the_time_they_took_so_far():
     meter = Meter(batch_size=8, log_every=1)
-    meter.paused(100.0)  # the warm start and the untrained encoder's evaluation
-    meter.paused(300.0)  # an epoch's refresh, evaluation and checkpoint
-    meter.start_epoch("cpu")
+    meter.start_row("cpu")
     meter.add(torch.tensor(1.0), 0.0, 0.0)
-    # Steps take microseconds here: the ETA is the pauses left at their mean, 200 s each.
-    assert seconds_of(meter.progress(1, 0.1, steps_left=10, pauses_left=3)) == 600
+    trained = meter.seconds_per_step()
+    meter.paused(1000 * trained)  # pauses have taken 1000 times the training so far
+    # 10 steps left: their training, and 1000 times as much again for the pauses.
+    eta = seconds_of(meter.progress(1, 0.1, steps_left=10))
+    assert eta == pytest.approx(10 * 1001 * trained, abs=1.5)
     meter.add(torch.tensor(1.0), 0.0, 0.0)
-    assert seconds_of(meter.progress(2, 0.1, steps_left=9, pauses_left=0)) == 0
+    assert seconds_of(meter.progress(2, 0.1, steps_left=0)) == 0

@@ -6,28 +6,28 @@ from pathlib import Path
 from trainer.outputs import below_untrained, run_warnings, table
 
 
-def test_an_epoch_below_the_untrained_encoder_is_named_with_both_figures():
-    epoch = {"epoch": 3, "knn_top1": 0.712}
-    warning = below_untrained(epoch, 0.7619)
-    assert "71.20 %" in warning and "epoch 3" in warning and "76.19 %" in warning
-    assert below_untrained(epoch, 0.70) is None  # above it
-    assert below_untrained(epoch, None) is None  # not measured (an old run)
-    assert below_untrained({"epoch": 2, "knn_top1": float("nan")}, 0.9) is None  # not evaluated
+def test_an_evaluation_below_the_untrained_encoder_is_named_with_both_figures():
+    row = {"step": 300, "knn_top1": 0.712}
+    warning = below_untrained(row, 0.7619)
+    assert "71.20 %" in warning and "step 300" in warning and "76.19 %" in warning
+    assert below_untrained(row, 0.70) is None  # above it
+    assert below_untrained(row, None) is None  # not measured (an old run)
+    assert below_untrained({"step": 200, "knn_top1": float("nan")}, 0.9) is None  # not evaluated
 
 
 def test_a_run_warns_of_its_end_below_the_untrained_encoder_and_of_its_dips_in_one_line():
     nan = float("nan")
 
     def epochs(*top1):
-        return [{"epoch": e, "knn_top1": t} for e, t in enumerate(top1, start=1)]
+        return [{"step": e, "knn_top1": t} for e, t in enumerate(top1, start=1)]
 
     assert run_warnings(epochs(0.81, 0.85), 0.80) == []
     (dipped,) = run_warnings(epochs(0.70, nan, 0.60, 0.75, 0.90), 0.80)  # dips early, ends above: one line
-    assert all(figure in dipped for figure in ("80.00 %", "3 of 4", "1 to 4", "60.00 % at epoch 3"))
+    assert all(figure in dipped for figure in ("80.00 %", "3 of 4", "steps 1 to 4", "60.00 % at step 3"))
     (ended,) = run_warnings(epochs(0.85, 0.70), 0.80)  # ends below, the one dip: that epoch's warning
-    assert ended == below_untrained({"epoch": 2, "knn_top1": 0.70}, 0.80)
+    assert ended == below_untrained({"step": 2, "knn_top1": 0.70}, 0.80)
     both = run_warnings(epochs(0.70, 0.75), 0.80)  # ends below after an earlier dip: both
-    assert both[0] == below_untrained({"epoch": 2, "knn_top1": 0.75}, 0.80) and "2 of 2" in both[1]
+    assert both[0] == below_untrained({"step": 2, "knn_top1": 0.75}, 0.80) and "2 of 2" in both[1]
     assert run_warnings(epochs(0.70), None) == []
 
 

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from bank_server import snapshot as snapshots
 from trainer import checkpoint
-from trainer.resume import CannotResume, restore, save
-from trainer.run_dir import check_resumable, latest_checkpoint
+from trainer.resume import CannotResume, checkpoint_name, restore, save
+from trainer.run_dir import bank_for_resume, check_resumable, latest_checkpoint
 
 N, D = 40, 8
 DATASET = {"sha256": "a" * 64, "rows": N, "subset_seed": 0}
@@ -25,6 +26,7 @@ def state(epoch: int, step: int) -> dict:
         "image_size": 28,
         "epoch": epoch,
         "step": step,
+        "epoch_step": 0,
         "history": [{"epoch": epoch}],
         "log_z": 1.5,
         "config": {},
@@ -69,20 +71,35 @@ def test_another_dataset_or_a_lost_snapshot_is_refused_naming_it(bank, tmp_path)
     shutil.rmtree(folder)
 
 
-def test_before_ray_starts_the_files_tell_what_a_rerun_would_resume(bank, tmp_path):
+def test_before_ray_starts_the_files_tell_what_a_rerun_would_resume(bank, tmp_path, caplog):
     storage = tmp_path / "ray"
     assert latest_checkpoint(str(storage), "run") is None  # a new run: nothing to check
     (storage / "run").mkdir(parents=True)
-    for epoch in (1, 2):  # Ray Train keeps them as epoch-NNNN folders of the run name
-        shutil.move(save(bank, state(epoch=epoch, step=16 * epoch)), storage / "run" / f"epoch-{epoch:04d}")
+    idx = np.arange(N)
+    for epoch, step in ((1, 16), (1, 24), (2, 32)):  # Ray Train keeps them in folders named by checkpoint_name
+        bank.update(idx, np.eye(N, D, dtype=np.float32) + step, momentum=0.0)
+        shutil.move(save(bank, state(epoch, step)), storage / "run" / checkpoint_name(epoch, step))
+    saved_rows = bank.lookup(idx)
+    bank.update(idx, np.ones((N, D), np.float32), momentum=0.0)  # past the last checkpoint
     found = latest_checkpoint(str(storage), "run")
-    assert found == storage / "run" / "epoch-0002"
-    assert check_resumable(found, DATASET, str(tmp_path / "bank"), shards=2)["step"] == 32
+    assert found == storage / "run" / "epoch-0002-step-00000032"
+    assert check_resumable(found, DATASET)["step"] == 32
     with pytest.raises(CannotResume, match="another dataset"):
-        check_resumable(found, DATASET | {"sha256": "b" * 64}, str(tmp_path / "bank"), shards=2)
-    with pytest.raises(CannotResume, match=r"missing for shard\(s\) 2 of bank.shards=3"):
-        check_resumable(found, DATASET, str(tmp_path / "bank"), shards=3)
-    (tmp_path / "bank" / "shard-00001" / "epoch-0002-step-32.arrow").unlink()
-    with pytest.raises(CannotResume, match=r"'epoch-0002-step-32' is missing for shard\(s\) 1 "):
-        check_resumable(found, DATASET, str(tmp_path / "bank"), shards=2)
-    assert check_resumable(found, DATASET, None, shards=2)["epoch"] == 2  # snapshots elsewhere: the workers check
+        check_resumable(found, DATASET | {"sha256": "b" * 64})
+
+    # A resume with another bank.shards: the checkpoint's snapshot, resharded in place.
+    folder = tmp_path / "stopped-bank"  # as the shards left it when the run ended
+    shutil.copytree(tmp_path / "bank", folder)
+    bank_for_resume(found, str(folder), "epoch-0002-step-32", 2)  # the same count: left as it is
+    assert sorted(p.name for p in folder.iterdir()) == ["shard-00000", "shard-00001"]
+    with caplog.at_level("INFO", logger="trainer.run_dir"):
+        bank_for_resume(found, str(folder), "epoch-0002-step-32", 3)
+    assert "bank resharded 2 -> 3 shards (40 rows" in caplog.text
+    assert sorted(p.name for p in folder.iterdir()) == ["shard-00000", "shard-00001", "shard-00002"]
+    (kept,) = tmp_path.glob("stopped-bank.2-shards-*")  # the old layout stays, beside it
+    for g in (0, 1, 2, 37, 39):  # global index g on shard g % 3, row g // 3, with the checkpoint's bytes
+        rows, _, _ = snapshots.read(folder, g % 3, "epoch-0002-step-32")
+        np.testing.assert_array_equal(rows[g // 3], saved_rows[g])
+    (kept / "shard-00001" / "epoch-0002-step-32.arrow").unlink()
+    with pytest.raises(CannotResume, match="shard-00001"):
+        bank_for_resume(found, str(kept), "epoch-0002-step-32", 3)

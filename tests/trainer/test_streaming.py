@@ -132,6 +132,30 @@ def test_every_worker_takes_the_same_steps_and_each_row_at_most_once_per_epoch(d
     assert torch.cat(again).tolist() == orders[1][130:260]  # a function of the seed and the epoch: a resume replays it
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("data.stream=false",),
+        ("data.stream=true",),
+        # Chunks of 256 rows: loader processes that pass whole rounds over undecoded.
+        ("data.stream=true", "data.loader_workers=2", "data.shuffle_buffer=300"),
+        ("data.stream=true", "data.loader_workers=1", "data.shuffle_buffer=0"),
+    ],
+)
+def test_an_epoch_resumed_after_k_batches_goes_on_with_the_same_batches(tmp_path_factory, overrides):
+    # What a resume from a mid-epoch checkpoint reads: the uninterrupted epoch's batches
+    # after the first k, by global index, on every worker.
+    folder = tmp_path_factory.mktemp("long")
+    write_split(folder, "train", [1300, 1100], group_rows=200)
+    c = config(folder, *overrides, "train.workers=2", "train.batch_size=40")
+    for rank in range(2):
+        whole = [idx.tolist() for _, idx, _ in open_input(c, rank, 2).epoch_batches(1)]
+        assert len(whole) == 2400 // 40
+        for k in (1, 31, 59):
+            resumed = [idx.tolist() for _, idx, _ in open_input(c, rank, 2).epoch_batches(1, skip=k)]
+            assert resumed == whole[k:], (rank, k)
+
+
 @pytest.mark.parametrize("form", FORMS)
 def test_the_shares_cover_each_split_exactly_once(dataset, form):
     # In memory through a loader process (the streamed ones have a test of their own).

@@ -54,13 +54,18 @@ def rows_of(output) -> list[dict]:
     return list(csv.DictReader(open(output / "metrics.csv")))
 
 
+# Bookkeeping at steps of their own: a refresh at the first epoch's end (16 steps), kNN
+# mid-way through the second and at the end.
+FIRST = ["train.epochs=2", "eval.every=24", "train.refresh_bank_every=16"]
+
+
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory):
     """Run without --output-dir, from a folder of its own: its outputs go to a new run folder."""
     where = tmp_path_factory.mktemp("cwd")
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(where)
-        assert train(None, "train.epochs=2", "eval.every=2") == 0
+        assert train(None, *FIRST) == 0
     (output,) = (where / "runs").iterdir()
     return output
 
@@ -71,14 +76,17 @@ def test_training_writes_every_output(first_run):
     assert (summary["epochs"], summary["steps"]) == (2, 32)  # 2,048 images in batches of 128
     assert summary["images_per_sec"] > 0 and summary["train_seconds"] > 0 and summary["knn_source"] == "bank"
     assert 0 < summary["knn_top1"] <= summary["knn_top5"] <= 1 and 0 < summary["knn_top1_untrained"] <= 1
-    assert summary["knn_epoch"] == 2 and summary["eval_seconds"] > 0
-    assert summary["refresh_seconds"] > 0  # train.refresh_bank_every=1
+    assert (summary["knn_epoch"], summary["knn_step"]) == (2, 32) and summary["eval_seconds"] > 0
+    assert summary["refresh_seconds"] > 0
     assert isinstance(summary["warnings"], list)
     rows = rows_of(output)
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2] and [int(r["step"]) for r in rows] == [0, 16, 32]
+    # A row at each pause: the untrained encoder, the epoch's end, an evaluation, the end.
+    assert [float(r["epoch"]) for r in rows] == [0, 1, 1.5, 2] and [int(r["step"]) for r in rows] == [0, 16, 24, 32]
     assert all(np.isfinite(float(r["loss"])) for r in rows[1:])
-    assert math.isnan(float(rows[1]["knn_top1"])) and float(rows[2]["knn_top1"]) == summary["knn_top1"]  # every 2
-    assert all(float(r["refresh_seconds"]) > 0 for r in rows)  # the warm start, then each epoch's refresh
+    assert math.isnan(float(rows[1]["knn_top1"])) and float(rows[3]["knn_top1"]) == summary["knn_top1"]
+    assert np.isfinite(float(rows[2]["knn_top1"]))  # eval.every=24
+    refreshed = [r["step"] for r in rows if np.isfinite(float(r["refresh_seconds"]))]
+    assert refreshed == ["0", "16"]  # the warm start, then train.refresh_bank_every=16
     # TensorBoard: the progress lines' scalars per step, and each epoch's (written as it went).
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -87,7 +95,7 @@ def test_training_writes_every_output(first_run):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/images_per_sec", "train/bank_rtt_ms", "knn/top1", "knn/top5"} <= tags
     assert [e.step for e in events.Scalars("train/loss")] == [5, 10, 15, 20, 25, 30]  # log_every=5 over the run
-    assert [e.step for e in events.Scalars("knn/top1")] == [0, 32]
+    assert [e.step for e in events.Scalars("knn/top1")] == [0, 24, 32]
     assert events.Scalars("knn/top1")[-1].value == pytest.approx(summary["knn_top1"])
     assert (output / "curves.png").stat().st_size > 10_000
     with open(output / "encoder.pt", "rb") as fh:
@@ -124,15 +132,14 @@ def test_neighbours_of_a_folder_without_a_checkpoint_are_refused(first_run, tmp_
     assert "-k 4096" in capsys.readouterr().err
 
 
-def test_rerunning_the_same_run_resumes_it(first_run, capsys):
+def test_rerunning_the_same_run_resumes_it_with_another_shard_count(first_run, capsys):
     # How the checkpoint and its bank snapshot come back is test_resume.py's; here, that
-    # a rerun of the same name goes on from its last epoch, and refuses other data.
+    # a rerun of the same name goes on from its last step, on a bank resharded to the
+    # new bank.shards, and refuses other data.
     output = first_run
     before, trained = summary_of(output), rows_of(output)
-    # Leave only the checkpoint's snapshot: the shards start from their seed, and the run
-    # goes on only if the resume restores that snapshot (it stops when it cannot). (The
-    # update log goes too: without the snapshot LATEST named, a shard refuses a log that
-    # continues it.)
+    # Leave only the checkpoint's snapshot: the run goes on only if the resume restores
+    # that snapshot (it stops when it cannot).
     for shard in (0, 1):
         folder = output / "bank" / "e2e" / f"shard-{shard:05d}"
         (folder / "LATEST").unlink()
@@ -143,12 +150,16 @@ def test_rerunning_the_same_run_resumes_it(first_run, capsys):
 
     with SummaryWriter(str(output / "tensorboard")) as stale:
         stale.add_scalar("train/loss", 99.0, 35)
-    assert train(output, "train.epochs=3", "eval.every=2") == 0
+    assert train(output, "train.epochs=3", "eval.every=24", "train.refresh_bank_every=16", "bank.shards=3") == 0
+    out = "".join(capsys.readouterr())
+    assert "bank resharded 2 -> 3 shards (2,048 rows" in out, out[-3000:]
     after, rows = summary_of(output), rows_of(output)
     assert after["epochs"] == 3 and after["steps"] == before["steps"] * 3 // 2 and after["worker_restarts"] == 0
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
-    assert rows[:3] == trained  # the first two epochs: the checkpoint's history, not trained again
-    assert list((output / "bank" / "e2e").glob("shard-*/epoch-0003-step-48.arrow"))
+    assert [int(r["step"]) for r in rows] == [0, 16, 24, 32, 48]
+    assert rows[:4] == trained  # the checkpoint's history, not trained again
+    bank = output / "bank" / "e2e"
+    assert sorted(p.name for p in bank.glob("shard-*/epoch-0003-step-48.arrow")) == ["epoch-0003-step-48.arrow"] * 3
+    assert list(bank.parent.glob("e2e.2-shards-*/shard-00001/epoch-0002-step-32.arrow"))  # the old layout, kept
     # The same curves go on, each step once: the stale point gave way to the resume's.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -156,8 +167,7 @@ def test_rerunning_the_same_run_resumes_it(first_run, capsys):
     events.Reload()
     loss = events.Scalars("train/loss")
     assert [e.step for e in loss] == [5, 10, 15, 20, 25, 30, 35, 40, 45] and loss[6].value != 99.0
-    assert [e.step for e in events.Scalars("knn/top1")] == [0, 32, 48]
-    capsys.readouterr()
+    assert [e.step for e in events.Scalars("knn/top1")] == [0, 24, 32, 48]
 
     # Another dataset (the subset a new seed picks) cannot resume this run's checkpoint:
     # refused once, from the files, before Ray or the bank starts.
@@ -172,8 +182,8 @@ def test_nce_learns_without_collapse(tmp_path):
     # The accuracy check. NCE needs the full bank (K / N small): on 20k images it dips
     # below the untrained encoder for several epochs. On all 60k it recovers within two
     # (79.7 % -> 81.1 %).
-    # The bank refreshed from clean images after every epoch is part of this recipe:
-    # train.refresh_bank_every=1.
+    # The bank refreshed from clean images after every epoch (468 steps) is part of this
+    # recipe.
     assert (
         train(
             tmp_path,
@@ -181,7 +191,7 @@ def test_nce_learns_without_collapse(tmp_path):
             "data.test_subset=2000",
             "train.epochs=2",
             "loss.kind=nce",
-            "train.refresh_bank_every=1",
+            "train.refresh_bank_every=468",
             "loss.negatives=4096",
             "augment.crop_min=0.5",
             "loss.temperature=0.1",
@@ -194,7 +204,7 @@ def test_nce_learns_without_collapse(tmp_path):
     summary = summary_of(tmp_path)
     assert summary["knn_top1"] > summary["knn_top1_untrained"], summary
     rows = rows_of(tmp_path)
-    assert float(rows[2]["loss"]) < float(rows[1]["loss"])
+    assert float(rows[-1]["loss"]) < float(rows[1]["loss"])
 
 
 def test_training_against_running_bank_servers(tmp_path, spawn_server):
