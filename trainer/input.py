@@ -42,9 +42,10 @@ class Input(Protocol):
     def batches_per_epoch(self) -> int:
         """Steps per epoch, the same on every worker."""
 
-    def epoch_batches(self, epoch: int) -> Iterator:
+    def epoch_batches(self, epoch: int, skip: int = 0) -> Iterator:
         """This worker's batches of ``train.batch_size // world`` for `epoch`, in an order
-        that is a function of ``train.seed`` and `epoch` alone (a resume replays it)."""
+        that is a function of ``train.seed`` and `epoch` alone, after the first `skip`
+        (the steps a mid-epoch checkpoint had taken: a resume goes on with the same batches)."""
 
     def share(self, split: str, batch: int) -> Iterator:
         """This worker's share of ``"train"`` or ``"test"`` (the evaluation split; nothing

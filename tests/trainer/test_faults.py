@@ -4,9 +4,10 @@
   command and port (as a StatefulSet would): the run finishes, the workers log the
   outage and its end, summary.json counts it;
 - a Ray shard actor's process SIGKILLed mid-epoch, then a Ray Train worker's process
-  SIGKILLed after the first epoch's checkpoint: Ray restarts the shard (it recovers its
+  SIGKILLed after a checkpoint taken mid-epoch: Ray restarts the shard (it recovers its
   snapshot and log), Ray Train restarts the workers from the checkpoint (the bank
-  restores the matching snapshot), the run finishes and summary.json records both.
+  restores the matching snapshot) at its step, the run finishes and summary.json
+  records both.
   TensorBoard's reader finds the run's points while it trains, and each step once at
   the end.
 
@@ -233,41 +234,47 @@ def test_an_external_shard_killed_mid_epoch_and_restarted(tmp_path):
 def test_a_killed_shard_actor_and_a_killed_train_worker(tmp_path):
     token = secrets.token_hex(16)
     run = Run(
-        tmp_path / "out", ["train.epochs=2", "train.max_failures=1"], env={**os.environ, "INSTDISC_BANK_TOKEN": token}
+        tmp_path / "out",
+        # Checkpoints at steps 40, 80 and 120: each in the middle of an epoch of 64.
+        ["train.epochs=2", "train.max_failures=1", "train.checkpoint_every=40", "eval.every=64"],
+        env={**os.environ, "INSTDISC_BANK_TOKEN": token},
     )
     try:
         run.wait_for(r"epoch 1/2 step \d+/128", RUN_S)
         shards = run.ray_processes("ray::BankShardActor")
         assert len(shards) == 2, shards
         kill(shards[1])
-        # After the first epoch's checkpoint, once Ray Train's controller has it on record
+        # After the checkpoint of step 40, once Ray Train's controller has it on record
         # (it writes this file then): Ray Train goes on from it.
-        run.wait_for(r"epoch 2/2 step \d+/128", RUN_S)
-        # TensorBoard's own reader sees the run so far, while it trains.
-        assert wait_until(lambda: 64 in scalar_steps(run.output, "knn/top1"), timeout=30)
-        assert scalar_steps(run.output, "train/loss")[:2] == [4, 8]
         registered = run.output / "ray" / run.name / "checkpoint_manager_snapshot.json"
-        assert wait_until(lambda: registered.exists() and "epoch-0001" in registered.read_text(), timeout=60)
+        assert wait_until(lambda: registered.exists() and "step-00000040" in registered.read_text(), timeout=RUN_S)
+        run.wait_for(r"epoch 1/2 step (4[4-9]|5\d|6\d)/128", RUN_S)
+        # TensorBoard's own reader sees the run so far, while it trains.
+        assert wait_until(lambda: 0 in scalar_steps(run.output, "knn/top1"), timeout=30)
+        assert scalar_steps(run.output, "train/loss")[:2] == [4, 8]
         workers = run.ray_processes("ray::RayTrainWorker")
         assert len(workers) == 2, workers
         # Rank 1 (rank 0 prints the progress lines): in one try, rank 0 killed a second
         # after the epoch's report left Ray Train restarting from no checkpoint at all.
-        rank0 = int(re.findall(r"RayTrainWorker pid=(\d+)\S* \[instdisc\] epoch 2/2 step", run.text())[-1])
+        rank0 = int(re.findall(r"RayTrainWorker pid=(\d+)\S* \[instdisc\] epoch \d/2 step", run.text())[-1])
         assert rank0 in workers, (rank0, workers)
         kill(next(pid for pid in workers if pid != rank0))
         logs = run.finish()
     finally:
         run.stop()
     summary = run.summary()
-    assert (summary["worker_restarts"], summary["worker_restart_epochs"]) == (1, [1])
+    # From the checkpoint of step 40 (or of 80, had the kill come late): mid-epoch, at its step.
+    assert summary["worker_restarts"] == 1 and summary["worker_restart_steps"] in ([40], [80]), summary
+    step = summary["worker_restart_steps"][0]
     assert summary["epochs"] == 2 and summary["steps"] == 128 and 0 < summary["knn_top1"] <= 1
     # The shard's outage, seen in epoch 1, survives the workers' restart in the checkpoint.
     shard = summary["bank_outage_details"][0]["shard"] if summary["bank_outage_details"] else None
     assert shard is not None, logs[-5000:]
     assert_outages_of(summary, shard)
     assert said_outage_of(logs, shard), logs[-5000:]
-    assert "'epoch-0001-step-64'" in logs  # the restart restored the bank snapshot of its checkpoint
-    # The restart went on from step 64: what the first attempt wrote after it gave way.
+    tag = f"epoch-000{step // 64}-step-{step}"
+    assert f"resumed at epoch {step // 64}, step {step}, bank snapshot '{tag}'" in logs  # and its rows
+    # The restart went on from that step: what the first attempt wrote after it gave way.
     assert scalar_steps(run.output, "train/loss") == list(range(4, 129, 4))
     assert scalar_steps(run.output, "knn/top1") == [0, 64, 128]
     assert_token_nowhere(token, run.output, logs)
