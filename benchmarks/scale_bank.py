@@ -30,7 +30,7 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 
 from bank_server.shard import DTYPES, PROCESS_BYTES, RESTORE_COPIES
-from benchmarks.args import comma_list, positive_int
+from benchmarks.args import comma_list, counts, positive_int
 from benchmarks.report import plot_lines, write_table
 from benchmarks.servers import start_shards
 from benchmarks.steps import run_step_clients
@@ -47,10 +47,6 @@ COLUMNS += ["bytes_per_row", "raw_bytes_per_row"]
 _MIN_MEASURED_BYTES = 100_000_000
 
 
-def _counts(text: str) -> list[int]:
-    return comma_list(text, positive_int)
-
-
 def _dtypes(text: str) -> list[str]:
     dtypes = comma_list(text, str.strip)
     if unknown := [d for d in dtypes if d not in DTYPES]:
@@ -58,7 +54,7 @@ def _dtypes(text: str) -> list[str]:
     return dtypes
 
 
-LISTS = {"rows": _counts, "shards": _counts, "negatives": _counts, "dtypes": _dtypes, "clients": _counts}
+LISTS = {"rows": counts, "shards": counts, "negatives": counts, "dtypes": _dtypes, "clients": counts}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,9 +63,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=positive_int, help="timed Steps per client and point (default 300)")
     parser.add_argument("--dim", type=positive_int, default=128)
     parser.add_argument("--batch", type=positive_int, default=256, help="B: rows updated and looked up per Step")
-    parser.add_argument(
-        "--shard-memory-gb", type=float, default=64.0, help="one shard's memory in the capacity model (GB)"
-    )
+    memory = "one shard's memory in the capacity model (GB)"
+    parser.add_argument("--shard-memory-gb", type=float, default=64.0, help=memory)
     bank = "a finished training run's output folder: its bank resharded into each --shards, not synthetic banks"
     parser.add_argument("--bank", metavar="RUN_DIR", help=bank)
     parser.add_argument("--output-dir", default="runs/scale-bank")
@@ -102,9 +97,9 @@ def plan(s: dict) -> tuple[dict[tuple, list[tuple]], tuple]:
     return banks, (n, shards, dtype, k, c)
 
 
-def memory_available() -> int:
-    found = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
-    return int(found.group(1)) * 1024
+def proc_bytes(path: str, field: str) -> int:
+    """A ``FIELD: N kB`` line of a /proc file, in bytes (MemAvailable, VmRSS)."""
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path(path).read_text(), re.MULTILINE).group(1)) * 1024
 
 
 def refusal(bank: tuple, points: list[tuple], dim: int, batch: int) -> str | None:
@@ -115,7 +110,7 @@ def refusal(bank: tuple, points: list[tuple], dim: int, batch: int) -> str | Non
         return f"skipping N={rows:,} S={shards}: N must be at least the batch, the shards and the negatives"
     processes = shards + max(c for _, c in points) + 1
     need = RESTORE_COPIES * rows * dim * DTYPES[dtype].itemsize + processes * PROCESS_BYTES
-    available = memory_available()
+    available = proc_bytes("/proc/meminfo", "MemAvailable")
     usable = available - max(GIB, available // 10)
     if need > usable:
         return (
@@ -123,11 +118,6 @@ def refusal(bank: tuple, points: list[tuple], dim: int, batch: int) -> str | Non
             f"available (MemAvailable {available / GIB:.1f} GiB less a safety margin)"
         )
     return None
-
-
-def rss_bytes(pid: int) -> int:
-    found = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)
-    return int(found.group(1)) * 1024
 
 
 def measure_bank(bank: tuple, points: list[tuple], dim: int, batch: int, iters: int, idle_rss: int, serve=None):
@@ -138,7 +128,7 @@ def measure_bank(bank: tuple, points: list[tuple], dim: int, batch: int, iters: 
         start = time.perf_counter()
         servers = (serve or start_shards)(stack, shards, rows, dim, dtype)
         startup_s = time.perf_counter() - start
-        rss = sum(rss_bytes(s.proc.pid) for s in servers)
+        rss = sum(proc_bytes(f"/proc/{s.proc.pid}/status", "VmRSS") for s in servers)
         checked, results = serve.check(servers) if serve else {}, []
         for negatives, clients in points:
             load = run_step_clients([s.address for s in servers], rows, dim, batch, negatives, clients, iters)
@@ -204,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         banks, base = plan(s)
         print(f"{sum(map(len, banks.values()))} points on {len(banks)} banks; base (N, S, dtype, K, C) = {base}")
         with ExitStack() as stack:
-            idle_rss = rss_bytes(start_shards(stack, 1, 1, 1, "float32")[0].proc.pid)
+            idle_rss = proc_bytes(f"/proc/{start_shards(stack, 1, 1, 1, 'float32')[0].proc.pid}/status", "VmRSS")
         results, skipped = [], []
         for bank, points in banks.items():
             # Checked just before it starts: memory the earlier banks freed, or others took, counts.
@@ -229,8 +219,6 @@ def run(args: argparse.Namespace) -> int:
         ]
     notes += ["", *capacity(results, idle_rss, args.shard_memory_gb), "", *skipped, "", "## Points"]
     output = Path(args.output_dir)
-    parquet, markdown = write_table(results, output, "instdisc scale bank", notes, COLUMNS)
     plots = write_plots(output, results, base)
-    print(markdown.read_text())
-    print(f"wrote {parquet}, {markdown}, " + ", ".join(map(str, plots)))
+    write_table(results, output, "instdisc scale bank", notes, COLUMNS, plots)
     return 0

@@ -19,25 +19,20 @@ from trainer.snapshot_bank import run_snapshots
 PROBE_ROWS, QUERIES, TOP_K = 4096, 16, 10
 
 
-def run_bank(run: Path) -> tuple[Path, str | None]:
-    """The run's folder of shard snapshots, and the snapshot tag its last checkpoint
-    names (None without a checkpoint: what each shard's LATEST and log hold)."""
-    state = checkpoint.load(run / "checkpoint") if (run / "checkpoint" / checkpoint.FILE).exists() else {}
-    configured = state.get("config", {}).get("bank", {}).get("snapshot_dir")
-    root = Path(os.path.expandvars(os.path.expanduser(configured))) if configured else run / "bank"
-    return run_snapshots(root, state.get("bank_snapshot")), state.get("bank_snapshot")
-
-
 class TrainedBank:
-    """The bank of the run in `run` (`run_bank`), served resharded: called as
-    `start_shards` is, it reshards into `scratch/shards-S` (removed once the servers
-    stop) and serves that folder (update log fsync 'no'). `check(servers)` reads the
-    rows at a fixed sample of global indices (byte for byte) and the top-k similarities
-    of some of them as queries (to 1e-5: a layout may sum in another order) before any
-    Step changes the bank, and raises when a layout serves other ones than the first."""
+    """The bank of the run in `run` at the snapshot its last checkpoint names (without
+    one: what each shard's LATEST and log hold). Called as `start_shards` is, it
+    reshards into `scratch/shards-S` (removed once the servers stop) and serves that
+    folder (update log fsync 'no'). `check(servers)` reads the rows at a fixed sample of
+    global indices (byte for byte) and the top-k similarities of some of them as
+    queries (to 1e-5: a layout may sum in another order) before any Step changes the
+    bank, and raises when a layout serves other ones than the first."""
 
     def __init__(self, run: Path, scratch: Path):
-        self.source, self.tag = run_bank(run)
+        state = checkpoint.load(run / "checkpoint") if (run / "checkpoint" / checkpoint.FILE).exists() else {}
+        configured, self.tag = state.get("config", {}).get("bank", {}).get("snapshot_dir"), state.get("bank_snapshot")
+        root = Path(os.path.expandvars(os.path.expanduser(configured))) if configured else run / "bank"
+        self.source = run_snapshots(root, self.tag)
         _, self.rows, self.dim, self.dtype = source_layout(self.source, self.tag)
         self.name, self.scratch = f"{self.source} snapshot {self.tag or 'LATEST'}", scratch
         self.indices = np.random.default_rng(0).choice(self.rows, min(self.rows, PROBE_ROWS), replace=False)
