@@ -33,3 +33,7 @@ def comma_list(text: str, kind: Callable[[str], T]) -> list[T]:
     if not values:
         raise ArgumentTypeError("the list is empty")
     return list(dict.fromkeys(values))
+
+
+def counts(text: str) -> list[int]:
+    return comma_list(text, positive_int)

@@ -20,54 +20,51 @@ import argparse
 import json
 import time
 from contextlib import ExitStack
+from pathlib import Path
 
 import numpy as np
 
 from bank_server.client import BankClient
 from bank_server.shard import Layout, Shard
-from benchmarks.args import comma_list, positive_int
+from benchmarks.args import counts, positive_int
 from benchmarks.echo import EchoCalls
 from benchmarks.servers import Server, cpu_seconds, start_shards
 from benchmarks.steps import MOMENTUM, StepWorkload, percentile_ms, run_step_clients, step_bytes, timed_calls
-
-
-def _counts(text: str) -> list[int]:
-    return comma_list(text, positive_int)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rows", type=positive_int, default=10**6)
     parser.add_argument("--dim", type=positive_int, default=128)
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
-    parser.add_argument("--shards", type=_counts, default="1,2", help="comma-separated shard counts")
+    parser.add_argument("--shards", type=counts, default="1,2", help="comma-separated shard counts")
     parser.add_argument("--negatives", type=positive_int, default=4096)
     parser.add_argument("--batch", type=positive_int, default=256)
     parser.add_argument("--iters", type=positive_int, default=300)
     parser.add_argument("--warmup", type=int, default=30)
     clients = "comma-separated counts of concurrent Step client processes, for calls/s per shard"
-    parser.add_argument("--clients", type=_counts, default="1,4,8", help=clients)
+    parser.add_argument("--clients", type=counts, default="1,4,8", help=clients)
     parser.add_argument("--client-iters", type=positive_int, default=200, help="timed Steps per client")
     fsync = "the shards keep their update log in this mode, as deployed (default: no log)"
     parser.add_argument("--fsync", choices=("no", "everysec", "always"), help=fsync)
     parser.add_argument("--json", dest="json_path", help="also write the results here as a JSON list")
 
 
-def inprocess_seconds(work: StepWorkload, rows, dim, dtype, shards, negatives, iters, warmup) -> list[float]:
+def inprocess_seconds(work: StepWorkload, a: argparse.Namespace, shards: int) -> list[float]:
     """The same update + lookup + sample on local Shard objects, routed by g % shards."""
-    local = [Shard.create(Layout(s, shards, rows, dim, dtype)) for s in range(shards)]
+    local = [Shard.create(Layout(s, shards, a.rows, a.dim, a.dtype)) for s in range(shards)]
     rng = np.random.default_rng(1)
-    share = np.array([shard.layout.rows_held for shard in local]) / rows
+    share = np.array([shard.layout.rows_held for shard in local]) / a.rows
 
     def step(i):
         done, reads = work.indices(i), work.indices(i + 1)
-        for s, (shard, k) in enumerate(zip(local, rng.multinomial(negatives, share))):
+        for s, (shard, k) in enumerate(zip(local, rng.multinomial(a.negatives, share))):
             mine = done % shards == s
             shard.momentum_update(done[mine], work.features(i)[mine], MOMENTUM)
             shard.lookup(reads[reads % shards == s])
             if k:
                 shard.sample(int(k))
 
-    return timed_calls(step, iters, warmup)
+    return timed_calls(step, a.iters, a.warmup)
 
 
 def step_and_echo_seconds(
@@ -88,13 +85,11 @@ def step_and_echo_seconds(
 def measure(args: argparse.Namespace, shards: int) -> dict:
     work = StepWorkload(args.rows, args.dim, args.batch, seed=0)
     # Before the servers start, so that the in-process copies are freed by then.
-    inprocess = inprocess_seconds(
-        work, args.rows, args.dim, args.dtype, shards, args.negatives, args.iters, args.warmup
-    )
+    inprocess = inprocess_seconds(work, args, shards)
     sizes = step_bytes(args.batch, args.negatives, args.dim, args.dtype, shards)
     with ExitStack() as stack:
         servers = start_shards(stack, shards, args.rows, args.dim, args.dtype, args.fsync)
-        addresses = [s.address for s in servers]
+        addresses, spec = [s.address for s in servers], (args.rows, args.dim, args.batch, args.negatives)
         client = stack.enter_context(BankClient(addresses, timeout=120))
         echo_servers = [Server(["-m", "benchmarks.echo"]) for _ in range(shards)]
         for server in echo_servers:
@@ -105,9 +100,7 @@ def measure(args: argparse.Namespace, shards: int) -> dict:
         clients = {}
         for count in args.clients:
             before = [cpu_seconds(s.proc.pid) for s in servers]
-            load = run_step_clients(
-                addresses, args.rows, args.dim, args.batch, args.negatives, count, args.client_iters
-            )
+            load = run_step_clients(addresses, *spec, count, args.client_iters)
             calls = load["steps"] + load["warmup_steps"]
             # The busiest shard's CPU per call; 0 when the run was shorter than the clock's 10 ms ticks.
             cpu_ms = max(1e3 * (cpu_seconds(s.proc.pid) - b) / calls for s, b in zip(servers, before))
@@ -141,17 +134,9 @@ def run(args: argparse.Namespace) -> int:
     print("\nStep calls/s one shard process serves (p50/p99 of the clients' Steps; its CPU per call: calls/s per core)")
     for r in results:
         for count, c in r["clients"].items():
-            own = (
-                f"{c['shard_cpu_ms_per_call']:.3f} ms ({c['calls_per_core_s']:,.0f}/s)"
-                if c["calls_per_core_s"]
-                else "-"
-            )
-            print(
-                f"{r['shards']:>3} shard(s), {count:>2} client(s): {c['calls_per_s']:>7,.0f}/s "
-                f"{c['step_p50_ms']:>6.2f}/{c['step_p99_ms']:.2f} ms   CPU {own}",
-                flush=True,
-            )
+            own = f"{c['shard_cpu_ms_per_call']:.3f} ms ({c['calls_per_core_s'] or 0:,.0f}/s)"
+            print(f"{r['shards']:>3} shard(s), {count:>2} client(s): {c['calls_per_s']:>7,.0f}/s ", end="")
+            print(f"{c['step_p50_ms']:>6.2f}/{c['step_p99_ms']:.2f} ms   CPU {own if c['calls_per_core_s'] else '-'}")
     if args.json_path:
-        with open(args.json_path, "w") as fh:
-            json.dump(results, fh, indent=2)
+        Path(args.json_path).write_text(json.dumps(results, indent=2))
     return 0

@@ -66,10 +66,6 @@ def result_row(name: str, pixels: dict, summary: dict, tolerance: float) -> dict
     return row | {key: summary[key] for key in ("steps", "epochs", "train_seconds")}
 
 
-def _percent(value: float) -> str:
-    return f"{100 * value:.2f} %"
-
-
 def run(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.sets.split(",") if n.strip()]
     unknown = [n for n in names if n not in ALL_SETS]
@@ -87,12 +83,11 @@ def run(args: argparse.Namespace) -> int:
             folder = output / "points" / name
             summary = runs.finished(folder, config) or runs.train(config, folder, f"defaults-{name}")
             rows.append(result_row(name, pixels, summary, args.tolerance))
-            print(
-                f"{name}: kNN {_percent(summary['knn_top1'])} | untrained "
-                f"{_percent(summary['knn_top1_untrained'])} | pixels {_percent(pixels['knn_top1_pixels'])} | "
-                f"{summary['steps']} steps | {'holds' if rows[-1]['holds'] else 'DOES NOT HOLD'}",
-                flush=True,
-            )
+            top1_pixels = pixels["knn_top1_pixels"]
+            top1 = dict(kNN=summary["knn_top1"], untrained=summary["knn_top1_untrained"], pixels=top1_pixels)
+            figures = " | ".join(f"{what} {100 * value:.2f} %" for what, value in top1.items())
+            verdict = "holds" if rows[-1]["holds"] else "DOES NOT HOLD"
+            print(f"{name}: {figures} | {summary['steps']} steps | {verdict}", flush=True)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -101,6 +96,5 @@ def run(args: argparse.Namespace) -> int:
         f"holds = above the untrained encoder and within {args.tolerance:g} points of raw-pixel kNN (same k and "
         "sigma)."
     ]
-    _, markdown = write_table(rows, output, "The defaults on unseen image sets", notes)
-    print(markdown.read_text())
+    write_table(rows, output, "The defaults on unseen image sets", notes)
     return 0 if all(row["holds"] for row in rows) else 1

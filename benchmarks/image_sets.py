@@ -59,15 +59,12 @@ def _fonts() -> list[Path | None]:
     return fonts
 
 
-def _font(path: Path | None, size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=size) if path is None else ImageFont.truetype(str(path), size)
-
-
 def _glyphs(rng: np.random.Generator, count: int):
     fonts = _fonts()
     for _ in range(count or 1800):
         label = int(rng.integers(len(GLYPHS)))
-        font = _font(fonts[rng.integers(len(fonts))], int(rng.integers(16, 25)))
+        path, size = fonts[rng.integers(len(fonts))], int(rng.integers(16, 25))
+        font = ImageFont.load_default(size=size) if path is None else ImageFont.truetype(str(path), size)
         canvas = Image.new("L", (48, 48), 0)
         ImageDraw.Draw(canvas).text((24, 24), GLYPHS[label], fill=int(rng.integers(170, 256)), font=font, anchor="mm")
         angle, shift = float(rng.uniform(-12, 12)), tuple(int(t) for t in rng.integers(-4, 5, 2))

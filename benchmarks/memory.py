@@ -1,6 +1,6 @@
 """Peak memory of a process tree by role: Ray Train workers, bank shards, the rest.
 
-`MemorySampler` reads, every ``interval`` seconds, the PSS (``/proc/PID/smaps_rollup``)
+`sampled` reads, every ``interval`` seconds, the PSS (``/proc/PID/smaps_rollup``)
 of every process under a root pid. PSS, not RSS: pages several processes map (the
 object store, a loader's copy-on-write pages of its parent) are split between them, so
 the sums add up to what the tree holds. A process has the role its nearest
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 ROLES = {"ray::RayTrainWorker": "train_worker", "ray::BankShardActor": "bank"}
@@ -81,28 +82,25 @@ def sample(root: int, peaks: Peaks) -> None:
     peaks.total = max(peaks.total, sum(roles.values()))
 
 
-class MemorySampler:
-    """Samples the tree under `root` on a daemon thread while in its ``with`` block."""
+@contextmanager
+def sampled(root: int, interval: float = 0.25):
+    """The `Peaks` of the tree under `root`, sampled every `interval` seconds on a daemon
+    thread while in the ``with`` block; a failed sample raises at the block's end."""
+    peaks, stop, errors = Peaks(), threading.Event(), []
 
-    def __init__(self, root: int, interval: float = 0.25):
-        self.root, self.interval, self.peaks = root, interval, Peaks()
-        self.error: Exception | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=f"memory of pid {root}", daemon=True)
-
-    def _run(self) -> None:
+    def loop() -> None:
         try:
-            while not self._stop.wait(self.interval):
-                sample(self.root, self.peaks)
-        except Exception as error:  # raised in the caller's thread at the block's end
-            self.error = error
+            while not stop.wait(interval):
+                sample(root, peaks)
+        except Exception as error:  # raised in the caller's thread
+            errors.append(error)
 
-    def __enter__(self) -> MemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        if self.error is not None:
-            raise RuntimeError(f"sampling the memory of pid {self.root} failed") from self.error
+    thread = threading.Thread(target=loop, name=f"memory of pid {root}", daemon=True)
+    thread.start()
+    try:
+        yield peaks
+    finally:
+        stop.set()
+        thread.join()
+    if errors:
+        raise RuntimeError(f"sampling the memory of pid {root} failed") from errors[0]

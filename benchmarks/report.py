@@ -12,16 +12,13 @@ import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 
 
-def write_table(
-    rows: list[dict], output: Path, title: str, notes: Iterable[str] = (), columns=None
-) -> tuple[Path, Path]:
+def write_table(rows: list[dict], output: Path, title: str, notes: Iterable[str] = (), columns=None, plots=()):
     """Write ``results.parquet`` (every key of every row) and ``results.md`` (``columns``,
-    default all) into ``output_dir``; returns both paths."""
+    default all) into `output`; print the markdown and what was written (and `plots`)."""
     output.mkdir(parents=True, exist_ok=True)
-    parquet_path, markdown_path = output / "results.parquet", output / "results.md"
-    pq.write_table(pa.Table.from_pylist(rows), parquet_path)
-    markdown_path.write_text(markdown(rows, title, notes, columns))
-    return parquet_path, markdown_path
+    pq.write_table(pa.Table.from_pylist(rows), output / "results.parquet")
+    (output / "results.md").write_text(text := markdown(rows, title, notes, columns))
+    print(text, "wrote " + ", ".join(map(str, [output / "results.parquet", output / "results.md", *plots])), sep="\n")
 
 
 def markdown(rows: list[dict], title: str, notes: Iterable[str] = (), columns: Sequence[str] | None = None) -> str:
@@ -64,5 +61,6 @@ def plot_lines(path: Path, rows: list[dict], x: str, y: str, series=(), title=""
     if keys and groups:  # beside the axes, where it cannot hide a line
         ax.legend(title=", ".join(keys), fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     ax.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100, bbox_inches="tight")
     return path

@@ -64,7 +64,7 @@ def run(args) -> int:
             for g in sample
         )
         print(done.stdout.splitlines()[0], f"{seconds:.1f} s, peak RSS {peak / 1e6:,.0f} MB", sep="\n", end=", ")
-        print(f"bank {args.rows * args.dim * 2 / 1e9:.2f} GB; {same} of {len(sample)} sampled rows identical")
+        print(f"bank {args.rows * args.dim * 2 / 1e9:.2f} GB; {same} of {len(sample)} sampled rows byte-identical")
         return 0 if same == len(sample) else 1
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -9,6 +9,10 @@ servers, which also gives the bank's start-up time and its memory per row. A ban
 machine's memory cannot hold is skipped before it starts (there is no swap to fall back
 on, only the OOM killer).
 
+With ``--bank RUN_DIR`` the bank is a finished training run's instead (`benchmarks.
+trained_bank`): its rows, dim and dtype, resharded into each S of ``--shards`` (start-up
+then counts the reshard), each layout checked to serve the same rows as the first.
+
 Outputs in ``--output-dir``: ``results.parquet`` (one row per point), ``results.md``
 (the table and the shards a bank of 1e9 rows needs) and three PNG plots.
 """
@@ -23,12 +27,14 @@ import sys
 import time
 from contextlib import ExitStack
 from pathlib import Path
+from tempfile import TemporaryDirectory
 
 from bank_server.shard import DTYPES, PROCESS_BYTES, RESTORE_COPIES
-from benchmarks.args import comma_list, positive_int
+from benchmarks.args import comma_list, counts, positive_int
 from benchmarks.report import plot_lines, write_table
 from benchmarks.servers import start_shards
 from benchmarks.steps import run_step_clients
+from benchmarks.trained_bank import QUERIES, TOP_K, TrainedBank
 
 GIB, GB = 1 << 30, 1e9
 DEFAULT = dict(rows="1e4,1e5,1e6,1e7,3e7,1e8", shards="1,2,4", negatives="256,1024,4096,16384,65536", iters=300)
@@ -41,10 +47,6 @@ COLUMNS += ["bytes_per_row", "raw_bytes_per_row"]
 _MIN_MEASURED_BYTES = 100_000_000
 
 
-def _counts(text: str) -> list[int]:
-    return comma_list(text, positive_int)
-
-
 def _dtypes(text: str) -> list[str]:
     dtypes = comma_list(text, str.strip)
     if unknown := [d for d in dtypes if d not in DTYPES]:
@@ -52,7 +54,7 @@ def _dtypes(text: str) -> list[str]:
     return dtypes
 
 
-LISTS = {"rows": _counts, "shards": _counts, "negatives": _counts, "dtypes": _dtypes, "clients": _counts}
+LISTS = {"rows": counts, "shards": counts, "negatives": counts, "dtypes": _dtypes, "clients": counts}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,9 +63,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--iters", type=positive_int, help="timed Steps per client and point (default 300)")
     parser.add_argument("--dim", type=positive_int, default=128)
     parser.add_argument("--batch", type=positive_int, default=256, help="B: rows updated and looked up per Step")
-    parser.add_argument(
-        "--shard-memory-gb", type=float, default=64.0, help="one shard's memory in the capacity model (GB)"
-    )
+    memory = "one shard's memory in the capacity model (GB)"
+    parser.add_argument("--shard-memory-gb", type=float, default=64.0, help=memory)
+    bank = "a finished training run's output folder: its bank resharded into each --shards, not synthetic banks"
+    parser.add_argument("--bank", metavar="RUN_DIR", help=bank)
     parser.add_argument("--output-dir", default="runs/scale-bank")
     parser.add_argument("--quick", action="store_true", help=f"a small grid: {QUICK}")
 
@@ -94,9 +97,9 @@ def plan(s: dict) -> tuple[dict[tuple, list[tuple]], tuple]:
     return banks, (n, shards, dtype, k, c)
 
 
-def memory_available() -> int:
-    found = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.MULTILINE)
-    return int(found.group(1)) * 1024
+def proc_bytes(path: str, field: str) -> int:
+    """A ``FIELD: N kB`` line of a /proc file, in bytes (MemAvailable, VmRSS)."""
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path(path).read_text(), re.MULTILINE).group(1)) * 1024
 
 
 def refusal(bank: tuple, points: list[tuple], dim: int, batch: int) -> str | None:
@@ -107,7 +110,7 @@ def refusal(bank: tuple, points: list[tuple], dim: int, batch: int) -> str | Non
         return f"skipping N={rows:,} S={shards}: N must be at least the batch, the shards and the negatives"
     processes = shards + max(c for _, c in points) + 1
     need = RESTORE_COPIES * rows * dim * DTYPES[dtype].itemsize + processes * PROCESS_BYTES
-    available = memory_available()
+    available = proc_bytes("/proc/meminfo", "MemAvailable")
     usable = available - max(GIB, available // 10)
     if need > usable:
         return (
@@ -117,26 +120,23 @@ def refusal(bank: tuple, points: list[tuple], dim: int, batch: int) -> str | Non
     return None
 
 
-def rss_bytes(pid: int) -> int:
-    found = re.search(r"^VmRSS:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.MULTILINE)
-    return int(found.group(1)) * 1024
-
-
-def measure_bank(bank: tuple, points: list[tuple], dim: int, batch: int, iters: int, idle_rss: int) -> list[dict]:
-    """Start the bank's servers once; RSS right after start-up, then every point."""
+def measure_bank(bank: tuple, points: list[tuple], dim: int, batch: int, iters: int, idle_rss: int, serve=None):
+    """Start the bank's servers once (with `serve`, `start_shards`' signature); RSS right
+    after start-up; then `serve.check(servers)`'s fields, if any; then every point."""
     rows, shards, dtype = bank
     with ExitStack() as stack:
         start = time.perf_counter()
-        servers = start_shards(stack, shards, rows, dim, dtype)
+        servers = (serve or start_shards)(stack, shards, rows, dim, dtype)
         startup_s = time.perf_counter() - start
-        rss = sum(rss_bytes(s.proc.pid) for s in servers)
-        results = []
+        rss = sum(proc_bytes(f"/proc/{s.proc.pid}/status", "VmRSS") for s in servers)
+        checked, results = serve.check(servers) if serve else {}, []
         for negatives, clients in points:
             load = run_step_clients([s.address for s in servers], rows, dim, batch, negatives, clients, iters)
             row = dict(rows=rows, shards=shards, negatives=negatives, dtype=dtype, clients=clients, dim=dim)
             row |= {key: load[key] for key in ("step_p50_ms", "step_p99_ms", "steps_per_s", "rows_per_s")}
             row |= dict(batch=batch, iters=iters, startup_s=startup_s, rss_bytes=rss, load_1m=os.getloadavg()[0])
             row |= dict(bytes_per_row=(rss - shards * idle_rss) / rows, raw_bytes_per_row=dim * DTYPES[dtype].itemsize)
+            row |= checked
             results.append(row)
             print(f"N={rows:,} S={shards} {dtype} K={negatives} C={clients}: Step p50 {row['step_p50_ms']:.2f} ms")
     return results
@@ -180,31 +180,45 @@ def write_plots(output: Path, results: list[dict], base: tuple) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    s = settings(args)
-    banks, base = plan(s)
-    print(f"{sum(map(len, banks.values()))} points on {len(banks)} banks; base (N, S, dtype, K, C) = {base}")
-    with ExitStack() as stack:
-        idle_rss = rss_bytes(start_shards(stack, 1, 1, 1, "float32")[0].proc.pid)
-    results, skipped = [], []
-    for bank, points in banks.items():
-        # Checked just before it starts: memory the earlier banks freed, or others took, counts.
-        if reason := refusal(bank, points, args.dim, args.batch):
-            print(reason, flush=True)
-            skipped.append(f"- {reason}")
-        else:
-            results += measure_bank(bank, points, args.dim, args.batch, s["iters"], idle_rss)
+    if args.bank and (args.rows or args.dtypes):
+        raise SystemExit("--bank takes the rows and the dtype from the run's bank: drop --rows and --dtypes")
+    with TemporaryDirectory(prefix="scale-bank-") as scratch:  # --bank's reshards
+        trained = TrainedBank(Path(args.bank), Path(scratch)) if args.bank else None
+        s, dim = settings(args), trained.dim if trained else args.dim
+        if trained:
+            print(f"bank: {trained.name}, {trained.rows:,} rows x {dim} {trained.dtype}")
+            if dropped := [k for k in s["negatives"] if k > trained.rows]:
+                print(f"not swept: negatives {dropped}, more than the bank's rows")
+            kept = [k for k in s["negatives"] if k <= trained.rows] or [trained.rows]
+            s |= dict(rows=[trained.rows], dtypes=[trained.dtype], negatives=kept)
+        banks, base = plan(s)
+        print(f"{sum(map(len, banks.values()))} points on {len(banks)} banks; base (N, S, dtype, K, C) = {base}")
+        with ExitStack() as stack:
+            idle_rss = proc_bytes(f"/proc/{start_shards(stack, 1, 1, 1, 'float32')[0].proc.pid}/status", "VmRSS")
+        results, skipped = [], []
+        for bank, points in banks.items():
+            # Checked just before it starts: memory the earlier banks freed, or others took, counts.
+            if reason := refusal(bank, points, dim, args.batch):
+                print(reason, flush=True)
+                skipped.append(f"- {reason}")
+            else:
+                results += measure_bank(bank, points, dim, args.batch, s["iters"], idle_rss, trained)
     if not results:
         print("error: no point of this grid can run on this machine", file=sys.stderr)
         return 2
     notes = [
-        f"Base point (N, S, dtype, K, C) = {base}; D={args.dim}, B={args.batch}. Each axis is swept alone around "
+        f"Base point (N, S, dtype, K, C) = {base}; D={dim}, B={args.batch}. Each axis is swept alone around "
         "it. rows_per_s counts 2B + K rows per Step over all clients. bytes_per_row is the shards' RSS after "
         f"start-up less an idle shard's, per row. {os.cpu_count()} CPUs; other work shows as latency (load_1m).",
     ]
+    if trained:
+        notes += [
+            "",
+            f"Bank: {trained.name}, resharded into each S (startup_s includes the reshard; update log fsync no). "
+            f"At every S the same {results[0]['sampled_rows']:,} sampled rows and {QUERIES} queries' top-{TOP_K}.",
+        ]
     notes += ["", *capacity(results, idle_rss, args.shard_memory_gb), "", *skipped, "", "## Points"]
     output = Path(args.output_dir)
-    parquet, markdown = write_table(results, output, "instdisc scale bank", notes, COLUMNS)
     plots = write_plots(output, results, base)
-    print(markdown.read_text())
-    print(f"wrote {parquet}, {markdown}, " + ", ".join(map(str, plots)))
+    write_table(results, output, "instdisc scale bank", notes, COLUMNS, plots)
     return 0

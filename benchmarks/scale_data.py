@@ -3,7 +3,7 @@
 For each size N it writes (or finds under ``DIR/data/<N>``) a synthetic set in the
 Hugging Face layout (`benchmarks.synthetic_parquet`), then runs ``instdisc train`` on
 it as a child process with a private local Ray (RAY_ADDRESS removed): a short bounded
-run (``--steps`` steps, kNN only at the end), while `benchmarks.memory.MemorySampler`
+run (``--steps`` steps, kNN only at the end), while `benchmarks.memory.sampled`
 follows the child's process tree. Streaming should hold a train worker's memory flat in
 N; the smallest size is also trained with ``data.stream=false`` (the images decoded
 into memory), so what streaming costs in images/s is measured in the same sweep.
@@ -16,6 +16,7 @@ each run's folder and log under ``points/``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.args import comma_list, positive_int
-from benchmarks.memory import MemorySampler, Peaks
+from benchmarks.memory import Peaks, sampled
 from benchmarks.report import plot_lines, write_table
 from benchmarks.synthetic_parquet import Spec, generate
 
@@ -62,19 +63,17 @@ def watched(command: list[str], log: Path, timeout: float) -> tuple[int | None, 
     with open(log, "w") as out:
         # Its own session: on a timeout the whole group (driver, Ray's daemons) is ended.
         child = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=environment, start_new_session=True)
-        with MemorySampler(child.pid) as sampler:
+        with sampled(child.pid) as peaks:
             try:
                 status = child.wait(timeout)
             except subprocess.TimeoutExpired:
                 status = None
                 for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
                     os.killpg(child.pid, sig)
-                    try:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
                         child.wait(grace)
                         break
-                    except subprocess.TimeoutExpired:
-                        continue
-    return status, time.monotonic() - start, sampler.peaks
+    return status, time.monotonic() - start, peaks
 
 
 def train_point(name: str, root: Path, images: int, steps: int, output: Path, overrides: list, timeout) -> dict:
@@ -172,9 +171,6 @@ def run(args: argparse.Namespace) -> int:
     ]
     verdicts = checks(rows)
     notes += ["", "## Checks", "", *verdicts, "", "## Runs"]
-    parquet, markdown = write_table(rows, output, "instdisc scale data", notes, COLUMNS)
-    plots = write_plots(output, rows)
-    print(markdown.read_text())
-    print(f"wrote {parquet}, {markdown}, " + ", ".join(map(str, plots)))
+    write_table(rows, output, "instdisc scale data", notes, COLUMNS, write_plots(output, rows))
     # A target missed fails the command, as a run that failed does.
     return 1 if any(r["error"] for r in rows) or any(line.endswith("FAIL") for line in verdicts) else 0

@@ -208,8 +208,5 @@ def run(args: argparse.Namespace) -> int:
         f"{sum(s is not None for s in summaries.values())} of {len(rows)} point(s) were read back from earlier runs.",
     ]
     title = f"kNN accuracy vs negatives and bank size ({base.data.name})"
-    parquet, markdown = write_table(rows, output, title, notes)
-    plots = write_plots(rows, output, base.data.name)
-    print(markdown.read_text())
-    print(f"wrote {parquet}, {markdown}, " + ", ".join(map(str, plots)))
+    write_table(rows, output, title, notes, plots=write_plots(rows, output, base.data.name))
     return 1 if any(r["error"] for r in rows) else 0

@@ -65,16 +65,17 @@ class Server:
         self.proc.wait()
 
 
-def start_shards(stack: ExitStack, shards: int, rows: int, dim: int, dtype: str, fsync=None) -> list[Server]:
+def start_shards(stack: ExitStack, shards: int, rows: int, dim: int, dtype: str, fsync=None, snapshot_dir=None):
     """The `shards` processes of one bank on loopback, started together, each with one
     BLAS thread (the server's default); returns once every one serves; killed when
-    `stack` closes. With `fsync` each keeps its update log in that mode, in a
-    temporary snapshot folder, as a deployed shard does."""
+    `stack` closes. With `fsync` or `snapshot_dir` each keeps an update log (in that
+    fsync mode, else the server's default), as a deployed shard does, in `snapshot_dir`,
+    whose LATEST snapshots it serves, else in a temporary folder."""
     timeout = START_S + rows / ROWS_PER_S
     deadline = time.monotonic() + timeout
-    extra = []
-    if fsync is not None:
-        extra = ["--snapshot-dir", stack.enter_context(tempfile.TemporaryDirectory(prefix="bank-")), "--fsync", fsync]
+    extra = ["--fsync", fsync] if fsync else []
+    if fsync or snapshot_dir:
+        extra += ["--snapshot-dir", str(snapshot_dir or stack.enter_context(tempfile.TemporaryDirectory()))]
     servers = []
     for shard in range(shards):
         args = ["-m", "bank_server", "--shard-id", str(shard), "--num-shards", str(shards), "--rows", str(rows)]

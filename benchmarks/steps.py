@@ -108,9 +108,7 @@ def run_step_clients(addresses: list[str], rows: int, dim: int, batch: int, nega
     context = multiprocessing.get_context("spawn")  # the caller may hold threads (gRPC's) that fork would copy
     ready, answers = context.Barrier(clients + 1, timeout=_TIMEOUT_S), context.Queue()
     spec = (addresses, rows, dim, batch, negatives, iters)
-    procs = [
-        context.Process(target=_client, args=(*spec, seed, ready, answers), daemon=True) for seed in range(clients)
-    ]
+    procs = [context.Process(target=_client, args=(*spec, s, ready, answers), daemon=True) for s in range(clients)]
     for proc in procs:
         proc.start()
     try:

@@ -59,26 +59,24 @@ def _distances(label: int, u: np.ndarray, v: np.ndarray, s: np.ndarray, t: np.nd
     root2, root5 = math.sqrt(2), math.sqrt(5)
     a, b = (u - v) / root2, (u + v) / root2  # the diagonal axes
     r = np.sqrt(u * u + v * v)
-    bars = {
-        0: lambda: np.maximum(np.abs(v) - t, np.abs(u) - s),
-        1: lambda: np.maximum(np.abs(u) - t, np.abs(v) - s),
-        2: lambda: np.maximum(np.abs(a) - t, np.abs(b) - s),
-        3: lambda: np.maximum(np.abs(b) - t, np.abs(a) - s),
-    }
-    if label in bars:
-        return bars[label]()
-    if label == 4:
-        return np.minimum(bars[0](), bars[1]())
-    if label == 5:
-        return np.minimum(bars[2](), bars[3]())
-    if label == 6:
-        return np.abs(r - s) - t
-    if label == 7:
-        return r - s
-    if label == 8:
-        return np.abs(np.maximum(np.abs(u), np.abs(v)) - s) - t
-    # 9: a filled triangle, apex up (v grows downwards), base 2s wide
-    return np.maximum(v - s, np.maximum((2 * u - v - s) / root5, (-2 * u - v - s) / root5))
+
+    def bar(across, along):
+        return np.maximum(np.abs(across) - t, np.abs(along) - s)
+
+    shapes = [
+        lambda: bar(v, u),
+        lambda: bar(u, v),
+        lambda: bar(a, b),
+        lambda: bar(b, a),
+        lambda: np.minimum(bar(v, u), bar(u, v)),
+        lambda: np.minimum(bar(a, b), bar(b, a)),
+        lambda: np.abs(r - s) - t,
+        lambda: r - s,
+        lambda: np.abs(np.maximum(np.abs(u), np.abs(v)) - s) - t,
+        # a filled triangle, apex up (v grows downwards), base 2s wide
+        lambda: np.maximum(v - s, np.maximum((2 * u - v - s) / root5, (-2 * u - v - s) / root5)),
+    ]
+    return shapes[label]()
 
 
 def draw(rng: np.random.Generator, labels: np.ndarray, size: int) -> np.ndarray:

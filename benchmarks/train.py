@@ -18,6 +18,7 @@ import json
 import os
 import time
 from contextlib import ExitStack
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -209,6 +210,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"(b) in-process bank     : {rates['inprocess']:10,.0f} images/s")
     print(f"ratio (a)/(b)           : {ratio:10.3f}", flush=True)
     if args.json_path:
-        with open(args.json_path, "w") as fh:
-            json.dump(result, fh, indent=2)
+        Path(args.json_path).write_text(json.dumps(result, indent=2))
     return 0

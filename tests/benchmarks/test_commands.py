@@ -9,6 +9,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
+from benchmarks import trained_bank
 from benchmarks.scale_bank import plan
 from benchmarks.scale_data import checks
 from benchmarks.scale_train import SOFTMAX, Grid, TrainPoint, plan_points
@@ -159,6 +160,47 @@ def test_scale_bank_sweeps_each_axis_and_skips_what_cannot_fit(tmp_path):
         assert (tmp_path / f"{name}.png").stat().st_size > 1000
     assert main(["scale", "bank", "--rows", "1e11", "--shards", "1", "--output-dir", str(tmp_path / "no")]) == 2
     assert not (tmp_path / "no").exists()
+
+
+def test_scale_bank_reshards_a_trained_bank_and_serves_the_same_rows_at_every_shard_count(
+    tmp_path, capsys, monkeypatch
+):
+    """A run folder as training leaves it: two logged shards with snapshot epoch-1, updates
+    after it, and a checkpoint naming epoch-1."""
+    import numpy as np
+    import torch
+
+    from bank_server import recovery
+    from bank_server.shard import Layout
+
+    rng, folder = np.random.default_rng(0), tmp_path / "run" / "bank" / "tiny"
+    for sid in range(2):
+        shard, _ = recovery.open_logged(Layout(sid, 2, 600, 8, "float16"), folder, seed=0, fsync="no")
+        for sequence, tag in enumerate(("epoch-1", None)):
+            shard.momentum_update(np.arange(sid, 600, 2)[:50], rng.standard_normal((50, 8)), 0.5, "t", sequence)
+            if tag:
+                shard.snapshot(folder, tag)
+        shard.log.close()
+    (tmp_path / "run" / "checkpoint").mkdir()
+    torch.save({"bank_snapshot": "epoch-1", "config": {"bank": {}}}, tmp_path / "run" / "checkpoint" / "state.pt")
+    args = ["scale", "bank", "--bank", str(tmp_path / "run"), "--shards", "1,2", "--iters", "5", "--batch", "16"]
+    assert main([*args, "--negatives", "64,1000", "--clients", "1", "--output-dir", str(tmp_path / "out")]) == 0
+    assert "not swept: negatives [1000], more than the bank's rows" in capsys.readouterr().out
+    rows = pq.read_table(tmp_path / "out" / "results.parquet").to_pylist()
+    assert sorted(r["shards"] for r in rows) == [1, 2]
+    for r in rows:
+        assert (r["rows"], r["dim"], r["dtype"], r["negatives"]) == (600, 8, "float16", 64) and r["same_bank"]
+        assert r["step_p99_ms"] >= r["step_p50_ms"] > 0 and r["startup_s"] > 0 and r["bank"].endswith("epoch-1")
+    assert "At every S the same 600 sampled rows" in (tmp_path / "out" / "results.md").read_text()
+    with pytest.raises(SystemExit, match="--bank takes the rows and the dtype from the run's bank"):
+        main([*args, "--rows", "10"])
+    # A layout that serves other rows (the 2 shards from LATEST and the log, not epoch-1) is caught.
+    reshard = trained_bank.reshard
+    monkeypatch.setattr(
+        trained_bank, "reshard", lambda src, dest, n, tag: reshard(src, dest, n, tag if n < 2 else None)
+    )
+    with pytest.raises(RuntimeError, match="resharded into 2 shards is not the one served by 1: 100 of 600 sampled"):
+        main([*args, "--negatives", "64", "--clients", "1", "--output-dir", str(tmp_path / "other")])
 
 
 def test_scale_train_trains_each_point_once_and_reads_it_back(tmp_path, local_ray, capsys):
