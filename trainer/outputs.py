@@ -80,6 +80,7 @@ def write_outputs(config: Config, output: Path, outcome: dict, checkpoint, wall_
         "steps": outcome["steps"],
         "images_per_sec": sum(h["images_per_sec"] for h in trained) / len(trained),
         "train_seconds": outcome["train_seconds"],
+        "paused_seconds": outcome.get("paused_seconds"),
         "wall_seconds": wall_seconds,
         "final_loss": final["loss"],
         "bank_rtt_ms": final["bank_rtt_ms"],

@@ -416,6 +416,8 @@ class Worker:
         return {
             "history": self.history,
             "train_seconds": train_seconds,
+            # Of this start: the warm start, refreshes, evaluations and checkpoints.
+            "paused_seconds": self.meter.paused_s,
             "steps": self.step,
             "bank_outages": self.bank_outages(),
             "bad_images_skipped": self.bad_images_skipped(),
