@@ -181,7 +181,8 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
         try:
             state = check_resumable(found, data.fingerprint)
             if not config.bank.addresses and not snapshots.startswith("$") and "://" not in snapshots:
-                bank_for_resume(found, snapshots, state["bank_snapshot"], config.bank.shards)
+                layout = (data.train_rows, config.model.dim, config.bank.dtype)
+                bank_for_resume(found, snapshots, state["bank_snapshot"], config.bank.shards, layout)
         except CannotResume as error:
             raise ConfigError(str(error)) from None
         log.info(f"resuming run {run_name!r} from its checkpoint at step {state['step']} ({found})")

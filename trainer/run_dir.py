@@ -57,16 +57,24 @@ def check_resumable(found: Path, dataset: dict) -> dict:
     return state
 
 
-def bank_for_resume(found: Path, snapshots: str, tag: str, shards: int) -> None:
+def bank_for_resume(found: Path, snapshots: str, tag: str, shards: int, rows_dim_dtype: tuple) -> None:
     """Make the run's bank folder `snapshots` hold snapshot `tag` (the checkpoint's, in
     `found`) in `shards` shards before they start: as it is when it has that many, else
     resharded (`bank_server.reshard`) into a new folder that takes its place, the old
-    one kept beside it. CannotResume when a shard's snapshot is missing or damaged."""
+    one kept beside it. CannotResume when a shard's snapshot is missing or damaged, or
+    its rows, dim and dtype are not this run's `rows_dim_dtype`."""
     from bank_server.errors import BankError
     from bank_server.reshard import reshard, source_layout
 
     try:
-        trained = source_layout(snapshots, tag)[0]
+        trained, *stored = source_layout(snapshots, tag)
+        if tuple(stored) != tuple(rows_dim_dtype):
+            raise CannotResume(
+                f"cannot resume {found}: its bank snapshot {tag!r} in {snapshots} holds {stored[0]:,} rows x "
+                f"{stored[1]} {stored[2]}, this run needs {rows_dim_dtype[0]:,} x {rows_dim_dtype[1]} "
+                f"{rows_dim_dtype[2]} (training images x model.dim, bank.dtype); resume with the run's own "
+                "settings, or start a new run"
+            )
         if trained == shards:
             return
         folder = Path(snapshots)

@@ -90,10 +90,13 @@ def test_before_ray_starts_the_files_tell_what_a_rerun_would_resume(bank, tmp_pa
     # A resume with another bank.shards: the checkpoint's snapshot, resharded in place.
     folder = tmp_path / "stopped-bank"  # as the shards left it when the run ended
     shutil.copytree(tmp_path / "bank", folder)
-    bank_for_resume(found, str(folder), "epoch-0002-step-32", 2)  # the same count: left as it is
+    layout = (N, D, "float32")
+    with pytest.raises(CannotResume, match="holds 40 rows x 8 float32, this run needs 40 x 16 float32"):
+        bank_for_resume(found, str(folder), "epoch-0002-step-32", 3, (N, 16, "float32"))  # another model.dim
+    bank_for_resume(found, str(folder), "epoch-0002-step-32", 2, layout)  # the same count: left as it is
     assert sorted(p.name for p in folder.iterdir()) == ["shard-00000", "shard-00001"]
     with caplog.at_level("INFO", logger="trainer.run_dir"):
-        bank_for_resume(found, str(folder), "epoch-0002-step-32", 3)
+        bank_for_resume(found, str(folder), "epoch-0002-step-32", 3, layout)
     assert "bank resharded 2 -> 3 shards (40 rows" in caplog.text
     assert sorted(p.name for p in folder.iterdir()) == ["shard-00000", "shard-00001", "shard-00002"]
     (kept,) = tmp_path.glob("stopped-bank.2-shards-*")  # the old layout stays, beside it
@@ -102,4 +105,4 @@ def test_before_ray_starts_the_files_tell_what_a_rerun_would_resume(bank, tmp_pa
         np.testing.assert_array_equal(rows[g // 3], saved_rows[g])
     (kept / "shard-00001" / "epoch-0002-step-32.arrow").unlink()
     with pytest.raises(CannotResume, match="shard-00001"):
-        bank_for_resume(found, str(kept), "epoch-0002-step-32", 3)
+        bank_for_resume(found, str(kept), "epoch-0002-step-32", 3, layout)
