@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -33,13 +32,10 @@ from benchmarks.steps import MOMENTUM, StepWorkload, percentile_ms, run_step_cli
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rows", type=positive_int, default=10**6)
-    parser.add_argument("--dim", type=positive_int, default=128)
+    for flag, default in (("--rows", 10**6), ("--dim", 128), ("--negatives", 4096), ("--batch", 256), ("--iters", 300)):
+        parser.add_argument(flag, type=positive_int, default=default)
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     parser.add_argument("--shards", type=counts, default="1,2", help="comma-separated shard counts")
-    parser.add_argument("--negatives", type=positive_int, default=4096)
-    parser.add_argument("--batch", type=positive_int, default=256)
-    parser.add_argument("--iters", type=positive_int, default=300)
     parser.add_argument("--warmup", type=int, default=30)
     clients = "comma-separated counts of concurrent Step client processes, for calls/s per shard"
     parser.add_argument("--clients", type=counts, default="1,4,8", help=clients)
@@ -64,22 +60,7 @@ def inprocess_seconds(work: StepWorkload, a: argparse.Namespace, shards: int) ->
             if k:
                 shard.sample(int(k))
 
-    return timed_calls(step, a.iters, a.warmup)
-
-
-def step_and_echo_seconds(
-    client: BankClient, echo: EchoCalls, work: StepWorkload, negatives: int, iters: int, warmup: int
-) -> tuple[list[float], list[float]]:
-    """Seconds of each Step and each echo call, taking turns, who goes first alternating."""
-    calls = [lambda i: work.step(client, i, negatives), echo]
-    seconds: list[list[float]] = [[], []]
-    for i in range(warmup + iters):
-        for k in (0, 1) if i % 2 == 0 else (1, 0):
-            start = time.perf_counter()
-            calls[k](i)
-            if i >= warmup:
-                seconds[k].append(time.perf_counter() - start)
-    return seconds[0], seconds[1]
+    return timed_calls([step], a.iters, a.warmup)[0]
 
 
 def measure(args: argparse.Namespace, shards: int) -> dict:
@@ -96,7 +77,7 @@ def measure(args: argparse.Namespace, shards: int) -> dict:
             stack.callback(server.stop)
         echo = EchoCalls([e.address for e in echo_servers], sizes)
         stack.callback(echo.close)
-        step, echoed = step_and_echo_seconds(client, echo, work, args.negatives, args.iters, args.warmup)
+        step, echoed = timed_calls([lambda i: work.step(client, i, args.negatives), echo], args.iters, args.warmup)
         clients = {}
         for count in args.clients:
             before = [cpu_seconds(s.proc.pid) for s in servers]

@@ -30,6 +30,8 @@ from trainer.knn import knn_accuracy
 
 FASHION_2K = "fashion-mnist-2k"
 ALL_SETS = (*SETS, FASHION_2K)
+# The only keys a run of that set is given (a Parquet set: data.name=parquet and its folder).
+FASHION_2K_KEYS = ["data.name=fashion-mnist", "data.subset=2000", "data.test_subset=2000"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,13 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a config to start every run from (default: the defaults)")
     parser.add_argument("--tolerance", type=float, default=3.0, help="points below raw pixels still holding")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="for every run (the check gives none)")
-
-
-def data_overrides(name: str, data_dir: Path) -> list[str]:
-    """The only keys a run of set `name` is given."""
-    if name == FASHION_2K:
-        return ["data.name=fashion-mnist", "data.subset=2000", "data.test_subset=2000"]
-    return ["data.name=parquet", f"data.root={data_dir / name}"]
 
 
 def pixel_knn(config) -> dict:
@@ -78,15 +73,15 @@ def run(args: argparse.Namespace) -> int:
         for name in names:
             if name in SETS and not (output / "data" / name / "test.parquet").exists():
                 write_set(name, output / "data" / name)
-            config = load_config(config_path, [*data_overrides(name, output / "data"), *args.overrides])
+            parquet = ["data.name=parquet", f"data.root={output / 'data' / name}"]
+            config = load_config(config_path, [*(FASHION_2K_KEYS if name == FASHION_2K else parquet), *args.overrides])
             pixels = pixel_knn(config)
             folder = output / "points" / name
             summary = runs.finished(folder, config) or runs.train(config, folder, f"defaults-{name}")
-            rows.append(result_row(name, pixels, summary, args.tolerance))
-            top1_pixels = pixels["knn_top1_pixels"]
-            top1 = dict(kNN=summary["knn_top1"], untrained=summary["knn_top1_untrained"], pixels=top1_pixels)
+            rows.append(r := result_row(name, pixels, summary, args.tolerance))
+            top1 = dict(kNN=r["knn_top1"], untrained=r["knn_top1_untrained"], pixels=r["knn_top1_pixels"])
             figures = " | ".join(f"{what} {100 * value:.2f} %" for what, value in top1.items())
-            verdict = "holds" if rows[-1]["holds"] else "DOES NOT HOLD"
+            verdict = "holds" if r["holds"] else "DOES NOT HOLD"
             print(f"{name}: {figures} | {summary['steps']} steps | {verdict}", flush=True)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -33,12 +33,6 @@ FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "bar", "star", "diamond")
 
 
-def _png(image: Image.Image) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="PNG")
-    return out.getvalue()
-
-
 def _digits(rng: np.random.Generator, count: int):
     try:
         from sklearn.datasets import load_digits
@@ -51,16 +45,11 @@ def _digits(rng: np.random.Generator, count: int):
         yield Image.fromarray(pixels, "L").resize((32, 32), Image.BILINEAR), int(data.target[i])
 
 
-def _fonts() -> list[Path | None]:
-    fonts = sorted(FONT_DIR.glob("*.ttf"))
+def _glyphs(rng: np.random.Generator, count: int):
+    fonts: list[Path | None] = sorted(FONT_DIR.glob("*.ttf"))
     if not fonts:  # None: Pillow's own font, so the set still builds, with less variety
         print(f"warning: no fonts in {FONT_DIR}: the glyphs set is drawn in Pillow's own", file=sys.stderr)
-        return [None]
-    return fonts
-
-
-def _glyphs(rng: np.random.Generator, count: int):
-    fonts = _fonts()
+        fonts = [None]
     for _ in range(count or 1800):
         label = int(rng.integers(len(GLYPHS)))
         path, size = fonts[rng.integers(len(fonts))], int(rng.integers(16, 25))
@@ -68,10 +57,8 @@ def _glyphs(rng: np.random.Generator, count: int):
         canvas = Image.new("L", (48, 48), 0)
         ImageDraw.Draw(canvas).text((24, 24), GLYPHS[label], fill=int(rng.integers(170, 256)), font=font, anchor="mm")
         angle, shift = float(rng.uniform(-12, 12)), tuple(int(t) for t in rng.integers(-4, 5, 2))
-        canvas = canvas.rotate(angle, resample=Image.BILINEAR, translate=shift)
-        canvas = canvas.crop((10, 10, 38, 38))
-        noise = rng.normal(0, 12, (28, 28))
-        pixels = (np.asarray(canvas, np.float64) + noise).clip(0, 255).astype(np.uint8)
+        canvas = canvas.rotate(angle, resample=Image.BILINEAR, translate=shift).crop((10, 10, 38, 38))
+        pixels = (np.asarray(canvas, np.float64) + rng.normal(0, 12, (28, 28))).clip(0, 255).astype(np.uint8)
         yield Image.fromarray(pixels, "L"), label
 
 
@@ -97,7 +84,7 @@ def _shapes(rng: np.random.Generator, count: int):
     for _ in range(count or 2000):
         label = int(rng.integers(len(SHAPES)))
         background = tuple(int(c) for c in rng.integers(0, 256, 3))
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        colour = background  # redrawn until it stands out from the background
         while sum(abs(a - b) for a, b in zip(colour, background)) < 150:
             colour = tuple(int(c) for c in rng.integers(0, 256, 3))
         canvas = Image.new("RGB", (64, 64), background)
@@ -105,8 +92,7 @@ def _shapes(rng: np.random.Generator, count: int):
         cx, cy = (float(v) for v in rng.uniform(8 + r, 56 - r, 2))
         _draw_shape(ImageDraw.Draw(canvas), SHAPES[label], cx, cy, r, colour)
         canvas = canvas.resize((32, 32), Image.BILINEAR).filter(ImageFilter.SMOOTH)
-        noise = rng.normal(0, 10, (32, 32, 3))
-        pixels = (np.asarray(canvas, np.float64) + noise).clip(0, 255).astype(np.uint8)
+        pixels = (np.asarray(canvas, np.float64) + rng.normal(0, 10, (32, 32, 3))).clip(0, 255).astype(np.uint8)
         yield Image.fromarray(pixels, "RGB"), label
 
 
@@ -118,7 +104,8 @@ def write_set(name: str, folder: Path, *, count: int = 0, test_fraction: float =
     rng = np.random.default_rng([seed, SETS.index(name)])
     images, labels = [], []
     for image, label in MAKERS[name](rng, count):
-        images.append(_png(image))
+        image.save(png := io.BytesIO(), format="PNG")
+        images.append(png.getvalue())
         labels.append(label)
     test = int(round(len(labels) * test_fraction))
     folder.mkdir(parents=True, exist_ok=True)

@@ -11,9 +11,11 @@ loader processes; ``ray::BankShardActor``: a bank shard), else "other". Linux on
 from __future__ import annotations
 
 import os
+import re
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 ROLES = {"ray::RayTrainWorker": "train_worker", "ray::BankShardActor": "bank"}
 
@@ -24,10 +26,8 @@ def process_table() -> dict[int, tuple[int, str]]:
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
-                with open(f"/proc/{entry.name}/stat", "rb") as fh:
-                    stat = fh.read()
-                with open(f"/proc/{entry.name}/cmdline", "rb") as fh:
-                    cmdline = fh.read().replace(b"\0", b" ").decode(errors="replace")
+                stat = Path(f"/proc/{entry.name}/stat").read_bytes()
+                cmdline = Path(f"/proc/{entry.name}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             except OSError:  # gone since the listing, or not ours to read
                 continue
             # The command name in parentheses may itself hold spaces and parentheses.
@@ -35,16 +35,17 @@ def process_table() -> dict[int, tuple[int, str]]:
     return table
 
 
+def proc_bytes(path: str, field: str) -> int:
+    """A ``FIELD: N kB`` line of a /proc file, in bytes (MemAvailable, VmRSS, Pss)."""
+    return int(re.search(rf"^{field}:\s+(\d+) kB", Path(path).read_text(), re.MULTILINE).group(1)) * 1024
+
+
 def pss_bytes(pid: int) -> int | None:
     """Proportional set size of `pid`; None when it has gone."""
     try:
-        with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
-            for line in fh:
-                if line.startswith(b"Pss:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return None
+        return proc_bytes(f"/proc/{pid}/smaps_rollup", "Pss")
+    except (OSError, AttributeError):  # gone, or gone mid-read
+        return None
 
 
 @dataclass

@@ -35,14 +35,10 @@ def _cell(value) -> str:
         return str(value)
     if isinstance(value, int):
         return f"{value:,}"
-    magnitude = abs(value)
-    if magnitude >= 1e4:
-        return f"{value:,.0f}"
-    if magnitude >= 100:
-        return f"{value:.1f}"
-    if magnitude >= 1 or magnitude == 0:
-        return f"{value:.2f}"
-    return f"{value:.3g}"
+    for floor, spec in ((1e4, ",.0f"), (100, ".1f"), (1, ".2f")):
+        if abs(value) >= floor:
+            return format(value, spec)
+    return format(value, ".2f" if value == 0 else ".3g")
 
 
 def plot_lines(path: Path, rows: list[dict], x: str, y: str, series=(), title="", ylabel=None, logx=False) -> Path:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import re
 import sys
 import time
 from contextlib import ExitStack
@@ -31,6 +30,7 @@ from tempfile import TemporaryDirectory
 
 from bank_server.shard import DTYPES, PROCESS_BYTES, RESTORE_COPIES
 from benchmarks.args import comma_list, counts, positive_int
+from benchmarks.memory import proc_bytes
 from benchmarks.report import plot_lines, write_table
 from benchmarks.servers import start_shards
 from benchmarks.steps import run_step_clients
@@ -71,13 +71,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help=f"a small grid: {QUICK}")
 
 
-def settings(args: argparse.Namespace) -> dict:
-    """Each list and --iters: as given, else --quick's, else the default."""
-    preset = QUICK if args.quick else DEFAULT
-    chosen = {name: getattr(args, name) or kind(preset[name]) for name, kind in LISTS.items()}
-    return chosen | {"iters": args.iters or preset["iters"]}
-
-
 def plan(s: dict) -> tuple[dict[tuple, list[tuple]], tuple]:
     """The banks (N, S, dtype), each with its points (K, C), and the base point
     (N, S, dtype, K, C): N x S at the base, then K, dtype and C alone."""
@@ -95,11 +88,6 @@ def plan(s: dict) -> tuple[dict[tuple, list[tuple]], tuple]:
     for point in sorted(dict.fromkeys(points), key=lambda p: (p[0] * DTYPES[p[2]].itemsize, p[1:])):
         banks.setdefault(point[:3], []).append(point[3:])
     return banks, (n, shards, dtype, k, c)
-
-
-def proc_bytes(path: str, field: str) -> int:
-    """A ``FIELD: N kB`` line of a /proc file, in bytes (MemAvailable, VmRSS)."""
-    return int(re.search(rf"^{field}:\s+(\d+) kB", Path(path).read_text(), re.MULTILINE).group(1)) * 1024
 
 
 def refusal(bank: tuple, points: list[tuple], dim: int, batch: int) -> str | None:
@@ -184,7 +172,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("--bank takes the rows and the dtype from the run's bank: drop --rows and --dtypes")
     with TemporaryDirectory(prefix="scale-bank-") as scratch:  # --bank's reshards
         trained = TrainedBank(Path(args.bank), Path(scratch)) if args.bank else None
-        s, dim = settings(args), trained.dim if trained else args.dim
+        preset = QUICK if args.quick else DEFAULT  # each list and --iters: as given, else --quick's, else the default
+        s = {name: getattr(args, name) or kind(preset[name]) for name, kind in LISTS.items()}
+        s["iters"], dim = args.iters or preset["iters"], trained.dim if trained else args.dim
         if trained:
             print(f"bank: {trained.name}, {trained.rows:,} rows x {dim} {trained.dtype}")
             if dropped := [k for k in s["negatives"] if k > trained.rows]:

@@ -72,16 +72,15 @@ class TrainPoint:
         return keys if self.negatives is None else [*keys, f"loss.negatives={self.negatives}"]
 
 
-def _negatives(text: str) -> int | str:
-    return SOFTMAX if text.strip().lower() == SOFTMAX else positive_int(text)
-
-
-def _rows(text: str) -> int | str:
-    return ALL if text.strip().lower() == ALL else positive_int(text)
+def _count_or(word: str):
+    return lambda text: word if text.strip().lower() == word else positive_int(text)
 
 
 def _listed(kind):
     return lambda text: tuple(kind(item) for item in text.split(",") if item.strip())
+
+
+_negatives, _rows = _count_or(SOFTMAX), _count_or(ALL)
 
 
 GRID_OPTIONS = [  # (flag, type, metavar, help); each defaults to the grid's (--quick: the quick grid's)

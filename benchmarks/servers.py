@@ -93,15 +93,11 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def threads(pid: int) -> list[int]:
-    return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
-
-
 def pin(pid: int, cpus: set[int]) -> None:
     """Every thread of process `pid` onto `cpus`; threads it starts later inherit that.
     Twice over, for a thread started while the first round listed them."""
     for _ in range(2):
-        for tid in threads(pid):
+        for tid in map(int, os.listdir(f"/proc/{pid}/task")):
             with contextlib.suppress(ProcessLookupError):  # the thread ended meanwhile
                 os.sched_setaffinity(tid, cpus)
 
@@ -109,7 +105,7 @@ def pin(pid: int, cpus: set[int]) -> None:
 def affinity(pid: int) -> set[int]:
     """The cores any thread of process `pid` may run on."""
     cores: set[int] = set()
-    for tid in threads(pid):
+    for tid in map(int, os.listdir(f"/proc/{pid}/task")):
         with contextlib.suppress(ProcessLookupError):
             cores |= os.sched_getaffinity(tid)
     return cores

@@ -43,15 +43,17 @@ class StepWorkload:
         client.step(self.indices(i), self.features(i), MOMENTUM, self.indices(i + 1), negatives)
 
 
-def timed_calls(fn: Callable[[int], object], iters: int, warmup: int) -> list[float]:
-    """Seconds of each of `iters` calls fn(i), after `warmup` untimed ones."""
-    for i in range(warmup):
-        fn(i)
-    seconds = []
-    for i in range(warmup, warmup + iters):
-        start = time.perf_counter()
-        fn(i)
-        seconds.append(time.perf_counter() - start)
+def timed_calls(fns: list[Callable[[int], object]], iters: int, warmup: int) -> list[list[float]]:
+    """Per function of `fns`, the seconds of each of `iters` calls fn(i) after `warmup`
+    untimed ones; with several, they take turns call by call, who goes first alternating,
+    so that whatever else the machine does hits them alike."""
+    seconds: list[list[float]] = [[] for _ in fns]
+    for i in range(warmup + iters):
+        for k in range(len(fns)) if i % 2 == 0 else reversed(range(len(fns))):
+            start = time.perf_counter()
+            fns[k](i)
+            if i >= warmup:
+                seconds[k].append(time.perf_counter() - start)
     return seconds
 
 
@@ -70,8 +72,7 @@ def step_bytes(batch: int, negatives: int, dim: int, dtype: str, shards: int) ->
     the shards as evenly as `g % shards` splits them."""
 
     def tensor(dtype: str, *shape: int) -> bank_pb2.Tensor:
-        itemsize = 8 if dtype == "int64" else np.dtype(dtype).itemsize
-        return bank_pb2.Tensor(dtype=_WIRE[dtype], shape=shape, data=bytes(itemsize * int(np.prod(shape))))
+        return bank_pb2.Tensor(dtype=_WIRE[dtype], shape=shape, data=bytes(np.empty(shape, dtype).nbytes))
 
     sizes = []
     for s in range(shards):
@@ -93,7 +94,7 @@ def _client(addresses, rows, dim, batch, negatives, iters, seed, ready, answers)
                 work.step(client, i, negatives)
             ready.wait()
             start = time.monotonic()
-            seconds = timed_calls(lambda i: work.step(client, i, negatives), iters, 0)
+            [seconds] = timed_calls([lambda i: work.step(client, i, negatives)], iters, 0)
             answers.put((seconds, start, time.monotonic()))
     except BaseException:
         ready.abort()  # the others stop waiting for this one

@@ -36,14 +36,11 @@ from trainer.models import Encoder
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default="fashion-mnist", help="fashion-mnist, mnist, cifar10, ...")
     parser.add_argument("--arch", default="small")
-    parser.add_argument("--width", type=positive_int, default=32)
+    for flag, default in (("--width", 32), ("--negatives", 4096), ("--batch", 128), ("--shards", 2), ("--steps", 60)):
+        parser.add_argument(flag, type=positive_int, default=default)
     parser.add_argument("--image-size", type=int, default=0, help="resize images to this side (0: native)")
     parser.add_argument("--loss", choices=("nce", "softmax"), default="nce")
-    parser.add_argument("--negatives", type=positive_int, default=4096)
     parser.add_argument("--temperature", type=float, default=0.07)
-    parser.add_argument("--batch", type=positive_int, default=128)
-    parser.add_argument("--shards", type=positive_int, default=2)
-    parser.add_argument("--steps", type=positive_int, default=60)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rounds", type=positive_int, default=4, help="turns, alternating between the banks")
     parser.add_argument("--device", default="auto", help="auto: cuda when available")
@@ -89,28 +86,20 @@ class Trainer:
         self.optimizer.step()
         return f.detach()
 
-    def sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
 
 class InProcessLoop:
     """(b): the bank is a tensor on the training device."""
 
     def __init__(self, trainer: Trainer):
-        self.trainer, a = trainer, trainer.args
+        self.trainer = trainer
         self.bank = F.normalize(torch.rand(trainer.n, 128, device=trainer.device) - 0.5, dim=1)
 
-        def partition_fn(q):  # log Z and the softmax-weighted row of every query, exactly
-            logits = q @ self.bank.T / a.temperature
-            return torch.logsumexp(logits, 1), torch.softmax(logits, 1) @ self.bank
+    def partition_fn(self, q):  # log Z and the softmax-weighted row of every query, exactly
+        logits = q @ self.bank.T / self.trainer.args.temperature
+        return torch.logsumexp(logits, 1), torch.softmax(logits, 1) @ self.bank
 
-        self.partition_fn = partition_fn
-
-    def run(self, steps: int) -> float:
+    def run(self, steps: int) -> None:
         t, bank = self.trainer, self.bank
-        t.sync()
-        start = time.perf_counter()
         for _ in range(steps):
             idx = t.batch_indices().to(t.device)
             positives = bank[idx]
@@ -118,8 +107,6 @@ class InProcessLoop:
             f = t.step(t.images[idx], positives, negatives, self.partition_fn)
             with torch.no_grad():
                 bank[idx] = F.normalize(0.5 * positives + 0.5 * f, dim=1)
-        t.sync()
-        return time.perf_counter() - start
 
 
 class RemoteLoop:
@@ -140,17 +127,13 @@ class RemoteLoop:
         log_z, expected = self.client.partition_sums(q.detach().float().cpu().numpy(), self.trainer.args.temperature)
         return torch.from_numpy(log_z).to(q.device), torch.from_numpy(expected).to(q.device)
 
-    def run(self, steps: int) -> float:
+    def run(self, steps: int) -> None:
         t = self.trainer
-        t.sync()
-        start = time.perf_counter()
         for _ in range(steps):
             step = next(self._steps)
             self.waited_s += step.waited_s
             self.round_trip_s += step.round_trip_s
             self.feed.push(step.indices, t.step(step.images, step.positives, step.negatives, self.partition_fn))
-        t.sync()
-        return time.perf_counter() - start
 
     def close(self) -> None:
         try:
@@ -160,14 +143,19 @@ class RemoteLoop:
             self.feed.close()
 
 
-def images_per_sec(loops: dict, steps: int, rounds: int, batch: int) -> dict:
+def images_per_sec(loops: dict, steps: int, rounds: int, batch: int, device: torch.device) -> dict:
     """Each loop's images/s over `steps` steps run in `rounds` turns that alternate
-    between the loops (which goes first alternates too)."""
+    between the loops (which goes first alternates too); each turn waits for `device`."""
     seconds = dict.fromkeys(loops, 0.0)
     names = list(loops)
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            seconds[name] += loops[name].run(len(range(r, steps, rounds)))
+            sync()
+            start = time.perf_counter()
+            loops[name].run(len(range(r, steps, rounds)))
+            sync()
+            seconds[name] += time.perf_counter() - start
     return {name: steps * batch / seconds[name] for name in names}
 
 
@@ -200,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         for loop in loops.values():
             loop.run(args.warmup)
         remote.waited_s = remote.round_trip_s = 0.0  # the figures are of the timed steps
-        rates = images_per_sec(loops, args.steps, args.rounds, args.batch)
+        rates = images_per_sec(loops, args.steps, args.rounds, args.batch, remote.trainer.device)
     waited_ms, rtt_ms = (1e3 * seconds / args.steps for seconds in (remote.waited_s, remote.round_trip_s))
     ratio = rates["remote"] / rates["inprocess"]
     result = dict(remote_images_per_sec=rates["remote"], inprocess_images_per_sec=rates["inprocess"], ratio=ratio)
