@@ -379,7 +379,7 @@ class Worker:
         return self.outcome(time.perf_counter() - train_start)
 
     def _record(self, metrics: dict, top1, top5, eval_s, refresh_s, untrained, epoch_ended: bool) -> None:
-        """A row of the history, and its line (an epoch's end, an evaluation or a checkpoint)."""
+        """A row of the history (an epoch's end, an evaluation or a checkpoint), and a line for an evaluation."""
         metrics.update(
             epoch=round(self.epoch + self.epoch_step / self.length.steps_per_epoch, 3),
             step=self.step,
@@ -391,9 +391,12 @@ class Worker:
         )
         self.history.append(metrics)
         self.events.epoch(metrics)
-        where = f"epoch {self.epoch}/{self.epochs} done" if epoch_ended else f"step {self.step}/{self.length.steps}"
-        knn = "" if math.isnan(eval_s) else f" | kNN top-1 {percent(top1)} top-5 {percent(top5)} ({eval_s:.1f} s)"
-        log.info(f"{where} | loss {metrics['loss']:.4f} | {metrics['images_per_sec']:,.0f} img/s{knn}")
+        if not math.isnan(eval_s):  # the progress lines say the rest
+            where = f"epoch {self.epoch}/{self.epochs} done" if epoch_ended else f"step {self.step}/{self.length.steps}"
+            log.info(
+                f"{where} | loss {metrics['loss']:.4f} | kNN top-1 {percent(top1)} top-5 {percent(top5)} "
+                f"({eval_s:.1f} s)"
+            )
         warning = below_untrained(metrics, untrained)
         if warning:
             log.warning(warning)
