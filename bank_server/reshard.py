@@ -222,16 +222,7 @@ def _write(partial: Path, scratches: list[_Scratch], shards: int, tag: str, prov
         writers = []
         for sid in range(shards):
             layout = Layout(sid, shards, rows, dim, dtype)
-            metadata = {
-                "layout": asdict(layout),
-                "tag": tag,
-                "updates_applied": 0,
-                "rows_updated": 0,
-                "seen": [],
-                "log_segment": None,
-                "created": time.time(),
-                "resharded_from": provenance,
-            }
+            metadata = snapshots.metadata(asdict(layout), tag, None, resharded_from=provenance)
             writers.append(stack.enter_context(snapshots.SnapshotWriter(partial, sid, tag, metadata, dim, dtype)))
         for g0 in range(0, rows, block):
             n = min(block, rows - g0)

@@ -382,15 +382,9 @@ class Shard:
                 )
             with self._lock:
                 segment = self._log.rotate() if self._log is not None else None
-                metadata = {
-                    "layout": asdict(self.layout),
-                    "tag": tag,
-                    "updates_applied": self.updates_applied,
-                    "rows_updated": self.rows_updated,
-                    "seen": [[c, s] for c, s in self._seen],
-                    "log_segment": segment,
-                    "created": time.time(),
-                }
+                metadata = snapshots.metadata(
+                    asdict(self.layout), tag, segment, self.updates_applied, self.rows_updated, self._seen
+                )
             if self._log is not None:
                 self._log.seal()  # the segment before is whole on disk before anything names it
             path, nbytes, seconds, log_end = snapshots.write(

@@ -65,6 +65,31 @@ def _replace_durably(tmp: Path, final: Path) -> None:
     update_log.fsync_path(final.parent)
 
 
+def metadata(
+    layout: dict,
+    tag: str,
+    log_segment: int | None,
+    updates_applied: int = 0,
+    rows_updated: int = 0,
+    seen=(),
+    **more,
+) -> dict:
+    """What a snapshot's schema carries besides its rows: the shard's layout (``asdict``
+    of `bank_server.shard.Layout`), the tag, the update counters, the ``(client_id,
+    sequence)`` pairs remembered for idempotent retries, the log segment its rows continue
+    into, when it was made, and `more` (a reshard's provenance)."""
+    return {
+        "layout": layout,
+        "tag": tag,
+        "updates_applied": updates_applied,
+        "rows_updated": rows_updated,
+        "seen": [[c, s] for c, s in seen],
+        "log_segment": log_segment,
+        "created": time.time(),
+        **more,
+    }
+
+
 class SnapshotWriter:
     """Snapshot `tag` of shard `shard_id`, written a record batch at a time to a temporary
     file: ``commit()`` renames it into place durably; leaving the ``with`` block without

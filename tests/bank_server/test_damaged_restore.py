@@ -48,15 +48,7 @@ def plant_snapshot_that_fails_mid_load(directory, layout: Layout, tag="bad"):
     segment = log.segment
     log.close()
     rows = np.full((layout.rows_held, layout.dim), layout.dim**-0.5, np.float16)
-    metadata = {
-        "layout": asdict(layout),
-        "tag": tag,
-        "updates_applied": 0,
-        "rows_updated": 0,
-        "seen": [],
-        "log_segment": segment,
-        "created": time.time(),
-    }
+    metadata = snapshots.metadata(asdict(layout), tag, segment)
     snapshots.write(directory, layout.shard_id, tag, metadata, layout.dim, np.float16, [(rows, 1)])
     return rows
 
