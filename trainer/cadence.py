@@ -13,7 +13,8 @@ dataset size:
 - checkpoints, every `CHECKPOINT_MINUTES` of training at this start's pace.
 
 Checkpoints with ``train.checkpoint_every=0`` come at epoch ends. The last step always
-evaluates and checkpoints. Rank 0 plans the timed cadences and every worker follows
+evaluates and checkpoints; a refresh due there comes first, so the kNN and the bank a run
+leaves are of clean features. Rank 0 plans the timed cadences and every worker follows
 its plan (`Cadence.agree`).
 """
 
@@ -73,7 +74,7 @@ class Cadence:
     def due(self, step: int, epoch_ended: bool) -> Due:
         last = step >= self.total
         return Due(
-            refresh=bool(self.refresh_every) and step % self.refresh_every == 0 and not last,
+            refresh=bool(self.refresh_every) and step % self.refresh_every == 0,
             evaluate=self.evaluates and (last or self._eval_due(step)),
             checkpoint=last
             or (epoch_ended if self.checkpoint_every == 0 else False)
@@ -98,7 +99,11 @@ class Cadence:
         step; None before any step) and every worker takes its plan: a collective."""
         plan = None
         if dist.rank() == 0 and seconds_per_step and step >= self.pace_at:
-            plan = (self._next_eval(seconds_per_step), self._next_checkpoint(seconds_per_step))
+            # Never at or before this step: a pace measured slower since would put it there.
+            plan = tuple(
+                None if due is None else max(due, step + 1)
+                for due in (self._next_eval(seconds_per_step), self._next_checkpoint(seconds_per_step))
+            )
         plan = dist.broadcast_object(plan)
         if plan is not None:
             self.next_eval, self.next_checkpoint = plan

@@ -350,7 +350,7 @@ def _check_type(value, annotation, key: str):
 # Keys that existed once: an old config that sets one is told what replaced it.
 RETIRED = {
     "eval.refresh_bank": "evaluation no longer writes the bank; eval.source=bank|fresh says what kNN searches, "
-    "and train.refresh_bank_every=N rewrites the bank every N epochs as part of training",
+    "and train.refresh_bank_every=N rewrites the bank every N optimizer steps as part of training",
     "bank.placement": "shard actors are always spread over the Ray nodes by their free memory",
     "train.overlap": "the bank's round trip always runs during the step's compute",
 }

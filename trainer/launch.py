@@ -62,6 +62,13 @@ def check_against_dataset(config: Config, train_rows: int, image_side: int) -> N
             f"model.arch={config.model.arch} needs images of at least {need}x{need} pixels, the "
             f"dataset gives {image_side}x{image_side}"
         )
+    per_epoch = max(1, train_rows // config.train.batch_size)
+    if config.train.refresh_bank_every and config.train.refresh_bank_every < per_epoch:
+        log.warning(
+            f"train.refresh_bank_every={config.train.refresh_bank_every} encodes all {train_rows:,} training "
+            f"images every {config.train.refresh_bank_every} steps, more often than an epoch ({per_epoch:,} "
+            "steps): it counts optimizer steps, not epochs"
+        )
     if config.bank.shards > train_rows:
         raise ConfigError(f"bank.shards={config.bank.shards} exceeds the {train_rows} training images")
     if config.train.batch_size > train_rows:
@@ -246,7 +253,7 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
     if outcome.get("error"):
         where = result.checkpoint.path if result.checkpoint else "none was written"
         summary = None
-        if any(h["epoch"] > 0 for h in outcome["history"]) and result.checkpoint is not None:
+        if any(h["step"] > 0 for h in outcome["history"]) and result.checkpoint is not None:
             summary = write_outputs(config, output, outcome, result.checkpoint, wall, sha)
         raise TrainingStopped(f"{outcome['error']}. Last good checkpoint: {where}", summary)
     return write_outputs(config, output, outcome, result.checkpoint, wall, sha)

@@ -66,6 +66,11 @@ def bank_for_resume(found: Path, snapshots: str, tag: str, shards: int, rows_dim
     from bank_server.errors import BankError
     from bank_server.reshard import reshard, source_layout
 
+    folder = Path(snapshots)
+    resharded = folder.with_name(f".{folder.name}.{shards}-shards")
+    if not folder.exists() and resharded.exists():  # a resume that stopped between its two renames
+        resharded.rename(folder)
+        log.info(f"bank: {folder} is the {shards}-shard bank an earlier resume resharded")
     try:
         trained, *stored = source_layout(snapshots, tag)
         if tuple(stored) != tuple(rows_dim_dtype):
@@ -77,18 +82,16 @@ def bank_for_resume(found: Path, snapshots: str, tag: str, shards: int, rows_dim
             )
         if trained == shards:
             return
-        folder = Path(snapshots)
         kept = folder.with_name(f"{folder.name}.{trained}-shards-{time.strftime('%Y%m%d-%H%M%S')}")
-        resharded = folder.with_name(f".{folder.name}.{shards}-shards")
-        shutil.rmtree(resharded, ignore_errors=True)  # a reshard that did not finish
+        shutil.rmtree(resharded, ignore_errors=True)  # one that a failure left behind: never used
         done = reshard(folder, resharded, shards, tag=tag)
-    except BankError as error:
+        folder.rename(kept)
+        resharded.rename(folder)
+    except (BankError, OSError) as error:
         raise CannotResume(
             f"cannot resume {found}: its bank snapshot {tag!r} in {snapshots} cannot be used ({error}); "
             "start a new run (leave out --output-dir, or give another --name)"
         ) from None
-    folder.rename(kept)
-    resharded.rename(folder)
     log.info(
         f"bank resharded {trained} -> {shards} shards ({done.rows:,} rows, {done.seconds:.1f} s); "
         f"the {trained}-shard bank is kept in {kept}"

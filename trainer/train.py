@@ -197,10 +197,9 @@ class Worker:
 
     # -- training between pauses -------------------------------------------------
 
-    def train_until(self, batches, stop: int) -> dict:
-        """Train on `batches` (the epoch's, from where it stands) up to global step
-        `stop`; returns the metrics of those steps."""
-        self.meter.start_row(self.device)
+    def train_until(self, batches, stop: int) -> None:
+        """Train on `batches` (the epoch's, from where it stands) up to global step `stop`."""
+        self.meter.start_stretch(self.device)
         # islice, not break: BankFeed sends the last step's update when its batches end, so
         # the bank holds every update of these steps when training pauses.
         for step in self.feed.steps(itertools.islice(batches, stop - self.step)):
@@ -211,7 +210,7 @@ class Worker:
                 line, figures = self.meter.progress(self.step, self.lr_at(self.step - 1), self.length.steps - self.step)
                 log.info(f"epoch {self.epoch + 1}/{self.epochs} step {self.step}/{self.length.steps} | {line}")
                 self.events.progress(figures)
-        return self.meter.row()
+        self.meter.end_stretch()
 
     def refresh_bank(self, why: str) -> float:
         """`fill_bank` by the current encoder; returns the seconds it took. Before training
@@ -250,6 +249,15 @@ class Worker:
         self.optimizer.load_state_dict(state["optimizer"])
         self.epoch, self.step, self.history = state["epoch"], state["step"], state["history"]
         self.epoch_step = state.get("epoch_step", 0)  # older checkpoints: taken at epoch ends
+        then, now = state["config"]["train"], self.config.train
+        if self.epoch_step and (then["batch_size"], then["workers"]) != (now.batch_size, now.workers):
+            # The epoch's batches are another split of it: going on would repeat some rows and miss others.
+            log.info(
+                f"the checkpoint was taken {self.epoch_step} steps into epoch {self.epoch + 1} with "
+                f"train.batch_size={then['batch_size']} and train.workers={then['workers']}; with this run's "
+                f"{now.batch_size} and {now.workers} that epoch starts over"
+            )
+            self.epoch_step = 0
         self.earlier_outages = state.get("bank_outages", [])
         self.z.log_z = state["log_z"]
 
@@ -358,9 +366,9 @@ class Worker:
             if batches is None:  # the epoch starts, or goes on where its checkpoint was taken
                 batches = iter(self.input.epoch_batches(self.epoch, skip=self.epoch_step))
             epoch_end = self.step + per_epoch - self.epoch_step
-            metrics = self.train_until(batches, cadence.next_stop(self.step, epoch_end))
+            self.train_until(batches, cadence.next_stop(self.step, epoch_end))
             pause_start = time.perf_counter()
-            epoch_ended = self.step in (epoch_end, self.length.steps)
+            epoch_ended = self.step == epoch_end  # not at the end of a run that train.steps cuts short
             if epoch_ended:
                 self.epoch, self.epoch_step, batches = self.epoch + 1, 0, None
             due = cadence.due(self.step, epoch_ended)
@@ -370,8 +378,8 @@ class Worker:
             if due.evaluate:
                 top1, top5, eval_s = self.evaluate(c.eval.source)
             cadence.done(self.step, due, eval_s)
-            if epoch_ended or due.evaluate or due.checkpoint:
-                self._record(metrics, top1, top5, eval_s, refresh_s, untrained, epoch_ended)
+            if epoch_ended or due.refresh or due.evaluate or due.checkpoint:
+                self._record(self.meter.row(), top1, top5, eval_s, refresh_s, untrained, epoch_ended)
             if due.checkpoint:
                 self.checkpoint()
             cadence.agree(self.step, self.meter.seconds_per_step())
@@ -379,7 +387,8 @@ class Worker:
         return self.outcome(time.perf_counter() - train_start)
 
     def _record(self, metrics: dict, top1, top5, eval_s, refresh_s, untrained, epoch_ended: bool) -> None:
-        """A row of the history (an epoch's end, an evaluation or a checkpoint), and a line for an evaluation."""
+        """A row of the history (an epoch's end, a refresh, an evaluation or a checkpoint), and a line for an
+        evaluation."""
         metrics.update(
             epoch=round(self.epoch + self.epoch_step / self.length.steps_per_epoch, 3),
             step=self.step,

@@ -16,7 +16,7 @@ def walk(cadence: Cadence, per_epoch: int, pace: float | None = None, eval_secon
             return pauses
         epoch_end = epoch_start + per_epoch
         step = cadence.next_stop(step, epoch_end)
-        ended = step in (epoch_end, cadence.total)
+        ended = step == epoch_end
         if ended:
             epoch_start = step
         due = cadence.due(step, ended)
@@ -43,10 +43,10 @@ def test_fixed_cadences_fall_on_multiples_of_their_steps_and_the_last_step_alway
     refreshed = [p[0] for p in pauses if p[2]]
     evaluated = [p[0] for p in pauses if p[3]]
     checkpointed = [p[0] for p in pauses if p[4]]
-    assert refreshed == [20, 40, 60, 80]  # not at the end: nothing trains on it
+    assert refreshed == [20, 40, 60, 80]
     assert evaluated == [30, 60, 90, 95]
     assert checkpointed == [25, 50, 75, 95]
-    assert [p[0] for p in pauses if p[1]] == [10 * e for e in range(1, 10)] + [95]  # the epochs' ends
+    assert [p[0] for p in pauses if p[1]] == [10 * e for e in range(1, 10)]  # the epochs' ends (the 10th is cut)
     assert all(p[0] % 10 == 0 or p[0] in (25, 75, 95) or p[0] == PACE_STEPS for p in pauses)
 
 
@@ -70,6 +70,15 @@ def test_unset_cadences_keep_their_share_of_the_time():
     long, per_epoch = cadence_of(steps=40_000)
     checkpointed = [p[0] for p in walk(long, per_epoch, pace=0.1, eval_seconds=2.0) if p[4]]
     assert checkpointed == [int(every), int(2 * every), 40_000]
+
+
+def test_a_timed_plan_never_falls_behind_the_step_it_is_made_at():
+    cadence, per_epoch = cadence_of(steps=40_000)
+    cadence.agree(PACE_STEPS, 0.1)  # 30 minutes at 0.1 s a step: step 18,000
+    assert cadence.next_checkpoint == 18_000
+    cadence.agree(17_600, 0.103)  # slower since: 17,476, already behind
+    assert cadence.next_checkpoint == 17_601 and cadence.next_stop(17_600, 17_610) == 17_601
+    assert cadence.due(17_601, False).checkpoint
 
 
 def test_nothing_evaluates_without_an_evaluation_split():

@@ -10,7 +10,7 @@ from trainer.meter import Meter
 
 
 def run_row(meter, losses, first_step, lines, figures, steps_total=7):
-    meter.start_row("cpu")
+    meter.start_stretch("cpu")
     for t, loss in enumerate(losses):
         meter.add(torch.tensor(loss), round_trip_s=0.010, waited_s=0.002)
         step = first_step + t
@@ -18,6 +18,8 @@ def run_row(meter, losses, first_step, lines, figures, steps_total=7):
             line, numbers = meter.progress(step, lr=0.5, steps_left=steps_total - step)
             lines.append(line)
             figures.append(numbers)
+    meter.end_stretch()
+    meter.paused(0.5)  # a pause between rows: not training time
     return meter.row()
 
 
@@ -34,6 +36,7 @@ def test_lines_come_every_log_every_steps_of_the_run_across_rows():
     assert all(e["images_per_sec"] > 0 and e["bank_rtt_ms"] == pytest.approx(10.0) for e in figures)
     assert first["loss"] == pytest.approx(7 / 3) and second["loss"] == 5.0
     assert first["bank_wait_ms"] == pytest.approx(2.0) and first["images_per_sec"] > 0
+    assert first["seconds"] < 0.5 and meter.seconds_per_step() < 0.5 / 6  # the pauses are not counted
 
 
 def seconds_of(progress: tuple[str, dict]) -> int:
@@ -43,12 +46,17 @@ def seconds_of(progress: tuple[str, dict]) -> int:
 
 def test_the_eta_counts_the_pauses_in_the_share_of_the_time_they_took_so_far():
     meter = Meter(batch_size=8, log_every=1)
-    meter.start_row("cpu")
+    meter.start_stretch("cpu")
     meter.add(torch.tensor(1.0), 0.0, 0.0)
+    meter.end_stretch()
     trained = meter.seconds_per_step()
     meter.paused(1000 * trained)  # pauses have taken 1000 times the training so far
-    # 10 steps left: their training, and 1000 times as much again for the pauses.
-    eta = seconds_of(meter.progress(1, 0.1, steps_left=10))
-    assert eta == pytest.approx(10 * 1001 * trained, abs=1.5)
+    meter.start_stretch("cpu")
     meter.add(torch.tensor(1.0), 0.0, 0.0)
-    assert seconds_of(meter.progress(2, 0.1, steps_left=0)) == 0
+    # 10 steps left: their training, and 1000 times the first step's as much again for the pauses.
+    eta = seconds_of(meter.progress(2, 0.1, steps_left=10))
+    assert eta == pytest.approx(
+        10 * meter.seconds_per_step() * (1 + 1000 * trained / (2 * meter.seconds_per_step())), abs=1.5
+    )
+    meter.add(torch.tensor(1.0), 0.0, 0.0)
+    assert seconds_of(meter.progress(3, 0.1, steps_left=0)) == 0

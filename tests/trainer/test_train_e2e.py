@@ -86,7 +86,7 @@ def test_training_writes_every_output(first_run):
     assert math.isnan(float(rows[1]["knn_top1"])) and float(rows[3]["knn_top1"]) == summary["knn_top1"]
     assert np.isfinite(float(rows[2]["knn_top1"]))  # eval.every=24
     refreshed = [r["step"] for r in rows if np.isfinite(float(r["refresh_seconds"]))]
-    assert refreshed == ["0", "16"]  # the warm start, then train.refresh_bank_every=16
+    assert refreshed == ["0", "16", "32"]  # the warm start, then train.refresh_bank_every=16
     # TensorBoard: the progress lines' scalars per step, and each epoch's (written as it went).
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -192,6 +192,7 @@ def test_nce_learns_without_collapse(tmp_path):
             "train.epochs=2",
             "loss.kind=nce",
             "train.refresh_bank_every=468",
+            "eval.every=936",  # the end only: what is checked
             "loss.negatives=4096",
             "augment.crop_min=0.5",
             "loss.temperature=0.1",
@@ -204,7 +205,8 @@ def test_nce_learns_without_collapse(tmp_path):
     summary = summary_of(tmp_path)
     assert summary["knn_top1"] > summary["knn_top1_untrained"], summary
     rows = rows_of(tmp_path)
-    assert float(rows[-1]["loss"]) < float(rows[1]["loss"])
+    assert [r["step"] for r in rows] == ["0", "468", "936"]
+    assert float(rows[2]["loss"]) < float(rows[1]["loss"])
 
 
 def test_training_against_running_bank_servers(tmp_path, spawn_server):
@@ -239,13 +241,13 @@ def test_training_against_running_bank_servers(tmp_path, spawn_server):
         == 0
     )
     summary = summary_of(tmp_path / "out")
-    assert (summary["epochs"], summary["steps"], summary["loss"]) == (2, 20, "infonce")
-    assert summary["knn_epoch"] == 2 and summary["knn_source"] == "fresh" and summary["refresh_seconds"] is None
+    assert (summary["epochs"], summary["steps"], summary["loss"]) == (1.25, 20, "infonce")  # the cut epoch: 4 of 16
+    assert summary["knn_epoch"] == 1.25 and summary["knn_source"] == "fresh" and summary["refresh_seconds"] is None
     assert np.isfinite(summary["final_loss"])
     rows = rows_of(tmp_path / "out")
     assert [int(r["step"]) for r in rows] == [0, 16, 20]
     assert float(rows[0]["refresh_seconds"]) > 0  # the warm start: the only fill
-    assert list((tmp_path / "bank" / "shard-00001").glob("epoch-0002-step-20.arrow"))
+    assert list((tmp_path / "bank" / "shard-00001").glob("epoch-0001-step-20.arrow"))
 
 
 def test_a_non_finite_loss_stops_with_a_message(tmp_path, capsys):
