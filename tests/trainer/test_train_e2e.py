@@ -188,7 +188,7 @@ def test_nce_learns_without_collapse(tmp_path):
         train(
             tmp_path,
             "data.subset=0",
-            "data.test_subset=2000",
+            "data.test_subset=1000",
             "train.epochs=2",
             "loss.kind=nce",
             "train.refresh_bank_every=468",
@@ -209,7 +209,7 @@ def test_nce_learns_without_collapse(tmp_path):
     assert float(rows[2]["loss"]) < float(rows[1]["loss"])
 
 
-def test_training_against_running_bank_servers(tmp_path, spawn_server):
+def test_training_against_running_bank_servers(tmp_path, spawn_server, capsys):
     # Also InfoNCE, a length in steps (16 a epoch: the second epoch is cut to 4), and kNN
     # on fresh features with no refresh: nothing but training writes the bank.
     servers = [
@@ -248,6 +248,15 @@ def test_training_against_running_bank_servers(tmp_path, spawn_server):
     assert [int(r["step"]) for r in rows] == [0, 16, 20]
     assert float(rows[0]["refresh_seconds"]) > 0  # the warm start: the only fill
     assert list((tmp_path / "bank" / "shard-00001").glob("epoch-0001-step-20.arrow"))
+
+    # Running shards of another count are not the run's to reshard: the resume refuses,
+    # before Ray starts, with the command that would.
+    three = [spawn_server("--shard-id", str(s), "--num-shards", "3", "--rows", "2048", "--port", "0") for s in range(3)]
+    others = ",".join(server.address for server in three)
+    assert train(tmp_path / "out", "train.steps=30", f"bank.addresses={others}", name="external") == 2
+    err = capsys.readouterr().err
+    assert "its bank had 2 shards, bank.addresses names 3" in err, err[-2000:]
+    assert "instdisc bank reshard SNAPSHOT_DIR NEW_DIR --shards 3 --tag epoch-0001-step-20" in err
 
 
 def test_a_non_finite_loss_stops_with_a_message(tmp_path, capsys):
