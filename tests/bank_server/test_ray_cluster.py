@@ -117,7 +117,7 @@ def summary_rows(output: Path) -> list[dict]:
 def test_a_run_across_nodes_survives_a_shard_kill_and_resumes_on_the_nodes_left(cluster, tmp_path, capsys):
     # Last in this module: it takes a node away. Trained on streamed Parquet over the 3
     # nodes, a shard killed mid-run; then a node it used is gone, and the same run
-    # resumes on the 2 left, its bank (in a folder every node sees) resharded 2 -> 1.
+    # resumes on the 2 left, its bank (in a folder every node sees) resharded 2 -> 3.
     data = tmp_path / "data"
     write_split(data, "train", [700, 700, 600], group_rows=100)  # 3 files, 20 row groups
     write_split(data, "validation", [200], group_rows=100)  # Hugging Face's name for it
@@ -187,17 +187,29 @@ def test_a_run_across_nodes_survives_a_shard_kill_and_resumes_on_the_nodes_left(
     gone = next(s["node_id"] for s in shards if s["node_id"] != head)
     cluster.remove_node(next(node for node in cluster.list_all_nodes() if node.node_id == gone))
     assert wait_until(lambda: sum(node["Alive"] for node in ray.nodes()) == 2, timeout=60)
-    # In this process, joined to the cluster: the shard count goes 2 -> 1.
+    # A point past the checkpoint (step 62), as an attempt that died after it leaves one.
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(output / "tensorboard")) as stale:
+        stale.add_scalar("train/loss", 99.0, 65)
+    # In this process, joined to the cluster: the shard count goes 2 -> 3 on 2 nodes.
     from trainer.cli import main
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_ADDRESS", cluster.address)
-        assert main(["train", *run.args[3:], "train.epochs=0", "train.steps=70", "bank.shards=1"]) == 0
+        assert main(["train", *run.args[3:], "train.epochs=0", "train.steps=70", "bank.shards=3"]) == 0
     logs = "".join(capsys.readouterr())
-    assert "bank resharded 2 -> 1 shards (2,000 rows" in logs, logs[-4000:]
+    assert "bank resharded 2 -> 3 shards (2,000 rows" in logs, logs[-4000:]
     assert "resuming run 'nodes' from its checkpoint at step 62" in logs, logs[-4000:]
     summary = json.loads((output / "summary.json").read_text())
     assert summary["steps"] == 70 and summary["evaluated"] == ["knn"] and 0 < summary["knn_top1"] <= 1, summary
     # The checkpoint's history and outages came back: the steps before 62 were not trained again.
     assert summary["bank_outages"] >= 1 and [h["step"] for h in summary_rows(output)] == [0, 62, 70]
-    assert [p.name for p in (output / "bank" / "nodes").glob("shard-*")] == ["shard-00000"]
+    bank = output / "bank" / "nodes"
+    assert sorted(p.name for p in bank.glob("shard-*/epoch-0001-step-70.arrow")) == ["epoch-0001-step-70.arrow"] * 3
+    assert list(bank.parent.glob("nodes.2-shards-*/shard-00001/epoch-0001-step-62.arrow"))  # the old layout, kept
+    # The same curves go on, each step once: the stale point gave way to the resume's.
+    events = EventAccumulator(str(output / "tensorboard"))
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(5, 75, 5)) and all(e.value != 99.0 for e in loss)

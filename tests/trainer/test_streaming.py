@@ -139,7 +139,7 @@ def test_every_worker_takes_the_same_steps_and_each_row_at_most_once_per_epoch(d
         ("data.stream=true",),
         # Chunks of 256 rows: loader processes that pass whole rounds over undecoded.
         ("data.stream=true", "data.loader_workers=2", "data.shuffle_buffer=300"),
-        ("data.stream=true", "data.loader_workers=1", "data.shuffle_buffer=0"),
+        ("data.stream=true", "data.shuffle_buffer=0"),
     ],
 )
 def test_an_epoch_resumed_after_k_batches_goes_on_with_the_same_batches(tmp_path_factory, overrides):
