@@ -428,12 +428,12 @@ class BankClient:
             array = array.astype(np.float32)
         return array
 
-    def _checked_update(self, indices, features, momentum: float) -> tuple[np.ndarray, np.ndarray]:
+    def _checked_update(self, indices, features, momentum: float, whole: bool = False) -> tuple[np.ndarray, np.ndarray]:
         idx, features = self._indices(indices, "update.indices"), self._floats(features)
         # The shards validate only their own parts: a bad row in one must not let the
         # others apply theirs, so the update is checked whole before any part goes out.
         # One shard checks all of it itself, with the same validators.
-        if self.num_shards > 1:
+        if self.num_shards > 1 or whole:
             validate.update(idx, features, momentum, self.rows, self.dim)
         return idx, features
 
@@ -473,6 +473,26 @@ class BankClient:
                 "fewer negatives"
             )
 
+    def checked_step(
+        self, update_indices, update_features, momentum: float, lookup_indices, negatives: int, whole: bool = False
+    ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """A Step's (update indices, update features, lookup indices) as arrays, None where
+        absent, checked before anything is sent: sizes always, values when the Step goes
+        to several shards or `whole` (a shard checks its own part with the same
+        validators, so a mistake reads the same wherever it is caught)."""
+        validate.count(negatives, 0, self.rows, "negatives", "the bank's rows")
+        idx = features = reads = None
+        if update_indices is not None and len(update_indices):
+            idx, features = self._checked_update(update_indices, update_features, momentum, whole)
+        if lookup_indices is not None:
+            reads = self._indices(lookup_indices, "lookup_indices")
+            # Likewise: a shard refusing its part of the reads would refuse its part of
+            # the update too, while the others apply theirs.
+            if self.num_shards > 1 or whole:
+                validate.indices(reads, self.rows, "lookup_indices")
+        self.check_step(0 if idx is None else len(idx), 0 if reads is None else len(reads), negatives)
+        return idx, features, reads
+
     def step(
         self,
         update_indices=None,
@@ -485,18 +505,8 @@ class BankClient:
         """One round trip, one message per shard: apply an update, then read
         `lookup_indices` and `negatives` uniform rows. A Step that might not fit in a
         message is refused before anything is sent (`check_step`)."""
-        validate.count(negatives, 0, self.rows, "negatives", "the bank's rows")
-        idx = reads = None
-        if update_indices is not None and len(update_indices):
-            idx, features = self._checked_update(update_indices, update_features, momentum)
-        if lookup_indices is not None:
-            reads = self._indices(lookup_indices, "lookup_indices")
-            # Likewise: a shard refusing its part of the reads would refuse its part of
-            # the update too, while the others apply theirs.
-            if self.num_shards > 1:
-                validate.indices(reads, self.rows, "lookup_indices")
+        idx, features, reads = self.checked_step(update_indices, update_features, momentum, lookup_indices, negatives)
         n_lookup = 0 if reads is None else len(reads)
-        self.check_step(0 if idx is None else len(idx), n_lookup, negatives)
         rng = self._rng if seed is None else np.random.default_rng(seed)
 
         fields: dict[int, dict[str, Any]] = {}  # shard -> its StepRequest's fields

@@ -10,6 +10,8 @@ computes, ONE fused Step RPC per shard is in flight that
 
     applies u(t-1),  reads the rows v(I_{t+1}),  draws the K negatives of step t+1.
 
+(Workers that share a node send theirs as one Step per shard: `trainer.node_steps`.)
+
 So step t's positives were read after u(t-2) was applied and before u(t-1) (within an
 epoch the batches are disjoint, so that lag never touches a batch's own rows), and the
 update of the last step goes out when the batches run out.
@@ -27,6 +29,8 @@ import numpy as np
 import torch
 
 from bank_server.client import BankClient, StepResult
+from trainer.distributed import NodeGroup
+from trainer.node_steps import NodeSteps
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +65,12 @@ def rows_on(a: np.ndarray, device) -> torch.Tensor:
 
 
 class BankFeed:
-    def __init__(self, client: BankClient, negatives: int, momentum: float, device: torch.device):
+    def __init__(
+        self, client: BankClient, negatives: int, momentum: float, device: torch.device, node: NodeGroup | None = None
+    ):
+        """`node`: this worker's node's group when it shares its node and the node sends one Step."""
         self.client, self.negatives, self.momentum, self.device = client, negatives, momentum, device
+        self._step = client.step if node is None else NodeSteps(client, node).step
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bank-feed")
         self._pending: Future | None = None
         self._pushed: tuple[np.ndarray, np.ndarray] | None = None
@@ -111,7 +119,7 @@ class BankFeed:
     def _rpc(self, update, lookup) -> tuple[StepResult, float]:
         start = time.perf_counter()
         idx, features = update if update is not None else (None, None)
-        result = self.client.step(
+        result = self._step(
             update_indices=idx,
             update_features=features,
             momentum=self.momentum,

@@ -213,6 +213,10 @@ BENCHMARKS = {
     ("scale", "bank"): ("benchmarks.scale_bank", "Step cost and memory vs rows, shards, negatives, dtype and clients"),
     ("scale", "train"): ("benchmarks.scale_train", "kNN accuracy vs negatives (and the exact softmax) and bank size"),
     ("scale", "data"): ("benchmarks.scale_data", "Parquet reading vs set size: train worker memory and images/s"),
+    ("scale", "fan-in"): (
+        "benchmarks.fan_in",
+        "Steps a shard serves from W paced workers on M nodes, one Step per node or not",
+    ),
 }
 
 

@@ -99,6 +99,9 @@ class BankConfig:
     # are expanded on each shard's node (node-local disks: '$LOCAL_DISK/instdisc').
     snapshot_dir: str | None = None
     warm_start: bool = True  # fill the bank with one encoder pass before training
+    # The workers on a node send their Steps as one, so a shard serves one Step per node
+    # per training step, not one per worker (trainer.node_steps).
+    one_step_per_node: bool = True
     seed: int = 0
     timeout: float = 60.0
 

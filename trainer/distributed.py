@@ -3,8 +3,12 @@ Train). Everything degrades to a single process when no group is set up."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 def is_distributed() -> bool:
@@ -82,3 +86,40 @@ def stop_if_any(error: Exception | None) -> None:
     if failed:
         messages = all_gather_object(None if error is None else str(error))
         raise StopTraining(next(m for m in messages if m is not None))
+
+
+class NodeGroup:
+    """The workers of one node as a gloo group, its first worker (`leader`) in the middle:
+    `gather` brings every member's object to the leader, `scatter` hands each member
+    its own. Called from any one thread of each member, in the same order on all."""
+
+    def __init__(self, group, members: list[int]):
+        self.group, self.members = group, members
+        self.is_leader = rank() == members[0]
+
+    def gather(self, obj) -> list | None:
+        """Every member's `obj` in rank order at the leader; None elsewhere."""
+        gathered = [None] * len(self.members) if self.is_leader else None
+        dist.gather_object(obj, gathered, group=self.group, group_dst=0)
+        return gathered
+
+    def scatter(self, objs: list | None):
+        """The leader's objs[i] to member i; each member gets its own."""
+        mine = [None]
+        dist.scatter_object_list(mine, objs, group=self.group, group_src=0)
+        return mine[0]
+
+
+def node_group(node: int) -> NodeGroup | None:
+    """This worker's node's group (`node`: which node it runs on, as Ray Train numbers
+    them), or None when it is alone there. A collective over all workers: each makes
+    every node's group (gloo, whatever the training backend), in the same order."""
+    if not is_distributed():
+        return None
+    nodes = all_gather_object(node)
+    members = [[r for r, n in enumerate(nodes) if n == m] for m in sorted(set(nodes))]
+    group, _ = dist.new_subgroups_by_enumeration(members, backend="gloo")
+    mine = next(m for m in members if rank() in m)
+    if rank() == 0:
+        log.info(f"bank: one Step per node per shard; workers per node: {[len(m) for m in members]}")
+    return NodeGroup(group, mine) if len(mine) > 1 else None

@@ -225,9 +225,13 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
             token_env=token_env,
             name=f"{run_name}-bank",
             keep_snapshots=KEEP_CHECKPOINTS + 1,
-            # Large enough for this run's Steps: one message per shard.
+            # Large enough for this run's Steps, one message per shard: a node's Step
+            # carries its workers' rows (at most the global batch) and all their negatives.
             max_message_bytes=message_limit(
-                config.train.batch_size, config.loss.negatives, config.model.dim, config.bank.dtype
+                config.train.batch_size,
+                config.loss.negatives * config.train.workers,
+                config.model.dim,
+                config.bank.dtype,
             ),
             # A private local Ray keeps the bank on loopback; on a cluster each
             # shard binds its node's address, which the other nodes can reach.

@@ -132,7 +132,9 @@ class Worker:
                 f"the dataset has {self.n} training images and model.dim={c.model.dim}"
             )
         negatives = c.loss.negatives if c.loss.kind in ("nce", "infonce") else 0
-        self.feed = BankFeed(self.client, negatives, c.bank.momentum, self.device)
+        # A collective: every worker makes every node's group.
+        node = dist.node_group(ray.train.get_context().get_node_rank()) if c.bank.one_step_per_node else None
+        self.feed = BankFeed(self.client, negatives, c.bank.momentum, self.device, node)
         self.z = PartitionEstimate(c.loss.z_mode, c.loss.z_momentum)  # NCE's Z
 
         # 4. where training stands: epochs completed, steps of the run and of the epoch in

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 import ray
 
+from bank_server.client import BankClient
 from bank_server.ray_bank import GIB, BankDoesNotFit, plan_placement, start_bank
-from tests.conftest import wait_until
+from tests.conftest import free_port, wait_until
 from tests.trainer.test_streaming import write_split
 
 NODE = {"num_cpus": 1, "memory": 2 * GIB, "object_store_memory": 100 << 20}
@@ -112,6 +113,48 @@ def summary_rows(output: Path) -> list[dict]:
     import csv
 
     return [{"step": int(row["step"])} for row in csv.DictReader(open(output / "metrics.csv"))]
+
+
+def steps_served(port: int) -> float:
+    from tests.bank_server.test_metrics import scrape, value
+
+    return value(scrape(port), "instdisc_bank_calls_total", method="Step")
+
+
+def test_the_workers_of_a_node_send_one_step_per_shard(cluster, tmp_path, spawn_server, capsys):
+    # 2 nodes x 2 workers (Ray Train packs 4 half-CPU workers onto two 1-CPU nodes)
+    # against 2 shards this test runs, counted by the shards' own Prometheus metrics.
+    data = tmp_path / "data"
+    write_split(data, "train", [768], group_rows=64)  # 3 row groups a worker: 24 steps of 32
+    write_split(data, "validation", [100], group_rows=100)
+    ports = [free_port(), free_port()]
+    shards = [
+        spawn_server(
+            *("--shard-id", str(s), "--num-shards", "2", "--rows", "768", "--dim", "16", "--dtype", "float32"),
+            *("--port", "0", "--metrics-port", str(ports[s])),
+        )
+        for s in range(2)
+    ]
+    for shard in shards:
+        shard.wait_serving(60)
+    from trainer.cli import main
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_ADDRESS", cluster.address)
+        args = ["train", "--output-dir", str(tmp_path / "out"), "--name", "fan-in", "data.name=parquet"]
+        args += [f"data.root={data}", "data.image_size=8", "model.dim=16", "train.workers=4"]
+        args += ["train.cpus_per_worker=0.5", "train.batch_size=32", "train.epochs=1", "loss.negatives=64"]
+        args += ["train.refresh_bank_every=0", "bank.warm_start=false", "eval.k=5", "data.loader_workers=0"]
+        args += [f"bank.addresses={shards[0].address},{shards[1].address}"]
+        assert main(args) == 0, "".join(capsys.readouterr())[-4000:]
+    assert "one Step per node per shard; workers per node: [2, 2]" in "".join(capsys.readouterr())
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["steps"] == 24, summary
+    # Per stretch a node sends its first lookups, one Step per step, and the last update.
+    for port in ports:
+        assert steps_served(port) == 2 * (24 + 2)
+    with BankClient([s.address for s in shards]) as client:
+        assert sum(d["rows_updated"] for d in client.describe()) == 24 * 32  # every update once
 
 
 def test_a_run_across_nodes_survives_a_shard_kill_and_resumes_on_the_nodes_left(cluster, tmp_path, capsys):
