@@ -110,9 +110,9 @@ class NodeGroup:
         return mine[0]
 
 
-def node_group(node: int) -> NodeGroup | None:
-    """This worker's node's group (`node`: which node it runs on, as Ray Train numbers
-    them), or None when it is alone there. A collective over all workers: each makes
+def node_group(node: str) -> NodeGroup | None:
+    """This worker's node's group (`node`: the id of the node it runs on), or None when
+    it is alone there. A collective over all workers: each makes
     every node's group (gloo, whatever the training backend), in the same order."""
     if not is_distributed():
         return None

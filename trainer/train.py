@@ -132,8 +132,9 @@ class Worker:
                 f"the dataset has {self.n} training images and model.dim={c.model.dim}"
             )
         negatives = c.loss.negatives if c.loss.kind in ("nce", "infonce") else 0
-        # A collective: every worker makes every node's group.
-        node = dist.node_group(ray.train.get_context().get_node_rank()) if c.bank.one_step_per_node else None
+        # A collective: every worker makes every node's group. By Ray's node id: Ray
+        # Train's node rank counts IP addresses, which nodes may share.
+        node = dist.node_group(ray.get_runtime_context().get_node_id()) if c.bank.one_step_per_node else None
         self.feed = BankFeed(self.client, negatives, c.bank.momentum, self.device, node)
         self.z = PartitionEstimate(c.loss.z_mode, c.loss.z_momentum)  # NCE's Z
 

@@ -1,13 +1,17 @@
-"""The bank and a training run on a real multi-node Ray cluster on this machine
+"""The bank and training runs on a real multi-node Ray cluster on this machine
 (`ray.cluster_utils.Cluster`: a head and two worker nodes, each its own raylet with
-explicit CPUs, memory and object store)."""
+explicit CPUs, memory and object store): shard actors spread over the nodes, a run on
+external shard servers with two workers a node, and a run that survives a shard kill
+and resumes on the nodes left."""
 
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +21,7 @@ import ray
 from bank_server.client import BankClient
 from bank_server.ray_bank import GIB, BankDoesNotFit, plan_placement, start_bank
 from tests.conftest import free_port, wait_until
+from tests.processes import ServerProcess
 from tests.trainer.test_streaming import write_split
 
 NODE = {"num_cpus": 1, "memory": 2 * GIB, "object_store_memory": 100 << 20}
@@ -121,40 +126,76 @@ def steps_served(port: int) -> float:
     return value(scrape(port), "instdisc_bank_calls_total", method="Step")
 
 
-def test_the_workers_of_a_node_send_one_step_per_shard(cluster, tmp_path, spawn_server, capsys):
-    # 2 nodes x 2 workers (Ray Train packs 4 half-CPU workers onto two 1-CPU nodes)
-    # against 2 shards this test runs, counted by the shards' own Prometheus metrics.
-    data = tmp_path / "data"
-    write_split(data, "train", [768], group_rows=64)  # 3 row groups a worker: 24 steps of 32
-    write_split(data, "validation", [100], group_rows=100)
-    ports = [free_port(), free_port()]
-    shards = [
-        spawn_server(
-            *("--shard-id", str(s), "--num-shards", "2", "--rows", "768", "--dim", "16", "--dtype", "float32"),
-            *("--port", "0", "--metrics-port", str(ports[s])),
-        )
-        for s in range(2)
-    ]
-    for shard in shards:
-        shard.wait_serving(60)
-    from trainer.cli import main
+def test_two_nodes_of_two_workers_send_one_step_per_node_to_external_shards_one_restarted(cluster, tmp_path, capsys):
+    # 4 half-CPU workers, which Ray Train packs onto two 1-CPU nodes, train InfoNCE
+    # against 2 shard processes this test runs (bank.addresses, a token, their update log
+    # fsynced, Prometheus metrics), for 80 steps: an epoch of 64 and 16 of the next. Shard
+    # 1 is SIGKILLed mid-epoch and restarted 3 s later with the same command and port, as
+    # a StatefulSet restarts it; shard 0 counts the Steps it served.
+    from tests.trainer.test_faults import SMALL, Run, assert_outages_of, assert_token_nowhere, said_outage_of
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("RAY_ADDRESS", cluster.address)
-        args = ["train", "--output-dir", str(tmp_path / "out"), "--name", "fan-in", "data.name=parquet"]
-        args += [f"data.root={data}", "data.image_size=8", "model.dim=16", "train.workers=4"]
-        args += ["train.cpus_per_worker=0.5", "train.batch_size=32", "train.epochs=1", "loss.negatives=64"]
-        args += ["train.refresh_bank_every=0", "bank.warm_start=false", "eval.k=5", "data.loader_workers=0"]
-        args += [f"bank.addresses={shards[0].address},{shards[1].address}"]
-        assert main(args) == 0, "".join(capsys.readouterr())[-4000:]
-    assert "one Step per node per shard; workers per node: [2, 2]" in "".join(capsys.readouterr())
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["steps"] == 24, summary
-    # Per stretch a node sends its first lookups, one Step per step, and the last update.
-    for port in ports:
-        assert steps_served(port) == 2 * (24 + 2)
-    with BankClient([s.address for s in shards]) as client:
-        assert sum(d["rows_updated"] for d in client.describe()) == 24 * 32  # every update once
+    token = secrets.token_hex(16)
+    (tmp_path / "token").write_text(token + "\n")
+    ports, metrics = [free_port(), free_port()], [free_port(), free_port()]
+
+    def shard(s: int, *more: str) -> ServerProcess:
+        args = ["-m", "bank_server", "--shard-id", str(s), "--num-shards", str(2), "--rows", "2048"]
+        args += ["--port", str(ports[s]), "--snapshot-dir", str(tmp_path / "bank"), "--fsync", "always"]
+        args += ["--token-file", str(tmp_path / "token"), "--metrics-port", str(metrics[s]), *more]
+        server = ServerProcess(args, stderr=tmp_path / f"shard-{s}-{time.monotonic_ns()}.log")
+        server.wait_serving(120)
+        return server
+
+    servers = [shard(0), shard(1)]
+    addresses = ",".join(server.address for server in servers)
+    overrides = ["train.workers=4", "train.cpus_per_worker=0.5", "train.steps=80", "loss.kind=infonce"]
+    overrides += ["eval.source=fresh", "eval.every=64", f"bank.token_file={tmp_path / 'token'}"]
+    overrides += [f"bank.addresses={addresses}"]
+    run = Run(tmp_path / "out", overrides, env={**os.environ, "RAY_ADDRESS": cluster.address}, name="external")
+    try:
+        run.wait_for(r"epoch 1/2 step \d+/80", 300)
+        servers[1].proc.kill()  # SIGKILL, of a process this test started
+        servers[1].proc.wait(30)
+        time.sleep(3)
+        servers.append(shard(1))
+        logs = run.finish()
+    finally:
+        run.stop()
+    try:
+        assert "one Step per node per shard; workers per node: [2, 2]" in logs, logs[-4000:]
+        # A node sends a Step per step, and between pauses its first lookups and its
+        # last update: about 2 per step, where one Step per worker would be over 4.
+        assert 2 * 80 < steps_served(metrics[0]) <= 2.3 * 80
+        with BankClient(addresses, token=token) as client:
+            # Every update once: the warm start's 2,048 rows, then 80 steps of 32.
+            assert sum(d["rows_updated"] for d in client.describe()) == 2048 + 80 * 32
+        assert said_outage_of(logs, 1), logs[-5000:]
+        summary = run.summary()
+        assert_outages_of(summary, 1)
+        assert summary["worker_restarts"] == 0 and (summary["epochs"], summary["steps"]) == (1.25, 80), summary
+        # kNN on fresh features with no refresh: nothing but training wrote the bank.
+        assert summary["loss"] == "infonce" and summary["knn_epoch"] == 1.25 and summary["knn_source"] == "fresh"
+        assert summary["refresh_seconds"] is None and np.isfinite(summary["final_loss"])
+        assert [h["step"] for h in summary_rows(run.output)] == [0, 64, 80]
+        assert list((tmp_path / "bank" / "shard-00001").glob("epoch-0001-step-80.arrow"))
+        assert_token_nowhere(token, run.output, logs)
+
+        # Running shards of another count are not the run's to reshard: the resume
+        # refuses, before Ray starts, with the command that would.
+        for s in range(3):
+            args = ["-m", "bank_server", "--shard-id", str(s), "--num-shards", "3", "--rows", "2048", "--port", "0"]
+            servers.append(ServerProcess(args, stderr=tmp_path / f"other-{s}.log"))
+        others = ",".join(server.address for server in servers[-3:])
+        from trainer.cli import main
+
+        rerun = ["train", "--output-dir", str(run.output), "--name", "external", *SMALL, *overrides]
+        assert main([*rerun, "train.steps=100", f"bank.addresses={others}"]) == 2
+        err = capsys.readouterr().err
+        assert "its bank had 2 shards, bank.addresses names 3" in err, err[-2000:]
+        assert "instdisc bank reshard SNAPSHOT_DIR NEW_DIR --shards 3 --tag epoch-0001-step-80" in err
+    finally:
+        for server in servers:
+            server.stop()
 
 
 def test_a_run_across_nodes_survives_a_shard_kill_and_resumes_on_the_nodes_left(cluster, tmp_path, capsys):

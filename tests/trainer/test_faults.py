@@ -1,20 +1,15 @@
-"""Faults during training, each in a real `instdisc train` run that this test starts:
+"""Faults during training, in a real `instdisc train` run that this test starts: a Ray
+shard actor's process SIGKILLed mid-epoch, then a Ray Train worker's process SIGKILLed
+after a checkpoint taken mid-epoch. Ray restarts the shard (it recovers its snapshot
+and log), Ray Train restarts the workers from the checkpoint (the bank restores the
+matching snapshot) at its step, the run finishes and summary.json records both.
+TensorBoard's reader finds the run's points while it trains, and each step once at the
+end. (An external shard killed and restarted: tests/bank_server/test_ray_cluster.py.)
 
-- an external shard process SIGKILLed mid-epoch and restarted 3 s later with the same
-  command and port (as a StatefulSet would): the run finishes, the workers log the
-  outage and its end, summary.json counts it;
-- a Ray shard actor's process SIGKILLed mid-epoch, then a Ray Train worker's process
-  SIGKILLed after a checkpoint taken mid-epoch: Ray restarts the shard (it recovers its
-  snapshot and log), Ray Train restarts the workers from the checkpoint (the bank
-  restores the matching snapshot) at its step, the run finishes and summary.json
-  records both.
-  TensorBoard's reader finds the run's points while it trains, and each step once at
-  the end.
-
-Both runs carry a bank token (a file, then INSTDISC_BANK_TOKEN), and neither leaves it
-in any file under the output folder (Ray Train's storage and the checkpoints included)
-or in the console. Only processes this test started are killed: the shard servers it
-spawned, and Ray's worker processes that descend from its own `instdisc train`.
+The run carries a bank token (INSTDISC_BANK_TOKEN) and leaves it in no file under the
+output folder (Ray Train's storage and the checkpoints included) nor in the console.
+Only processes this test started are killed: Ray's worker processes that descend from
+its own `instdisc train`.
 """
 
 import json
@@ -24,11 +19,9 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from tests.conftest import free_port, wait_until
-from tests.processes import ServerProcess
+from tests.conftest import wait_until
 
 # Small and quick, but long enough (64 steps an epoch) to be hit in the middle of one.
 SMALL = [
@@ -172,63 +165,6 @@ def assert_outages_of(summary: dict, shard: int) -> None:
     assert all(
         o["shard"] == shard and o["code"] == "UNAVAILABLE" and not o["ongoing"] and o["retries"] >= 1 for o in details
     ), details
-
-
-def test_an_external_shard_killed_mid_epoch_and_restarted(tmp_path):
-    token = secrets.token_hex(16)
-    (tmp_path / "token").write_text(token + "\n")
-    ports = [free_port() for _ in range(2)]
-
-    def shard(s: int) -> ServerProcess:
-        server = ServerProcess(
-            [
-                "-m",
-                "bank_server",
-                "--shard-id",
-                str(s),
-                "--num-shards",
-                "2",
-                "--rows",
-                "2048",
-                "--port",
-                str(ports[s]),
-                "--snapshot-dir",
-                str(tmp_path / "bank"),
-                "--fsync",
-                "always",
-                "--token-file",
-                str(tmp_path / "token"),
-            ],
-            stderr=tmp_path / f"shard-{s}-{time.monotonic_ns()}.log",
-        )
-        server.wait_serving(120)
-        return server
-
-    servers = [shard(0), shard(1)]
-    run = Run(
-        tmp_path / "out",
-        [
-            "train.epochs=1",
-            f"bank.token_file={tmp_path / 'token'}",
-            f"bank.addresses={','.join(s.address for s in servers)}",
-        ],
-    )
-    try:
-        run.wait_for(r"epoch 1/1 step \d+/64", RUN_S)
-        servers[1].proc.kill()  # SIGKILL, of a process this test started
-        servers[1].proc.wait(30)
-        time.sleep(3)
-        servers.append(shard(1))  # the same command and port, as a StatefulSet restarts it
-        logs = run.finish()
-    finally:
-        run.stop()
-        for server in servers:
-            server.stop()
-    assert said_outage_of(logs, 1), logs[-5000:]
-    summary = run.summary()
-    assert_outages_of(summary, 1)
-    assert summary["worker_restarts"] == 0 and summary["epochs"] == 1
-    assert_token_nowhere(token, run.output, logs)
 
 
 def test_a_killed_shard_actor_and_a_killed_train_worker(tmp_path):

@@ -13,7 +13,7 @@ from tests.trainer.test_bank_feed import M, apply, unit
 from trainer.node_steps import StepRequest, pack
 
 N, D, K = 60, 8, 7
-NODES = [0, 0, 1]  # ranks 0 and 1 share node 0; rank 2 is alone on node 1
+NODES = ["a", "a", "b"]  # ranks 0 and 1 share node a; rank 2 is alone on node b
 ROWS = [np.arange(0, 10), np.arange(10, 20), np.arange(20, 30)]  # each worker's batch
 
 

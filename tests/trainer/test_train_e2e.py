@@ -1,6 +1,6 @@
 """End to end on Fashion-MNIST: `instdisc train` on a local Ray with 2 bank shard
-actors (or 2 running shard servers) and 2 CPU workers, a resume of the same run, the
-runs that stop, and the long accuracy check.
+actors and 2 CPU workers, a resume of the same run, the runs that stop, and the long
+accuracy check (running shard servers: tests/bank_server/test_ray_cluster.py).
 
 The runs share one local Ray, started here in the test process (each `instdisc train`
 joins it, as under `ray job submit`), and are checked by what they write: summary.json,
@@ -175,56 +175,6 @@ def test_nce_learns_without_collapse(tmp_path):
     rows = rows_of(tmp_path)
     assert [r["step"] for r in rows] == ["0", "468", "936"]
     assert float(rows[2]["loss"]) < float(rows[1]["loss"])
-
-
-def test_training_against_running_bank_servers(tmp_path, spawn_server, capsys):
-    # Also InfoNCE, a length in steps (16 a epoch: the second epoch is cut to 4), and kNN
-    # on fresh features with no refresh: nothing but training writes the bank.
-    servers = [
-        spawn_server(
-            "--shard-id",
-            str(s),
-            "--num-shards",
-            "2",
-            "--rows",
-            "2048",
-            "--port",
-            "0",
-            "--snapshot-dir",
-            str(tmp_path / "bank"),
-        )
-        for s in range(2)
-    ]
-    addresses = ",".join(server.address for server in servers)
-    assert (
-        train(
-            tmp_path / "out",
-            "train.steps=20",
-            "loss.kind=infonce",
-            "eval.source=fresh",
-            "train.refresh_bank_every=0",
-            f"bank.addresses={addresses}",
-            name="external",
-        )
-        == 0
-    )
-    summary = summary_of(tmp_path / "out")
-    assert (summary["epochs"], summary["steps"], summary["loss"]) == (1.25, 20, "infonce")  # the cut epoch: 4 of 16
-    assert summary["knn_epoch"] == 1.25 and summary["knn_source"] == "fresh" and summary["refresh_seconds"] is None
-    assert np.isfinite(summary["final_loss"])
-    rows = rows_of(tmp_path / "out")
-    assert [int(r["step"]) for r in rows] == [0, 16, 20]
-    assert float(rows[0]["refresh_seconds"]) > 0  # the warm start: the only fill
-    assert list((tmp_path / "bank" / "shard-00001").glob("epoch-0001-step-20.arrow"))
-
-    # Running shards of another count are not the run's to reshard: the resume refuses,
-    # before Ray starts, with the command that would.
-    three = [spawn_server("--shard-id", str(s), "--num-shards", "3", "--rows", "2048", "--port", "0") for s in range(3)]
-    others = ",".join(server.address for server in three)
-    assert train(tmp_path / "out", "train.steps=30", f"bank.addresses={others}", name="external") == 2
-    err = capsys.readouterr().err
-    assert "its bank had 2 shards, bank.addresses names 3" in err, err[-2000:]
-    assert "instdisc bank reshard SNAPSHOT_DIR NEW_DIR --shards 3 --tag epoch-0001-step-20" in err
 
 
 def test_a_non_finite_loss_stops_with_a_message(tmp_path, capsys):
