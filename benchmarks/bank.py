@@ -8,10 +8,7 @@ trip measured three ways in one run, so that the ratios mean something on any ma
   the floor with no serialisation and no network.
 
 Step and echo take turns call by call, so whatever else the machine does hits both
-alike. Then `--clients` Step client processes at a time say how many Step calls per
-second one shard process serves: every client's Step reaches every shard. Where the
-clients share the shards' cores that is a floor; the shard processes' own CPU time per
-call says what a shard with a core to itself would serve.
+alike. How many Steps a second a shard serves to many workers: `instdisc scale fan-in`.
 """
 
 from __future__ import annotations
@@ -27,8 +24,8 @@ from bank_server.client import BankClient
 from bank_server.shard import Layout, Shard
 from benchmarks.args import counts, positive_int
 from benchmarks.echo import EchoCalls
-from benchmarks.servers import Server, cpu_seconds, start_shards
-from benchmarks.steps import MOMENTUM, StepWorkload, percentile_ms, run_step_clients, step_bytes, timed_calls
+from benchmarks.servers import Server, start_shards
+from benchmarks.steps import MOMENTUM, StepWorkload, percentile_ms, step_bytes, timed_calls
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,9 +34,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float16", "float32"), default="float16")
     parser.add_argument("--shards", type=counts, default="1,2", help="comma-separated shard counts")
     parser.add_argument("--warmup", type=int, default=30)
-    clients = "comma-separated counts of concurrent Step client processes, for calls/s per shard"
-    parser.add_argument("--clients", type=counts, default="1,4,8", help=clients)
-    parser.add_argument("--client-iters", type=positive_int, default=200, help="timed Steps per client")
     fsync = "the shards keep their update log in this mode, as deployed (default: no log)"
     parser.add_argument("--fsync", choices=("no", "everysec", "always"), help=fsync)
     parser.add_argument("--json", dest="json_path", help="also write the results here as a JSON list")
@@ -70,31 +64,20 @@ def measure(args: argparse.Namespace, shards: int) -> dict:
     sizes = step_bytes(args.batch, args.negatives, args.dim, args.dtype, shards)
     with ExitStack() as stack:
         servers = start_shards(stack, shards, args.rows, args.dim, args.dtype, args.fsync)
-        addresses, spec = [s.address for s in servers], (args.rows, args.dim, args.batch, args.negatives)
-        client = stack.enter_context(BankClient(addresses, timeout=120))
+        client = stack.enter_context(BankClient([s.address for s in servers], timeout=120))
         echo_servers = [Server(["-m", "benchmarks.echo"]) for _ in range(shards)]
         for server in echo_servers:
             stack.callback(server.stop)
         echo = EchoCalls([e.address for e in echo_servers], sizes)
         stack.callback(echo.close)
         step, echoed = timed_calls([lambda i: work.step(client, i, args.negatives), echo], args.iters, args.warmup)
-        clients = {}
-        for count in args.clients:
-            before = [cpu_seconds(s.proc.pid) for s in servers]
-            load = run_step_clients(addresses, *spec, count, args.client_iters)
-            calls = load["steps"] + load["warmup_steps"]
-            # The busiest shard's CPU per call; 0 when the run was shorter than the clock's 10 ms ticks.
-            cpu_ms = max(1e3 * (cpu_seconds(s.proc.pid) - b) / calls for s, b in zip(servers, before))
-            clients[count] = dict(calls_per_s=load["steps_per_s"], step_p50_ms=load["step_p50_ms"])
-            clients[count] |= dict(step_p99_ms=load["step_p99_ms"], shard_cpu_ms_per_call=cpu_ms)
-            clients[count]["calls_per_core_s"] = 1e3 / cpu_ms if cpu_ms else None
     result = {key: getattr(args, key) for key in ("rows", "dim", "dtype", "negatives", "batch", "iters", "fsync")}
     for name, seconds in (("step", step), ("echo", echoed), ("inprocess", inprocess)):
         result |= {f"{name}_p50_ms": percentile_ms(seconds, 50), f"{name}_p99_ms": percentile_ms(seconds, 99)}
     result["step_over_echo"] = result["step_p50_ms"] / result["echo_p50_ms"]
     result["step_over_inprocess"] = result["step_p50_ms"] / result["inprocess_p50_ms"]
     result["rows_per_s"] = (2 * args.batch + args.negatives) / float(np.mean(step))
-    result |= dict(request_bytes=sum(s[0] for s in sizes), answer_bytes=sum(s[1] for s in sizes), clients=clients)
+    result |= dict(request_bytes=sum(s[0] for s in sizes), answer_bytes=sum(s[1] for s in sizes))
     return {"shards": shards, **result}
 
 
@@ -112,12 +95,6 @@ def run(args: argparse.Namespace) -> int:
             f"{r['rows_per_s']:>11,.0f}",
             flush=True,
         )
-    print("\nStep calls/s one shard process serves (p50/p99 of the clients' Steps; its CPU per call: calls/s per core)")
-    for r in results:
-        for count, c in r["clients"].items():
-            own = f"{c['shard_cpu_ms_per_call']:.3f} ms ({c['calls_per_core_s'] or 0:,.0f}/s)"
-            print(f"{r['shards']:>3} shard(s), {count:>2} client(s): {c['calls_per_s']:>7,.0f}/s ", end="")
-            print(f"{c['step_p50_ms']:>6.2f}/{c['step_p99_ms']:.2f} ms   CPU {own if c['calls_per_core_s'] else '-'}")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps(results, indent=2))
     return 0

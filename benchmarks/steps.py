@@ -86,30 +86,77 @@ def step_bytes(batch: int, negatives: int, dim: int, dtype: str, shards: int) ->
     return sizes
 
 
-def _client(addresses, rows, dim, batch, negatives, iters, seed, ready, answers) -> None:
+def _client(spec: tuple, seed: int, ready, answers) -> None:
+    """One client process: `workers` simulated workers, each making `iters` timed Steps
+    after `warmup_calls(iters)` untimed ones, free-running or paced at `rate` a second;
+    with `aggregate` their Steps go out as one (`trainer.node_steps.send_all`), as a
+    node's do. Puts (latencies, start, end, timed Steps sent, warm-up Steps sent)."""
+    from trainer.node_steps import StepRequest, send_all
+
+    addresses, rows, dim, batch, negatives, iters, workers, rate, aggregate = spec
     try:
         work = StepWorkload(rows, dim, batch, seed)
-        with BankClient(addresses, timeout=_TIMEOUT_S) as client:
-            for i in range(warmup_calls(iters)):
-                work.step(client, i, negatives)
-            ready.wait()
-            start = time.monotonic()
-            [seconds] = timed_calls([lambda i: work.step(client, i, negatives)], iters, 0)
-            answers.put((seconds, start, time.monotonic()))
+        clients = [BankClient(addresses, timeout=_TIMEOUT_S) for _ in range(1 if aggregate else workers)]
+
+        def request(w: int, i: int) -> StepRequest:
+            at = w * 7919 + i  # each worker its own batches
+            return StepRequest(work.indices(at), work.features(at), MOMENTUM, work.indices(at + 1), negatives)
+
+        def one(w: int, i: int) -> int:
+            clients[w].step(*request(w, i))
+            return 1
+
+        bodies = [lambda i: send_all(clients[0], [request(w, i) for w in range(workers)])[1]]
+        if not aggregate:
+            bodies = [lambda i, w=w: one(w, i) for w in range(workers)]
+        warm = sum(body(i) for body in bodies for i in range(warmup_calls(iters)))
+        latencies, sent = [], [0] * len(bodies)  # list.extend holds the GIL: threads share it safely
+
+        def loop(k: int, start: float) -> None:
+            for i in range(iters):
+                if rate:
+                    time.sleep(max(0.0, start + i / rate - time.monotonic()))
+                began = time.perf_counter()
+                sent[k] += bodies[k](i)
+                latencies.extend([time.perf_counter() - began] * (workers if aggregate else 1))
+
+        ready.wait()
+        start = time.monotonic()
+        threads = [threading.Thread(target=loop, args=(k, start)) for k in range(1, len(bodies))]
+        for thread in threads:
+            thread.start()
+        loop(0, start)
+        for thread in threads:
+            thread.join()
+        answers.put((latencies, start, time.monotonic(), sum(sent), warm))
+        for client in clients:
+            client.close()
     except BaseException:
         ready.abort()  # the others stop waiting for this one
         answers.put(None)
         raise
 
 
-def run_step_clients(addresses: list[str], rows: int, dim: int, batch: int, negatives: int, clients: int, iters: int):
-    """`clients` processes that make Steps on the bank at `addresses`, after
-    `warmup_calls(iters)` untimed ones each, all starting `iters` timed ones together:
-    the latency over all their calls and their aggregate throughput."""
+def run_step_clients(
+    addresses: list[str],
+    rows: int,
+    dim: int,
+    batch: int,
+    negatives: int,
+    clients: int,
+    iters: int,
+    workers: int = 1,
+    rate: float | None = None,
+    aggregate: bool = False,
+):
+    """`clients` processes of `workers` simulated workers each (`_client`) that make
+    Steps on the bank at `addresses`, all starting their `iters` timed ones together:
+    the latency a worker sees over all their Steps, their aggregate throughput, and the
+    Steps sent (each reaches every shard that has a part of it)."""
     context = multiprocessing.get_context("spawn")  # the caller may hold threads (gRPC's) that fork would copy
     ready, answers = context.Barrier(clients + 1, timeout=_TIMEOUT_S), context.Queue()
-    spec = (addresses, rows, dim, batch, negatives, iters)
-    procs = [context.Process(target=_client, args=(*spec, s, ready, answers), daemon=True) for s in range(clients)]
+    spec = (addresses, rows, dim, batch, negatives, iters, workers, rate, aggregate)
+    procs = [context.Process(target=_client, args=(spec, s, ready, answers), daemon=True) for s in range(clients)]
     for proc in procs:
         proc.start()
     try:
@@ -125,8 +172,9 @@ def run_step_clients(addresses: list[str], rows: int, dim: int, batch: int, nega
             proc.join(10)
             if proc.is_alive():
                 proc.kill()
-    latencies = np.concatenate([seconds for seconds, _, _ in got])
-    wall = max(end for _, _, end in got) - min(start for _, start, _ in got)
-    result = dict(step_p50_ms=percentile_ms(latencies, 50), step_p99_ms=percentile_ms(latencies, 99))
-    result |= dict(steps=len(latencies), warmup_steps=clients * warmup_calls(iters), steps_per_s=len(latencies) / wall)
+    latencies = np.concatenate([seconds for seconds, *_ in got])
+    wall = max(end for _, _, end, *_ in got) - min(start for _, start, *_ in got)
+    result = dict(step_p50_ms=percentile_ms(latencies, 50), step_p99_ms=percentile_ms(latencies, 99), seconds=wall)
+    result |= dict(steps=len(latencies), steps_per_s=len(latencies) / wall)
+    result |= dict(calls=sum(g[3] for g in got), warmup_calls=sum(g[4] for g in got))
     return result | {"rows_per_s": result["steps_per_s"] * (2 * batch + negatives)}

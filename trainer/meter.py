@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 
 
@@ -16,10 +17,12 @@ class _Sums:
         self.loss = torch.zeros((), device=device)  # on the device: read back only when logged
         self.rtt = self.wait = self.seconds = 0.0
         self.steps = 0
+        self.round_trips: list[float] = []
 
     def add(self, loss: torch.Tensor, round_trip_s: float, waited_s: float) -> None:
         self.loss += loss
         self.rtt += round_trip_s
+        self.round_trips.append(round_trip_s)
         self.wait += waited_s
         self.steps += 1
 
@@ -104,6 +107,8 @@ class Meter:
             "seconds": r.seconds,
             "images_per_sec": r.steps * self.batch_size / r.seconds,
             "bank_rtt_ms": 1e3 * r.rtt / r.steps,
+            "bank_rtt_p50_ms": 1e3 * float(np.percentile(r.round_trips, 50)),
+            "bank_rtt_p99_ms": 1e3 * float(np.percentile(r.round_trips, 99)),
             "bank_wait_ms": 1e3 * r.wait / r.steps,
         }
 

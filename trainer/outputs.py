@@ -84,6 +84,8 @@ def write_outputs(config: Config, output: Path, outcome: dict, checkpoint, wall_
         "wall_seconds": wall_seconds,
         "final_loss": final["loss"],
         "bank_rtt_ms": final["bank_rtt_ms"],
+        "bank_rtt_p50_ms": final.get("bank_rtt_p50_ms"),  # rank 0's, over the last row's steps
+        "bank_rtt_p99_ms": final.get("bank_rtt_p99_ms"),
         "bank_wait_ms": final["bank_wait_ms"],
         "eval_seconds": _mean(h.get("eval_seconds", math.nan) for h in trained),
         "refresh_seconds": _mean(h.get("refresh_seconds", math.nan) for h in trained),
@@ -114,6 +116,8 @@ def write_outputs(config: Config, output: Path, outcome: dict, checkpoint, wall_
         "images_per_sec",
         "seconds",
         "bank_rtt_ms",
+        "bank_rtt_p50_ms",
+        "bank_rtt_p99_ms",
         "bank_wait_ms",
         "eval_seconds",
         "refresh_seconds",
