@@ -62,8 +62,8 @@ def measure(a: argparse.Namespace, shards: int, aggregate: bool) -> dict:
         "step_p50_ms": load["step_p50_ms"],
         "step_p99_ms": load["step_p99_ms"],
         "shard_cpu_ms_per_call": cpu_ms,
-        # GPUs behind one call: a node's when aggregated, else one.
-        "gpus_per_shard": CORE_SHARE * 1e3 / cpu_ms / a.gpu_rate * (per_node if aggregate else 1),
+        # GPUs behind one call: a node's when aggregated (fewer when its Step was split), else one.
+        "gpus_per_shard": CORE_SHARE * 1e3 / cpu_ms / a.gpu_rate * load["steps"] / load["calls"],
     }
 
 

@@ -110,15 +110,18 @@ def _client(spec: tuple, seed: int, ready, answers) -> None:
         if not aggregate:
             bodies = [lambda i, w=w: one(w, i) for w in range(workers)]
         warm = sum(body(i) for body in bodies for i in range(warmup_calls(iters)))
-        latencies, sent = [], [0] * len(bodies)  # list.extend holds the GIL: threads share it safely
+        latencies, sent, errors = [], [0] * len(bodies), []  # list.extend holds the GIL: threads share them
 
         def loop(k: int, start: float) -> None:
-            for i in range(iters):
-                if rate:
-                    time.sleep(max(0.0, start + i / rate - time.monotonic()))
-                began = time.perf_counter()
-                sent[k] += bodies[k](i)
-                latencies.extend([time.perf_counter() - began] * (workers if aggregate else 1))
+            try:
+                for i in range(iters):
+                    if rate:
+                        time.sleep(max(0.0, start + i / rate - time.monotonic()))
+                    began = time.perf_counter()
+                    sent[k] += bodies[k](i)
+                    latencies.extend([time.perf_counter() - began] * (workers if aggregate else 1))
+            except Exception as error:  # raised in the process's own thread below
+                errors.append(error)
 
         ready.wait()
         start = time.monotonic()
@@ -128,6 +131,8 @@ def _client(spec: tuple, seed: int, ready, answers) -> None:
         loop(0, start)
         for thread in threads:
             thread.join()
+        if errors:
+            raise errors[0]
         answers.put((latencies, start, time.monotonic(), sum(sent), warm))
         for client in clients:
             client.close()

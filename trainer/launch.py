@@ -226,12 +226,16 @@ def launch(config: Config, output_dir: str | Path, run_name: str = "instdisc", s
             name=f"{run_name}-bank",
             keep_snapshots=KEEP_CHECKPOINTS + 1,
             # Large enough for this run's Steps, one message per shard: a node's Step
-            # carries its workers' rows (at most the global batch) and all their negatives.
-            max_message_bytes=message_limit(
-                config.train.batch_size,
-                config.loss.negatives * config.train.workers,
-                config.model.dim,
-                config.bank.dtype,
+            # carries its workers' rows (at most the global batch) and all their
+            # negatives (a node that would need more than gRPC's limit splits its Step).
+            max_message_bytes=min(
+                message_limit(
+                    config.train.batch_size,
+                    config.loss.negatives * (config.train.workers if config.bank.one_step_per_node else 1),
+                    config.model.dim,
+                    config.bank.dtype,
+                ),
+                2**31 - 1,
             ),
             # A private local Ray keeps the bank on loopback; on a cluster each
             # shard binds its node's address, which the other nodes can reach.

@@ -22,19 +22,23 @@ that worker alone, and adds nothing to the node's Step. An error of the node's S
 (after the client's retries inside its deadline) is raised on every worker of the node.
 The leader's client sees and reports the shards' outages.
 
-The leader pays two gloo collectives per step and nothing else; a worker alone on its
-node does not use this at all (`BankFeed` calls its client directly).
+What it costs: per step a gather of the node's requests and a scatter of its answers
+(pickled, over gloo on loopback: a handful of small collectives and the rows' bytes),
+run by the feed's thread while the step computes, and a worker's round trip then
+includes waiting for the node's slowest worker to send its request. A worker alone on
+its node does not use this at all (`BankFeed` calls its client directly). Each worker's
+`StepResult.updates_applied` counts the shards that applied the node's update.
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
 from typing import NamedTuple
 
 import numpy as np
 
 from bank_server.client import BankClient, StepResult
-from bank_server.errors import InvalidArgument
 from bank_server.protocol import step_message_bytes
 from trainer.distributed import NodeGroup
 
@@ -119,15 +123,15 @@ class NodeSteps:
         self._warned = False
 
     def step(self, update_indices=None, update_features=None, momentum=0.5, lookup_indices=None, negatives=0):
+        # Whatever happens, every member gathers and scatters once: a worker that raised
+        # before its part would leave its node waiting in the collective.
         mistake = request = None
         try:
             request = self._checked(update_indices, update_features, momentum, lookup_indices, negatives)
-        except InvalidArgument as error:
+        except Exception as error:
             mistake = error  # sent as nothing: the node's other workers get their answers
         requests = self.node.gather(request)
-        answers = None
-        if self.node.is_leader:
-            answers = self._send_all(requests)
+        answers = self._send_all(requests) if self.node.is_leader else None
         answer = self.node.scatter(answers)
         if mistake is not None:
             raise mistake
@@ -150,28 +154,40 @@ class NodeSteps:
         )
 
     def _send_all(self, requests: list[StepRequest | None]) -> list:
-        """Each member's StepResult (None for one that sent nothing), or the error every member raises."""
-        present = [i for i, r in enumerate(requests) if r is not None]
+        """Each member's StepResult (None for one that sent nothing), or the error every
+        member raises, in a form that crosses the group."""
         try:
+            present = [i for i, r in enumerate(requests) if r is not None]
             parts, steps = send_all(self.client, [requests[i] for i in present])
+            if steps > 1 and not self._warned:
+                self._warn_if_too_large([requests[i] for i in present], steps)
+            answers: list = [None] * len(requests)
+            for i, part in zip(present, parts):
+                answers[i] = part
+            return answers
         except Exception as error:  # the node's Step failed: every worker raises it, as its own would have
-            return [error] * len(requests)
-        if steps > 1 and not self._warned:
-            sizes = [
-                sum(len(r.update_indices) for r in requests if r),
-                sum(len(r.lookup_indices) for r in requests if r),
-            ]
-            need = step_message_bytes(
-                *sizes, sum(r.negatives for r in requests if r), self.client.dim, self.client.dtype
+            return [_portable(error)] * len(requests)
+
+    def _warn_if_too_large(self, requests: list[StepRequest], steps: int) -> None:
+        """Log once when the node's Step was split for the message limit (a split for
+        overlapping rows is expected, and rare)."""
+        c = self.client
+        sizes = [sum(len(r.update_indices) for r in requests), sum(len(r.lookup_indices) for r in requests)]
+        need = step_message_bytes(*sizes, sum(r.negatives for r in requests), c.dim, c.dtype)
+        if need > c.max_message_bytes:
+            self._warned = True
+            log.warning(
+                f"this node's workers' Steps went out as {steps} Steps, not one: together they may need {need} "
+                f"bytes, over the bank's message limit of {c.max_message_bytes}; start the shards with "
+                f"--max-message-mb {-(-need // (1 << 20))} or more"
             )
-            if need > self.client.max_message_bytes:  # a split for overlapping rows is expected, and rare
-                self._warned = True
-                log.warning(
-                    f"this node's workers' Steps went out as {steps} Steps, not one: together they may need "
-                    f"{need} bytes, over the bank's message limit of {self.client.max_message_bytes}; start the "
-                    f"shards with --max-message-mb {-(-need // (1 << 20))} or more"
-                )
-        answers: list = [None] * len(requests)
-        for i, part in zip(present, parts):
-            answers[i] = part
-        return answers
+
+
+def _portable(error: Exception) -> Exception:
+    """`error`, or a RuntimeError saying what it was when it cannot be pickled to the
+    other members."""
+    try:
+        pickle.dumps(error)
+        return error
+    except Exception:  # noqa: BLE001 -- any failure to pickle: the message still goes
+        return RuntimeError(f"{type(error).__name__}: {error}")

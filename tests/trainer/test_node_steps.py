@@ -49,8 +49,8 @@ def worker(rank: int, port: int, addresses: list[str], answers) -> None:
         got = step(rows, f, M, rows, K)
         answers.put((rank, "step", node is not None, f, got.rows, got.negative_indices, got.negative_rows))
         torch_dist.barrier()
-        # 2. worker 1's request is bad: it alone raises, as its own Step would
-        bad = np.array([N + 5]) if rank == 1 else rows
+        # 2. the leader's request is bad: it alone raises, as its own Step would
+        bad = np.array([N + 5]) if rank == 0 else rows
         try:
             got = step(None, None, M, bad, K)
             answers.put((rank, "bad", got.rows))
@@ -93,11 +93,11 @@ def test_each_worker_gets_what_its_own_step_would_and_its_node_sends_one(make_ba
         far = neg_idx >= 30  # rows nobody wrote
         np.testing.assert_array_equal(neg_rows[far], untouched[neg_idx[far]])
 
-    np.testing.assert_array_equal(by[(0, "bad")][0], reference[ROWS[0]])
+    np.testing.assert_array_equal(by[(1, "bad")][0], reference[ROWS[1]])
     with BankClient(bank.addresses) as client:
         with pytest.raises(InvalidArgument) as own:
             client.step(lookup_indices=np.array([N + 5]), negatives=K)
-        assert by[(1, "bad")][0] == str(own.value)
+        assert by[(0, "bad")][0] == str(own.value)
         # Node 0 sent one Step per shard, rank 2 its own, then node 0 two for the collision.
         assert [d["updates_applied"] for d in client.describe()] == [4, 4]
         for rank in range(2):
