@@ -75,7 +75,7 @@ def run(a: argparse.Namespace) -> int:
     title = f"{a.workers} workers on {a.nodes} nodes"
     plots = [
         plot_lines(output / f"{y}.png", rows, "shards", y, "aggregate", title=title)
-        for y in ("calls_per_s_per_shard", "step_p99_ms", "shard_cpu_ms_per_call")
+        for y in ("calls_per_s_per_shard", "step_p99_ms", "shard_cpu_ms_per_call", "gpus_per_shard")
     ]
     notes = [
         f"N={a.rows:,} D={a.dim} {a.dtype}, B={a.batch} and K={a.negatives} per worker, each at {a.rate} steps/s. "
