@@ -445,20 +445,12 @@ class Shard:
         self.rows_updated = metadata["rows_updated"]
         self._seen = OrderedDict(((c, s), None) for c, s in metadata["seen"])
         segment, end = metadata.get("log_segment"), metadata["log_end"]
-        if segment and end:
-            update_log.read_records(
-                self._segment(directory, segment, path), self.layout.dim, self._rows.dtype, self.apply_logged, stop=end
-            )
+        own = self._own_log(directory, path, metadata)
+        if own is not None:
+            update_log.read_records(own, self.layout.dim, self._rows.dtype, self.apply_logged, stop=end)
         self.last_snapshot_tag = metadata["tag"]
         self.restored_from = path
         self.restored_log_position = (segment, end)
-
-    def _segment(self, directory, segment: int, snapshot: Path) -> Path:
-        found = update_log.segment_path(snapshots.shard_dir(directory, self.layout.shard_id), segment)
-        if not found.exists():
-            raise DataLoss(f"snapshot {snapshot} needs its update-log segment {found}, which is missing")
-        update_log.check_layout(found, self.layout)
-        return found
 
     def _checked_metadata(self, directory, tag: str | None, whole: bool = True) -> tuple[Path, dict]:
         """Path and metadata of snapshot `tag` (default: LATEST's), its layout checked,
@@ -475,16 +467,19 @@ class Shard:
         if not whole:
             return path, metadata
         metadata, _ = snapshots.read_into(path, None, self.layout.rows_held)
-        segment, end = metadata.get("log_segment"), metadata["log_end"]
-        if segment and end:
+        own = self._own_log(directory, path, metadata)
+        if own is not None:
             update_log.read_records(
-                self._segment(directory, segment, path),
-                self.layout.dim,
-                self._rows.dtype,
-                lambda record: None,
-                stop=end,
+                own, self.layout.dim, self._rows.dtype, lambda record: None, stop=metadata["log_end"]
             )
         return path, metadata
+
+    def _own_log(self, directory, path: Path, metadata: dict) -> Path | None:
+        """The log segment that completes snapshot `path`, its layout checked; None if none."""
+        own = snapshots.own_segment(directory, self.layout.shard_id, path, metadata)
+        if own is not None:
+            update_log.check_layout(own, self.layout)
+        return own
 
     @classmethod
     def restore(cls, layout: Layout, directory: str | Path, tag: str | None = None, seed: int = 0) -> Shard:

@@ -33,10 +33,10 @@ def build(folder: Path, rows: int, dim: int, shards: int, updates: int, sample: 
     logged, rng = {}, np.random.default_rng(0)
     for sid in range(shards):
         layout = Layout(sid, shards, rows, dim)
-        meta = {"layout": vars(layout), "tag": "bench", "updates_applied": 0, "rows_updated": 0, "seen": []}
+        meta = snapshots.metadata(vars(layout), "bench", 1)
         sizes = (min(BLOCK, layout.rows_held - b) for b in range(0, layout.rows_held, BLOCK))
         blocks = ((rng.integers(1 << 16, size=(n, dim), dtype=np.uint16).view(np.float16), 0) for n in sizes)
-        snapshots.write(folder, sid, "bench", {**meta, "log_segment": 1}, dim, np.float16, blocks)
+        snapshots.write(folder, sid, "bench", meta, dim, np.float16, blocks)
         log = UpdateLog(snapshots.shard_dir(folder, sid), layout, "no", base="bench")
         for k in range(updates):
             local = rng.choice(layout.rows_held, RECORD, replace=False)

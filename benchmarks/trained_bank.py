@@ -4,7 +4,6 @@ served by S real shard processes, with a check that every layout serves the same
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
@@ -31,8 +30,7 @@ class TrainedBank:
     def __init__(self, run: Path, scratch: Path):
         state = checkpoint.load(run / "checkpoint") if (run / "checkpoint" / checkpoint.FILE).exists() else {}
         configured, self.tag = state.get("config", {}).get("bank", {}).get("snapshot_dir"), state.get("bank_snapshot")
-        root = Path(os.path.expandvars(os.path.expanduser(configured))) if configured else run / "bank"
-        self.source = run_snapshots(root, self.tag)
+        self.source = run_snapshots(run, configured, self.tag)
         _, self.rows, self.dim, self.dtype = source_layout(self.source, self.tag)
         self.name, self.scratch = f"{self.source} snapshot {self.tag or 'LATEST'}", scratch
         self.indices = np.random.default_rng(0).choice(self.rows, min(self.rows, PROBE_ROWS), replace=False)

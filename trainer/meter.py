@@ -22,7 +22,6 @@ class _Sums:
     def add(self, loss: torch.Tensor, round_trip_s: float, waited_s: float) -> None:
         self.loss += loss
         self.rtt += round_trip_s
-        self.round_trips.append(round_trip_s)
         self.wait += waited_s
         self.steps += 1
 
@@ -55,6 +54,7 @@ class Meter:
 
     def add(self, loss: torch.Tensor, round_trip_s: float, waited_s: float) -> None:
         self._row.add(loss, round_trip_s, waited_s)
+        self._row.round_trips.append(round_trip_s)  # the row's percentiles; a line shows the mean
         self._window.add(loss, round_trip_s, waited_s)
         self._trained_steps += 1
 

@@ -12,7 +12,6 @@ snapshot, served for the while (`trainer.snapshot_bank`).
 from __future__ import annotations
 
 import json
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,8 +206,7 @@ def _bank(config: Config, run: Path, state: dict, rows: int, token: str | None):
         with client:
             yield client
         return
-    root = Path(os.path.expandvars(os.path.expanduser(b.snapshot_dir))) if b.snapshot_dir else run / "bank"
-    folder = run_snapshots(root, state.get("bank_snapshot"))
+    folder = run_snapshots(run, b.snapshot_dir, state.get("bank_snapshot"))
     with served_snapshots(folder, rows, config.model.dim, b.dtype, b.timeout) as addresses:
         with BankClient(addresses, timeout=b.timeout) as client:
             yield client

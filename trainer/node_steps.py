@@ -34,13 +34,15 @@ from __future__ import annotations
 
 import logging
 import pickle
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
 from bank_server.client import BankClient, StepResult
 from bank_server.protocol import step_message_bytes
-from trainer.distributed import NodeGroup
+
+if TYPE_CHECKING:  # torch's import is the workers' business, not a benchmark's client processes'
+    from trainer.distributed import NodeGroup
 
 log = logging.getLogger(__name__)
 

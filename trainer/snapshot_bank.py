@@ -30,9 +30,11 @@ class ShardDidNotStart(RuntimeError):
     """A shard process ended or stalled before serving; the message carries its last words."""
 
 
-def run_snapshots(root: Path, tag: str | None) -> Path:
-    """The folder of one run's shard snapshots under `root` (``<root>/<run name>/shard-*``):
-    the only one there, or the one whose shards hold the checkpoint's snapshot `tag`."""
+def run_snapshots(run: Path, snapshot_dir: str | None, tag: str | None) -> Path:
+    """The folder of run folder `run`'s shard snapshots (``<root>/<run name>/shard-*``,
+    `root` its `bank.snapshot_dir`, else ``<run>/bank``): the only one there, or the one
+    whose shards hold the checkpoint's snapshot `tag`."""
+    root = Path(os.path.expandvars(os.path.expanduser(snapshot_dir))) if snapshot_dir else run / "bank"
     runs = sorted(d for d in root.iterdir() if d.is_dir() and any(d.glob("shard-*"))) if root.is_dir() else []
     if not runs:
         raise NoSnapshot(f"no bank snapshots in {root} (a folder per run name, each with shard-*/)")

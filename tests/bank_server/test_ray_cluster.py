@@ -23,6 +23,7 @@ from bank_server.ray_bank import GIB, BankDoesNotFit, plan_placement, start_bank
 from tests.conftest import free_port, wait_until
 from tests.processes import ServerProcess
 from tests.trainer.test_streaming import write_split
+from tests.trainer.test_train_e2e import rows_of
 
 NODE = {"num_cpus": 1, "memory": 2 * GIB, "object_store_memory": 100 << 20}
 
@@ -114,12 +115,6 @@ def actors_of(cls: str) -> list[dict]:
     ]
 
 
-def summary_rows(output: Path) -> list[dict]:
-    import csv
-
-    return [{"step": int(row["step"])} for row in csv.DictReader(open(output / "metrics.csv"))]
-
-
 def steps_served(port: int) -> float:
     from tests.bank_server.test_metrics import scrape, value
 
@@ -176,7 +171,7 @@ def test_two_nodes_of_two_workers_send_one_step_per_node_to_external_shards_one_
         # kNN on fresh features with no refresh: nothing but training wrote the bank.
         assert summary["loss"] == "infonce" and summary["knn_epoch"] == 1.25 and summary["knn_source"] == "fresh"
         assert summary["refresh_seconds"] is None and np.isfinite(summary["final_loss"])
-        assert [h["step"] for h in summary_rows(run.output)] == [0, 64, 80]
+        assert [int(r["step"]) for r in rows_of(run.output)] == [0, 64, 80]
         assert list((tmp_path / "bank" / "shard-00001").glob("epoch-0001-step-80.arrow"))
         assert_token_nowhere(token, run.output, logs)
 
@@ -288,7 +283,7 @@ def test_a_run_across_nodes_survives_a_shard_kill_and_resumes_on_the_nodes_left(
     summary = json.loads((output / "summary.json").read_text())
     assert summary["steps"] == 70 and summary["evaluated"] == ["knn"] and 0 < summary["knn_top1"] <= 1, summary
     # The checkpoint's history and outages came back: the steps before 62 were not trained again.
-    assert summary["bank_outages"] >= 1 and [h["step"] for h in summary_rows(output)] == [0, 62, 70]
+    assert summary["bank_outages"] >= 1 and [int(r["step"]) for r in rows_of(output)] == [0, 62, 70]
     bank = output / "bank" / "nodes"
     assert sorted(p.name for p in bank.glob("shard-*/epoch-0001-step-70.arrow")) == ["epoch-0001-step-70.arrow"] * 3
     assert list(bank.parent.glob("nodes.2-shards-*/shard-00001/epoch-0001-step-62.arrow"))  # the old layout, kept

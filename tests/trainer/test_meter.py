@@ -49,14 +49,12 @@ def test_the_eta_counts_the_pauses_in_the_share_of_the_time_they_took_so_far():
     meter.start_stretch("cpu")
     meter.add(torch.tensor(1.0), 0.0, 0.0)
     meter.end_stretch()
-    trained = meter.seconds_per_step()
-    meter.paused(1000 * trained)  # pauses have taken 1000 times the training so far
+    meter.paused(1000.0)  # pauses have taken 1000 s after 1 step
     meter.start_stretch("cpu")
     meter.add(torch.tensor(1.0), 0.0, 0.0)
-    # 10 steps left: their training, and 1000 times the first step's as much again for the pauses.
+    # 10 steps left: their training (microseconds here), and their share of the pauses,
+    # 1000 s per 2 steps so far: 5000 s.
     eta = seconds_of(meter.progress(2, 0.1, steps_left=10))
-    assert eta == pytest.approx(
-        10 * meter.seconds_per_step() * (1 + 1000 * trained / (2 * meter.seconds_per_step())), abs=1.5
-    )
+    assert eta == pytest.approx(10 * meter.seconds_per_step() + 5000, abs=1.5)
     meter.add(torch.tensor(1.0), 0.0, 0.0)
     assert seconds_of(meter.progress(3, 0.1, steps_left=0)) == 0
