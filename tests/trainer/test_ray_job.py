@@ -72,9 +72,11 @@ def ray_head():
             "--temp-dir",
             temp,
             "--disable-usage-stats",
-            # Not the fixed default (52365): another Ray on this machine may hold it.
+            # The agent binds a port the kernel picks: the fixed default (52365) may be held
+            # by another Ray here, and a port picked in advance may be taken meanwhile; either
+            # leaves the agent up without its HTTP server, so no job could be submitted.
             "--dashboard-agent-listen-port",
-            str(free_port()),
+            "0",
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -82,11 +84,17 @@ def ray_head():
         start_new_session=True,
     )
     try:
-        wait_until(lambda: _accepts_jobs(dashboard) or head.poll() is not None, timeout=120, interval=1)
+        ready = wait_until(lambda: _accepts_jobs(dashboard) or head.poll() is not None, timeout=120, interval=1)
         assert head.poll() is None, "ray start --head exited"
+        assert ready, f"the head took no job within 120 s; its agent's log ends:\n{_agent_log_tail(temp)}"
         yield dashboard, env
     finally:
         _stop_group(head)
+
+
+def _agent_log_tail(temp: str) -> str:
+    logs = sorted(Path(temp).glob("session_*/logs/dashboard_agent*.log"))
+    return "\n".join(log.read_text(errors="replace")[-3000:] for log in logs) or "(no agent log)"
 
 
 def _stop_group(process: subprocess.Popen) -> None:
