@@ -29,8 +29,9 @@ check: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# Two files at a time, each file's tests in one process (they share module fixtures).
 test: venv data
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 # Train the demo's recipe (Fashion-MNIST, 2 bank shards, 2 CPU workers); print kNN and linear-probe accuracy.
 demo: venv data
